@@ -1,0 +1,39 @@
+"""DPCache core: the Path-Aware Cost Tensor, the exact DP schedule and the Taylor predictor.
+
+Plain torch + numpy; no ComfyUI import, so it runs and is tested anywhere.
+"""
+from .pact import PactAccumulator, build_pact, default_max_gap
+from .runtime import CacheRun, ScheduleMismatchError, TrajectoryRecorder
+from .schedule import (
+    Schedule,
+    mandatory_steps,
+    parse_key_steps,
+    path_cost,
+    solve_schedule,
+    solve_schedule_reference,
+    uniform_key_steps,
+)
+from .store import PACK_VERSION, PactFileError, import_reference_pkl, load_pact, save_pact
+from .taylor import TaylorPredictor
+
+__version__ = PACK_VERSION
+__all__ = [
+    "CacheRun",
+    "PactAccumulator",
+    "PactFileError",
+    "Schedule",
+    "ScheduleMismatchError",
+    "TaylorPredictor",
+    "TrajectoryRecorder",
+    "build_pact",
+    "default_max_gap",
+    "import_reference_pkl",
+    "load_pact",
+    "mandatory_steps",
+    "parse_key_steps",
+    "path_cost",
+    "save_pact",
+    "solve_schedule",
+    "solve_schedule_reference",
+    "uniform_key_steps",
+]

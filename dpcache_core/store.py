@@ -1,0 +1,132 @@
+"""PACT files: safetensors (sums, counts) + JSON metadata, written atomically; a safe importer for
+the reference implementation's pickled cost tensors."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import tempfile
+
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save
+
+from .pact import PactAccumulator
+
+FORMAT = "dpcache-pact/1"
+PACK_VERSION = "0.1.0"
+
+
+class PactFileError(ValueError):
+    """A PACT file that cannot be used, with a message that says what to do."""
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half of it."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".part", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_pact(path: str, acc: PactAccumulator, metadata: dict | None = None) -> dict:
+    """Save ``acc`` with ``metadata`` (model_family, order, scheme, sampler, ...); returns the metadata written."""
+    meta = dict(metadata or {})
+    meta.update(num_evals=acc.num_evals, samples=acc.samples, pack_version=PACK_VERSION)
+    tensors = {"sums": acc.sums, "counts": acc.counts.astype(np.int32)}
+    data = save(tensors, metadata={"format": FORMAT, "dpcache": json.dumps(meta, sort_keys=True)})
+    write_atomic(path, data)
+    return meta
+
+
+def load_pact(path: str) -> tuple[PactAccumulator, dict]:
+    """Read a PACT file written by ``save_pact``; ``PactFileError`` if it is missing, damaged or foreign."""
+    if not os.path.isfile(path):
+        raise PactFileError(f"PACT file not found: {path}")
+    name = os.path.basename(path)
+    try:
+        with safe_open(path, framework="np") as f:
+            header = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as exc:  # safetensors reports truncation and bad headers in several ways
+        raise PactFileError(
+            f"{name} is damaged or not a safetensors file ({exc}); calibrate again or pick another PACT"
+        ) from None
+    if header.get("format") != FORMAT or "dpcache" not in header:
+        raise PactFileError(f"{name} is a safetensors file but not a DPCache PACT (no '{FORMAT}' metadata)")
+    try:
+        meta = json.loads(header["dpcache"])
+    except json.JSONDecodeError as exc:
+        raise PactFileError(f"{name} has unreadable metadata ({exc}); calibrate again") from None
+    sums, counts = tensors.get("sums"), tensors.get("counts")
+    num_evals = meta.get("num_evals")
+    shape = (num_evals, num_evals + 1, num_evals + 1) if isinstance(num_evals, int) and num_evals > 0 else None
+    if sums is None or counts is None or shape is None or sums.shape != shape or counts.shape != shape:
+        got = None if sums is None else sums.shape
+        raise PactFileError(f"{name} has tensors of the wrong shape ({got}, expected {shape}); calibrate again")
+    if (counts < 0).any() or not np.isfinite(sums).all():
+        raise PactFileError(f"{name} holds invalid sums or counts; calibrate again")
+    acc = PactAccumulator(num_evals)
+    acc.sums = sums.astype(np.float64)
+    acc.counts = counts.astype(np.int64)
+    acc.samples = int(meta.get("samples", int(counts.max(initial=0))))
+    return acc, meta
+
+
+# The only globals numpy needs to rebuild a pickled array; anything else is refused unexecuted.
+ALLOWED_PICKLE_GLOBALS = {
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"),
+}
+
+
+class NumpyOnlyUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) not in ALLOWED_PICKLE_GLOBALS:
+            raise pickle.UnpicklingError(
+                f"refused to load {module}.{name}: a reference PACT file may contain numpy arrays only"
+            )
+        return super().find_class(module, name)
+
+
+def import_reference_pkl(path: str) -> np.ndarray:
+    """Read the reference implementation's ``.pkl`` cost tensor(s) without executing any code.
+
+    A file holding several pickled samples (the reference's pre-merge format) gives their mean.
+    """
+    with open(path, "rb") as f:
+        data = f.read()
+    stream = io.BytesIO(data)
+    arrays = []
+    while stream.tell() < len(data):
+        try:
+            obj = NumpyOnlyUnpickler(stream).load()
+        except pickle.UnpicklingError as exc:
+            raise PactFileError(f"{os.path.basename(path)}: {exc}") from None
+        except Exception as exc:
+            raise PactFileError(f"{os.path.basename(path)} is not a readable pickle of arrays ({exc})") from None
+        if not isinstance(obj, np.ndarray) or obj.ndim != 3 or obj.shape[1:] != (obj.shape[0] + 1,) * 2:
+            raise PactFileError(f"{os.path.basename(path)} does not hold a (T, T+1, T+1) cost tensor")
+        arrays.append(obj.astype(np.float64))
+    if not arrays:
+        raise PactFileError(f"{os.path.basename(path)} is empty")
+    if len(arrays) == 1:
+        return arrays[0]
+    acc = PactAccumulator(arrays[0].shape[0])
+    for cost in arrays:
+        acc.add(cost)
+    return acc.mean()
