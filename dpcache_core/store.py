@@ -91,6 +91,7 @@ ALLOWED_PICKLE_GLOBALS = {
     ("numpy._core.multiarray", "_reconstruct"),
     ("numpy.core.numeric", "_frombuffer"),
     ("numpy._core.numeric", "_frombuffer"),
+    ("_codecs", "encode"),  # how protocol 0-2 pickles carry an array's raw bytes (str -> bytes only)
 }
 
 

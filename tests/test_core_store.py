@@ -1,0 +1,129 @@
+"""PACT files: round trip, damaged files, and the pickle importer that never runs code."""
+import os
+import pickle
+
+import numpy as np
+import pytest
+
+from dpcache_core import PactAccumulator, PactFileError, import_reference_pkl, load_pact, save_pact
+
+
+def sample_acc(num_evals=6, samples=3, seed=0):
+    rng = np.random.default_rng(seed)
+    acc = PactAccumulator(num_evals)
+    for _ in range(samples):
+        cost = rng.random((num_evals, num_evals + 1, num_evals + 1))
+        cost[rng.random(cost.shape) < 0.3] = np.inf
+        acc.add(cost)
+    return acc
+
+
+def test_round_trip(tmp_path):
+    acc = sample_acc()
+    path = str(tmp_path / "sub" / "flux.safetensors")
+    written = save_pact(path, acc, {"model_family": "flux", "order": 2, "scheme": "reference", "sampler": "euler"})
+    assert written["samples"] == 3 and written["num_evals"] == 6 and written["pack_version"]
+    loaded, meta = load_pact(path)
+    assert meta["model_family"] == "flux" and meta["sampler"] == "euler" and meta["samples"] == 3
+    assert loaded.samples == 3
+    np.testing.assert_array_equal(loaded.sums, acc.sums)
+    np.testing.assert_array_equal(loaded.counts, acc.counts)
+    np.testing.assert_array_equal(loaded.mean(), acc.mean())
+    assert [p.name for p in (tmp_path / "sub").iterdir()] == ["flux.safetensors"]  # no temp files left
+
+
+def test_samples_added_later_merge_exactly(tmp_path):
+    path = str(tmp_path / "p.safetensors")
+    first, second = sample_acc(seed=1), sample_acc(seed=2)
+    save_pact(path, first, {"model_family": "wan"})
+    acc, meta = load_pact(path)
+    acc.merge(second)
+    save_pact(path, acc, meta)
+    both = sample_acc(seed=1)
+    both.merge(second)
+    loaded, meta = load_pact(path)
+    assert meta["samples"] == 6
+    np.testing.assert_array_equal(loaded.mean(), both.mean())
+
+
+def test_truncated_file_is_a_clear_error_and_the_old_file_survives_a_failed_write(tmp_path):
+    path = str(tmp_path / "p.safetensors")
+    save_pact(path, sample_acc(), {})
+    data = open(path, "rb").read()
+    broken = str(tmp_path / "broken.safetensors")
+    with open(broken, "wb") as f:
+        f.write(data[: len(data) // 2])
+    with pytest.raises(PactFileError, match="broken.safetensors is damaged"):
+        load_pact(broken)
+
+    class Exploding(PactAccumulator):
+        @property
+        def sums(self):
+            raise RuntimeError("disk full")
+
+        @sums.setter
+        def sums(self, value):
+            pass
+
+    with pytest.raises(RuntimeError):
+        save_pact(path, Exploding(6), {})
+    assert open(path, "rb").read() == data  # untouched
+
+
+def test_wrong_shape_and_foreign_files(tmp_path):
+    from safetensors.numpy import save_file
+
+    wrong = str(tmp_path / "wrong.safetensors")
+    save_file({"sums": np.zeros((3, 3, 3)), "counts": np.zeros((3, 3, 3), dtype=np.int32)}, wrong,
+              metadata={"format": "dpcache-pact/1", "dpcache": '{"num_evals": 3}'})
+    with pytest.raises(PactFileError, match="wrong shape"):
+        load_pact(wrong)
+    foreign = str(tmp_path / "lora.safetensors")
+    save_file({"w": np.zeros(3)}, foreign)
+    with pytest.raises(PactFileError, match="not a DPCache PACT"):
+        load_pact(foreign)
+    with pytest.raises(PactFileError, match="not found"):
+        load_pact(str(tmp_path / "missing.safetensors"))
+
+
+def test_import_reference_pickle(tmp_path):
+    cost = np.full((4, 5, 5), np.inf)
+    cost[1, 2, 3:] = [1.0, 2.0]
+    for protocol in (2, 4, 5):
+        path = tmp_path / f"p{protocol}.pkl"
+        path.write_bytes(pickle.dumps(cost, protocol=protocol))
+        np.testing.assert_array_equal(import_reference_pkl(str(path)), cost)
+    several = tmp_path / "samples.pkl"
+    other = cost.copy()
+    other[1, 2, 3:] = [3.0, 4.0]
+    several.write_bytes(pickle.dumps(cost) + pickle.dumps(other))
+    np.testing.assert_array_equal(import_reference_pkl(str(several))[1, 2, 3:], [2.0, 3.0])
+
+
+class Payload:
+    """Unpickling this would run a shell command that creates a marker file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickle_with_a_code_payload_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pkl"
+    evil.write_bytes(pickle.dumps(Payload(str(marker))))
+    with pytest.raises(PactFileError, match="refused to load .*system"):
+        import_reference_pkl(str(evil))
+    assert not marker.exists()
+    # Hidden after a genuine array, too.
+    mixed = tmp_path / "mixed.pkl"
+    mixed.write_bytes(pickle.dumps(np.zeros((2, 3, 3))) + pickle.dumps(Payload(str(marker))))
+    with pytest.raises(PactFileError, match="refused"):
+        import_reference_pkl(str(mixed))
+    assert not marker.exists()
+    notarray = tmp_path / "list.pkl"
+    notarray.write_bytes(pickle.dumps([1, 2, 3]))
+    with pytest.raises(PactFileError, match="cost tensor"):
+        import_reference_pkl(str(notarray))
