@@ -46,7 +46,7 @@ def test_samples_added_later_merge_exactly(tmp_path):
     np.testing.assert_array_equal(loaded.mean(), both.mean())
 
 
-def test_truncated_file_is_a_clear_error_and_the_old_file_survives_a_failed_write(tmp_path):
+def test_truncated_file_is_a_clear_error_and_the_old_file_survives_a_failed_write(tmp_path, monkeypatch):
     path = str(tmp_path / "p.safetensors")
     save_pact(path, sample_acc(), {})
     data = open(path, "rb").read()
@@ -56,17 +56,13 @@ def test_truncated_file_is_a_clear_error_and_the_old_file_survives_a_failed_writ
     with pytest.raises(PactFileError, match="broken.safetensors is damaged"):
         load_pact(broken)
 
-    class Exploding(PactAccumulator):
-        @property
-        def sums(self):
-            raise RuntimeError("disk full")
+    def failing_replace(src, dst):
+        raise OSError("disk full")
 
-        @sums.setter
-        def sums(self, value):
-            pass
-
-    with pytest.raises(RuntimeError):
-        save_pact(path, Exploding(6), {})
+    monkeypatch.setattr("dpcache_core.store.os.replace", failing_replace)
+    with pytest.raises(OSError, match="disk full"):
+        save_pact(path, sample_acc(seed=5), {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.safetensors", "p.safetensors"]  # no temp file
     assert open(path, "rb").read() == data  # untouched
 
 
