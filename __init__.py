@@ -1,0 +1,6 @@
+"""ComfyUI-DPCache: DPCache (CVPR 2026) caching for FLUX and Wan2.1 in ComfyUI."""
+from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+
+WEB_DIRECTORY = "./web"
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

@@ -1,0 +1,286 @@
+"""The three DPCache nodes (classic V1 node API): Calibrate, Schedule, Apply."""
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import torch
+
+from . import hooks
+
+try:
+    from .. import dpcache_core as core
+except ImportError:  # pragma: no cover - CPU tests import the repo root as top level
+    import dpcache_core as core
+
+try:
+    import folder_paths
+except ImportError:  # no ComfyUI (CPU tests)
+    folder_paths = None
+
+log = logging.getLogger("dpcache")
+
+CATEGORY = "sampling/dpcache"
+FOLDER = "dpcache"
+EXTENSIONS = {".safetensors"}
+PACK_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHIPPED_DIR = os.path.join(PACK_DIR, "cost_matrices")
+UNIFORM, MANUAL = "(uniform)", "(manual)"
+
+
+def register_folder() -> None:
+    """models/dpcache (plus the pack's cost_matrices) as ComfyUI model folder "dpcache".
+
+    Entries from extra_model_paths.yaml stay where they are; models/dpcache is added after them.
+    """
+    if folder_paths is None:
+        return
+    default = os.path.join(folder_paths.models_dir, FOLDER)
+    if FOLDER not in folder_paths.folder_names_and_paths:
+        folder_paths.folder_names_and_paths[FOLDER] = ([default, SHIPPED_DIR], set(EXTENSIONS))
+        return
+    paths, exts = folder_paths.folder_names_and_paths[FOLDER]
+    for p in (default, SHIPPED_DIR):
+        if p not in paths:
+            paths.append(p)
+    exts.update(EXTENSIONS)
+
+
+def calibration_folder() -> str:
+    """Where DPCache Calibrate writes: the first "dpcache" folder that is not the pack's own."""
+    if folder_paths is None:
+        return os.path.join(os.getcwd(), "models", FOLDER)
+    for p in folder_paths.get_folder_paths(FOLDER):
+        if os.path.abspath(p) != os.path.abspath(SHIPPED_DIR):
+            return p
+    return os.path.join(folder_paths.models_dir, FOLDER)
+
+
+def pact_files() -> list[str]:
+    if folder_paths is not None:
+        return sorted(folder_paths.get_filename_list(FOLDER))
+    if not os.path.isdir(SHIPPED_DIR):
+        return []
+    return sorted(f for f in os.listdir(SHIPPED_DIR) if os.path.splitext(f)[1] in EXTENSIONS)
+
+
+def pact_path(name: str) -> str:
+    """Full path of a PACT picked in the dropdown; only files inside the dpcache folders."""
+    path = folder_paths.get_full_path(FOLDER, name) if folder_paths is not None else None
+    if path is None and folder_paths is None and name in pact_files():
+        path = os.path.join(SHIPPED_DIR, name)
+    if path is None:
+        raise ValueError(f"PACT {name!r} not found in models/{FOLDER}/ or the pack's cost_matrices/; run DPCache Calibrate first or pick another")
+    return path
+
+
+def check_schedule(schedule):
+    needed = ("key_steps", "num_evals", "model_family", "order", "scheme", "is_key")
+    if not all(hasattr(schedule, a) for a in needed):
+        raise ValueError("the schedule input must come from a DPCache Schedule node")
+    return schedule
+
+
+# --------------------------------------------------------------------------------------------
+# Preview picture
+
+
+def placeholder_picture(num_evals: int, key_steps, cost=None) -> np.ndarray:
+    """A plain timeline (used when dpcache_core.picture is absent): one column per evaluation,
+    key steps bright, skipped ones dark; above it, the PACT's mean first-order cost if given."""
+    cell, height = max(4, 512 // max(num_evals, 1)), 48
+    img = np.full((height + 16, cell * num_evals, 3), 24, np.uint8)
+    keys = set(key_steps)
+    for t in range(num_evals):
+        colour = (240, 160, 40) if t in keys else (70, 70, 90)
+        img[16:, t * cell + 1:(t + 1) * cell - 1] = colour
+    if cost is not None:
+        diag = np.array([cost[max(t - 1, 0), t, min(t + 1, num_evals)] for t in range(num_evals)], dtype=np.float64)
+        finite = np.isfinite(diag)
+        if finite.any():
+            top = diag[finite].max() or 1.0
+            for t in range(num_evals):
+                if finite[t]:
+                    h = int(round(14 * diag[t] / top))
+                    img[15 - h:15, t * cell + 1:(t + 1) * cell - 1] = (120, 200, 255)
+    return img
+
+
+def render_preview(schedule, cost=None) -> torch.Tensor:
+    """IMAGE [1, H, W, 3] in 0..1: the PACT heatmap with the path, or a timeline without a PACT."""
+    keys = list(schedule.key_steps)
+    try:
+        try:
+            from ..dpcache_core import picture
+        except ImportError:
+            from dpcache_core import picture
+        if cost is not None:
+            arr = picture.render_pact_path(cost, keys)
+        else:
+            arr = picture.render_timeline(schedule.num_evals, keys)
+    except (ImportError, AttributeError):
+        arr = placeholder_picture(schedule.num_evals, keys, cost)
+    arr = np.ascontiguousarray(np.asarray(arr, dtype=np.uint8)[..., :3])
+    return torch.from_numpy(arr).float().div(255.0).unsqueeze(0)
+
+
+# --------------------------------------------------------------------------------------------
+# Nodes
+
+
+class DPCacheCalibrate:
+    DESCRIPTION = (
+        "Records a PACT (path-aware cost tensor) while sampling. Every evaluation is computed in full "
+        "(no speed-up); when a sampling run finishes, one sample is added to models/dpcache/<pact_name>.safetensors. "
+        "Queue several prompts (different seeds or prompts) to average more samples; an interrupted run adds nothing. "
+        "Use the same sampler, scheduler and step count you will accelerate."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL",)
+    OUTPUT_TOOLTIPS = ("The same model, recording the cache point at every evaluation while it samples.",)
+    FUNCTION = "calibrate"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "A FLUX.1 or Wan2.1 (T2V/I2V) model. It is cloned; the input stays untouched."}),
+                "pact_name": ("STRING", {"default": "flux_dev_euler_50", "tooltip": "File name in models/dpcache/ (letters, digits, . _ -). Samples accumulate there across queued prompts."}),
+                "order": ("INT", {"default": 2, "min": 1, "max": 3, "tooltip": "Taylor order the PACT is built for (2 as in the paper). Must match the file's order."}),
+                "reset": ("BOOLEAN", {"default": False, "tooltip": "Start the file afresh on the next finished run (its old samples are dropped); later runs accumulate again."}),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    def calibrate(self, model, pact_name, order, reset, unique_id=None):
+        info = hooks.model_info(model)
+        hooks.check_unpatched(model)
+        hook = hooks.CalibrateHook(info.family, calibration_folder(), pact_name, order, reset, unique_id)
+        m = model.clone()
+        hooks.install(m, info, hook, "DPCache Calibrate")
+        log.info("DPCache Calibrate: %s, recording into %s", info.detail, hook.path)
+        return (m,)
+
+
+class DPCacheSchedule:
+    DESCRIPTION = (
+        "Chooses the key steps: the evaluations computed in full; the others are predicted. With a PACT, dynamic "
+        "programming picks the K key steps of least predicted error; (uniform) spaces them evenly and (manual) "
+        "takes the list you type, both without calibrating. Outputs the schedule and a picture of it."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("DPCACHE_SCHEDULE", "IMAGE")
+    RETURN_NAMES = ("schedule", "preview")
+    OUTPUT_TOOLTIPS = ("Key steps, T, model family and Taylor order, for Apply DPCache.", "The PACT heatmap with the chosen path (or a timeline of the key steps).")
+    FUNCTION = "schedule"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "pact": ([UNIFORM, MANUAL] + pact_files(), {"tooltip": "A calibrated PACT (models/dpcache/ and the pack's cost_matrices/), or (uniform) / (manual) to schedule without one."}),
+                "key_steps": ("INT", {"default": 13, "min": 1, "max": 1000, "tooltip": "K: how many evaluations are computed in full, mandatory ones included. Ideal speed-up T/K. Ignored by (manual)."}),
+                "first_full_steps": ("INT", {"default": 3, "min": 1, "max": 1000, "tooltip": "The first evaluations are always computed (the picture changes fastest there)."}),
+                "last_full_steps": ("INT", {"default": 0, "min": 0, "max": 1000, "tooltip": "The last evaluations are always computed (fine detail)."}),
+                "total_evaluations": ("INT", {"default": 50, "min": 1, "max": 10000, "tooltip": "T for (uniform)/(manual): the model evaluations of your run (Euler: steps; Heun: about 2x steps). A PACT sets T itself."}),
+                "manual_key_steps": ("STRING", {"default": "", "tooltip": "For (manual): key evaluations such as '0, 1, 2, 5, 9-11' (0-based; 0 is added)."}),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    @classmethod
+    def IS_CHANGED(cls, pact, **kwargs):
+        if pact in (UNIFORM, MANUAL):
+            return ""
+        try:  # re-run when calibration added samples to the file
+            st = os.stat(pact_path(pact))
+            return f"{st.st_mtime_ns}:{st.st_size}"
+        except (ValueError, OSError):
+            return ""
+
+    def schedule(self, pact, key_steps, first_full_steps, last_full_steps, total_evaluations, manual_key_steps="", unique_id=None):
+        sched, cost = make_schedule(pact, key_steps, first_full_steps, last_full_steps, total_evaluations, manual_key_steps)
+        text = (
+            f"key steps {list(sched.key_steps)}: {sched.num_keys} of {sched.num_evals} evaluations, "
+            f"ideal speed-up {sched.ideal_speedup:.2f}x"
+        )
+        log.info("DPCache Schedule (%s): %s", sched.source, text)
+        hooks.send_text(text, unique_id)
+        return {"ui": {"text": [text]}, "result": (sched, render_preview(sched, cost))}
+
+
+def make_schedule(pact, key_steps, first_full_steps=3, last_full_steps=0, total_evaluations=50, manual_key_steps=""):
+    """(Schedule, cost tensor or None) for the node's inputs; ValueError with what to change."""
+    try:
+        if pact == MANUAL:
+            keys = core.parse_key_steps(manual_key_steps, total_evaluations)
+            return core.Schedule(tuple(keys), total_evaluations, source="manual",
+                                 first_full_steps=first_full_steps, last_full_steps=last_full_steps), None
+        if pact == UNIFORM:
+            keys = core.uniform_key_steps(total_evaluations, key_steps, first_full_steps, last_full_steps)
+            return core.Schedule(tuple(keys), total_evaluations, source="uniform",
+                                 first_full_steps=first_full_steps, last_full_steps=last_full_steps), None
+        acc, meta = core.load_pact(pact_path(pact))
+        cost = acc.mean()
+        keys = core.solve_schedule(cost, key_steps, first_full_steps, last_full_steps)
+        sched = core.Schedule(
+            tuple(keys), acc.num_evals, model_family=meta.get("model_family"), order=int(meta.get("order", 2)),
+            scheme=meta.get("scheme", "reference"), source=f"pact:{pact}", cost=core.path_cost(cost, keys),
+            first_full_steps=first_full_steps, last_full_steps=last_full_steps,
+        )
+        return sched, cost
+    except ValueError as exc:
+        raise ValueError(f"DPCache Schedule: {exc}") from None
+
+
+class DPCacheApply:
+    DESCRIPTION = (
+        "Accelerates sampling with a DPCache schedule: at key evaluations every transformer block runs; at the "
+        "others no block runs and the last block's output is predicted by a Taylor expansion from the key ones. "
+        "Returns a patched clone; the input MODEL stays untouched. Reports computed/skipped evaluations and wall "
+        "time after each run."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL",)
+    OUTPUT_TOOLTIPS = ("A clone of the model that skips the non-key evaluations.",)
+    FUNCTION = "apply"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "A FLUX.1 or Wan2.1 (T2V/I2V) model. It is cloned; the input stays untouched."}),
+                "schedule": ("DPCACHE_SCHEDULE", {"tooltip": "From DPCache Schedule. Its T must equal the run's number of model evaluations."}),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    def apply(self, model, schedule, unique_id=None):
+        schedule = check_schedule(schedule)
+        info = hooks.model_info(model)
+        hooks.check_unpatched(model)
+        if schedule.model_family not in (None, info.family):
+            raise ValueError(
+                f"the schedule was planned on a {schedule.model_family} PACT ({schedule.source}) but this MODEL is "
+                f"{info.detail}; calibrate a PACT for this model, or use a (uniform) or (manual) schedule"
+            )
+        m = model.clone()
+        hooks.install(m, info, hooks.ApplyHook(schedule, info.family, unique_id), "Apply DPCache")
+        log.info("Apply DPCache: %s; %s", info.detail, schedule.describe() if hasattr(schedule, "describe") else schedule.key_steps)
+        return (m,)
+
+
+register_folder()
+
+NODE_CLASS_MAPPINGS = {
+    "DPCacheCalibrate": DPCacheCalibrate,
+    "DPCacheSchedule": DPCacheSchedule,
+    "DPCacheApply": DPCacheApply,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "DPCacheCalibrate": "DPCache Calibrate",
+    "DPCacheSchedule": "DPCache Schedule",
+    "DPCacheApply": "Apply DPCache",
+}

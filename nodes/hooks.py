@@ -1,0 +1,533 @@
+"""The DPCache hooks inside ComfyUI's sampling (DESIGN §3), through the public patch API only.
+
+Three pieces, registered on a clone of the MODEL:
+
+- an OUTER_SAMPLE wrapper creates the per-run state before sampling and frees it in ``finally``
+  (nothing survives a run, finished or interrupted);
+- a PREDICT_NOISE wrapper advances the evaluation counter once per sampler evaluation, so cond and
+  uncond (batched in one call or split into several) always agree on key-or-skip;
+- a replacement for every transformer block (``patches_replace["dit"]``): at key evaluations it
+  calls the original block (or the replacement another node put there before), at skipped ones it
+  passes its input through, and the last block returns the predicted cache point.
+
+No ComfyUI import at module level: the CPU tests drive these functions with small fakes.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+
+import torch
+
+try:  # inside ComfyUI the pack is a package; in the CPU tests the repo root is on sys.path
+    from ..dpcache_core import CacheRun, PactAccumulator, PactFileError, ScheduleMismatchError, TrajectoryRecorder, load_pact, save_pact
+    from ..dpcache_core.runtime import mismatch_message
+except ImportError:  # pragma: no cover - depends on how the pack is imported
+    from dpcache_core import CacheRun, PactAccumulator, PactFileError, ScheduleMismatchError, TrajectoryRecorder, load_pact, save_pact
+    from dpcache_core.runtime import mismatch_message
+
+log = logging.getLogger("dpcache")
+
+RUN_KEY = "dpcache_run"  # transformer_options key of the per-run state (set only during a run)
+PATCH_KEY = "dpcache"  # transformer_options marker of a patched model, and our wrapper key
+
+# Samplers that call the model exactly once per step (so the run makes len(sigmas) - 1
+# evaluations): the evaluation count can be checked before sampling starts.
+SINGLE_EVAL_SAMPLERS = {
+    "euler", "euler_cfg_pp", "euler_ancestral", "euler_ancestral_cfg_pp", "lms", "dpmpp_2m",
+    "dpmpp_2m_sde", "dpmpp_2m_sde_gpu", "dpmpp_3m_sde", "dpmpp_3m_sde_gpu", "ddpm", "lcm", "ipndm",
+    "ipndm_v", "deis", "res_multistep", "res_multistep_cfg_pp", "res_multistep_ancestral",
+    "res_multistep_ancestral_cfg_pp", "gradient_estimation", "gradient_estimation_cfg_pp",
+}
+
+
+class UnsupportedModelError(ValueError):
+    """The MODEL is not one DPCache knows how to hook."""
+
+
+# --------------------------------------------------------------------------------------------
+# Which model is this
+
+
+class ModelInfo:
+    """Family ("flux" or "wan") and the block keys to patch, in execution order."""
+
+    def __init__(self, family: str, blocks: list[tuple[str, int]], detail: str):
+        self.family = family
+        self.blocks = blocks
+        self.detail = detail
+
+
+def model_info(model) -> ModelInfo:
+    """Detect FLUX.1 / Wan2.1 from the MODEL's diffusion model; clear error for anything else."""
+    dm = model.get_model_object("diffusion_model")
+    cls = type(dm)
+    where = f"{cls.__module__}.{cls.__name__}"
+    if cls.__name__ == "Flux" and cls.__module__.endswith("ldm.flux.model"):
+        nd, ns = len(dm.double_blocks), len(dm.single_blocks)
+        if nd == 0 or ns == 0:
+            raise UnsupportedModelError(f"this FLUX model has {nd} double and {ns} single blocks; DPCache needs both kinds")
+        blocks = [("double_block", i) for i in range(nd)] + [("single_block", i) for i in range(ns)]
+        guidance = "with" if getattr(getattr(dm, "params", None), "guidance_embed", False) else "without"
+        return ModelInfo("flux", blocks, f"FLUX ({nd} double + {ns} single blocks, {guidance} guidance embedding)")
+    if cls.__name__ == "WanModel" and cls.__module__.endswith("ldm.wan.model"):
+        n = len(dm.blocks)
+        if n == 0:
+            raise UnsupportedModelError("this Wan model has no transformer blocks")
+        return ModelInfo("wan", [("double_block", i) for i in range(n)], f"Wan ({n} blocks)")
+    raise UnsupportedModelError(
+        f"DPCache supports FLUX.1 (dev, schnell) and Wan2.1 (T2V, I2V) diffusion models; this MODEL is {where}. "
+        "Variants that add residuals between blocks (Wan VACE, camera, S2V, HuMo) are not supported either: "
+        "remove the DPCache node for this model."
+    )
+
+
+def check_unpatched(model) -> None:
+    """Refuse a MODEL that already went through a DPCache node (the hooks would fight)."""
+    marker = model.model_options.get("transformer_options", {}).get(PATCH_KEY)
+    if marker is not None:
+        raise ValueError(
+            f"this MODEL already went through '{marker}'; use one DPCache node per model "
+            "(DPCache Calibrate and Apply DPCache cannot be chained)"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Block replacements
+
+
+def call_block(prev, args, extra):
+    """Run the block: through the replacement another node registered before us, if any."""
+    if prev is not None:
+        return prev(args, extra)
+    return extra["original_block"](args)
+
+
+def make_block_patch(key: tuple[str, int], first: bool, last: bool, prev=None):
+    """The replacement for one block. Kept tiny: it runs for every block at every evaluation."""
+
+    def dpcache_block(args, extra):
+        run = args["transformer_options"].get(RUN_KEY)
+        if run is None:  # sampled outside our OUTER_SAMPLE wrapper: behave like the plain model
+            return call_block(prev, args, extra)
+        if first:
+            run.begin_call(args)
+        if last:
+            return run.last_block(args, extra, prev)
+        if run.compute:
+            return call_block(prev, args, extra)
+        return {"img": args["img"], "txt": args.get("txt")}
+
+    dpcache_block.dpcache_key = key
+    return dpcache_block
+
+
+def install_block_patches(model, info: ModelInfo) -> None:
+    """Patch every block of ``model`` (a clone), wrapping what was already there."""
+    existing = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
+    for n, (kind, i) in enumerate(info.blocks):
+        prev = existing.get((kind, i))
+        if prev is not None:
+            log.info("DPCache: wrapping an existing replacement of %s %d", kind, i)
+        patch = make_block_patch((kind, i), n == 0, n == len(info.blocks) - 1, prev)
+        model.set_model_patch_replace(patch, "dit", kind, i)
+
+
+# --------------------------------------------------------------------------------------------
+# Per-run state
+
+
+def split_streams(args) -> tuple[list, int]:
+    """One stream per batch chunk (cond / uncond / extra conds): (stream keys, rows per chunk).
+
+    A stream is (uuid, feature shape of one chunk), so a cache is only ever used for the same
+    conditioning at the same resolution and batch size.
+    """
+    x = args["img"]
+    uuids = list(args["transformer_options"].get("uuids") or [None])
+    rows = x.shape[0]
+    if rows % len(uuids):
+        uuids, chunk = [tuple(uuids)], rows
+    else:
+        chunk = rows // len(uuids)
+    shape = (chunk, *x.shape[1:])
+    return [(u, shape) for u in uuids], chunk
+
+
+class RunState:
+    """What every run shares: the stream split of the current model call and the FLUX text length."""
+
+    compute = True
+
+    def __init__(self, family: str):
+        self.family = family
+        self.txt_len = 0
+        self.streams: list = []
+        self.chunk = 0
+
+    def begin_call(self, args) -> None:
+        if self.family == "flux":
+            self.txt_len = args["txt"].shape[1]  # single blocks carry [txt | img]
+        self.streams, self.chunk = split_streams(args)
+
+    def cache_point(self, out_img):
+        """The cache point in the last block's output: FLUX image tokens, Wan everything."""
+        return out_img[:, self.txt_len:] if self.family == "flux" else out_img
+
+    def chunks(self, feature):
+        for n, stream in enumerate(self.streams):
+            yield stream, feature[n * self.chunk:(n + 1) * self.chunk]
+
+
+class ApplyRun(RunState):
+    """Apply DPCache during one sampling run: key evaluations compute, the others predict."""
+
+    def __init__(self, family: str, schedule, force_all: bool = False):
+        super().__init__(family)
+        self.cache = CacheRun(schedule)
+        self.force_all = force_all
+        self.fallback_calls = 0
+
+    def start_evaluation(self) -> None:
+        key = self.cache.start_evaluation()
+        if not key and self.force_all:
+            self.cache.force_key()
+
+    def begin_call(self, args) -> None:
+        super().begin_call(args)
+        self.compute = self.cache.is_key
+        if not self.compute:
+            to = args["transformer_options"]
+            patches = to.get("patches") or {}
+            if patches.get("double_block") or patches.get("single_block"):
+                self.compute = True  # per-block patches add residuals between blocks: not predictable
+            elif not all(self.cache.has_stream(s) for s in self.streams):
+                self.compute = True  # a conditioning not seen at a key evaluation yet
+            if self.compute:
+                self.fallback_calls += 1
+
+    def last_block(self, args, extra, prev):
+        if self.compute:
+            out = call_block(prev, args, extra)
+            for stream, feature in self.chunks(self.cache_point(out["img"])):
+                self.cache.update(stream, feature)
+            return out
+        x = args["img"]
+        preds = [self.cache.predict(stream) for stream in self.streams]
+        pred = (preds[0] if len(preds) == 1 else torch.cat(preds)).to(device=x.device, dtype=x.dtype)
+        if self.family == "flux":
+            pred = torch.cat((x[:, :self.txt_len], pred), dim=1)
+        return {"img": pred}
+
+    @property
+    def evaluations(self) -> int:
+        return self.cache.index + 1
+
+    def summary(self) -> str:
+        line = self.cache.summary()
+        if self.fallback_calls:
+            line += f"; {self.fallback_calls} model calls computed in full at skipped evaluations (new conditioning or block patches)"
+        return line
+
+    def close(self) -> None:
+        self.cache.close()
+
+
+class CalibrateRun(RunState):
+    """DPCache Calibrate during one sampling run: compute everything, record the cache point."""
+
+    def __init__(self, family: str, storage_device="cpu"):
+        super().__init__(family)
+        self.recorder = TrajectoryRecorder(storage_device=storage_device)
+
+    def start_evaluation(self) -> None:
+        self.recorder.start_evaluation()
+
+    def last_block(self, args, extra, prev):
+        out = call_block(prev, args, extra)
+        for (uuid, _shape), feature in self.chunks(self.cache_point(out["img"])):
+            self.recorder.record(uuid, feature)
+        return out
+
+    @property
+    def evaluations(self) -> int:
+        return self.recorder.num_evals
+
+    def close(self) -> None:
+        self.recorder.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling wrappers
+
+
+def sampler_name(sampler) -> str | None:
+    fn = getattr(sampler, "sampler_function", None)
+    name = getattr(fn, "__name__", None)
+    if not name:
+        return None
+    return name[len("sample_"):] if name.startswith("sample_") else name
+
+
+def expected_evaluations(sampler, sigmas) -> int | None:
+    """The number of model evaluations of the run when it is known before sampling, else None."""
+    if sampler_name(sampler) in SINGLE_EVAL_SAMPLERS:
+        return int(sigmas.shape[-1]) - 1
+    return None
+
+
+def uses_controlnet(guider) -> bool:
+    conds = getattr(guider, "conds", None) or {}
+    return any(isinstance(c, dict) and c.get("control") is not None for cs in conds.values() for c in (cs or []))
+
+
+def send_text(text: str, node_id) -> None:
+    """A line of text on the node in the browser (guarded: there is no server in headless use)."""
+    if node_id is None:
+        return
+    try:
+        from server import PromptServer
+
+        if PromptServer.instance is not None:
+            PromptServer.instance.send_progress_text(text, node_id)
+    except Exception:  # pragma: no cover - UI feedback is best effort
+        pass
+
+
+def options_with_run(options: dict, run) -> dict:
+    """A copy of the guider's model_options carrying ``run`` (the original is restored afterwards)."""
+    new = dict(options)
+    new["transformer_options"] = dict(options.get("transformer_options", {}))
+    new["transformer_options"][RUN_KEY] = run
+    return new
+
+
+def run_from(executor, args) -> RunState | None:
+    options = args[2] if len(args) > 2 and isinstance(args[2], dict) else executor.class_obj.model_options
+    return options.get("transformer_options", {}).get(RUN_KEY)
+
+
+def predict_noise_wrapper(executor, *args, **kwargs):
+    """Once per sampler evaluation: advance the run's counter (key or skip for every stream)."""
+    run = run_from(executor, args)
+    if run is not None:
+        run.start_evaluation()
+    return executor(*args, **kwargs)
+
+
+def sample_with_run(executor, args, kwargs, start, finish):
+    """Run the sampler with a fresh run state from ``start(guider, args)``; ``finish(run, ok)`` always."""
+    guider = executor.class_obj
+    original = guider.model_options
+    run = start(guider, args)
+    ok = False
+    try:
+        guider.model_options = options_with_run(original, run)
+        out = executor(*args, **kwargs)
+        ok = True
+        return out
+    finally:
+        guider.model_options = original
+        try:
+            finish(run, ok)
+        finally:
+            run.close()
+
+
+class ApplyHook:
+    """Immutable per-node config of Apply DPCache; builds a fresh ApplyRun for every sampling run."""
+
+    def __init__(self, schedule, family: str, node_id=None):
+        self.schedule = schedule
+        self.family = family
+        self.node_id = node_id
+
+    def start(self, guider, args) -> ApplyRun:
+        sampler, sigmas = args[2], args[3]
+        if guider.model_options.get("context_handler") is not None:
+            raise ValueError(
+                "Apply DPCache does not work with context windows (each window is a separate model call "
+                "on another part of the latent); remove the context-window node or Apply DPCache"
+            )
+        expected = expected_evaluations(sampler, sigmas)
+        if expected is not None and expected != self.schedule.num_evals:
+            raise ScheduleMismatchError(mismatch_message(expected, self.schedule.num_evals))
+        force_all = uses_controlnet(guider)
+        if force_all:
+            msg = "DPCache: ControlNet detected; it adds residuals between blocks, so every evaluation is computed in full"
+            log.warning(msg)
+            send_text(msg, self.node_id)
+        return ApplyRun(self.family, self.schedule, force_all)
+
+    def finish(self, run: ApplyRun, ok: bool) -> None:
+        if not ok:
+            log.info("DPCache: run stopped after %d evaluations; its cache is freed", run.evaluations)
+            return
+        line = run.summary()
+        log.info(line)
+        send_text(line, self.node_id)
+        if run.evaluations != self.schedule.num_evals:
+            raise ScheduleMismatchError(mismatch_message(run.evaluations, self.schedule.num_evals))
+
+    def outer_sample(self, executor, *args, **kwargs):
+        return sample_with_run(executor, args, kwargs, self.start, self.finish)
+
+    def __deepcopy__(self, memo):  # ComfyUI deep-copies model_options on clone: share, it is immutable
+        return self
+
+
+def install(model, info: ModelInfo, hook, label: str) -> None:
+    """Register ``hook`` (ApplyHook or CalibrateHook) on ``model``, a clone."""
+    import comfy.patcher_extension as pe
+
+    install_block_patches(model, info)
+    model.model_options["transformer_options"][PATCH_KEY] = label
+    model.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, PATCH_KEY, hook.outer_sample)
+    model.add_wrapper_with_key(pe.WrappersMP.PREDICT_NOISE, PATCH_KEY, predict_noise_wrapper)
+
+
+# --------------------------------------------------------------------------------------------
+# Calibration
+
+PACT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def pact_file_name(name: str) -> str:
+    """The file name for a PACT typed by the user; only a plain name, never a path."""
+    name = (name or "").strip()
+    if name.endswith(".safetensors"):
+        name = name[: -len(".safetensors")]
+    if not PACT_NAME.fullmatch(name) or ".." in name:
+        raise ValueError(
+            f"pact_name {name!r} is not a plain file name: use letters, digits, '.', '_' and '-' "
+            "(for example flux_dev_euler_50); it is saved as models/dpcache/<name>.safetensors"
+        )
+    return name + ".safetensors"
+
+
+def guess_scheduler(guider, sigmas) -> str | None:
+    """The ComfyUI scheduler that makes exactly these sigmas, when one does (metadata only)."""
+    try:
+        import comfy.samplers
+
+        ms = guider.model_patcher.get_model_object("model_sampling")
+        steps = int(sigmas.shape[-1]) - 1
+        want = sigmas.detach().float().cpu()
+        for name in comfy.samplers.SCHEDULER_NAMES:
+            got = comfy.samplers.calculate_sigmas(ms, name, steps).float().cpu()
+            if got.shape == want.shape and torch.allclose(got, want, rtol=1e-4, atol=1e-6):
+                return name
+    except Exception:
+        pass
+    return None
+
+
+def resolution_of(latent) -> str:
+    """"WxH" in pixels (latent x 8), plus "xF" frames for video latents [B, C, T, H, W]."""
+    shape = list(latent.shape)
+    h, w = shape[-2] * 8, shape[-1] * 8
+    if len(shape) == 5:
+        return f"{w}x{h}x{(shape[2] - 1) * 4 + 1}"
+    return f"{w}x{h}"
+
+
+def progress_bar(total: int, node_id):
+    """comfy.utils.ProgressBar when ComfyUI is there; a no-op otherwise. Also honours Cancel."""
+    try:
+        import comfy.model_management
+        import comfy.utils
+
+        bar = comfy.utils.ProgressBar(total, node_id=node_id)
+
+        def update(done, total_now):
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            bar.update_absolute(done, total_now)
+
+        return update
+    except ImportError:
+        return None
+
+
+class CalibrateHook:
+    """Per-node config of DPCache Calibrate; records every run and adds one sample to the PACT file."""
+
+    def __init__(self, family: str, folder: str, name: str, order: int, reset: bool, node_id=None):
+        self.family = family
+        self.name = name
+        self.path = os.path.join(folder, pact_file_name(name))
+        self.order = int(order)
+        self.node_id = node_id
+        # Mutable on purpose, shared by every run of this node output: the first finished run
+        # after the node executed with reset=True starts the file afresh, later ones accumulate.
+        self.pending_reset = [bool(reset)]
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def mismatch(self, meta: dict, num_evals: int | None) -> str | None:
+        have = (meta.get("model_family"), meta.get("order"), meta.get("num_evals"))
+        want = (self.family, self.order, num_evals if num_evals is not None else meta.get("num_evals"))
+        if have[0] in (None, want[0]) and have[1] == want[1] and have[2] == want[2]:
+            return None
+        return (
+            f"PACT '{os.path.basename(self.path)}' holds {meta.get('samples', '?')} samples for model family "
+            f"{have[0]}, T={have[2]} evaluations, order {have[1]}; this run is {want[0]}, T={want[2]}, order {want[1]}. "
+            "Pick a new pact_name on DPCache Calibrate, or set reset to start the file afresh"
+        )
+
+    def load_existing(self):
+        if self.pending_reset[0] or not os.path.exists(self.path):
+            return None
+        try:
+            return load_pact(self.path)
+        except PactFileError as exc:
+            raise ValueError(f"{exc} (or set reset on DPCache Calibrate to overwrite it)") from None
+
+    def start(self, guider, args) -> CalibrateRun:
+        sampler, sigmas = args[2], args[3]
+        if guider.model_options.get("context_handler") is not None:
+            raise ValueError("DPCache Calibrate does not work with context windows; remove the context-window node")
+        existing = self.load_existing()
+        if existing is not None:
+            problem = self.mismatch(existing[1], expected_evaluations(sampler, sigmas))
+            if problem:
+                raise ValueError(problem)
+        run = CalibrateRun(self.family)
+        run.metadata = {
+            "model_family": self.family,
+            "order": self.order,
+            "scheme": "reference",
+            "sampler": sampler_name(sampler),
+            "scheduler": guess_scheduler(guider, sigmas),
+            "resolution": resolution_of(args[1]),
+            "steps": int(sigmas.shape[-1]) - 1,
+        }
+        log.info("DPCache Calibrate: recording every evaluation for %s", os.path.basename(self.path))
+        return run
+
+    def finish(self, run: CalibrateRun, ok: bool) -> None:
+        name = os.path.basename(self.path)
+        if not ok:
+            log.info("DPCache Calibrate: run stopped; nothing added to %s", name)
+            return
+        num_evals = run.evaluations
+        if num_evals < self.order + 1:
+            raise ValueError(f"a PACT of order {self.order} needs at least {self.order + 1} evaluations; this run made {num_evals}")
+        existing = self.load_existing()
+        if existing is not None:
+            problem = self.mismatch(existing[1], num_evals)
+            if problem:
+                raise ValueError(problem)
+        log.info("DPCache Calibrate: building the PACT sample (%d evaluations)", num_evals)
+        sample = run.recorder.build_sample(self.order, "reference", progress=progress_bar(num_evals, self.node_id))
+        acc = existing[0] if existing is not None else PactAccumulator(num_evals)
+        acc.add(sample)
+        meta = save_pact(self.path, acc, run.metadata)
+        self.pending_reset[0] = False
+        line = f"{name}: sample {meta['samples']} added ({num_evals} evaluations)"
+        log.info("DPCache Calibrate: %s", line)
+        send_text(line, self.node_id)
+
+    def outer_sample(self, executor, *args, **kwargs):
+        return sample_with_run(executor, args, kwargs, self.start, self.finish)
