@@ -123,3 +123,17 @@ def test_pickle_with_a_code_payload_is_refused_and_never_runs(tmp_path):
     notarray.write_bytes(pickle.dumps([1, 2, 3]))
     with pytest.raises(PactFileError, match="cost tensor"):
         import_reference_pkl(str(notarray))
+
+
+def test_convert_reference_pickle_to_a_pact_file(tmp_path):
+    from dpcache_core.convert import main
+
+    cost = np.full((4, 5, 5), np.inf)
+    cost[1, 2, 3:] = [1.0, 2.0]
+    pkl = tmp_path / "final_3d_cost_matrix_flux.pkl"
+    pkl.write_bytes(pickle.dumps(cost))
+    out = tmp_path / "official_flux.safetensors"
+    main([str(pkl), str(out), "--family", "flux"])
+    acc, meta = load_pact(str(out))
+    assert meta["model_family"] == "flux" and meta["scheme"] == "reference" and meta["num_evals"] == 4
+    np.testing.assert_array_equal(acc.mean(), cost)
