@@ -3,6 +3,7 @@
 Plain torch + numpy; no ComfyUI import, so it runs and is tested anywhere.
 """
 from .pact import PactAccumulator, build_pact, default_max_gap
+from .picture import draw_text, render_pact_path, render_timeline, text_size, to_comfy_image, write_png
 from .runtime import CacheRun, ScheduleMismatchError, TrajectoryRecorder
 from .schedule import (
     Schedule,
@@ -27,13 +28,19 @@ __all__ = [
     "TrajectoryRecorder",
     "build_pact",
     "default_max_gap",
+    "draw_text",
     "import_reference_pkl",
     "load_pact",
     "mandatory_steps",
     "parse_key_steps",
     "path_cost",
+    "render_pact_path",
+    "render_timeline",
     "save_pact",
     "solve_schedule",
     "solve_schedule_reference",
+    "text_size",
+    "to_comfy_image",
     "uniform_key_steps",
+    "write_png",
 ]
