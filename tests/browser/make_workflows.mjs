@@ -1,0 +1,210 @@
+// Builds workflows/*.json with the real ComfyUI frontend, so the files have exactly the
+// shape the frontend saves (UI format). Developer tool, not a test:
+//   python tests/browser/comfy_server.py &            # ComfyUI with this pack, on 127.0.0.1:8199
+//   NODE_PATH=<dir>/node_modules node tests/browser/make_workflows.mjs [http://127.0.0.1:8199]
+import { writeFileSync } from "node:fs";
+import { dirname, join } from "node:path";
+import { fileURLToPath } from "node:url";
+
+import { launch, openComfy } from "./browser_lib.mjs";
+
+const ROOT = join(dirname(fileURLToPath(import.meta.url)), "..", "..");
+const url = process.argv[2] ?? "http://127.0.0.1:8199";
+
+const NOTE_COMMON = `WHAT THE SETTINGS MEAN
+- key_steps (K): how many of the T model evaluations are computed in full. The others skip every transformer block and predict its output with a Taylor expansion. Ideal speed-up = T / K (K=13 of 50: 3.85x, K=9: 5.56x). Smaller K = faster, less faithful.
+- total_evaluations (T): must equal the model evaluations of your run. euler, uni_pc and other one-step samplers: T = steps. heun, dpmpp_2s and other two-stage samplers make about 2x steps. A PACT file fixes T itself; a mismatch stops with a clear error.
+- first_full_steps / last_full_steps: evaluations always computed at the start / end (the image changes fastest at the start).
+- pact: "(uniform)" spaces the key steps evenly and "(manual)" takes manual_key_steps (e.g. "0, 1, 2, 5, 9-11"); both work without calibrating. A calibrated PACT lets DPCache plan the key steps globally (dynamic programming over the path-aware cost tensor), which is what gives the paper its quality at high speed-ups.
+
+CALIBRATE once per model + sampler + scheduler + step count with the calibration workflow (a few queued prompts), then press R (refresh) and pick the new file in "pact".
+
+EXPECTED SPEED-UP: about T/K minus overhead. The paper reports 3.54x at K=13 and 4.87x at K=9 on FLUX.1-dev, 50 steps (ideal 3.85x / 5.56x). The one-line report in the console after each run gives the measured numbers. To compare with full compute, select "Apply DPCache" and press Ctrl+B (bypass).
+The picture output shows the schedule: the PACT heatmap with the chosen path, or a timeline of key and predicted evaluations.`;
+
+const FLUX_T2I = {
+  file: "flux_t2i_dpcache.json",
+  nodes: {
+    unet: ["UNETLoader", [20, 80], { unet_name: "flux1-dev.safetensors", weight_dtype: "default" }],
+    clip: ["DualCLIPLoader", [20, 230], { clip_name1: "clip_l.safetensors", clip_name2: "t5xxl_fp16.safetensors", type: "flux", device: "default" }],
+    vae: ["VAELoader", [20, 420], { vae_name: "ae.safetensors" }],
+    sched: ["DPCacheSchedule", [400, 80], { pact: "(uniform)", key_steps: 13, first_full_steps: 3, last_full_steps: 0, total_evaluations: 50, manual_key_steps: "" }],
+    apply: ["DPCacheApply", [400, 340], {}, { size: [240, 50] }],
+    pos: ["CLIPTextEncode", [400, 460], { text: "a red fox sitting in fresh snow at sunrise, soft golden light, detailed fur, shallow depth of field" }, { title: "CLIP Text Encode (Prompt)" }],
+    guid: ["FluxGuidance", [400, 700], { guidance: 3.5 }],
+    neg: ["ConditioningZeroOut", [400, 810], {}],
+    latent: ["EmptySD3LatentImage", [400, 900], { width: 1024, height: 1024, batch_size: 1 }],
+    ks: ["KSampler", [800, 80], { seed: 42, control_after_generate: "fixed", steps: 50, cfg: 1.0, sampler_name: "euler", scheduler: "simple", denoise: 1.0 }],
+    dec: ["VAEDecode", [800, 560], {}],
+    save: ["SaveImage", [1120, 80], { filename_prefix: "DPCache/flux" }, { size: [400, 360] }],
+    pic: ["PreviewImage", [800, 680], {}, { title: "DPCache schedule picture", size: [300, 300] }],
+    note: ["Note", [1120, 480], {}, { size: [460, 560], text:
+      "FLUX.1-dev text-to-image with DPCache\n\n" +
+      "Models: flux1-dev.safetensors in models/diffusion_models, clip_l + t5xxl in models/text_encoders, ae.safetensors in models/vae.\n" +
+      "Sampler: euler, 50 steps, cfg 1 (FLUX guidance 3.5) = 50 model evaluations, so total_evaluations = 50.\n\n" + NOTE_COMMON }],
+  },
+  links: [
+    ["unet", 0, "apply", "model"], ["sched", 0, "apply", "schedule"], ["sched", 1, "pic", "images"],
+    ["apply", 0, "ks", "model"], ["clip", 0, "pos", "clip"], ["pos", 0, "guid", "conditioning"],
+    ["guid", 0, "ks", "positive"], ["pos", 0, "neg", "conditioning"], ["neg", 0, "ks", "negative"],
+    ["latent", 0, "ks", "latent_image"], ["ks", 0, "dec", "samples"], ["vae", 0, "dec", "vae"], ["dec", 0, "save", "images"],
+  ],
+};
+
+const FLUX_CAL = {
+  file: "flux_calibrate.json",
+  nodes: {
+    unet: ["UNETLoader", [20, 80], { unet_name: "flux1-dev.safetensors", weight_dtype: "default" }],
+    clip: ["DualCLIPLoader", [20, 230], { clip_name1: "clip_l.safetensors", clip_name2: "t5xxl_fp16.safetensors", type: "flux", device: "default" }],
+    vae: ["VAELoader", [20, 420], { vae_name: "ae.safetensors" }],
+    cal: ["DPCacheCalibrate", [400, 80], { pact_name: "flux_dev_euler_50", order: 2, reset: false }],
+    pos: ["CLIPTextEncode", [400, 260], { text: "a lighthouse on a rocky coast in a storm, dramatic clouds, photograph" }, { title: "CLIP Text Encode (Prompt)" }],
+    guid: ["FluxGuidance", [400, 500], { guidance: 3.5 }],
+    neg: ["ConditioningZeroOut", [400, 610], {}],
+    latent: ["EmptySD3LatentImage", [400, 700], { width: 1024, height: 1024, batch_size: 1 }],
+    ks: ["KSampler", [800, 80], { seed: 1, control_after_generate: "randomize", steps: 50, cfg: 1.0, sampler_name: "euler", scheduler: "simple", denoise: 1.0 }],
+    dec: ["VAEDecode", [800, 560], {}],
+    prev: ["PreviewImage", [1120, 80], {}, { size: [400, 300] }],
+    note: ["Note", [1120, 420], {}, { size: [460, 520], text:
+      "FLUX.1-dev calibration for DPCache\n\n" +
+      "DPCache Calibrate records the model's features at every evaluation while this runs at full speed; each finished run adds one sample to models/dpcache/flux_dev_euler_50.safetensors.\n\n" +
+      "HOW TO CALIBRATE\n" +
+      "1. Keep the sampler, scheduler, step count and resolution you want to accelerate (here euler / simple / 50 steps / 1024x1024).\n" +
+      "2. Queue 5-10 runs: set the Run button's batch count to 8 (seed is on randomize), and change the prompt between queues if you like; varied prompts give a more general PACT.\n" +
+      "3. Press R to refresh, then pick flux_dev_euler_50.safetensors in the 'pact' list of DPCache Schedule (flux_t2i_dpcache workflow).\n\n" +
+      "- pact_name: the file in models/dpcache/; runs with the same name accumulate (samples are averaged).\n" +
+      "- order: Taylor order the PACT is built for (2, as in the paper).\n" +
+      "- reset: start the file afresh on the next finished run.\n" +
+      "Calibration itself has no speed-up; it costs one normal run per sample." }],
+  },
+  links: [
+    ["unet", 0, "cal", "model"], ["cal", 0, "ks", "model"], ["clip", 0, "pos", "clip"], ["pos", 0, "guid", "conditioning"],
+    ["guid", 0, "ks", "positive"], ["pos", 0, "neg", "conditioning"], ["neg", 0, "ks", "negative"],
+    ["latent", 0, "ks", "latent_image"], ["ks", 0, "dec", "samples"], ["vae", 0, "dec", "vae"], ["dec", 0, "prev", "images"],
+  ],
+};
+
+const WAN_NEG = "static, blurry, low quality, worst quality, jpeg artifacts, deformed, extra fingers, watermark, subtitles";
+
+const WAN_T2V = {
+  file: "wan21_t2v_dpcache.json",
+  nodes: {
+    unet: ["UNETLoader", [20, 80], { unet_name: "wan2.1_t2v_1.3B_fp16.safetensors", weight_dtype: "default" }],
+    clip: ["CLIPLoader", [20, 230], { clip_name: "umt5_xxl_fp8_e4m3fn_scaled.safetensors", type: "wan", device: "default" }],
+    vae: ["VAELoader", [20, 420], { vae_name: "wan_2.1_vae.safetensors" }],
+    shift: ["ModelSamplingSD3", [400, 80], { shift: 8.0 }],
+    sched: ["DPCacheSchedule", [400, 190], { pact: "(uniform)", key_steps: 13, first_full_steps: 3, last_full_steps: 0, total_evaluations: 50, manual_key_steps: "" }],
+    apply: ["DPCacheApply", [400, 450], {}, { size: [240, 50] }],
+    pos: ["CLIPTextEncode", [400, 560], { text: "a fox running through a snowy forest, tracking shot, daylight" }, { title: "CLIP Text Encode (Positive)" }],
+    neg: ["CLIPTextEncode", [400, 790], { text: WAN_NEG }, { title: "CLIP Text Encode (Negative)" }],
+    latent: ["EmptyHunyuanLatentVideo", [400, 1020], { width: 832, height: 480, length: 33, batch_size: 1 }],
+    ks: ["KSampler", [800, 80], { seed: 42, control_after_generate: "fixed", steps: 50, cfg: 5.0, sampler_name: "uni_pc", scheduler: "simple", denoise: 1.0 }],
+    dec: ["VAEDecode", [800, 560], {}],
+    video: ["CreateVideo", [800, 660], { fps: 16 }],
+    save: ["SaveVideo", [1120, 80], { filename_prefix: "DPCache/wan_t2v", format: "auto", codec: "auto" }, { size: [400, 360] }],
+    pic: ["PreviewImage", [800, 780], {}, { title: "DPCache schedule picture", size: [300, 300] }],
+    note: ["Note", [1120, 480], {}, { size: [460, 560], text:
+      "Wan2.1 text-to-video with DPCache\n\n" +
+      "Models: wan2.1_t2v_1.3B (or 14B) in models/diffusion_models, umt5_xxl in models/text_encoders, wan_2.1_vae in models/vae.\n" +
+      "Sampler: uni_pc, 50 steps, cfg 5 = 50 model evaluations (cond and uncond are one evaluation), so total_evaluations = 50.\n" +
+      "Calibrate for Wan by putting DPCache Calibrate (pact_name e.g. wan21_t2v_unipc_50) in place of Apply DPCache and queueing a few prompts, as in the flux_calibrate workflow.\n\n" + NOTE_COMMON }],
+  },
+  links: [
+    ["unet", 0, "shift", "model"], ["shift", 0, "apply", "model"], ["sched", 0, "apply", "schedule"], ["sched", 1, "pic", "images"],
+    ["apply", 0, "ks", "model"], ["clip", 0, "pos", "clip"], ["clip", 0, "neg", "clip"], ["pos", 0, "ks", "positive"],
+    ["neg", 0, "ks", "negative"], ["latent", 0, "ks", "latent_image"], ["ks", 0, "dec", "samples"], ["vae", 0, "dec", "vae"],
+    ["dec", 0, "video", "images"], ["video", 0, "save", "video"],
+  ],
+};
+
+const WAN_I2V = {
+  file: "wan21_i2v_dpcache.json",
+  nodes: {
+    unet: ["UNETLoader", [20, 80], { unet_name: "wan2.1_i2v_480p_14B_fp16.safetensors", weight_dtype: "default" }],
+    clip: ["CLIPLoader", [20, 230], { clip_name: "umt5_xxl_fp8_e4m3fn_scaled.safetensors", type: "wan", device: "default" }],
+    vae: ["VAELoader", [20, 420], { vae_name: "wan_2.1_vae.safetensors" }],
+    cv: ["CLIPVisionLoader", [20, 530], { clip_name: "clip_vision_h.safetensors" }],
+    img: ["LoadImage", [20, 640], { image: "example.png", upload: "image" }],
+    cvenc: ["CLIPVisionEncode", [20, 1060], { crop: "none" }],
+    shift: ["ModelSamplingSD3", [400, 80], { shift: 8.0 }],
+    sched: ["DPCacheSchedule", [400, 190], { pact: "(uniform)", key_steps: 13, first_full_steps: 3, last_full_steps: 0, total_evaluations: 50, manual_key_steps: "" }],
+    apply: ["DPCacheApply", [400, 450], {}, { size: [240, 50] }],
+    pos: ["CLIPTextEncode", [400, 560], { text: "the fox turns its head towards the camera, snow falling gently" }, { title: "CLIP Text Encode (Positive)" }],
+    neg: ["CLIPTextEncode", [400, 790], { text: WAN_NEG }, { title: "CLIP Text Encode (Negative)" }],
+    i2v: ["WanImageToVideo", [400, 1020], { width: 832, height: 480, length: 33, batch_size: 1 }],
+    ks: ["KSampler", [800, 80], { seed: 42, control_after_generate: "fixed", steps: 50, cfg: 5.0, sampler_name: "uni_pc", scheduler: "simple", denoise: 1.0 }],
+    dec: ["VAEDecode", [800, 560], {}],
+    video: ["CreateVideo", [800, 660], { fps: 16 }],
+    save: ["SaveVideo", [1120, 80], { filename_prefix: "DPCache/wan_i2v", format: "auto", codec: "auto" }, { size: [400, 360] }],
+    pic: ["PreviewImage", [800, 780], {}, { title: "DPCache schedule picture", size: [300, 300] }],
+    note: ["Note", [1120, 480], {}, { size: [460, 560], text:
+      "Wan2.1 image-to-video with DPCache\n\n" +
+      "Models: wan2.1_i2v_480p_14B in models/diffusion_models, umt5_xxl in models/text_encoders, wan_2.1_vae in models/vae, clip_vision_h in models/clip_vision. Load your start image in Load Image.\n" +
+      "Sampler: uni_pc, 50 steps, cfg 5 = 50 model evaluations, so total_evaluations = 50.\n" +
+      "Calibrate for Wan I2V by putting DPCache Calibrate (pact_name e.g. wan21_i2v_unipc_50) in place of Apply DPCache and queueing a few image/prompt pairs, as in the flux_calibrate workflow.\n\n" + NOTE_COMMON }],
+  },
+  links: [
+    ["unet", 0, "shift", "model"], ["shift", 0, "apply", "model"], ["sched", 0, "apply", "schedule"], ["sched", 1, "pic", "images"],
+    ["apply", 0, "ks", "model"], ["clip", 0, "pos", "clip"], ["clip", 0, "neg", "clip"],
+    ["cv", 0, "cvenc", "clip_vision"], ["img", 0, "cvenc", "image"],
+    ["pos", 0, "i2v", "positive"], ["neg", 0, "i2v", "negative"], ["vae", 0, "i2v", "vae"],
+    ["cvenc", 0, "i2v", "clip_vision_output"], ["img", 0, "i2v", "start_image"],
+    ["i2v", 0, "ks", "positive"], ["i2v", 1, "ks", "negative"], ["i2v", 2, "ks", "latent_image"],
+    ["ks", 0, "dec", "samples"], ["vae", 0, "dec", "vae"], ["dec", 0, "video", "images"], ["video", 0, "save", "video"],
+  ],
+};
+
+export const SPECS = [FLUX_T2I, FLUX_CAL, WAN_T2V, WAN_I2V];
+
+/** Runs in the page: builds the graph from a spec with LiteGraph and returns graph.serialize(). */
+export function buildInPage(spec) {
+  const app = window.comfyAPI.app.app;
+  const LG = window.LiteGraph;
+  app.graph.clear();
+  const made = {};
+  for (const [key, [type, pos, widgets, opts = {}]] of Object.entries(spec.nodes)) {
+    const n = LG.createNode(type);
+    if (!n) throw new Error("unknown node type " + type);
+    n.pos = pos;
+    app.graph.add(n);
+    if (opts.title) n.title = opts.title;
+    const vals = { ...widgets };
+    if (opts.text != null) vals.text = opts.text;
+    for (const [name, value] of Object.entries(vals)) {
+      const w = n.widgets?.find((x) => x.name === name);
+      if (!w) throw new Error(`${type} has no widget ${name}`);
+      w.value = value;
+    }
+    if (opts.size) n.setSize(opts.size);
+    made[key] = n;
+  }
+  for (const [a, slot, b, input] of spec.links) {
+    const idx = made[b].findInputSlot(input);
+    if (idx < 0) throw new Error(`${made[b].type} has no input ${input}`);
+    if (!made[a].connect(slot, made[b], idx)) throw new Error(`cannot connect ${a}:${slot} -> ${b}.${input}`);
+  }
+  app.graph.setDirtyCanvas(true, true);
+  return app.graph.serialize();
+}
+
+async function main() {
+  const context = await launch();
+  try {
+    const { page } = await openComfy(context, url);
+    for (const spec of SPECS) {
+      const wf = await page.evaluate(buildInPage, spec);
+      wf.extra = { ds: { scale: 0.8, offset: [40, 40] } };
+      writeFileSync(join(ROOT, "workflows", spec.file), JSON.stringify(wf, null, 2) + "\n");
+      console.log(`wrote workflows/${spec.file}: ${wf.nodes.length} nodes, ${wf.links.length} links`);
+    }
+  } finally {
+    await context.close();
+  }
+}
+
+if (process.argv[1] && fileURLToPath(import.meta.url) === process.argv[1]) {
+  main().catch((e) => {
+    console.error(e);
+    process.exit(1);
+  });
+}

@@ -1,0 +1,293 @@
+"""The example workflows in workflows/ (UI format, as the ComfyUI frontend saves them).
+
+CPU tier (always): structure, links and link types, widget counts and values of the pack's
+nodes against their INPUT_TYPES (imported without ComfyUI), widget counts of the core nodes
+used, settings that must agree (total_evaluations = sampler steps), and a Note in each.
+
+Real-host tier (COMFYUI_PATH set; see tests/browser/comfy_server.py): every node type is
+registered in a running ComfyUI and every workflow converts to an API prompt that the server
+accepts; with the comfyui-host harness (tiny models + stand-in encoders) each workflow also
+runs end to end: calibration twice, then FLUX text-to-image on the calibrated PACT, and the
+Wan2.1 text- and image-to-video workflows.
+"""
+from __future__ import annotations
+
+import glob
+import importlib
+import json
+import os
+import re
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests", "browser"))
+from workflow_api import input_specs, is_widget, to_harness, ui_to_api, widget_names  # noqa: E402
+
+WORKFLOWS = sorted(glob.glob(os.path.join(ROOT, "workflows", "*.json")))
+NAMES = [os.path.splitext(os.path.basename(p))[0] for p in WORKFLOWS]
+OUR_TYPES = {"DPCacheCalibrate", "DPCacheSchedule", "DPCacheApply"}
+
+# Saved widget values of the core nodes these workflows use (ComfyUI 0.3.64, frontend 1.27).
+CORE_WIDGETS = {
+    "UNETLoader": 2, "DualCLIPLoader": 4, "CLIPLoader": 3, "VAELoader": 1, "CLIPVisionLoader": 1,
+    "LoadImage": 2, "CLIPVisionEncode": 1, "CLIPTextEncode": 1, "FluxGuidance": 1, "ConditioningZeroOut": 0,
+    "EmptySD3LatentImage": 3, "EmptyHunyuanLatentVideo": 4, "WanImageToVideo": 4, "ModelSamplingSD3": 1,
+    "KSampler": 7, "VAEDecode": 0, "SaveImage": 1, "PreviewImage": 0, "CreateVideo": 1, "SaveVideo": 3, "Note": 1,
+}
+ONE_EVAL_PER_STEP = {"euler", "euler_ancestral", "uni_pc", "uni_pc_bh2", "ddim", "lcm", "dpmpp_2m", "ipndm", "deis"}
+
+
+def load(path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def pack_defs():
+    """INPUT_TYPES / RETURN_TYPES of the pack's nodes, imported without ComfyUI."""
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    mod = importlib.import_module("nodes")
+    if not hasattr(mod, "NODE_CLASS_MAPPINGS"):  # ComfyUI's own `nodes` module was imported first
+        pytest.skip("the name `nodes` is taken by ComfyUI's module in this process")
+    return {k: {"input": c.INPUT_TYPES(), "output": list(c.RETURN_TYPES)} for k, c in mod.NODE_CLASS_MAPPINGS.items()}
+
+
+def by_id(wf):
+    return {n["id"]: n for n in wf["nodes"]}
+
+
+def test_there_are_the_four_workflows():
+    assert set(NAMES) == {"flux_t2i_dpcache", "flux_calibrate", "wan21_t2v_dpcache", "wan21_i2v_dpcache"}
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=NAMES)
+def test_structure_and_links(path):
+    wf = load(path)
+    assert wf["version"] == 0.4 and isinstance(wf["nodes"], list) and isinstance(wf["links"], list)
+    nodes = by_id(wf)
+    assert len(nodes) == len(wf["nodes"]), "duplicate node ids"
+    assert wf["last_node_id"] >= max(nodes)
+    link_ids = [l[0] for l in wf["links"]]
+    assert len(set(link_ids)) == len(link_ids) and wf["last_link_id"] >= max(link_ids)
+    for lid, src, sslot, dst, dslot, typ in wf["links"]:
+        out, inp = nodes[src]["outputs"][sslot], nodes[dst]["inputs"][dslot]
+        assert lid in (out.get("links") or []), f"link {lid} missing from node {src} output {sslot}"
+        assert inp["link"] == lid, f"link {lid} does not end at node {dst} input {dslot}"
+        assert out["type"] == typ == inp["type"], f"link {lid}: {out['type']} -> {inp['type']} as {typ}"
+    for n in wf["nodes"]:
+        for i in n.get("inputs", []):
+            if i.get("link") is not None:
+                assert i["link"] in link_ids, f"node {n['id']} input {i['name']} points to a missing link"
+        for o in n.get("outputs", []):
+            for lid in o.get("links") or []:
+                assert lid in link_ids
+        assert n["type"] in CORE_WIDGETS or n["type"] in OUR_TYPES, f"unexpected node type {n['type']}"
+        assert n.get("mode", 0) == 0, f"node {n['id']} {n['type']} is muted or bypassed"
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=NAMES)
+def test_core_widget_counts(path):
+    for n in load(path)["nodes"]:
+        if n["type"] in CORE_WIDGETS:
+            assert len(n.get("widgets_values") or []) == CORE_WIDGETS[n["type"]], n["type"]
+
+
+def check_value(name, spec, value):
+    t = spec[0]
+    opts = spec[1] if len(spec) > 1 else {}
+    if isinstance(t, list):
+        assert value in t, f"{name}={value!r} is not one of {t}"
+    elif t == "INT":
+        assert isinstance(value, int) and not isinstance(value, bool), f"{name}={value!r} is not an int"
+        assert opts.get("min", value) <= value <= opts.get("max", value), f"{name}={value} out of range"
+    elif t == "FLOAT":
+        assert isinstance(value, (int, float)) and opts.get("min", value) <= value <= opts.get("max", value)
+    elif t == "BOOLEAN":
+        assert isinstance(value, bool), f"{name}={value!r} is not a boolean"
+    elif t == "STRING":
+        assert isinstance(value, str), f"{name}={value!r} is not a string"
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=NAMES)
+def test_pack_nodes_match_their_definitions(path):
+    defs = pack_defs()
+    wf = load(path)
+    ours = [n for n in wf["nodes"] if n["type"] in OUR_TYPES]
+    assert ours, "no DPCache node in this workflow"
+    for n in ours:
+        d = defs[n["type"]]
+        specs = dict(input_specs(d))
+        names = widget_names(d)
+        values = n.get("widgets_values") or []
+        assert len(values) == len(names), f"{n['type']}: {len(values)} widget values for {names}"
+        for name, value in zip(names, values):
+            check_value(f"{n['type']}.{name}", specs[name], value)
+        # connection inputs: present with the right type, every required one linked
+        slots = {i["name"]: i for i in n.get("inputs", [])}
+        for name, spec in input_specs(d):
+            if is_widget(spec):
+                continue
+            assert name in slots and slots[name]["type"] == spec[0], f"{n['type']}.{name} slot"
+            if name in d["input"]["required"]:
+                assert slots[name]["link"] is not None, f"{n['type']}.{name} is not connected"
+        assert [o["type"] for o in n.get("outputs", [])] == d["output"], f"{n['type']} outputs"
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=NAMES)
+def test_settings_agree(path):
+    wf = load(path)
+    nodes = by_id(wf)
+    ks = [n for n in wf["nodes"] if n["type"] == "KSampler"]
+    assert len(ks) == 1
+    seed, control, steps, cfg, sampler, scheduler, denoise = ks[0]["widgets_values"]
+    assert sampler in ONE_EVAL_PER_STEP and denoise == 1.0
+    links = {l[0]: l for l in wf["links"]}
+    model_src = nodes[links[next(i["link"] for i in ks[0]["inputs"] if i["name"] == "model")][1]]
+    for n in wf["nodes"]:
+        if n["type"] == "DPCacheSchedule":
+            pact, k, first, last, total, manual = n["widgets_values"]
+            assert total == steps, "total_evaluations must equal the sampler's evaluations (one per step here)"
+            assert first + last <= k <= total
+            assert model_src["type"] == "DPCacheApply", "Apply DPCache must feed the KSampler"
+        if n["type"] == "DPCacheCalibrate":
+            assert re.fullmatch(r"[A-Za-z0-9._-]+", n["widgets_values"][0])
+            assert model_src["type"] == "DPCacheCalibrate" and control == "randomize"
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=NAMES)
+def test_note_explains_the_settings(path):
+    notes = [n for n in load(path)["nodes"] if n["type"] == "Note"]
+    assert len(notes) == 1
+    text = notes[0]["widgets_values"][0].lower()
+    for word in ("calibrat", "speed-up", "pact"):
+        assert word in text, word
+    if "calibrate" not in os.path.basename(path):
+        assert "key_steps (k)" in text and "total_evaluations" in text
+
+
+def test_no_machine_paths():
+    for p in WORKFLOWS:
+        text = open(p, encoding="utf-8").read()
+        assert not re.search(r"/(work|root|tmp|home)/", text), p
+
+
+def test_conversion_of_pack_nodes_without_comfyui():
+    """ui_to_api on our nodes alone (core nodes need the server's definitions)."""
+    defs = pack_defs()
+    wf = load(os.path.join(ROOT, "workflows", "flux_t2i_dpcache.json"))
+    keep = [n for n in wf["nodes"] if n["type"] in OUR_TYPES]
+    api = ui_to_api({"nodes": keep, "links": wf["links"]}, defs)
+    sched = next(v for v in api.values() if v["class_type"] == "DPCacheSchedule")
+    assert sched["inputs"] == {"pact": "(uniform)", "key_steps": 13, "first_full_steps": 3, "last_full_steps": 0,
+                               "total_evaluations": 50, "manual_key_steps": ""}
+    apply = next(v for v in api.values() if v["class_type"] == "DPCacheApply")
+    assert set(apply["inputs"]) == {"model", "schedule"}
+
+
+# ---------------------------------------------------------------- real-host tier ----
+@pytest.fixture(scope="module")
+def server():
+    from comfy_server import ComfyServer, comfy_paths
+
+    comfy, why = comfy_paths()
+    if comfy is None:
+        pytest.skip(why)
+    srv = ComfyServer(port=8199)
+    try:
+        srv.start()
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def object_info(server):
+    from comfy_server import http
+
+    code, info = http("GET", server.url + "/object_info", timeout=120)
+    assert code == 200
+    return info
+
+
+@pytest.mark.comfy
+def test_real_host_registers_every_node_type(server, object_info):
+    assert not server.import_failures(), server.import_failures()
+    used = {n["type"] for p in WORKFLOWS for n in load(p)["nodes"]} - {"Note"}
+    assert used <= set(object_info), sorted(used - set(object_info))
+
+
+@pytest.mark.comfy
+@pytest.mark.parametrize("path", WORKFLOWS, ids=NAMES)
+def test_real_host_widget_counts(path, object_info):
+    for n in load(path)["nodes"]:
+        if n["type"] in object_info:
+            assert len(n.get("widgets_values") or []) == len(widget_names(object_info[n["type"]])), n["type"]
+
+
+def have_harness(object_info):
+    need = {"HarnessRandomConditioning", "HarnessEmptyLatent", "HarnessWanI2VConditioning", "HarnessLatentStats"}
+    if not need <= set(object_info):
+        pytest.skip("the comfyui-host harness nodes are not installed (set DPCACHE_HARNESS_NODES to their folder)")
+    unets = object_info["UNETLoader"]["input"]["required"]["unet_name"][0]
+    if "tiny_flux.safetensors" not in unets:
+        pytest.skip("the tiny models of the comfyui-host harness are not in models/diffusion_models")
+
+
+def run_ok(server, prompt):
+    entry = server.run_prompt(prompt, timeout=900)
+    status = entry.get("status", {})
+    errors = [m for m in status.get("messages", []) if m[0] == "execution_error"]
+    assert status.get("status_str") == "success", f"{errors}\n{server.log_text()[-4000:]}"
+    stats = [s for out in entry["outputs"].values() for s in out.get("harness_stats", [])]
+    assert stats and all(s["finite"] for s in stats)
+    return entry, stats
+
+
+def block_calls(stats):
+    bc = stats[0]["block_counts"]
+    return bc["total_block_calls"], bc["full_block_calls"]
+
+
+@pytest.mark.comfy
+@pytest.mark.slow
+def test_real_host_runs_every_workflow(server, object_info):
+    have_harness(object_info)
+    wfs = {n: load(p) for n, p in zip(NAMES, WORKFLOWS)}
+    # 1. calibration: two queued prompts accumulate two samples in one PACT
+    cal = to_harness(ui_to_api(wfs["flux_calibrate"], object_info), "flux_calibrate")
+    for nid, n in cal.items():
+        if n["class_type"] == "DPCacheCalibrate":
+            n["inputs"]["pact_name"] = "wftest_flux"
+    for seed in (1, 2):
+        for n in cal.values():
+            if n["class_type"] == "KSampler":
+                n["inputs"]["seed"] = seed
+        _, stats = run_ok(server, cal)
+        done, full = block_calls(stats)
+        assert done == full, "calibration computes every evaluation"
+    assert os.path.isfile(os.path.join(server.tmp, "dpcache", "wftest_flux.safetensors"))
+
+    # 2. FLUX text-to-image on the calibrated PACT (and as shipped, on "(uniform)")
+    for pact in ("wftest_flux.safetensors", None):
+        t2i = to_harness(ui_to_api(wfs["flux_t2i_dpcache"], object_info), "flux_t2i")
+        for n in t2i.values():
+            if n["class_type"] == "DPCacheSchedule" and pact:
+                n["inputs"]["pact"] = pact
+        entry, stats = run_ok(server, t2i)
+        done, full = block_calls(stats)
+        assert 0 < done < full, f"DPCache skipped nothing ({done}/{full} block calls)"
+        sched_id = next(k for k, v in t2i.items() if v["class_type"] == "DPCacheSchedule")
+        ui = entry["outputs"].get(sched_id, {})
+        if "dpcache_schedule" in ui:  # the web extension's input (see web/dpcache_logic.js)
+            info = ui["dpcache_schedule"][0]
+            assert info["num_evals"] == 50 and len(info["key_steps"]) == 13
+            assert done * 50 == full * 13, f"{done}/{full} block calls for 13 key steps of 50"
+
+    # 3. Wan2.1 text-to-video and image-to-video
+    for name in ("wan21_t2v_dpcache", "wan21_i2v_dpcache"):
+        prompt = to_harness(ui_to_api(wfs[name], object_info), name)
+        _, stats = run_ok(server, prompt)
+        done, full = block_calls(stats)
+        assert 0 < done < full, f"{name}: DPCache skipped nothing ({done}/{full} block calls)"
