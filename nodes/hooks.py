@@ -40,6 +40,7 @@ SINGLE_EVAL_SAMPLERS = {
     "ipndm_v", "deis", "res_multistep", "res_multistep_cfg_pp", "res_multistep_ancestral",
     "res_multistep_ancestral_cfg_pp", "gradient_estimation", "gradient_estimation_cfg_pp",
 }
+SECOND_ORDER_SAMPLERS = {"heun", "dpm_2"}
 
 
 class UnsupportedModelError(ValueError):
@@ -183,14 +184,24 @@ class RunState:
 class ApplyRun(RunState):
     """Apply DPCache during one sampling run: key evaluations compute, the others predict."""
 
-    def __init__(self, family: str, schedule, force_all: bool = False):
+    def __init__(self, family: str, schedule, force_all: bool = False, sampler: str | None = None):
         super().__init__(family)
         self.cache = CacheRun(schedule)
         self.force_all = force_all
+        self.sampler = sampler
         self.fallback_calls = 0
 
     def start_evaluation(self) -> None:
-        key = self.cache.start_evaluation()
+        try:
+            key = self.cache.start_evaluation()
+        except ScheduleMismatchError:
+            num_evals = self.cache.schedule.num_evals
+            raise ScheduleMismatchError(
+                f"this sampling run (sampler {self.sampler}) makes more than the T={num_evals} model evaluations "
+                f"the DPCache schedule was made for (2nd-order samplers such as heun evaluate about twice per step). "
+                f"Set total_evaluations on DPCache Schedule to the run's count (or calibrate a PACT with this sampler "
+                f"and step count), or use a sampler and step count that make {num_evals} evaluations"
+            ) from None
         if not key and self.force_all:
             self.cache.force_key()
 
@@ -272,8 +283,12 @@ def sampler_name(sampler) -> str | None:
 
 def expected_evaluations(sampler, sigmas) -> int | None:
     """The number of model evaluations of the run when it is known before sampling, else None."""
-    if sampler_name(sampler) in SINGLE_EVAL_SAMPLERS:
-        return int(sigmas.shape[-1]) - 1
+    name = sampler_name(sampler)
+    steps = int(sigmas.shape[-1]) - 1
+    if name in SINGLE_EVAL_SAMPLERS:
+        return steps
+    if name in SECOND_ORDER_SAMPLERS:  # two evaluations per step, one where the next sigma is 0
+        return steps + int((sigmas[1:] != 0).sum())
     return None
 
 
@@ -358,7 +373,7 @@ class ApplyHook:
             msg = "DPCache: ControlNet detected; it adds residuals between blocks, so every evaluation is computed in full"
             log.warning(msg)
             send_text(msg, self.node_id)
-        return ApplyRun(self.family, self.schedule, force_all)
+        return ApplyRun(self.family, self.schedule, force_all, sampler_name(sampler))
 
     def finish(self, run: ApplyRun, ok: bool) -> None:
         if not ok:
