@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import glob
 import importlib
+import importlib.util
 import json
 import os
 import re
@@ -44,14 +45,24 @@ def load(path):
         return json.load(f)
 
 
+def pack_mappings():
+    """The pack's NODE_CLASS_MAPPINGS, imported without ComfyUI under a private module name
+    (the name `nodes` may already be ComfyUI's own module in this process)."""
+    name = "_dpcache_pack_nodes"
+    if name not in sys.modules:
+        if ROOT not in sys.path:
+            sys.path.insert(0, ROOT)  # for `import dpcache_core`
+        spec = importlib.util.spec_from_file_location(
+            name, os.path.join(ROOT, "nodes", "__init__.py"), submodule_search_locations=[os.path.join(ROOT, "nodes")])
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[name].NODE_CLASS_MAPPINGS
+
+
 def pack_defs():
-    """INPUT_TYPES / RETURN_TYPES of the pack's nodes, imported without ComfyUI."""
-    if ROOT not in sys.path:
-        sys.path.insert(0, ROOT)
-    mod = importlib.import_module("nodes")
-    if not hasattr(mod, "NODE_CLASS_MAPPINGS"):  # ComfyUI's own `nodes` module was imported first
-        pytest.skip("the name `nodes` is taken by ComfyUI's module in this process")
-    return {k: {"input": c.INPUT_TYPES(), "output": list(c.RETURN_TYPES)} for k, c in mod.NODE_CLASS_MAPPINGS.items()}
+    """INPUT_TYPES / RETURN_TYPES of the pack's nodes."""
+    return {k: {"input": c.INPUT_TYPES(), "output": list(c.RETURN_TYPES)} for k, c in pack_mappings().items()}
 
 
 def by_id(wf):
@@ -291,3 +302,10 @@ def test_real_host_runs_every_workflow(server, object_info):
         _, stats = run_ok(server, prompt)
         done, full = block_calls(stats)
         assert 0 < done < full, f"{name}: DPCache skipped nothing ({done}/{full} block calls)"
+
+
+def test_node_list_json_matches_the_pack():
+    """node_list.json (ComfyUI-Manager's missing-node detection) lists exactly the registered node ids."""
+    with open(os.path.join(ROOT, "node_list.json"), encoding="utf-8") as f:
+        listed = json.load(f)
+    assert set(listed) == set(pack_mappings())

@@ -9,7 +9,7 @@ import { readFileSync, writeFileSync } from "node:fs";
 import { basename, join } from "node:path";
 
 import { buildInPage } from "./make_workflows.mjs";
-import { launch, openComfy, ourProblems } from "./browser_lib.mjs";
+import { PACK_NAME, launch, openComfy, ourProblems } from "./browser_lib.mjs";
 
 function args() {
   const a = { url: "http://127.0.0.1:8199", out: ".", workflows: [], showcase: null, vue: false };
@@ -123,6 +123,15 @@ async function main() {
       (window.comfyAPI.app.app.extensions ?? []).some((e) => e.name === "dpcache.ui"),
     );
     result.vueNodesEnabled = await page.evaluate(() => !!window.LiteGraph?.vueNodesMode);
+    // help pages for the frontend's node help panel (web/docs/<NodeId>.md)
+    result.help = await page.evaluate(async (pack) => {
+      const out = {};
+      for (const id of ["DPCacheCalibrate", "DPCacheSchedule", "DPCacheApply"]) {
+        const r = await fetch(`/extensions/${pack}/docs/${id}.md`);
+        out[id] = r.status;
+      }
+      return out;
+    }, PACK_NAME);
     const tag = a.vue ? "vue" : "classic";
     for (const file of a.workflows) {
       const wf = JSON.parse(readFileSync(file, "utf8"));

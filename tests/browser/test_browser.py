@@ -71,6 +71,7 @@ def check_ui(server, out, *extra):
 
 def assert_clean(res):
     assert res["extensionLoaded"], "the dpcache.ui extension did not register"
+    assert res["help"] == {k: 200 for k in ("DPCacheCalibrate", "DPCacheSchedule", "DPCacheApply")}, res["help"]
     ours = res["ours"]
     assert not ours, "console problems from the DPCache extension:\n" + "\n".join(json.dumps(m) for m in ours)
 
@@ -145,9 +146,21 @@ def test_classic_canvas(server, tmp_path):
         print("showcase:", json.dumps(sc))
     keep = os.environ.get("DPCACHE_SCREENSHOTS")
     if keep:
-        os.makedirs(keep, exist_ok=True)
-        for p in res["screenshots"]:
-            shutil.copy(p, keep)
+        save_small(res["screenshots"], keep)
+
+
+def save_small(paths, folder):
+    """Copy screenshots as palette PNGs (a fraction of the size) when Pillow is there."""
+    os.makedirs(folder, exist_ok=True)
+    for p in paths:
+        dst = os.path.join(folder, os.path.basename(p))
+        try:
+            from PIL import Image
+        except ImportError:
+            shutil.copy(p, dst)
+            continue
+        with Image.open(p) as im:
+            im.convert("RGB").quantize(colors=128, method=Image.Quantize.MEDIANCUT).save(dst, optimize=True)
 
 
 def test_vue_nodes(server, tmp_path):

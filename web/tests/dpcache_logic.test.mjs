@@ -128,3 +128,10 @@ test("timeline runs, text and cells cover the trajectory exactly", () => {
 test("help text exists for every node", () => {
   for (const id of Object.values(NODE_IDS)) assert.ok(HELP[id] && HELP[id].length > 40, id);
 });
+
+test("a help page for every node in web/docs", async () => {
+  const { existsSync } = await import("node:fs");
+  for (const id of Object.values(NODE_IDS)) {
+    assert.ok(existsSync(new URL(`../docs/${id}.md`, import.meta.url)), id);
+  }
+});
