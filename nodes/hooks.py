@@ -394,12 +394,16 @@ class ApplyHook:
 
 def install(model, info: ModelInfo, hook, label: str) -> None:
     """Register ``hook`` (ApplyHook or CalibrateHook) on ``model``, a clone."""
-    import comfy.patcher_extension as pe
+    try:
+        from comfy.patcher_extension import WrappersMP
 
+        outer, predict = WrappersMP.OUTER_SAMPLE, WrappersMP.PREDICT_NOISE
+    except ImportError:  # CPU tests (the same names ComfyUI uses)
+        outer, predict = "outer_sample", "predict_noise"
     install_block_patches(model, info)
     model.model_options["transformer_options"][PATCH_KEY] = label
-    model.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, PATCH_KEY, hook.outer_sample)
-    model.add_wrapper_with_key(pe.WrappersMP.PREDICT_NOISE, PATCH_KEY, predict_noise_wrapper)
+    model.add_wrapper_with_key(outer, PATCH_KEY, hook.outer_sample)
+    model.add_wrapper_with_key(predict, PATCH_KEY, predict_noise_wrapper)
 
 
 # --------------------------------------------------------------------------------------------

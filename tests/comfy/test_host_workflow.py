@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from conftest import BlockCounter, build_model, conditioning, psnr, sample
+from comfy_host import BlockCounter, build_model, conditioning, psnr, sample
 
 pytestmark = pytest.mark.comfy
 

@@ -1,0 +1,226 @@
+"""Real-host tier helpers: the pack inside a real ComfyUI (CPU), found through COMFYUI_PATH.
+
+Run with the host's own python (the one ComfyUI's requirements are installed in):
+    COMFYUI_PATH=<ComfyUI checkout> <host venv>/bin/python -m pytest tests/comfy -q -s
+Every test here skips, with the reason, when COMFYUI_PATH is unset or ComfyUI cannot be imported.
+
+Models are tiny random-weight FLUX (dev and schnell) and Wan2.1 (T2V, I2V) diffusion models,
+built in-process by ComfyUI's own model classes; conditioning is random tensors of the real
+shapes. Nothing from ComfyUI is copied here.
+"""
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import sys
+
+import pytest
+
+PACK_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+COMFY = os.environ.get("COMFYUI_PATH", "")
+
+FLUX_CFG = {
+    "image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 32, "context_in_dim": 64,
+    "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 4, "depth": 2, "depth_single_blocks": 3,
+    "axes_dim": [4, 6, 6], "theta": 10000, "patch_size": 2, "qkv_bias": True,
+}
+WAN_CFG = {
+    "image_model": "wan2.1", "patch_size": (1, 2, 2), "dim": 128, "ffn_dim": 256, "freq_dim": 256,
+    "text_dim": 4096, "out_dim": 16, "num_heads": 2, "num_layers": 3, "window_size": (-1, -1),
+    "qk_norm": True, "cross_attn_norm": True, "eps": 1e-6,
+}
+MODEL_KEYS = ("flux", "flux_schnell", "wan_t2v", "wan_i2v")
+TIME_LAYERS = ("time_in.in_layer.weight", "guidance_in.in_layer.weight", "time_embedding.0.weight")
+
+_state = {}
+
+
+def _skip_reason():
+    if not COMFY:
+        return "COMFYUI_PATH is not set: the real-host tier needs a ComfyUI checkout (see tests/comfy/conftest.py)"
+    if not os.path.isfile(os.path.join(COMFY, "main.py")):
+        return f"COMFYUI_PATH={COMFY} has no main.py"
+    return None
+
+
+def boot():
+    """Import ComfyUI like `main.py --cpu` does, load this pack with ComfyUI's loader."""
+    if "pack" in _state:
+        return _state
+    reason = _skip_reason()
+    if reason:
+        pytest.skip(reason)
+    if COMFY not in sys.path:
+        sys.path.insert(0, COMFY)
+    try:
+        import comfy.options
+        comfy.options.enable_args_parsing()
+        saved = sys.argv
+        sys.argv = [os.path.join(COMFY, "main.py"), "--cpu"]
+        try:
+            from comfy.cli_args import args  # noqa: F401  parses --cpu before model_management loads
+        finally:
+            sys.argv = saved
+        import folder_paths  # noqa: F401
+        import utils.extra_config  # noqa: F401  (before nodes: nodes puts comfy/ first on sys.path)
+        import comfy.model_management  # noqa: F401
+        import comfy.utils
+        import nodes
+    except Exception as exc:  # pragma: no cover
+        pytest.skip(f"cannot import ComfyUI from COMFYUI_PATH={COMFY}: {exc!r} (run with ComfyUI's python)")
+    comfy.utils.set_progress_bar_enabled(False)
+    import torch
+    torch.set_num_threads(1)  # tiny models: threads only add contention
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    import server
+    if getattr(server.PromptServer, "instance", None) is None:
+        server.PromptServer(loop)
+    assert loop.run_until_complete(nodes.load_custom_node(PACK_DIR)), "the pack failed to load"
+    mod = PACK_DIR.replace(".", "_x_")
+    _state.update(loop=loop, pack=sys.modules[mod], hooks=sys.modules[mod + ".nodes.hooks"],
+                  core=sys.modules[mod + ".dpcache_core"])
+    return _state
+
+
+def init_weights(module, seed):
+    """N(0, 1/fan_in) weights, small biases, unit norms; the timestep-embedding input layers
+    are low-passed so that, like a trained model, the output changes smoothly with sigma."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.ndim >= 2:
+                fan_in = p.shape[-1] if name.endswith("modulation") else math.prod(p.shape[1:])
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(fan_in))
+            elif name.endswith(".bias"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+            else:
+                p.fill_(1.0)
+            if name in TIME_LAYERS:
+                half = p.shape[1] // 2
+                freq = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float64) / half)
+                damp = (1.0 / (1.0 + (freq / 0.005) ** 2)).to(p.dtype).repeat(2)
+                scaled = p * damp
+                p.copy_(scaled * (p.norm() / scaled.norm()))
+
+
+def build_model(key):
+    """A ModelPatcher of ComfyUI's real model classes with tiny random weights (cached per key)."""
+    boot()
+    cache = _state.setdefault("models", {})
+    if key in cache:
+        return cache[key]
+    import torch
+    import comfy.model_patcher
+    import comfy.supported_models as sm
+    cpu = torch.device("cpu")
+    if key == "flux":
+        mc = sm.Flux(dict(FLUX_CFG, guidance_embed=True))
+    elif key == "flux_schnell":
+        mc = sm.FluxSchnell(dict(FLUX_CFG, guidance_embed=False))
+    elif key == "wan_t2v":
+        mc = sm.WAN21_T2V(dict(WAN_CFG, model_type="t2v", in_dim=16))
+    elif key == "wan_i2v":
+        mc = sm.WAN21_I2V(dict(WAN_CFG, model_type="i2v", in_dim=36))
+    else:
+        raise KeyError(key)
+    mc.set_inference_dtype(torch.float32, None)
+    model = mc.get_model({}, device=cpu)
+    init_weights(model.diffusion_model, seed=MODEL_KEYS.index(key) + 1)
+    cache[key] = comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+    return cache[key]
+
+
+def conditioning(key, seed=0, batch=1, frames=9, height=64, width=64):
+    """(positive, negative, latent) of the right shapes for the model."""
+    import torch
+    import comfy.clip_vision
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g)
+
+    if key.startswith("flux"):
+        extra = lambda: {"pooled_output": rnd(1, 32), "guidance": 3.5}  # noqa: E731
+        pos = [[rnd(1, 8, 64), extra()]]
+        neg = [[rnd(1, 8, 64), extra()]]
+        latent = torch.zeros(batch, 16, height // 8, width // 8)
+        return pos, neg, latent
+    t = (frames - 1) // 4 + 1
+    pos, neg = [[rnd(1, 12, 4096), {}]], [[rnd(1, 12, 4096), {}]]
+    latent = torch.zeros(batch, 16, t, height // 8, width // 8)
+    if key == "wan_i2v":
+        mask = torch.ones(1, 1, t, height // 8, width // 8)
+        mask[:, :, :1] = 0.0
+        clip = comfy.clip_vision.Output()
+        clip["penultimate_hidden_states"] = rnd(1, 257, 1280)
+        values = {"concat_latent_image": rnd(1, 16, t, height // 8, width // 8), "concat_mask": mask,
+                  "clip_vision_output": clip}
+        pos = [[pos[0][0], dict(values)]]
+        neg = [[neg[0][0], dict(values)]]
+    return pos, neg, latent
+
+
+class BlockCounter:
+    """Counts calls of every transformer block (and of the diffusion model) by wrapping the
+    instances' forward; a block DPCache skips is never called."""
+
+    def __init__(self, model):
+        import torch
+        self.dm = model.model.diffusion_model
+        self.blocks = []
+        for attr in ("double_blocks", "single_blocks", "blocks"):
+            ml = getattr(self.dm, attr, None)
+            if isinstance(ml, torch.nn.ModuleList):
+                self.blocks += [(f"{attr}.{i}", m) for i, m in enumerate(ml)]
+        self.counts = {name: 0 for name, _ in self.blocks}
+        self.model_calls = 0
+        self.batch_sizes = []
+
+    def _wrap(self, module, name):
+        inner = module.forward
+
+        def counting(*args, **kwargs):
+            if name is None:
+                self.model_calls += 1
+                self.batch_sizes.append(int(args[0].shape[0]))
+            else:
+                self.counts[name] += 1
+            return inner(*args, **kwargs)
+
+        module.forward = counting
+
+    def __enter__(self):
+        self._wrap(self.dm, None)
+        for name, m in self.blocks:
+            self._wrap(m, name)
+        return self
+
+    def __exit__(self, *exc):
+        self.dm.__dict__.pop("forward", None)
+        for _, m in self.blocks:
+            m.__dict__.pop("forward", None)
+        return False
+
+    @property
+    def total(self):
+        return sum(self.counts.values())
+
+
+def sample(model, key, steps=20, cfg=1.0, sampler="euler", scheduler="simple", seed=42, batch=1,
+           height=64, width=64, frames=9, callback=None):
+    """One KSampler-equivalent run (comfy.sample.sample) on the tiny model; returns the latent."""
+    import comfy.sample
+    pos, neg, latent = conditioning(key, batch=batch, height=height, width=width, frames=frames)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    return comfy.sample.sample(model, noise, steps, cfg, sampler, scheduler, pos, neg, latent, seed=seed,
+                               disable_pbar=True, callback=callback)
+
+
+def psnr(ref, out):
+    import torch
+    mse = torch.mean((ref.double() - out.double()) ** 2).item()
+    peak = (ref.max() - ref.min()).item()
+    return float("inf") if mse == 0 else 10 * math.log10(peak * peak / mse)

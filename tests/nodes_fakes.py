@@ -1,0 +1,195 @@
+"""Small fakes of the ComfyUI contracts the DPCache hooks rely on (no ComfyUI needed).
+
+- a ModelPatcher with clone (deep-copied model_options, copied wrappers), set_model_patch_replace,
+  add_wrapper_with_key and get_model_object;
+- "FLUX" and "Wan" diffusion models whose block loops call ``patches_replace["dit"]`` with the same
+  args / extra / return contract as comfy/ldm/flux/model.py and comfy/ldm/wan/model.py, with blocks
+  that (like FLUX's) modify their inputs in place;
+- a sampler loop: OUTER_SAMPLE wrappers around a run that calls the PREDICT_NOISE wrappers once per
+  evaluation, then the model once (cond and uncond batched) or once per conditioning (split).
+"""
+from __future__ import annotations
+
+import copy
+import os
+import sys
+import uuid
+from types import SimpleNamespace
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+HIDDEN, TXT, IMG = 8, 3, 6
+
+
+class Block(torch.nn.Module):
+    """A residual block with a smooth dependence on sigma; modifies ``x`` in place like FLUX's."""
+
+    def __init__(self, seed):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.w = torch.randn(HIDDEN, HIDDEN, generator=g) / HIDDEN
+        self.calls = 0
+
+    def forward(self, x, sigma):
+        self.calls += 1
+        x += torch.tanh(x @ self.w) * (0.5 + sigma.reshape(-1, 1, 1))
+        return x
+
+
+class FakeFluxBase(torch.nn.Module):
+    def __init__(self, depth=2, single=3):
+        super().__init__()
+        self.double_blocks = torch.nn.ModuleList(Block(i) for i in range(depth))
+        self.single_blocks = torch.nn.ModuleList(Block(100 + i) for i in range(single))
+        self.params = SimpleNamespace(guidance_embed=True)
+
+    def forward(self, x, txt, sigma, to, control=None):
+        rep = to.get("patches_replace", {}).get("dit", {})
+        img = x.clone()
+        txt = txt.clone()
+        for i, block in enumerate(self.double_blocks):
+            def original(a, block=block):
+                return {"img": block(a["img"], sigma).clone(), "txt": block(a["txt"], sigma)}
+            args = {"img": img, "txt": txt, "vec": sigma, "pe": None, "attn_mask": None, "transformer_options": to}
+            if ("double_block", i) in rep:
+                out = rep[("double_block", i)](args, {"original_block": original})
+            else:
+                out = original(args)
+            img, txt = out["img"], out["txt"]
+            if control is not None:
+                img += control
+        img = torch.cat((txt, img), 1)
+        for i, block in enumerate(self.single_blocks):
+            def original(a, block=block):
+                return {"img": block(a["img"], sigma)}
+            args = {"img": img, "vec": sigma, "pe": None, "attn_mask": None, "transformer_options": to}
+            img = rep[("single_block", i)](args, {"original_block": original})["img"] if ("single_block", i) in rep else original(args)["img"]
+        return img[:, txt.shape[1]:] * 0.5
+
+
+class FakeWanBase(torch.nn.Module):
+    def __init__(self, depth=3):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(Block(200 + i) for i in range(depth))
+
+    def forward(self, x, txt, sigma, to, control=None):
+        rep = to.get("patches_replace", {}).get("dit", {})
+        x = x.clone()
+        for i, block in enumerate(self.blocks):
+            def original(a, block=block):
+                return {"img": block(a["img"].clone(), sigma)}  # Wan blocks are out of place
+            args = {"img": x, "txt": txt, "vec": sigma, "pe": None, "transformer_options": to}
+            x = rep[("double_block", i)](args, {"original_block": original})["img"] if ("double_block", i) in rep else original(args)["img"]
+        return x * 0.5
+
+
+Flux = type("Flux", (FakeFluxBase,), {"__module__": "comfy.ldm.flux.model"})
+WanModel = type("WanModel", (FakeWanBase,), {"__module__": "comfy.ldm.wan.model"})
+VaceWanModel = type("VaceWanModel", (FakeWanBase,), {"__module__": "comfy.ldm.wan.model"})
+UNetModel = type("UNetModel", (torch.nn.Module,), {"__module__": "comfy.ldm.modules.diffusionmodules.openaimodel"})
+
+
+class FakePatcher:
+    def __init__(self, dm):
+        self.dm = dm
+        self.model_options = {"transformer_options": {}}
+        self.wrappers = {}
+
+    def get_model_object(self, name):
+        assert name == "diffusion_model"
+        return self.dm
+
+    def clone(self):
+        n = FakePatcher(self.dm)
+        n.model_options = copy.deepcopy(self.model_options)  # what ComfyUI 0.3.64 does
+        n.wrappers = {k: list(v) for k, v in self.wrappers.items()}
+        return n
+
+    def set_model_patch_replace(self, patch, name, block_name, number):
+        to = dict(self.model_options["transformer_options"])
+        to["patches_replace"] = dict(to.get("patches_replace", {}))
+        to["patches_replace"][name] = dict(to["patches_replace"].get(name, {}))
+        to["patches_replace"][name][(block_name, number)] = patch
+        self.model_options["transformer_options"] = to
+
+    def add_wrapper_with_key(self, wrapper_type, key, fn):
+        self.wrappers.setdefault(wrapper_type, []).append(fn)
+
+
+class Executor:
+    """Calls the wrappers in order, then ``fn``; ``class_obj`` is the guider."""
+
+    def __init__(self, fn, class_obj, wrappers):
+        self.fn, self.class_obj, self.wrappers = fn, class_obj, wrappers
+
+    def __call__(self, *args, **kwargs):
+        if not self.wrappers:
+            return self.fn(*args, **kwargs)
+        return self.wrappers[0](Executor(self.fn, self.class_obj, self.wrappers[1:]), *args, **kwargs)
+
+
+class FakeSampler:
+    def __init__(self, name, evals_per_step=1):
+        self.evals_per_step = evals_per_step
+
+        def fn():
+            pass
+        fn.__name__ = f"sample_{name}"
+        self.sampler_function = fn
+
+
+def sample(patcher, steps=10, cfg=2.0, batch=1, split=False, sampler="euler", evals_per_step=1,
+           control=None, interrupt_at=None, context_handler=False, streams=None, img=IMG):
+    """A sampling run of the fake model; returns the list of model outputs (one per evaluation)."""
+    dm = patcher.dm
+    sigmas = torch.linspace(1.0, 0.0, steps + 1)
+    cond = {"uuid": uuid.uuid4(), "control": control}
+    uncond = {"uuid": uuid.uuid4(), "control": control}
+    chunks = [(1, uncond), (0, cond)] if cfg != 1.0 else [(0, cond)]
+    if streams is not None:
+        chunks = streams
+    guider = SimpleNamespace(model_patcher=patcher, conds={"positive": [cond], "negative": [uncond]})
+    guider.model_options = copy.deepcopy({k: v for k, v in patcher.model_options.items()})
+    if context_handler:
+        guider.model_options["context_handler"] = object()
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(batch, img, HIDDEN, generator=g)
+    txt = torch.randn(batch, TXT, HIDDEN, generator=g)
+    outputs = []
+
+    def model_call(x, sigma, model_options, parts):
+        to = dict(model_options["transformer_options"])
+        to.update(cond_or_uncond=[c for c, _ in parts], uuids=[p["uuid"] for _, p in parts], sigmas=sigma)
+        n = len(parts)
+        ctl = control if control is not None else None
+        return dm(x.repeat(n, 1, 1), txt.repeat(n, 1, 1), sigma.repeat(n * batch), to, ctl)
+
+    def predict_noise(x, sigma, model_options, seed):
+        if split:
+            return torch.cat([model_call(x, sigma, model_options, [p]) for p in chunks])
+        return model_call(x, sigma, model_options, chunks)
+
+    def outer_sample(noise, latent, sampler_obj, sigmas, *rest):
+        options = guider.model_options
+        options["transformer_options"]["sample_sigmas"] = sigmas
+        x = noise
+        n = 0
+        for i in range(len(sigmas) - 1):
+            for _ in range(evals_per_step):
+                if interrupt_at is not None and n == interrupt_at:
+                    raise KeyboardInterrupt("interrupted")
+                out = Executor(predict_noise, guider, patcher.wrappers.get("predict_noise", []))(x, sigmas[i:i + 1], options, 0)
+                outputs.append(out)
+                n += 1
+            x = x + 0.01 * out[: x.shape[0]]
+        return x
+
+    Executor(outer_sample, guider, patcher.wrappers.get("outer_sample", []))(
+        x0, x0 * 0, FakeSampler(sampler, evals_per_step), sigmas, None, None, True, 0)
+    guider.model_options_after = guider.model_options
+    sample.last_guider = guider
+    return outputs

@@ -1,0 +1,123 @@
+"""CPU tier: node definitions, the Schedule node's values and errors (no ComfyUI needed)."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import nodes_fakes  # noqa: F401  (puts the repo root on sys.path)
+from dpcache_core import PactAccumulator, save_pact
+from nodes import dpcache_nodes as nd
+
+ROOT = nodes_fakes.ROOT
+NAMES = {"DPCacheCalibrate": "DPCache Calibrate", "DPCacheSchedule": "DPCache Schedule", "DPCacheApply": "Apply DPCache"}
+
+
+def test_pack_root_imports_like_comfyui_loads_it():
+    spec = importlib.util.spec_from_file_location("dpcache_pack_under_test", os.path.join(ROOT, "__init__.py"),
+                                                  submodule_search_locations=[ROOT])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    try:
+        spec.loader.exec_module(mod)
+        assert mod.NODE_DISPLAY_NAME_MAPPINGS == NAMES
+        assert set(mod.NODE_CLASS_MAPPINGS) == set(NAMES)
+        assert mod.WEB_DIRECTORY == "./web"
+    finally:
+        for name in [n for n in sys.modules if n.startswith(spec.name)]:
+            del sys.modules[name]
+
+
+@pytest.mark.parametrize("node_id", list(NAMES))
+def test_definitions(node_id):
+    cls = nd.NODE_CLASS_MAPPINGS[node_id]
+    assert nd.NODE_DISPLAY_NAME_MAPPINGS[node_id] == NAMES[node_id]
+    assert cls.CATEGORY == "sampling/dpcache" and len(cls.DESCRIPTION) > 40
+    assert callable(getattr(cls, cls.FUNCTION))
+    spec = cls.INPUT_TYPES()
+    assert spec["hidden"] == {"unique_id": "UNIQUE_ID"}
+    for name, entry in spec["required"].items():
+        assert entry[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
+    assert len(cls.OUTPUT_TOOLTIPS) == len(cls.RETURN_TYPES)
+
+
+def test_contract_inputs_and_defaults():
+    cal = nd.DPCacheCalibrate.INPUT_TYPES()["required"]
+    assert cal["pact_name"][1]["default"] == "flux_dev_euler_50"
+    assert (cal["order"][1]["default"], cal["order"][1]["min"], cal["order"][1]["max"]) == (2, 1, 3)
+    assert cal["reset"][0] == "BOOLEAN" and cal["reset"][1]["default"] is False
+    sch = nd.DPCacheSchedule.INPUT_TYPES()["required"]
+    assert sch["pact"][0][:2] == ["(uniform)", "(manual)"]
+    assert [sch[k][1]["default"] for k in ("key_steps", "first_full_steps", "last_full_steps", "total_evaluations", "manual_key_steps")] == [13, 3, 0, 50, ""]
+    assert nd.DPCacheSchedule.RETURN_TYPES == ("DPCACHE_SCHEDULE", "IMAGE")
+    app = nd.DPCacheApply.INPUT_TYPES()["required"]
+    assert app["model"][0] == "MODEL" and app["schedule"][0] == "DPCACHE_SCHEDULE"
+    assert nd.DPCacheApply.RETURN_TYPES == ("MODEL",) == nd.DPCacheCalibrate.RETURN_TYPES
+
+
+def run_schedule(**kw):
+    args = dict(pact="(uniform)", key_steps=13, first_full_steps=3, last_full_steps=0, total_evaluations=50, manual_key_steps="")
+    args.update(kw)
+    out = nd.DPCacheSchedule().schedule(**args)
+    return out["result"][0], out["result"][1], out["ui"]["text"][0]
+
+
+def test_uniform_and_manual_schedules():
+    sched, image, text = run_schedule()
+    assert sched.num_evals == 50 and sched.num_keys == 13 and sched.key_steps[:3] == (0, 1, 2)
+    assert sched.model_family is None and sched.order == 2 and sched.source == "uniform"
+    assert "ideal speed-up 3.85x" in text and str(list(sched.key_steps)) in text
+    assert image.dtype == torch.float32 and image.ndim == 4 and image.shape[0] == 1 and image.shape[-1] == 3
+    assert 0.0 <= image.min() and image.max() <= 1.0
+    sched, _, text = run_schedule(pact="(manual)", manual_key_steps="0, 1, 2, 5, 9-11", total_evaluations=20)
+    assert sched.key_steps == (0, 1, 2, 5, 9, 10, 11) and sched.num_evals == 20 and sched.source == "manual"
+    assert "7 of 20 evaluations" in text
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(key_steps=60), "K=60 key steps is more than the T=50"),
+    (dict(key_steps=2, first_full_steps=3), "fewer than the 3 mandatory"),
+    (dict(pact="(manual)", manual_key_steps="0, 2, x"), "cannot read key step 'x'"),
+    (dict(pact="(manual)", manual_key_steps=""), "no key steps given"),
+    (dict(pact="(manual)", manual_key_steps="0, 60"), "out of range for T=50"),
+    (dict(pact="missing.safetensors"), "not found"),
+])
+def test_schedule_errors(kw, match):
+    with pytest.raises(ValueError, match=match):
+        run_schedule(**kw)
+
+
+@pytest.fixture
+def shipped(tmp_path, monkeypatch):
+    monkeypatch.setattr(nd, "SHIPPED_DIR", str(tmp_path))
+    return tmp_path
+
+
+def test_schedule_from_a_pact_file(shipped):
+    t = 12
+    rng = np.random.default_rng(0)
+    acc = PactAccumulator(t)
+    cost = np.where(np.isfinite(np.zeros((t, t + 1, t + 1))), rng.random((t, t + 1, t + 1)), np.inf)
+    acc.add(cost)
+    save_pact(os.path.join(shipped, "w.safetensors"), acc, {"model_family": "wan", "order": 2, "scheme": "reference"})
+    (shipped / "notes.txt").write_text("not a PACT")
+    assert nd.DPCacheSchedule.INPUT_TYPES()["required"]["pact"][0] == ["(uniform)", "(manual)", "w.safetensors"]
+    sched, image, text = run_schedule(pact="w.safetensors", key_steps=6)
+    assert sched.num_evals == t and sched.num_keys == 6 and sched.model_family == "wan"
+    assert sched.source == "pact:w.safetensors" and sched.cost is not None
+    assert image.shape[0] == 1 and image.shape[-1] == 3
+    assert nd.DPCacheSchedule.IS_CHANGED("w.safetensors") != ""
+    with pytest.raises(ValueError, match="no schedule with K=5 key steps of T=12 has finite cost.*raise K"):
+        run_schedule(pact="w.safetensors", key_steps=5)
+    (shipped / "bad.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="damaged"):
+        run_schedule(pact="bad.safetensors", key_steps=5)
+
+
+def test_placeholder_picture_without_picture_module():
+    img = nd.placeholder_picture(20, [0, 1, 2, 7], np.ones((20, 21, 21)))
+    assert img.dtype == np.uint8 and img.shape[2] == 3 and img.shape[1] >= 20

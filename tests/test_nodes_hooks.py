@@ -1,0 +1,224 @@
+"""CPU tier: the DPCache hooks driven by fakes of ComfyUI's contracts (tests/nodes_fakes.py)."""
+from __future__ import annotations
+
+import gc
+import os
+import weakref
+
+import pytest
+import torch
+
+import nodes_fakes as F
+from dpcache_core import Schedule, load_pact, uniform_key_steps
+from nodes import hooks
+from nodes.dpcache_nodes import DPCacheApply, DPCacheCalibrate
+
+STEPS = 10
+
+
+def flux():
+    return F.FakePatcher(F.Flux())
+
+
+def wan():
+    return F.FakePatcher(F.WanModel())
+
+
+def uniform(k=5, t=STEPS, family=None):
+    return Schedule(tuple(uniform_key_steps(t, k)), t, model_family=family)
+
+
+def apply(model, sched):
+    return DPCacheApply().apply(model, sched)[0]
+
+
+def block_calls(model):
+    return {name: b.calls for name, b in model.dm.named_modules() if isinstance(b, F.Block)}
+
+
+def reset_calls(model):
+    for b in model.dm.modules():
+        if isinstance(b, F.Block):
+            b.calls = 0
+
+
+@pytest.mark.parametrize("make", [flux, wan])
+@pytest.mark.parametrize("cfg,split", [(1.0, False), (2.0, False), (2.0, True)])
+def test_all_keys_is_exact_and_skips_run_no_block(make, cfg, split):
+    model = make()
+    ref = F.sample(model, cfg=cfg, split=split)
+    exact = F.sample(apply(model, Schedule(tuple(range(STEPS)), STEPS)), cfg=cfg, split=split)
+    assert all(torch.equal(a, b) for a, b in zip(ref, exact))
+    reset_calls(model)
+    fast = F.sample(apply(model, uniform(5)), cfg=cfg, split=split)
+    calls_per_eval = 2 if split and cfg != 1.0 else 1
+    per_block = 2 if isinstance(model.dm, F.FakeFluxBase) else 1  # the fake double block runs on img and txt
+    counts = set(block_calls(model).values())
+    assert counts <= {5 * calls_per_eval, 5 * calls_per_eval * per_block}, counts
+    err = max((a - b).abs().max().item() for a, b in zip(ref, fast))
+    assert 0 < err < 0.5
+    # the input model is untouched
+    again = F.sample(model, cfg=cfg, split=split)
+    assert all(torch.equal(a, b) for a, b in zip(ref, again))
+
+
+def test_cond_and_uncond_are_separate_streams_batched_or_split():
+    model = flux()
+    batched = F.sample(apply(model, uniform(5)), cfg=2.0, batch=2)
+    split = F.sample(apply(model, uniform(5)), cfg=2.0, batch=2, split=True)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(batched, split))
+
+
+def test_no_state_after_run_and_interrupted_run():
+    model = flux()
+    refs = []
+    original = hooks.ApplyRun.__init__
+
+    def tracked(self, *a, **k):
+        original(self, *a, **k)
+        refs.append(weakref.ref(self))
+
+    hooks.ApplyRun.__init__ = tracked
+    try:
+        patched = apply(model, uniform(5))
+        F.sample(patched)
+        with pytest.raises(KeyboardInterrupt):
+            F.sample(patched, interrupt_at=6)
+    finally:
+        hooks.ApplyRun.__init__ = original
+    gc.collect()
+    assert len(refs) == 2 and all(r() is None for r in refs)
+    assert hooks.RUN_KEY not in F.sample.last_guider.model_options["transformer_options"]
+    assert hooks.RUN_KEY not in patched.model_options["transformer_options"]
+
+
+def test_schedule_mismatch_errors():
+    model = wan()
+    with pytest.raises(ValueError, match="makes 8 model evaluations.*T=10.*total_evaluations=8"):
+        F.sample(apply(model, uniform(5)), steps=8)  # euler: known before sampling
+    with pytest.raises(ValueError, match="more than the T=10 model evaluations"):
+        F.sample(apply(model, uniform(5)), steps=10, sampler="dpmpp_2s_ancestral", evals_per_step=2)
+    with pytest.raises(ValueError, match="makes 8 model evaluations.*T=10"):
+        F.sample(apply(model, uniform(5)), steps=4, sampler="dpmpp_sde", evals_per_step=2)
+    # a schedule for the right count works with a 2-evaluation sampler
+    F.sample(apply(model, uniform(5, 20)), steps=10, sampler="dpmpp_sde", evals_per_step=2)
+
+
+def test_heun_count_is_known_up_front():
+    sigmas = torch.tensor([1.0, 0.5, 0.25, 0.0])
+    assert hooks.expected_evaluations(F.FakeSampler("heun"), sigmas) == 5
+    assert hooks.expected_evaluations(F.FakeSampler("euler"), sigmas) == 3
+    assert hooks.expected_evaluations(F.FakeSampler("uni_pc"), sigmas) is None
+
+
+def test_model_checks():
+    with pytest.raises(ValueError, match="supports FLUX.1.*and Wan2.1.*UNetModel"):
+        apply(F.FakePatcher(F.UNetModel()), uniform())
+    with pytest.raises(ValueError, match="VaceWanModel"):
+        apply(F.FakePatcher(F.VaceWanModel()), uniform())
+    with pytest.raises(ValueError, match="planned on a flux PACT.*this MODEL is Wan"):
+        apply(wan(), uniform(family="flux"))
+    apply(wan(), uniform(family="wan"))
+    apply(wan(), uniform(family=None))
+    with pytest.raises(ValueError, match="already went through 'Apply DPCache'"):
+        apply(apply(flux(), uniform()), uniform())
+    with pytest.raises(ValueError, match="must come from a DPCache Schedule"):
+        apply(flux(), [0, 1, 2])
+
+
+def test_controlnet_forces_full_compute():
+    model = flux()
+    control = torch.full((1, F.IMG, F.HIDDEN), 0.01)
+    ref = F.sample(model, cfg=1.0, control=control)
+    reset_calls(model)
+    out = F.sample(apply(model, uniform(3)), cfg=1.0, control=control)
+    assert all(torch.equal(a, b) for a, b in zip(ref, out))
+    assert model.dm.single_blocks[0].calls == STEPS
+
+
+def test_context_windows_refused():
+    with pytest.raises(ValueError, match="context windows"):
+        F.sample(apply(wan(), uniform()), context_handler=True)
+
+
+def test_new_conditioning_at_a_skipped_step_is_computed():
+    """A stream never seen at a key evaluation (e.g. a conditioning with a timestep range) is computed."""
+    import uuid as uuidlib
+    model = wan()
+    patched = apply(model, uniform(3))
+    late = {"uuid": uuidlib.uuid4(), "control": None}
+    runs = []
+    original = hooks.ApplyRun.begin_call
+
+    def begin_call(self, args):
+        if self.cache.index == 5 and late["uuid"] not in args["transformer_options"]["uuids"]:
+            args["transformer_options"] = dict(args["transformer_options"], uuids=[late["uuid"]])
+        original(self, args)
+        runs.append(self)
+
+    hooks.ApplyRun.begin_call = begin_call
+    try:
+        F.sample(patched, cfg=1.0)
+    finally:
+        hooks.ApplyRun.begin_call = original
+    assert runs[-1].fallback_calls == 1
+
+
+def test_existing_block_replacement_is_chained():
+    model = flux()
+    seen = []
+
+    def other_patch(args, extra):
+        seen.append(1)
+        return extra["original_block"](args)
+
+    model.set_model_patch_replace(other_patch, "dit", "double_block", 0)
+    F.sample(apply(model, uniform(4)), cfg=1.0)
+    assert len(seen) == 4  # called at the key evaluations only
+
+
+def test_calibrate_accumulates_resets_and_checks(tmp_path, monkeypatch):
+    import nodes.dpcache_nodes as nd
+    monkeypatch.setattr(nd, "calibration_folder", lambda: str(tmp_path))
+    path = os.path.join(tmp_path, "t.safetensors")
+    model = flux()
+    (calib,) = DPCacheCalibrate().calibrate(model, "t", 2, False)
+    F.sample(calib, cfg=2.0)
+    F.sample(calib, cfg=2.0)
+    acc, meta = load_pact(path)
+    assert acc.samples == 2 and meta["num_evals"] == STEPS and meta["model_family"] == "flux"
+    assert meta["sampler"] == "euler" and meta["order"] == 2
+    # an interrupted run adds nothing and leaves the file as it was
+    before = open(path, "rb").read()
+    with pytest.raises(KeyboardInterrupt):
+        F.sample(calib, interrupt_at=3)
+    assert open(path, "rb").read() == before and os.listdir(tmp_path) == ["t.safetensors"]
+    # another T: refused before sampling, with what to do
+    with pytest.raises(ValueError, match="T=10 evaluations.*this run is flux, T=6.*new pact_name.*reset"):
+        F.sample(calib, steps=6)
+    # another family
+    (calib_wan,) = DPCacheCalibrate().calibrate(wan(), "t", 2, False)
+    with pytest.raises(ValueError, match="model family flux.*this run is wan"):
+        F.sample(calib_wan)
+    # reset: the next finished run starts afresh, later ones accumulate again
+    (calib_reset,) = DPCacheCalibrate().calibrate(wan(), "t", 2, True)
+    F.sample(calib_reset, steps=6)
+    assert load_pact(path)[0].samples == 1 and load_pact(path)[1]["model_family"] == "wan"
+    F.sample(calib_reset, steps=6)
+    assert load_pact(path)[0].samples == 2
+
+
+@pytest.mark.parametrize("name", ["../evil", "a/b", "", " ", ".hidden", "x" * 200])
+def test_calibrate_rejects_unsafe_names(name):
+    with pytest.raises(ValueError, match="not a plain file name"):
+        DPCacheCalibrate().calibrate(flux(), name, 2, False)
+
+
+def test_calibrate_records_separate_streams_and_builds_a_pact(tmp_path, monkeypatch):
+    import nodes.dpcache_nodes as nd
+    monkeypatch.setattr(nd, "calibration_folder", lambda: str(tmp_path))
+    (calib,) = DPCacheCalibrate().calibrate(wan(), "w.safetensors", 1, False)
+    F.sample(calib, cfg=2.0, split=True, batch=2)
+    acc, meta = load_pact(os.path.join(tmp_path, "w.safetensors"))
+    assert acc.samples == 1 and meta["order"] == 1
+    assert torch.isfinite(torch.from_numpy(acc.mean())).any()
