@@ -153,7 +153,7 @@ def sample(patcher, steps=10, cfg=2.0, batch=1, split=False, sampler="euler", ev
     if streams is not None:
         chunks = streams
     guider = SimpleNamespace(model_patcher=patcher, conds={"positive": [cond], "negative": [uncond]})
-    guider.model_options = copy.deepcopy({k: v for k, v in patcher.model_options.items()})
+    guider.model_options = copy.deepcopy(patcher.model_options)
     if context_handler:
         guider.model_options["context_handler"] = object()
     g = torch.Generator().manual_seed(0)
@@ -165,8 +165,7 @@ def sample(patcher, steps=10, cfg=2.0, batch=1, split=False, sampler="euler", ev
         to = dict(model_options["transformer_options"])
         to.update(cond_or_uncond=[c for c, _ in parts], uuids=[p["uuid"] for _, p in parts], sigmas=sigma)
         n = len(parts)
-        ctl = control if control is not None else None
-        return dm(x.repeat(n, 1, 1), txt.repeat(n, 1, 1), sigma.repeat(n * batch), to, ctl)
+        return dm(x.repeat(n, 1, 1), txt.repeat(n, 1, 1), sigma.repeat(n * batch), to, control)
 
     def predict_noise(x, sigma, model_options, seed):
         if split:
@@ -190,6 +189,5 @@ def sample(patcher, steps=10, cfg=2.0, batch=1, split=False, sampler="euler", ev
 
     Executor(outer_sample, guider, patcher.wrappers.get("outer_sample", []))(
         x0, x0 * 0, FakeSampler(sampler, evals_per_step), sigmas, None, None, True, 0)
-    guider.model_options_after = guider.model_options
     sample.last_guider = guider
     return outputs
