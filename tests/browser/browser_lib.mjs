@@ -66,7 +66,7 @@ export async function openComfy(context, url, { vueNodes = false } = {}) {
   } else {
     await fetch(url + "/api/settings/Comfy.VueNodes.Enabled", { method: "POST", body: "false" });
   }
-  for (const [k, v] of [["Comfy.TutorialCompleted", true], ["Comfy.Minimap.Visible", false]]) {
+  for (const [k, v] of [["Comfy.TutorialCompleted", true], ["Comfy.Minimap.Visible", false], ["Comfy.Graph.CanvasInfo", false]]) {
     await fetch(url + "/api/settings/" + k, { method: "POST", body: JSON.stringify(v) });
   }
   await page.goto(url + "/", { waitUntil: "domcontentloaded" });

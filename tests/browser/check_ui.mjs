@@ -33,11 +33,11 @@ function summary(wf) {
   };
 }
 
-async function loadWorkflow(page, wf) {
-  await page.evaluate(async (w) => {
+async function loadWorkflow(page, wf, name) {
+  await page.evaluate(async ([w, name]) => {
     const app = window.comfyAPI.app.app;
-    await app.loadGraphData(structuredClone(w), true, true, null);
-  }, wf);
+    await app.loadGraphData(structuredClone(w), true, true, name);
+  }, [wf, name]);
   await page.waitForTimeout(800);
 }
 
@@ -136,7 +136,7 @@ async function main() {
     for (const file of a.workflows) {
       const wf = JSON.parse(readFileSync(file, "utf8"));
       const name = basename(file, ".json");
-      await loadWorkflow(page, wf);
+      await loadWorkflow(page, wf, name);
       const back = await page.evaluate(() => window.comfyAPI.app.app.graph.serialize());
       const prompt = await page.evaluate(async () => (await window.comfyAPI.app.app.graphToPrompt()).output);
       const same = JSON.stringify(summary(back)) === JSON.stringify(summary(wf));

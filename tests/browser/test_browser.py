@@ -84,15 +84,15 @@ def showcase_spec(pact):
                 {"size": [280, 130]}],
         "sched": ["DPCacheSchedule", [330, 60], {"pact": pact, "key_steps": 13, "first_full_steps": 3,
                                                  "last_full_steps": 0, "total_evaluations": 50, "manual_key_steps": ""},
-                  {"size": [300, 230]}],
+                  {"size": [380, 250]}],
         "apply": ["DPCacheApply", [20, 390], {}, {"size": [280, 60]}],
-        "pic": ["PreviewImage", [660, 60], {}, {"title": "DPCache schedule picture", "size": [440, 470]}],
+        "pic": ["PreviewImage", [740, 60], {}, {"title": "DPCache schedule picture", "size": [440, 470]}],
         "pos": ["HarnessRandomConditioning", [20, 700], {"seed": 1, "family": "flux"}],
         "neg": ["ConditioningZeroOut", [20, 950], {}],
         "lat": ["HarnessEmptyLatent", [330, 700], {"family": "flux", "width": 128, "height": 128}],
-        "ks": ["KSampler", [1150, 60], {"seed": 7, "control_after_generate": "fixed", "steps": 50, "cfg": 1.0,
+        "ks": ["KSampler", [1230, 60], {"seed": 7, "control_after_generate": "fixed", "steps": 50, "cfg": 1.0,
                                         "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}],
-        "stats": ["HarnessLatentStats", [1150, 400], {"label": "showcase"}],
+        "stats": ["HarnessLatentStats", [1230, 400], {"label": "showcase"}],
     }
     links = [["unet", 0, "cal", "model"], ["unet", 0, "apply", "model"], ["sched", 0, "apply", "schedule"],
              ["sched", 1, "pic", "images"], ["apply", 0, "ks", "model"], ["pos", 0, "ks", "positive"],
@@ -144,6 +144,9 @@ def test_classic_canvas(server, tmp_path):
         sc = res["showcase"]
         assert sc["error"] is None, sc["error"]
         print("showcase:", json.dumps(sc))
+        # the extension's timeline appears once the Schedule node sends ui["dpcache_schedule"]
+        for t in sc["timeline"]:
+            assert t["numEvals"] == 50 and len(t["keySteps"]) == 13, t
     keep = os.environ.get("DPCACHE_SCREENSHOTS")
     if keep:
         save_small(res["screenshots"], keep)
