@@ -4,7 +4,6 @@ from __future__ import annotations
 import logging
 import os
 
-import numpy as np
 import torch
 
 from . import hooks
@@ -86,43 +85,25 @@ def check_schedule(schedule):
 # Preview picture
 
 
-def placeholder_picture(num_evals: int, key_steps, cost=None) -> np.ndarray:
-    """A plain timeline (used when dpcache_core.picture is absent): one column per evaluation,
-    key steps bright, skipped ones dark; above it, the PACT's mean first-order cost if given."""
-    cell, height = max(4, 512 // max(num_evals, 1)), 48
-    img = np.full((height + 16, cell * num_evals, 3), 24, np.uint8)
-    keys = set(key_steps)
-    for t in range(num_evals):
-        colour = (240, 160, 40) if t in keys else (70, 70, 90)
-        img[16:, t * cell + 1:(t + 1) * cell - 1] = colour
-    if cost is not None:
-        diag = np.array([cost[max(t - 1, 0), t, min(t + 1, num_evals)] for t in range(num_evals)], dtype=np.float64)
-        finite = np.isfinite(diag)
-        if finite.any():
-            top = diag[finite].max() or 1.0
-            for t in range(num_evals):
-                if finite[t]:
-                    h = int(round(14 * diag[t] / top))
-                    img[15 - h:15, t * cell + 1:(t + 1) * cell - 1] = (120, 200, 255)
-    return img
-
-
 def render_preview(schedule, cost=None) -> torch.Tensor:
     """IMAGE [1, H, W, 3] in 0..1: the PACT heatmap with the path, or a timeline without a PACT."""
     keys = list(schedule.key_steps)
-    try:
-        try:
-            from ..dpcache_core import picture
-        except ImportError:
-            from dpcache_core import picture
-        if cost is not None:
-            arr = picture.render_pact_path(cost, keys)
-        else:
-            arr = picture.render_timeline(schedule.num_evals, keys)
-    except (ImportError, AttributeError):
-        arr = placeholder_picture(schedule.num_evals, keys, cost)
-    arr = np.ascontiguousarray(np.asarray(arr, dtype=np.uint8)[..., :3])
-    return torch.from_numpy(arr).float().div(255.0).unsqueeze(0)
+    if cost is not None:
+        arr = core.render_pact_path(cost, keys, title=schedule.source)
+    else:
+        arr = core.render_timeline(schedule.num_evals, keys, title=schedule.source)
+    return core.to_comfy_image(arr)
+
+
+def schedule_ui(schedule) -> dict:
+    """The schedule as plain JSON for the frontend extension (ui key "dpcache_schedule")."""
+    return {
+        "key_steps": list(schedule.key_steps),
+        "num_evals": schedule.num_evals,
+        "ideal_speedup": round(schedule.ideal_speedup, 4),
+        "source": schedule.source,
+        "cost": schedule.cost,
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -208,7 +189,7 @@ class DPCacheSchedule:
         )
         log.info("DPCache Schedule (%s): %s", sched.source, text)
         hooks.send_text(text, unique_id)
-        return {"ui": {"text": [text]}, "result": (sched, render_preview(sched, cost))}
+        return {"ui": {"text": [text], "dpcache_schedule": [schedule_ui(sched)]}, "result": (sched, render_preview(sched, cost))}
 
 
 def make_schedule(pact, key_steps, first_full_steps=3, last_full_steps=0, total_evaluations=50, manual_key_steps=""):
@@ -268,8 +249,8 @@ class DPCacheApply:
             )
         m = model.clone()
         hooks.install(m, info, hooks.ApplyHook(schedule, info.family, unique_id), "Apply DPCache")
-        log.info("Apply DPCache: %s; %s", info.detail, schedule.describe() if hasattr(schedule, "describe") else schedule.key_steps)
-        return (m,)
+        log.info("Apply DPCache: %s; %s", info.detail, schedule.describe())
+        return {"ui": {"dpcache_schedule": [schedule_ui(schedule)]}, "result": (m,)}
 
 
 register_folder()

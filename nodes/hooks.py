@@ -310,6 +310,17 @@ def send_text(text: str, node_id) -> None:
         pass
 
 
+def send_event(event: str, data: dict) -> None:
+    """A websocket event for the frontend extension (guarded like ``send_text``)."""
+    try:
+        from server import PromptServer
+
+        if PromptServer.instance is not None:
+            PromptServer.instance.send_sync(event, data)
+    except Exception:  # pragma: no cover - UI feedback is best effort
+        pass
+
+
 def options_with_run(options: dict, run) -> dict:
     """A copy of the guider's model_options carrying ``run`` (the original is restored afterwards)."""
     new = dict(options)
@@ -382,6 +393,9 @@ class ApplyHook:
         line = run.summary()
         log.info(line)
         send_text(line, self.node_id)
+        if self.node_id is not None:
+            send_event("dpcache.run", {"node": str(self.node_id), "computed": run.cache.computed,
+                                       "skipped": run.cache.skipped, "num_evals": run.evaluations, "summary": line})
         if run.evaluations != self.schedule.num_evals:
             raise ScheduleMismatchError(mismatch_message(run.evaluations, self.schedule.num_evals))
 

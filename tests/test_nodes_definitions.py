@@ -118,6 +118,16 @@ def test_schedule_from_a_pact_file(shipped):
         run_schedule(pact="bad.safetensors", key_steps=5)
 
 
-def test_placeholder_picture_without_picture_module():
-    img = nd.placeholder_picture(20, [0, 1, 2, 7], np.ones((20, 21, 21)))
-    assert img.dtype == np.uint8 and img.shape[2] == 3 and img.shape[1] >= 20
+def test_schedule_and_apply_send_the_schedule_to_the_frontend():
+    import json
+
+    out = nd.DPCacheSchedule().schedule(pact="(uniform)", key_steps=13, first_full_steps=3, last_full_steps=0,
+                                        total_evaluations=50, manual_key_steps="")
+    (info,) = out["ui"]["dpcache_schedule"]
+    assert info == {"key_steps": list(out["result"][0].key_steps), "num_evals": 50, "ideal_speedup": 3.8462,
+                    "source": "uniform", "cost": None}
+    json.dumps(out["ui"])  # plain JSON for the websocket
+    from nodes_fakes import FakePatcher, Flux
+
+    applied = nd.DPCacheApply().apply(FakePatcher(Flux()), out["result"][0])
+    assert applied["ui"]["dpcache_schedule"] == [info]

@@ -29,7 +29,7 @@ def uniform(k=5, t=STEPS, family=None):
 
 
 def apply(model, sched):
-    return DPCacheApply().apply(model, sched)[0]
+    return DPCacheApply().apply(model, sched)["result"][0]
 
 
 def block_calls(model):

@@ -25,7 +25,7 @@ def uniform(host, num_keys=K, num_evals=STEPS):
 
 def apply(model, sched):
     import nodes
-    (patched,) = nodes.NODE_CLASS_MAPPINGS["DPCacheApply"]().apply(model, sched)
+    (patched,) = nodes.NODE_CLASS_MAPPINGS["DPCacheApply"]().apply(model, sched)["result"]
     return patched
 
 
