@@ -51,6 +51,16 @@ def allowed_hops(num_evals: int, mandatory: list[int], max_hop: int) -> np.ndarr
     return (d > c) & (d - c <= max_hop) & (d <= next_mandatory[:, None])
 
 
+def prepare(cost, num_keys, first_full_steps, last_full_steps, max_hop):
+    """Checked inputs of a DP: (cost, mandatory steps, hop cap, allowed[c, d] hops)."""
+    cost = check_cost(cost)
+    num_evals = cost.shape[0]
+    mandatory = mandatory_steps(num_evals, first_full_steps, last_full_steps)
+    check_budget(num_evals, num_keys, mandatory)
+    hop = max_hop or default_max_gap(num_evals)
+    return cost, mandatory, hop, allowed_hops(num_evals, mandatory, hop)
+
+
 def solve_schedule(cost, num_keys: int, first_full_steps: int = 3, last_full_steps: int = 0, max_hop: int | None = None) -> list[int]:
     """The K key steps of least ``path_cost``, solved exactly over (previous key, current key) pairs.
 
@@ -58,12 +68,8 @@ def solve_schedule(cost, num_keys: int, first_full_steps: int = 3, last_full_ste
     (default max(int(0.3 T), 1)) and skips no mandatory step. Raises ``ValueError`` when no
     finite schedule exists.
     """
-    cost = check_cost(cost)
+    cost, mandatory, hop, allowed = prepare(cost, num_keys, first_full_steps, last_full_steps, max_hop)
     num_evals = cost.shape[0]
-    mandatory = mandatory_steps(num_evals, first_full_steps, last_full_steps)
-    check_budget(num_evals, num_keys, mandatory)
-    hop = max_hop or default_max_gap(num_evals)
-    allowed = allowed_hops(num_evals, mandatory, hop)
     step_cost = np.where(allowed[None], cost[:, :num_evals, :], np.inf)  # [prev, cur, next]
     # best[p, c]: least cost of a partial schedule whose last two keys are p, c (p = 0 for the first key).
     best = np.full((num_evals, num_evals), np.inf)
@@ -93,12 +99,8 @@ def solve_schedule_reference(cost, num_keys: int, first_full_steps: int = 3, las
     It keeps, per (key count, step), only the best predecessor and uses that as the anchor of the
     next hop (and the step before when both are mandatory), so it can miss the optimum.
     """
-    cost = check_cost(cost)
+    cost, mandatory, hop, allowed = prepare(cost, num_keys, first_full_steps, last_full_steps, max_hop)
     num_evals = cost.shape[0]
-    mandatory = mandatory_steps(num_evals, first_full_steps, last_full_steps)
-    check_budget(num_evals, num_keys, mandatory)
-    hop = max_hop or default_max_gap(num_evals)
-    allowed = allowed_hops(num_evals, mandatory, hop)
     is_mandatory = np.zeros(num_evals + 1, dtype=bool)
     is_mandatory[mandatory + [num_evals]] = True
     best = np.full((num_keys + 1, num_evals + 1), np.inf)
