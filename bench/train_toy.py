@@ -1,14 +1,14 @@
 """Train the built-in FLUX-like toy DiT on procedurally drawn coloured shapes (nothing downloaded).
 
     python -m bench.train_toy                # ~12 min (one torch thread, Xeon 2.1 GHz); weights + sample grid
-    python -m bench.train_toy --steps 50 --out bench/cache/smoke.safetensors   # quick smoke run
+    python -m bench.train_toy --steps 50 --out bench/cache/smoke.safetensors --grid ''  # smoke run
 
 Dataset: 32x32 RGB images in [-1, 1], one shape (circle, square, triangle, cross) in one colour
 (red, green, blue, yellow) at a random position and size on a random dull background; class id =
 shape * 4 + colour (16 classes). Every batch is drawn from a generator seeded by (seed, step), so the
 run is deterministic. Objective: rectified flow, v = noise - x0 at x = (1 - s) x0 + s noise, with
-logit-normal s (mean 0.5: a little towards noise) and 10% label dropout (the empty prompt, for optional guidance). The saved weights
-are an exponential moving average, stored as float16 safetensors (< 5 MB) with the config and
+logit-normal s (mean 0.5: a little towards noise) and 10% label dropout (the empty prompt, for
+optional guidance). The saved weights are an exponential moving average, stored as float16 safetensors (< 5 MB) with the config and
 training settings in the metadata.
 """
 from __future__ import annotations
