@@ -1,0 +1,71 @@
+"""Fast checks of the benchmark helpers: dataset, PNG writer, threshold baseline, cached sampling."""
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+from bench.baselines import count_full, threshold_sample, tune_threshold
+from bench.common import cached_sample, held_out_prompts, calibration_prompts, psnr, rel_l1
+from bench.pngio import grid, write_png
+from bench.train_toy import draw_shapes
+from dpcache_core import toy_model as tm
+
+SMALL = dict(tm.TOY_FLUX, hidden=32, heads=2, depth_double=1, depth_single=1, image_size=16)
+
+
+def test_draw_shapes_is_seeded_and_in_range():
+    a, la = draw_shapes(np.random.default_rng([0, 5]), 8)
+    b, lb = draw_shapes(np.random.default_rng([0, 5]), 8)
+    assert a.shape == (8, 3, 32, 32) and torch.equal(a, b) and torch.equal(la, lb)
+    assert a.min() >= -1 and a.max() <= 1 and 0 <= la.min() and la.max() < len(tm.CLASS_NAMES)
+
+
+def test_png_roundtrip(tmp_path):
+    img = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    path = tmp_path / "x.png"
+    write_png(str(path), img)
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    w, h = struct.unpack(">II", data[16:24])
+    assert (w, h) == (7, 5)
+    idat = data[data.index(b"IDAT") + 4:data.index(b"IEND") - 8]
+    raw = np.frombuffer(zlib.decompress(idat), np.uint8).reshape(5, 1 + 7 * 3)
+    assert (raw[:, 0] == 0).all() and np.array_equal(raw[:, 1:].reshape(5, 7, 3), img)
+    assert grid(np.stack([img] * 3), cols=2, scale=2).shape == (2 * 12 + 2, 2 * 16 + 2, 3)
+
+
+def test_prompts_are_disjoint():
+    assert not set(calibration_prompts(10)) & set(held_out_prompts(16))
+
+
+def test_threshold_counting_and_tuning():
+    d = [0.0] + [0.1] * 19
+    assert count_full(d, 0.0) == 20 and count_full(d, 1e9) == 3
+    assert count_full(d, 0.25) == 3 + 17 // 3
+    thr = tune_threshold([d], 8)
+    assert count_full(d, thr) == 8
+
+
+def test_threshold_sample_extremes_and_cached_sample():
+    model = tm.build_model(SMALL)
+    noise = tm.make_noise(SMALL, 0)
+    full = tm.sample(model, noise, 1, 8)
+    out, n = threshold_sample(model, noise, torch.tensor([1]), 8, 0.0)
+    assert n == 8 and torch.equal(out, full)
+    model.block_calls = 0
+    out, n = threshold_sample(model, noise, torch.tensor([1]), 8, 1e9, predictor="residual")
+    assert n == 3 and model.block_calls == 3 * 2
+    same, run = cached_sample(model, noise, 1, list(range(8)), 8)
+    assert torch.equal(same, full) and run.computed == 8
+    fast, run = cached_sample(model, noise, 1, [0, 1, 2, 5], 8)
+    assert run.computed == 4 and run.skipped == 4
+    assert psnr(fast, full)[0] > 20 and 0 < rel_l1(fast, full)[0] < 0.2
+    assert np.isinf(psnr(full, full)[0])
+
+
+@pytest.mark.parametrize("name", ["quality", "speed", "memory", "core_speed"])
+def test_bench_commands_import(name):
+    mod = __import__(f"bench.{name}", fromlist=["main"])
+    assert callable(mod.main) and mod.__doc__
