@@ -109,6 +109,7 @@ class TrajectoryRecorder:
         self.index = -1
         self.trajectories: dict[Hashable, list[torch.Tensor]] = {}
         self.incomplete: set[Hashable] = set()
+        self.source_device: torch.device | None = None
 
     @property
     def num_evals(self) -> int:
@@ -123,6 +124,7 @@ class TrajectoryRecorder:
         if len(trajectory) != self.index:  # the stream missed an evaluation or came twice: unusable
             self.incomplete.add(stream)
             return
+        self.source_device = feature.device
         device = self.storage_device or feature.device
         trajectory.append(feature.detach().to(device=device, dtype=torch.float32, copy=True))
 
@@ -137,7 +139,12 @@ class TrajectoryRecorder:
         progress: Callable[[int, int], None] | None = None,
         device: str | torch.device | None = None,
     ) -> np.ndarray:
-        """One PACT sample: the mean of the complete streams' PACTs (built on ``device`` if given)."""
+        """One PACT sample: the mean of the complete streams' PACTs.
+
+        Built on ``device``, by default the device the features came from (the GPU in ComfyUI:
+        the build reads every feature about T x 0.3 T times, far too slow on a CPU at FLUX size).
+        """
+        device = device or self.source_device
         streams = self.complete_streams()
         if not streams:
             raise ValueError("no stream was recorded at every evaluation: nothing to calibrate from")

@@ -30,7 +30,8 @@ class TaylorPredictor:
     ``derivatives_after``: the reference only refreshes derivative factors at key steps
     ``s > derivatives_after`` (it passes ``first_full_steps - 2``); ``None`` always refreshes.
 
-    Features are kept as detached float32 copies; tensors passed in are never written to.
+    The feature is kept as a detached copy (16-bit features stay 16-bit, others become float32),
+    derivative factors in float32; tensors passed in are never written to.
     """
 
     def __init__(self, order: int = 2, scheme: str = "exact", derivatives_after: int | None = None):
@@ -55,12 +56,16 @@ class TaylorPredictor:
         step = float(step)
         if self.steps and step <= self.steps[0]:
             raise ValueError(f"key steps must increase: got {step} after {self.steps[0]}")
-        new = [feature.detach().to(torch.float32, copy=True)]
+        feature = feature.detach()
+        # The feature itself is kept losslessly in its own dtype (bf16 on a GPU: half the memory);
+        # differences are taken and kept in float32.
+        keep = feature.dtype if feature.dtype in (torch.float16, torch.bfloat16) else torch.float32
+        new = [feature.to(keep, copy=True)]
         refresh = self.derivatives_after is None or step > self.derivatives_after
         if refresh:
             for n in range(min(self.order, len(self.factors))):
                 span = step - (self.steps[n] if self.scheme == "exact" else self.steps[0])
-                new.append((new[n] - self.factors[n]) / span)
+                new.append((new[n].float() - self.factors[n].float()) / span)
         self.factors = new
         self.steps = ([step] + self.steps)[: self.order + 1]
 
@@ -80,7 +85,7 @@ class TaylorPredictor:
     def predict(self, step: float) -> torch.Tensor:
         """The predicted feature at ``step`` (a new float32 tensor)."""
         weights = self.coefficients(step)
-        out = self.factors[0].clone()
+        out = self.factors[0].to(torch.float32, copy=True)
         for w, factor in zip(weights[1:], self.factors[1:]):
             out.add_(factor, alpha=w)
         return out

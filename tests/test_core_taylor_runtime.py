@@ -130,3 +130,32 @@ def test_recorder_builds_the_mean_of_complete_streams():
     recorder.close()
     with pytest.raises(ValueError, match="no stream was recorded at every evaluation"):
         recorder.build_sample()
+
+
+def test_16_bit_features_are_kept_in_16_bit_and_derivatives_in_float32():
+    f = lambda t: torch.linspace(0, 1, 1000) * (1 + 0.1 * t)  # noqa: E731
+    half = TaylorPredictor(1, scheme="reference")
+    full = TaylorPredictor(1, scheme="reference")
+    for step in (0, 4):
+        half.update(step, f(step).bfloat16())
+        full.update(step, f(step).bfloat16().float())
+    assert half.factors[0].dtype == torch.bfloat16 and half.factors[1].dtype == torch.float32
+    assert half.nbytes() == 1000 * (2 + 4)  # vs 1000 * 8 all in float32
+    out = half.predict(9)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, full.predict(9))  # keeping the bf16 value loses nothing
+
+
+def test_recorder_builds_on_the_device_the_features_came_from(monkeypatch):
+    import dpcache_core.runtime as runtime
+
+    seen = []
+    real = runtime.build_pact
+    monkeypatch.setattr(runtime, "build_pact", lambda feats, **kw: real([seen.append(f.device) or f for f in feats], **kw))
+    recorder = TrajectoryRecorder(storage_device="cpu")
+    for t in range(6):
+        recorder.start_evaluation()
+        recorder.record("cond", torch.full((3,), float(t)))
+    assert recorder.source_device == torch.device("cpu")
+    recorder.build_sample()
+    assert seen and all(d == torch.device("cpu") for d in seen)
