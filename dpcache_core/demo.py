@@ -79,7 +79,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--first-full-steps", type=int, default=3)
     parser.add_argument("--calibration-prompts", type=int, default=4)
     parser.add_argument("--test-prompts", type=int, default=4, help="held-out prompts for speed and fidelity")
-    parser.add_argument("--order", type=int, default=2, help="Taylor order")
+    parser.add_argument("--order", type=int, default=1, help="Taylor order (1: the PACT models the run-time predictor exactly; see BENCHMARKS.md)")
     parser.add_argument("--repeats", type=int, default=3, help="timed full/accelerated pairs per test prompt")
     parser.add_argument("--shift", type=float, default=3.0, help="sigma shift of the sampler")
     parser.add_argument("--model", choices=["builtin", "bench"], default="builtin",

@@ -128,7 +128,7 @@ class DPCacheCalibrate:
             "required": {
                 "model": ("MODEL", {"tooltip": "A FLUX.1 or Wan2.1 (T2V/I2V) model. It is cloned; the input stays untouched."}),
                 "pact_name": ("STRING", {"default": "flux_dev_euler_50", "tooltip": "File name in models/dpcache/ (letters, digits, . _ -). Samples accumulate there across queued prompts."}),
-                "order": ("INT", {"default": 2, "min": 1, "max": 3, "tooltip": "Taylor order the PACT is built for (2 as in the paper). Must match the file's order."}),
+                "order": ("INT", {"default": 1, "min": 1, "max": 3, "tooltip": "Taylor order of the predictor the PACT is built for. 1: the PACT measures exactly the run-time prediction, and the DP schedule won in our benchmarks; 2 is the paper's choice. Must match the file's order."}),
                 "reset": ("BOOLEAN", {"default": False, "tooltip": "Start the file afresh on the next finished run (its old samples are dropped); later runs accumulate again."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
