@@ -205,12 +205,8 @@ def server():
     comfy, why = comfy_paths()
     if comfy is None:
         pytest.skip(why)
-    srv = ComfyServer(port=8199)
-    try:
-        srv.start()
+    with ComfyServer(port=8199) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="module")

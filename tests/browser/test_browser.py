@@ -52,12 +52,8 @@ def server():
     why = skip_reason()
     if why:
         pytest.skip(why)
-    srv = ComfyServer(port=8199)
-    try:
-        srv.start()
+    with ComfyServer(port=8199) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def check_ui(server, out, *extra):
