@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from dpcache_core import TaylorPredictor
-from dpcache_core import toy_model
-from dpcache_core.toy_model import modulate
+from dpcache_demo import toy_model
+from dpcache_demo.toy_model import modulate
 
 from .common import SHIFT
 

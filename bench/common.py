@@ -10,8 +10,8 @@ import numpy as np
 import torch
 
 from dpcache_core import PactAccumulator, Schedule, TrajectoryRecorder
-from dpcache_core import toy_model
-from dpcache_core.demo import accelerated_sample
+from dpcache_demo import toy_model
+from dpcache_demo.demo import accelerated_sample
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 SHIFT = 3.0

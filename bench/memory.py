@@ -15,7 +15,8 @@ import argparse
 
 import torch
 
-from dpcache_core import Schedule, toy_model, uniform_key_steps
+from dpcache_core import Schedule, uniform_key_steps
+from dpcache_demo import toy_model
 from dpcache_core.runtime import CacheRun
 
 from .common import SHIFT, machine, md_table, setup, write_result

@@ -19,7 +19,8 @@ import time
 
 import torch
 
-from dpcache_core import CacheRun, Schedule, toy_model, uniform_key_steps
+from dpcache_core import CacheRun, Schedule, uniform_key_steps
+from dpcache_demo import toy_model
 
 from .common import RESULTS, SHIFT, cached_sample, machine, md_table, pyplot, setup, write_result
 

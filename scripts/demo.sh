@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh
-exec "${DPCACHE_VENV:-.venv}/bin/python" -m dpcache_core.demo "$@"
+exec "${DPCACHE_VENV:-.venv}/bin/python" -m dpcache_demo.demo "$@"

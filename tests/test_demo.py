@@ -2,7 +2,7 @@
 import os
 
 from dpcache_core import load_pact
-from dpcache_core.demo import main
+from dpcache_demo.demo import main
 
 
 def test_demo_end_to_end(tmp_path, capsys):

@@ -10,7 +10,7 @@ from bench.baselines import count_full, threshold_sample, tune_threshold
 from bench.common import cached_sample, held_out_prompts, calibration_prompts, psnr, rel_l1
 from bench.pngio import grid, write_png
 from bench.train_toy import draw_shapes
-from dpcache_core import toy_model as tm
+from dpcache_demo import toy_model as tm
 
 SMALL = dict(tm.TOY_FLUX, hidden=32, heads=2, depth_double=1, depth_single=1, image_size=16)
 

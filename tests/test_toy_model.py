@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from dpcache_core import toy_model as tm
+from dpcache_demo import toy_model as tm
 
 SMALL_FLUX = dict(tm.TOY_FLUX, hidden=32, heads=2, depth_double=1, depth_single=2, image_size=16)
 SMALL_WAN = dict(tm.TOY_WAN, hidden=32, heads=2, depth=2, image_size=16, frames=2)

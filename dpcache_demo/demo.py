@@ -1,6 +1,6 @@
 """The whole DPCache pipeline on the built-in model: calibrate -> PACT -> schedule -> accelerated run.
 
-    python -m dpcache_core.demo            # T=50, K=13, 4 calibration prompts, 4 held-out ones
+    python -m dpcache_demo.demo            # T=50, K=13, 4 calibration prompts, 4 held-out ones
 
 Prints evaluations computed, the wall-clock speed-up against the full run measured side by side
 in this process, and fidelity (PSNR, relative L1) of the final output; writes the PACT, a picture
@@ -18,10 +18,10 @@ import torch
 from tqdm import tqdm
 
 from . import toy_model
-from .pact import PactAccumulator
-from .runtime import CacheRun, TrajectoryRecorder
-from .schedule import Schedule, path_cost, solve_schedule
-from .store import save_pact
+from dpcache_core.pact import PactAccumulator
+from dpcache_core.runtime import CacheRun, TrajectoryRecorder
+from dpcache_core.schedule import Schedule, path_cost, solve_schedule
+from dpcache_core.store import save_pact
 
 
 def psnr(output: torch.Tensor, reference: torch.Tensor, data_range: float = 2.0) -> float:
@@ -125,7 +125,7 @@ def main(argv=None) -> dict:
                                "sampler": "euler", "resolution": [model.config["image_size"]] * 2})
     picture_path = os.path.join(args.out, "pact_schedule.png")
     images_path = os.path.join(args.out, "full_vs_dpcache.png")
-    from .picture import render_pact_path, write_png
+    from dpcache_core.picture import render_pact_path, write_png
 
     write_png(picture_path, render_pact_path(cost, keys))
     grid = np.concatenate([np.concatenate([toy_model.to_uint8(f)[0], toy_model.to_uint8(d)[0]], axis=0)
