@@ -1,5 +1,8 @@
 """ComfyUI-DPCache: DPCache (CVPR 2026) caching for FLUX and Wan2.1 in ComfyUI."""
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+if __package__:  # loaded by ComfyUI as a package (named after its folder, e.g. ComfyUI-DPCache)
+    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+else:  # imported as a plain module, e.g. by pytest from a folder whose name is no package name
+    NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = {}, {}
 
 WEB_DIRECTORY = "./web"
 
