@@ -101,13 +101,15 @@ class PactAccumulator:
         self.sums = np.zeros(shape, dtype=np.float64)
         self.counts = np.zeros(shape, dtype=np.int64)
         self.samples = 0
+        self.history_sums: np.ndarray | None = None  # optional history cost tensor (order >= 2)
+        self.history_counts: np.ndarray | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:
         return self.sums.shape
 
-    def add(self, cost: np.ndarray) -> None:
-        """Add one PACT sample."""
+    def add(self, cost: np.ndarray, history: np.ndarray | None = None) -> None:
+        """Add one PACT sample, and its history cost tensor (``dpcache_core.history``) if given."""
         cost = np.asarray(cost, dtype=np.float64)
         if cost.shape != self.shape:
             raise ValueError(
@@ -118,6 +120,36 @@ class PactAccumulator:
         self.sums[finite] += cost[finite]
         self.counts += finite
         self.samples += 1
+        if history is not None:
+            self.add_history(history)
+
+    def add_history(self, history: np.ndarray, counts: np.ndarray | None = None) -> None:
+        """Add one history cost tensor (or, with ``counts``, sums and counts accumulated elsewhere)."""
+        from .history import check_history
+
+        history, _, _ = check_history(history, self.num_evals)
+        if counts is None:
+            finite = np.isfinite(history)
+            history, counts = np.where(finite, history, 0.0), finite.astype(np.int64)
+        if self.history_sums is None:
+            self.history_sums = np.zeros(history.shape)
+            self.history_counts = np.zeros(history.shape, dtype=np.int64)
+        elif self.history_sums.shape != history.shape:
+            raise ValueError(
+                f"history cost tensor has shape {history.shape} but this PACT holds {self.history_sums.shape}; "
+                "calibrate with the same Taylor order"
+            )
+        self.history_sums += history
+        self.history_counts += counts
+
+    def history_mean(self) -> np.ndarray | None:
+        """The averaged history cost tensor (+inf where never seen), or None if the PACT has none."""
+        if self.history_sums is None:
+            return None
+        out = np.full(self.history_sums.shape, np.inf)
+        seen = self.history_counts > 0
+        out[seen] = self.history_sums[seen] / self.history_counts[seen]
+        return out
 
     def merge(self, other: "PactAccumulator") -> None:
         """Add every sample of ``other``."""
@@ -126,6 +158,8 @@ class PactAccumulator:
         self.sums += other.sums
         self.counts += other.counts
         self.samples += other.samples
+        if other.history_sums is not None:
+            self.add_history(other.history_sums, other.history_counts)
 
     def mean(self) -> np.ndarray:
         """The averaged cost tensor."""

@@ -7,9 +7,10 @@ from typing import Callable, Hashable
 import numpy as np
 import torch
 
+from .history import build_history
 from .pact import PactAccumulator, build_pact
 from .schedule import Schedule
-from .taylor import TaylorPredictor
+from .taylor import TaylorPredictor, derivatives_after_for
 
 
 class ScheduleMismatchError(ValueError):
@@ -39,7 +40,7 @@ class CacheRun:
         self.skipped = 0
         self.forced = 0
         self.predictors: dict[Hashable, TaylorPredictor] = {}
-        self.derivatives_after = schedule.first_full_steps - 2 if schedule.scheme == "reference" else None
+        self.derivatives_after = derivatives_after_for(schedule.scheme, schedule.first_full_steps)
         self.started = time.perf_counter()
 
     def start_evaluation(self) -> bool:
@@ -157,6 +158,32 @@ class TrajectoryRecorder:
                 report = lambda done, total, n=n: progress(n * steps_per_stream + done, len(streams) * steps_per_stream)  # noqa: E731
             acc.add(build_pact(features, order=order, scheme=scheme, progress=report))
         return acc.mean()
+
+    def trajectory(self, stream: Hashable) -> torch.Tensor:
+        """``stream``'s recording as a (T, N) float32 matrix, row t the flattened feature at evaluation t."""
+        return torch.stack([f.reshape(-1) for f in self.trajectories[stream]])
+
+    def build_history_sample(
+        self,
+        order: int = 2,
+        scheme: str = "reference",
+        progress: Callable[[int, int], None] | None = None,
+        device: str | torch.device | None = None,
+    ) -> np.ndarray:
+        """One history cost tensor sample (``dpcache_core.history``): the mean over the complete streams."""
+        device = device or self.source_device
+        streams = self.complete_streams()
+        if not streams:
+            raise ValueError("no stream was recorded at every evaluation: nothing to calibrate from")
+        total = None
+        for n, stream in enumerate(streams):
+            report = None
+            if progress is not None:
+                report = lambda done, count, n=n: progress(n * count + done, len(streams) * count)  # noqa: E731
+            trajectory = self.trajectory(stream)
+            history = build_history(trajectory.to(device) if device is not None else trajectory, order, scheme, progress=report)
+            total = history if total is None else total + history
+        return total / len(streams)
 
     def close(self) -> None:
         self.trajectories.clear()

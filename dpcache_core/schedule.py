@@ -6,8 +6,22 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .history import check_history
 from .pact import default_max_gap
-from .taylor import check_scheme
+from .taylor import check_scheme, derivatives_after_for
+
+# How a PACT's hop cost C[a, i, j] is read (DESIGN §2, issue 11):
+# "reference": the paper's cost, prediction error at t = i+1 .. j, so it counts the next key j
+#   although j is computed at run time (a schedule of every step still costs something);
+# "skip": only the evaluations actually skipped, t = i+1 .. j-1 (C'[a, i, j] = C[a, i, j-1]),
+#   the hop to the sentinel T unchanged. Derived from the stored reference tensor; no new calibration.
+CONVENTIONS = ("reference", "skip")
+
+
+def check_convention(convention: str) -> str:
+    if convention not in CONVENTIONS:
+        raise ValueError(f"unknown cost convention {convention!r}: use one of {', '.join(CONVENTIONS)}")
+    return convention
 
 
 def check_cost(cost) -> np.ndarray:
@@ -16,6 +30,29 @@ def check_cost(cost) -> np.ndarray:
     if cost.ndim != 3 or cost.shape[1] != cost.shape[0] + 1 or cost.shape[2] != cost.shape[0] + 1:
         raise ValueError(f"a PACT must have shape (T, T+1, T+1), got {cost.shape}")
     return cost
+
+
+def skip_only_cost(cost) -> np.ndarray:
+    """The "skip" reading of a reference-convention PACT: C'[a, i, j] = C[a, i, j-1] for j < T.
+
+    C'[a, i, i+1] = 0 (nothing skipped), C'[a, i, T] = C[a, i, T] (the sentinel hop is unchanged);
+    entries the reference leaves undefined (+inf) stay undefined.
+    """
+    cost = check_cost(cost)
+    num_evals = cost.shape[0]
+    out = np.full_like(cost, np.inf)
+    out[:, :, 1:num_evals] = cost[:, :, : num_evals - 1]
+    steps = np.arange(num_evals)
+    out[:, steps, steps + 1] = 0.0
+    out[:, :, num_evals] = cost[:, :, num_evals]
+    out[~np.isfinite(cost)] = np.inf
+    return out
+
+
+def cost_for(cost, convention: str = "reference") -> np.ndarray:
+    """The checked cost tensor as the DP reads it under ``convention``."""
+    cost = check_cost(cost)
+    return skip_only_cost(cost) if check_convention(convention) == "skip" else cost
 
 
 def mandatory_steps(num_evals: int, first_full_steps: int, last_full_steps: int) -> list[int]:
@@ -51,9 +88,9 @@ def allowed_hops(num_evals: int, mandatory: list[int], max_hop: int) -> np.ndarr
     return (d > c) & (d - c <= max_hop) & (d <= next_mandatory[:, None])
 
 
-def prepare(cost, num_keys, first_full_steps, last_full_steps, max_hop):
-    """Checked inputs of a DP: (cost, mandatory steps, hop cap, allowed[c, d] hops)."""
-    cost = check_cost(cost)
+def prepare(cost, num_keys, first_full_steps, last_full_steps, max_hop, convention="reference"):
+    """Checked inputs of a DP: (cost under ``convention``, mandatory steps, hop cap, allowed[c, d] hops)."""
+    cost = cost_for(cost, convention)
     num_evals = cost.shape[0]
     mandatory = mandatory_steps(num_evals, first_full_steps, last_full_steps)
     check_budget(num_evals, num_keys, mandatory)
@@ -61,14 +98,15 @@ def prepare(cost, num_keys, first_full_steps, last_full_steps, max_hop):
     return cost, mandatory, hop, allowed_hops(num_evals, mandatory, hop)
 
 
-def solve_schedule(cost, num_keys: int, first_full_steps: int = 3, last_full_steps: int = 0, max_hop: int | None = None) -> list[int]:
-    """The K key steps of least ``path_cost``, solved exactly over (previous key, current key) pairs.
+def solve_schedule(cost, num_keys: int, first_full_steps: int = 3, last_full_steps: int = 0, max_hop: int | None = None,
+                   convention: str = "reference") -> list[int]:
+    """The K key steps of least ``path_cost`` under ``convention``, solved exactly over (previous key, current key) pairs.
 
     Every hop (to the next key, and from the last key to the sentinel T) is at most ``max_hop``
     (default max(int(0.3 T), 1)) and skips no mandatory step. Raises ``ValueError`` when no
     finite schedule exists.
     """
-    cost, mandatory, hop, allowed = prepare(cost, num_keys, first_full_steps, last_full_steps, max_hop)
+    cost, mandatory, hop, allowed = prepare(cost, num_keys, first_full_steps, last_full_steps, max_hop, convention)
     num_evals = cost.shape[0]
     step_cost = np.where(allowed[None], cost[:, :num_evals, :], np.inf)  # [prev, cur, next]
     # best[p, c]: least cost of a partial schedule whose last two keys are p, c (p = 0 for the first key).
@@ -129,13 +167,95 @@ def solve_schedule_reference(cost, num_keys: int, first_full_steps: int = 3, las
     return keys[::-1]
 
 
-def path_cost(cost, keys) -> float:
-    """Sum over key steps k_m of C[k_{m-1}, k_m, k_{m+1}], with k_{-1} = 0 and k_K = T."""
-    cost = check_cost(cost)
+def path_cost(cost, keys, convention: str = "reference") -> float:
+    """Sum over key steps k_m of C[k_{m-1}, k_m, k_{m+1}], with k_{-1} = 0 and k_K = T, C read under ``convention``."""
+    cost = cost_for(cost, convention)
     num_evals = cost.shape[0]
     keys = check_key_steps(keys, num_evals)
     padded = [0] + list(keys) + [num_evals]
     return float(sum(cost[padded[m - 1], padded[m], padded[m + 1]] for m in range(1, len(padded) - 1)))
+
+
+def history_start(num_evals: int, scheme: str, first_full_steps: int) -> int:
+    """The key step where the run's Taylor history starts: 0, or the last mandatory key at which
+    the reference scheme still resets its derivatives (``first_full_steps - 2``)."""
+    after = derivatives_after_for(scheme, first_full_steps)
+    return min(max(after, 0), num_evals - 1) if after is not None else 0
+
+
+def solve_schedule_history(history, num_keys: int, first_full_steps: int = 3, last_full_steps: int = 0,
+                           max_hop: int | None = None, scheme: str = "reference") -> list[int]:
+    """The K key steps of least ``path_cost_history``: the exact DP over the last order+1 keys.
+
+    ``history``: a tensor from ``dpcache_core.history.build_history`` (order m, hop cap H). The
+    state after a key is that key and the m gaps back to the keys the run's predictor holds;
+    T * (H+1)^m states, H transitions each. Hops obey the cap and the mandatory steps as in
+    ``solve_schedule``; ``max_hop`` defaults to, and may not exceed, the tensor's H.
+    """
+    history, order, cap = check_history(history)
+    num_evals = history.shape[0]
+    hop = max_hop or cap
+    if hop > cap:
+        raise ValueError(f"hop cap {hop} is more than the {cap} the history cost tensor was calibrated for; lower it")
+    mandatory = mandatory_steps(num_evals, first_full_steps, last_full_steps)
+    check_budget(num_evals, num_keys, mandatory)
+    allowed = allowed_hops(num_evals, mandatory, hop)
+    start = history_start(num_evals, scheme, first_full_steps)  # keys 0 .. start are mandatory
+    states = (cap + 1) ** order
+    older = states // (cap + 1)  # states once the oldest gap is dropped
+    step_cost = history.reshape(num_evals, states, cap)
+    best = np.full((num_evals, states), np.inf)
+    best[start, 0] = step_cost[:start, 0, 0].sum()  # hops of one step (nothing skipped); no history yet
+    back = []
+    for _ in range(num_keys - start - 1):
+        new = np.full_like(best, np.inf)
+        came = np.zeros(best.shape, dtype=np.int64)
+        for h in range(1, min(hop, num_evals - 1) + 1):
+            ok = np.where(allowed[: num_evals - h, h:num_evals].diagonal(), 0.0, np.inf)
+            total = (best[: num_evals - h] + step_cost[: num_evals - h, :, h - 1] + ok[:, None]).reshape(-1, older, cap + 1)
+            new[h:, h * older : (h + 1) * older] = total.min(axis=2)
+            came[h:, h * older : (h + 1) * older] = total.argmin(axis=2)
+        back.append(came)
+        best = new
+    final = np.full_like(best, np.inf)
+    for i in range(max(num_evals - hop, 0), num_evals):
+        if allowed[i, num_evals]:
+            final[i] = best[i] + step_cost[i, :, num_evals - i - 1]
+    if not np.isfinite(final).any():
+        raise ValueError(
+            f"no schedule with K={num_keys} key steps of T={num_evals} has finite history-exact cost "
+            f"(hop cap {hop}, first/last full steps {first_full_steps}/{last_full_steps}); raise K or the hop cap"
+        )
+    key, state = np.unravel_index(np.argmin(final), final.shape)
+    keys = [int(key)]
+    for came in reversed(back):
+        gap = state // older
+        state, key = (state % older) * (cap + 1) + came[key, state], key - gap
+        keys.append(int(key))
+    return list(range(start)) + keys[::-1]
+
+
+def path_cost_history(history, keys, first_full_steps: int = 3, scheme: str = "reference") -> float:
+    """The history-exact cost of ``keys``: per key, its hop's cost given the keys the run's predictor
+    holds there (reset at key steps up to ``first_full_steps - 2`` for the reference scheme).
+    +inf if a hop is longer than the tensor's cap."""
+    history, order, cap = check_history(history)
+    num_evals = history.shape[0]
+    keys = check_key_steps(keys, num_evals)
+    after = derivatives_after_for(scheme, first_full_steps)
+    padded = keys + [num_evals]
+    gaps: list[int] = []
+    total = 0.0
+    for m, key in enumerate(keys):
+        if m == 0 or (after is not None and key <= after):
+            gaps = []
+        else:
+            gaps = ([key - keys[m - 1]] + gaps)[:order]
+        hop = padded[m + 1] - key
+        if hop > cap or any(g > cap for g in gaps):
+            return float("inf")
+        total += history[(key, *gaps, *[0] * (order - len(gaps)), hop - 1)]
+    return float(total)
 
 
 def check_key_steps(keys, num_evals: int) -> list[int]:
@@ -179,6 +299,14 @@ def parse_key_steps(text: str, num_evals: int) -> list[int]:
     return check_key_steps(sorted(keys | {0}), num_evals)
 
 
+# Planning conventions a Schedule records, in words ("history": skip-only, history-exact order >= 2).
+PLANNING = {
+    "reference": "reference costs",
+    "skip": "skip-only costs",
+    "history": "history-exact skip-only costs",
+}
+
+
 @dataclass(frozen=True)
 class Schedule:
     """Which evaluations of a sampling run are computed in full (immutable: it flows between nodes)."""
@@ -192,12 +320,15 @@ class Schedule:
     cost: float | None = None
     first_full_steps: int = 3
     last_full_steps: int = 0
+    convention: str | None = None  # the cost that planned it: "reference", "skip", "history"; None without a PACT
     key_set: frozenset = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         object.__setattr__(self, "key_steps", tuple(check_key_steps(self.key_steps, self.num_evals)))
         object.__setattr__(self, "key_set", frozenset(self.key_steps))
         check_scheme(self.scheme)
+        if self.convention not in (None, *PLANNING):
+            raise ValueError(f"unknown planning convention {self.convention!r}: use one of {', '.join(PLANNING)}")
 
     @property
     def num_keys(self) -> int:
@@ -211,8 +342,15 @@ class Schedule:
     def is_key(self, index: int) -> bool:
         return index in self.key_set
 
+    @property
+    def planned_by(self) -> str:
+        """How the key steps were chosen, in words: e.g. "pact:x.safetensors, skip-only costs"."""
+        if self.convention is None:
+            return self.source
+        return f"{self.source}, {PLANNING[self.convention]}"
+
     def describe(self) -> str:
         return (
             f"{self.num_keys} key of {self.num_evals} evaluations (ideal {self.ideal_speedup:.2f}x), "
-            f"keys {list(self.key_steps)}"
+            f"keys {list(self.key_steps)}" + (f", planned with {PLANNING[self.convention]}" if self.convention else "")
         )

@@ -44,6 +44,8 @@ def save_pact(path: str, acc: PactAccumulator, metadata: dict | None = None) -> 
     meta = dict(metadata or {})
     meta.update(num_evals=acc.num_evals, samples=acc.samples, pack_version=PACK_VERSION)
     tensors = {"sums": acc.sums, "counts": acc.counts.astype(np.int32)}
+    if acc.history_sums is not None:  # optional (issue 11); files without it load as before
+        tensors.update(history_sums=acc.history_sums, history_counts=acc.history_counts.astype(np.int32))
     data = save(tensors, metadata={"format": FORMAT, "dpcache": json.dumps(meta, sort_keys=True)})
     write_atomic(path, data)
     return meta
@@ -80,6 +82,16 @@ def load_pact(path: str) -> tuple[PactAccumulator, dict]:
     acc.sums = sums.astype(np.float64)
     acc.counts = counts.astype(np.int64)
     acc.samples = int(meta.get("samples", int(counts.max(initial=0))))
+    if "history_sums" in tensors or "history_counts" in tensors:
+        h_sums, h_counts = tensors.get("history_sums"), tensors.get("history_counts")
+        try:
+            if h_sums is None or h_counts is None or h_sums.shape != h_counts.shape:
+                raise ValueError("history sums and counts do not match")
+            if (h_counts < 0).any() or not np.isfinite(h_sums).all():
+                raise ValueError("invalid history sums or counts")
+            acc.add_history(h_sums.astype(np.float64), h_counts.astype(np.int64))
+        except ValueError as exc:
+            raise PactFileError(f"{name} has a broken history cost tensor ({exc}); calibrate again") from None
     return acc, meta
 
 

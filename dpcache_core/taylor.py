@@ -14,6 +14,12 @@ def check_scheme(scheme: str) -> str:
     return scheme
 
 
+def derivatives_after_for(scheme: str, first_full_steps: int) -> int | None:
+    """The run's ``derivatives_after``: the reference scheme refreshes derivatives only at key steps
+    after ``first_full_steps - 2`` (as the reference code does); the exact scheme always does."""
+    return first_full_steps - 2 if check_scheme(scheme) == "reference" else None
+
+
 class TaylorPredictor:
     """Predicts a feature at any later step from the features seen at key steps.
 
