@@ -2,15 +2,20 @@
 
 Plain torch + numpy; no ComfyUI import, so it runs and is tested anywhere.
 """
+from .history import build_history, history_fits
 from .pact import PactAccumulator, build_pact, default_max_gap
 from .picture import draw_text, render_pact_path, render_timeline, text_size, to_comfy_image, write_png
 from .runtime import CacheRun, ScheduleMismatchError, TrajectoryRecorder
 from .schedule import (
     Schedule,
+    cost_for,
+    hop_costs_history,
     mandatory_steps,
     parse_key_steps,
     path_cost,
+    path_cost_history,
     solve_schedule,
+    solve_schedule_history,
     solve_schedule_reference,
     uniform_key_steps,
 )
@@ -26,18 +31,24 @@ __all__ = [
     "ScheduleMismatchError",
     "TaylorPredictor",
     "TrajectoryRecorder",
+    "build_history",
     "build_pact",
+    "cost_for",
     "default_max_gap",
     "draw_text",
+    "history_fits",
+    "hop_costs_history",
     "import_reference_pkl",
     "load_pact",
     "mandatory_steps",
     "parse_key_steps",
     "path_cost",
+    "path_cost_history",
     "render_pact_path",
     "render_timeline",
     "save_pact",
     "solve_schedule",
+    "solve_schedule_history",
     "solve_schedule_reference",
     "text_size",
     "to_comfy_image",

@@ -244,7 +244,7 @@ def _swatch_legend(img, x, y, items, s) -> None:
         x += text_size(label, s)[0] + 14 * s
 
 
-def render_pact_path(cost, key_steps, title: str | None = None, width: int = 512) -> np.ndarray:
+def render_pact_path(cost, key_steps, title: str | None = None, width: int = 512, hop_costs=None) -> np.ndarray:
     """Heatmap of a PACT with a key-step path on it; returns uint8 (H, width, 3).
 
     ``cost`` is C[a, i, j] of shape (T, T+1, T+1) (+inf where undefined). Cell (row i, column j)
@@ -252,6 +252,8 @@ def render_pact_path(cost, key_steps, title: str | None = None, width: int = 512
     the path's hops), colour on a log scale, +inf grey. The path is drawn as a staircase: a
     horizontal run along row k_m up to column k_{m+1}, then down to the next key on the diagonal.
     ``title`` (optional) is drawn above the line with K, T, the ideal speed-up and the path cost.
+    ``hop_costs`` (optional, one per key step) replaces the path's hop costs read from ``cost``:
+    a history-exact plan's own costs, which a 3-D tensor cannot hold.
     """
     c = _check_cost(cost)
     T = c.shape[0]
@@ -264,11 +266,14 @@ def render_pact_path(cost, key_steps, title: str | None = None, width: int = 512
     view[np.tril_indices(n)] = np.inf
     ends = keys + [T]
     hops = []  # (i, j, cost) of each hop k_m -> k_{m+1}
+    if hop_costs is not None and len(hop_costs) != K:
+        raise ValueError(f"hop_costs needs one cost per key step ({K}), got {len(hop_costs)}")
     for m in range(K):
         a = keys[m - 1] if m > 0 else 0
         i, j = ends[m], ends[m + 1]
-        hops.append((i, j, float(c[a, i, j])))
-        view[i, j] = c[a, i, j]
+        v = float(c[a, i, j]) if hop_costs is None else float(hop_costs[m])
+        hops.append((i, j, v))
+        view[i, j] = v
     total = float(sum(h[2] for h in hops))
 
     # Log colour scale over the finite positive values; colour-bar ticks at whole decades.

@@ -235,17 +235,17 @@ def solve_schedule_history(history, num_keys: int, first_full_steps: int = 3, la
     return list(range(start)) + keys[::-1]
 
 
-def path_cost_history(history, keys, first_full_steps: int = 3, scheme: str = "reference") -> float:
-    """The history-exact cost of ``keys``: per key, its hop's cost given the keys the run's predictor
-    holds there (reset at key steps up to ``first_full_steps - 2`` for the reference scheme).
-    +inf if a hop is longer than the tensor's cap."""
+def hop_costs_history(history, keys, first_full_steps: int = 3, scheme: str = "reference") -> list[float]:
+    """The history-exact cost of each key's hop: the hop's cost given the keys the run's predictor
+    holds there (reset at key steps up to ``first_full_steps - 2`` for the reference scheme);
+    +inf for a hop longer than the tensor's cap."""
     history, order, cap = check_history(history)
     num_evals = history.shape[0]
     keys = check_key_steps(keys, num_evals)
     after = derivatives_after_for(scheme, first_full_steps)
     padded = keys + [num_evals]
     gaps: list[int] = []
-    total = 0.0
+    costs = []
     for m, key in enumerate(keys):
         if m == 0 or (after is not None and key <= after):
             gaps = []
@@ -253,9 +253,15 @@ def path_cost_history(history, keys, first_full_steps: int = 3, scheme: str = "r
             gaps = ([key - keys[m - 1]] + gaps)[:order]
         hop = padded[m + 1] - key
         if hop > cap or any(g > cap for g in gaps):
-            return float("inf")
-        total += history[(key, *gaps, *[0] * (order - len(gaps)), hop - 1)]
-    return float(total)
+            costs.append(float("inf"))
+        else:
+            costs.append(float(history[(key, *gaps, *[0] * (order - len(gaps)), hop - 1)]))
+    return costs
+
+
+def path_cost_history(history, keys, first_full_steps: int = 3, scheme: str = "reference") -> float:
+    """The history-exact cost of ``keys``: the sum of ``hop_costs_history``."""
+    return float(sum(hop_costs_history(history, keys, first_full_steps, scheme)))
 
 
 def check_key_steps(keys, num_evals: int) -> list[int]:

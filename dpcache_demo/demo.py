@@ -20,7 +20,7 @@ from tqdm import tqdm
 from . import toy_model
 from dpcache_core.pact import PactAccumulator
 from dpcache_core.runtime import CacheRun, TrajectoryRecorder
-from dpcache_core.schedule import Schedule, path_cost, solve_schedule
+from dpcache_core.schedule import PLANNING, Schedule, cost_for, hop_costs_history, path_cost, solve_schedule, solve_schedule_history
 from dpcache_core.store import save_pact
 
 
@@ -46,7 +46,8 @@ def calibrate(model, prompts, num_steps, order, shift) -> PactAccumulator:
 
         noise = toy_model.make_noise(model.config, seed)
         toy_model.sample(model, noise, cls, num_steps, shift, on_evaluation=record)
-        acc.add(recorder.build_sample(order=order))
+        history = recorder.build_history_sample(order=order) if order >= 2 else None  # history-exact cost
+        acc.add(recorder.build_sample(order=order), history=history)
         recorder.close()
     return acc
 
@@ -96,13 +97,19 @@ def main(argv=None) -> dict:
 
     t0 = time.perf_counter()
     acc = calibrate(model, calib, args.steps, args.order, args.shift)
-    cost = acc.mean()
+    cost = cost_for(acc.mean(), "skip")  # skip-only costs (issue 11, BENCHMARKS.md)
     calibration_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    keys = solve_schedule(cost, args.keys, args.first_full_steps)
+    hops = None
+    if args.order >= 2:  # history-exact: the costs of the keys the run's predictor really holds
+        keys = solve_schedule_history(acc.history_mean(), args.keys, args.first_full_steps)
+        hops = hop_costs_history(acc.history_mean(), keys, args.first_full_steps)
+    else:
+        keys = solve_schedule(cost, args.keys, args.first_full_steps)
     solve_ms = (time.perf_counter() - t0) * 1000
     schedule = Schedule(tuple(keys), args.steps, "flux", args.order, "reference", "pact:demo",
-                        path_cost(cost, keys), args.first_full_steps)
+                        sum(hops) if hops else path_cost(cost, keys), args.first_full_steps,
+                        convention="history" if hops else "skip")
 
     ratios, psnrs, l1s, computed, images = [], [], [], [], []
     for cls, seed in tqdm(held_out, desc="full vs DPCache", unit="prompt"):
@@ -121,13 +128,13 @@ def main(argv=None) -> dict:
 
     os.makedirs(args.out, exist_ok=True)
     pact_path = os.path.join(args.out, "demo_pact.safetensors")
-    save_pact(pact_path, acc, {"model_family": "flux", "order": args.order, "scheme": "reference",
+    save_pact(pact_path, acc, {"model_family": "flux", "order": args.order, "scheme": "reference", "convention": "skip",
                                "sampler": "euler", "resolution": [model.config["image_size"]] * 2})
     picture_path = os.path.join(args.out, "pact_schedule.png")
     images_path = os.path.join(args.out, "full_vs_dpcache.png")
     from dpcache_core.picture import render_pact_path, write_png
 
-    write_png(picture_path, render_pact_path(cost, keys))
+    write_png(picture_path, render_pact_path(cost, keys, title=schedule.planned_by, hop_costs=hops))
     grid = np.concatenate([np.concatenate([toy_model.to_uint8(f)[0], toy_model.to_uint8(d)[0]], axis=0)
                            for f, d in images], axis=1)
     write_png(images_path, np.kron(grid, np.ones((4, 4, 1), dtype=np.uint8)))
@@ -144,7 +151,7 @@ def main(argv=None) -> dict:
     print()
     print(f"model            {args.model} ({type(model).__name__}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters)")
     print(f"calibration      {len(calib)} prompts x {args.steps} evaluations in {calibration_s:.1f} s -> {pact_path}")
-    print(f"schedule         K={args.keys} of T={args.steps} in {solve_ms:.1f} ms: {keys}")
+    print(f"schedule         K={args.keys} of T={args.steps} in {solve_ms:.1f} ms ({PLANNING[schedule.convention]}): {keys}")
     print(f"evaluations      {result['computed']:.0f} computed in full, {args.steps - result['computed']:.0f} predicted")
     print(f"speed-up         {result['speedup']:.2f}x measured (median of {len(ratios)} interleaved pairs; ideal T/K = {schedule.ideal_speedup:.2f}x)")
     print(f"fidelity         PSNR {result['psnr_db']:.1f} dB, relative L1 {result['relative_l1']:.4f} "

@@ -85,13 +85,13 @@ def check_schedule(schedule):
 # Preview picture
 
 
-def render_preview(schedule, cost=None) -> torch.Tensor:
-    """IMAGE [1, H, W, 3] in 0..1: the PACT heatmap with the path, or a timeline without a PACT."""
+def render_preview(schedule, cost=None, hop_costs=None) -> torch.Tensor:
+    """IMAGE [1, H, W, 3] in 0..1: the PACT heatmap (as the plan read it) with the path, or a timeline without a PACT."""
     keys = list(schedule.key_steps)
     if cost is not None:
-        arr = core.render_pact_path(cost, keys, title=schedule.source)
+        arr = core.render_pact_path(cost, keys, title=schedule.planned_by, hop_costs=hop_costs)
     else:
-        arr = core.render_timeline(schedule.num_evals, keys, title=schedule.source)
+        arr = core.render_timeline(schedule.num_evals, keys, title=schedule.planned_by)
     return core.to_comfy_image(arr)
 
 
@@ -182,38 +182,62 @@ class DPCacheSchedule:
             return ""
 
     def schedule(self, pact, key_steps, first_full_steps, last_full_steps, total_evaluations, manual_key_steps="", unique_id=None):
-        sched, cost = make_schedule(pact, key_steps, first_full_steps, last_full_steps, total_evaluations, manual_key_steps)
+        sched, cost, hop_costs = make_schedule(pact, key_steps, first_full_steps, last_full_steps, total_evaluations, manual_key_steps)
         text = (
             f"key steps {list(sched.key_steps)}: {sched.num_keys} of {sched.num_evals} evaluations, "
             f"ideal speed-up {sched.ideal_speedup:.2f}x"
         )
+        if sched.convention:
+            text += f"; planned with {core.schedule.PLANNING[sched.convention]}"
         log.info("DPCache Schedule (%s): %s", sched.source, text)
         hooks.send_text(text, unique_id)
-        return {"ui": {"text": [text], "dpcache_schedule": [schedule_ui(sched)]}, "result": (sched, render_preview(sched, cost))}
+        return {"ui": {"text": [text], "dpcache_schedule": [schedule_ui(sched)]}, "result": (sched, render_preview(sched, cost, hop_costs))}
 
 
 def make_schedule(pact, key_steps, first_full_steps=3, last_full_steps=0, total_evaluations=50, manual_key_steps=""):
-    """(Schedule, cost tensor or None) for the node's inputs; ValueError with what to change."""
+    """(Schedule, cost tensor as the plan read it or None, history-exact hop costs or None) for the
+    node's inputs; ValueError with what to change."""
     try:
         if pact == MANUAL:
             keys = core.parse_key_steps(manual_key_steps, total_evaluations)
             return core.Schedule(tuple(keys), total_evaluations, source="manual",
-                                 first_full_steps=first_full_steps, last_full_steps=last_full_steps), None
+                                 first_full_steps=first_full_steps, last_full_steps=last_full_steps), None, None
         if pact == UNIFORM:
             keys = core.uniform_key_steps(total_evaluations, key_steps, first_full_steps, last_full_steps)
             return core.Schedule(tuple(keys), total_evaluations, source="uniform",
-                                 first_full_steps=first_full_steps, last_full_steps=last_full_steps), None
+                                 first_full_steps=first_full_steps, last_full_steps=last_full_steps), None, None
         acc, meta = core.load_pact(pact_path(pact))
-        cost = acc.mean()
-        keys = core.solve_schedule(cost, key_steps, first_full_steps, last_full_steps)
+        order, scheme = int(meta.get("order", 2)), meta.get("scheme", "reference")
+        convention, hop_costs = planning_convention(meta, acc), None
+        cost = core.cost_for(acc.mean(), "reference" if convention == "reference" else "skip")
+        if convention == "history":
+            history = acc.history_mean()
+            keys = core.solve_schedule_history(history, key_steps, first_full_steps, last_full_steps, scheme=scheme)
+            hop_costs = core.hop_costs_history(history, keys, first_full_steps, scheme)
+            total = sum(hop_costs)
+        else:
+            keys = core.solve_schedule(cost, key_steps, first_full_steps, last_full_steps)
+            total = core.path_cost(cost, keys)
         sched = core.Schedule(
-            tuple(keys), acc.num_evals, model_family=meta.get("model_family"), order=int(meta.get("order", 2)),
-            scheme=meta.get("scheme", "reference"), source=f"pact:{pact}", cost=core.path_cost(cost, keys),
-            first_full_steps=first_full_steps, last_full_steps=last_full_steps,
+            tuple(keys), acc.num_evals, model_family=meta.get("model_family"), order=order, scheme=scheme,
+            source=f"pact:{pact}", cost=total, first_full_steps=first_full_steps, last_full_steps=last_full_steps,
+            convention=convention,
         )
-        return sched, cost
+        return sched, cost, hop_costs
     except ValueError as exc:
         raise ValueError(f"DPCache Schedule: {exc}") from None
+
+
+def planning_convention(meta: dict, acc) -> str:
+    """How a PACT file is planned: its recorded "convention" ("reference" when absent: files written
+    before issue 11 and the authors' PACTs plan as before); "skip" with a history cost tensor at
+    order >= 2 means the history-exact DP."""
+    convention = meta.get("convention", "reference")
+    if convention not in core.schedule.CONVENTIONS:
+        raise ValueError(f"the PACT records an unknown cost convention {convention!r}; calibrate it again")
+    if convention == "skip" and int(meta.get("order", 2)) >= 2 and acc.history_sums is not None:
+        return "history"
+    return convention
 
 
 class DPCacheApply:

@@ -21,10 +21,10 @@ import re
 import torch
 
 try:  # inside ComfyUI the pack is a package; in the CPU tests the repo root is on sys.path
-    from ..dpcache_core import CacheRun, PactAccumulator, PactFileError, ScheduleMismatchError, TrajectoryRecorder, load_pact, save_pact
+    from ..dpcache_core import CacheRun, PactAccumulator, PactFileError, ScheduleMismatchError, TrajectoryRecorder, history_fits, load_pact, save_pact
     from ..dpcache_core.runtime import mismatch_message
 except ImportError:  # pragma: no cover - depends on how the pack is imported
-    from dpcache_core import CacheRun, PactAccumulator, PactFileError, ScheduleMismatchError, TrajectoryRecorder, load_pact, save_pact
+    from dpcache_core import CacheRun, PactAccumulator, PactFileError, ScheduleMismatchError, TrajectoryRecorder, history_fits, load_pact, save_pact
     from dpcache_core.runtime import mismatch_message
 
 log = logging.getLogger("dpcache")
@@ -482,6 +482,20 @@ def progress_bar(total: int, node_id):
         return None
 
 
+def file_metadata(run_metadata: dict, existing, order: int, has_history: bool) -> dict:
+    """The metadata to write: the run's, with the file's planning convention. A new file plans
+    skip-only ("skip"; history-exact at order >= 2) when its costs support it; a file that already
+    exists keeps the convention it was made with (none recorded: "reference", as planned before)."""
+    meta = dict(run_metadata)
+    if existing is not None:
+        meta.pop("convention", None)
+        if "convention" in existing[1]:
+            meta["convention"] = existing[1]["convention"]
+    else:
+        meta["convention"] = "skip" if order == 1 or has_history else "reference"
+    return meta
+
+
 class CalibrateHook:
     """Per-node config of DPCache Calibrate; records every run and adds one sample to the PACT file."""
 
@@ -554,9 +568,13 @@ class CalibrateHook:
                 raise ValueError(problem)
         log.info("DPCache Calibrate: building the PACT sample (%d evaluations)", num_evals)
         sample = run.recorder.build_sample(self.order, "reference", progress=progress_bar(num_evals, self.node_id))
+        history = None
+        if self.order >= 2 and history_fits(num_evals, self.order):  # the history-exact cost (issue 11)
+            log.info("DPCache Calibrate: building the order-%d history cost tensor", self.order)
+            history = run.recorder.build_history_sample(self.order, "reference", progress=progress_bar(num_evals, self.node_id))
         acc = existing[0] if existing is not None else PactAccumulator(num_evals)
-        acc.add(sample)
-        meta = save_pact(self.path, acc, run.metadata)
+        acc.add(sample, history=history)
+        meta = save_pact(self.path, acc, file_metadata(run.metadata, existing, self.order, history is not None))
         self.pending_reset[0] = False
         line = f"{name}: sample {meta['samples']} added ({num_evals} evaluations)"
         log.info("DPCache Calibrate: %s", line)

@@ -11,7 +11,10 @@ def test_demo_end_to_end(tmp_path, capsys):
                    "--repeats", "1", "--out", str(out)])
     assert result["computed"] == 6 and len(result["key_steps"]) == 6
     assert result["ideal_speedup"] == 2.0 and result["speedup"] > 0
-    assert result["psnr_db"] > 20 and result["relative_l1"] < 0.1
+    # At this tiny size (T=12, K=6, hop cap 3) the skip-only plan computes the last step and is
+    # 2 dB below the reference-convention plan (34.1 vs 36.1 dB, rel. L1 0.108 vs 0.084); at the
+    # demo's T=50, K=13 it is 2.3 dB above (BENCHMARKS.md, planning objective).
+    assert result["psnr_db"] > 30 and result["relative_l1"] < 0.15
     acc, meta = load_pact(str(out / "demo_pact.safetensors"))
     assert acc.samples == 2 and meta["num_evals"] == 12 and meta["model_family"] == "flux"
     for name in ("pact_schedule.png", "full_vs_dpcache.png"):

@@ -131,3 +131,38 @@ def test_schedule_and_apply_send_the_schedule_to_the_frontend():
 
     applied = nd.DPCacheApply().apply(FakePatcher(Flux()), out["result"][0])
     assert applied["ui"]["dpcache_schedule"] == [info]
+
+
+def test_schedule_plans_under_the_files_convention(shipped):
+    """Issue 11: files without a recorded convention (older ones, the authors' PACTs) plan exactly as
+    before; "skip" files plan skip-only, and history-exact when they hold the history tensor."""
+    from dpcache_core import solve_schedule
+    from dpcache_core.history import history_shape
+    from dpcache_core.schedule import hop_costs_history, skip_only_cost, solve_schedule_history
+
+    t, k = 14, 6
+    rng = np.random.default_rng(1)
+    cost = rng.random((t, t + 1, t + 1))
+    history = rng.random(history_shape(t, 2, 4))
+    for name, meta, with_history in [("old.safetensors", {"order": 2}, True), ("skip1.safetensors", {"order": 1, "convention": "skip"}, False),
+                                     ("skip2.safetensors", {"order": 2, "convention": "skip"}, True),
+                                     ("ref2.safetensors", {"order": 2, "convention": "reference"}, True)]:
+        acc = PactAccumulator(t)
+        acc.add(cost, history=history if with_history else None)
+        save_pact(os.path.join(shipped, name), acc, dict(meta, model_family="flux", scheme="reference"))
+    sched, _, text = run_schedule(pact="old.safetensors", key_steps=k)
+    assert sched.convention == "reference" and list(sched.key_steps) == solve_schedule(cost, k, 3, 0)
+    assert "planned with reference costs" in text
+    sched, _, _ = run_schedule(pact="ref2.safetensors", key_steps=k)
+    assert sched.convention == "reference" and list(sched.key_steps) == solve_schedule(cost, k, 3, 0)
+    sched, _, text = run_schedule(pact="skip1.safetensors", key_steps=k)
+    assert sched.convention == "skip" and list(sched.key_steps) == solve_schedule(cost, k, 3, 0, convention="skip")
+    assert sched.cost == pytest.approx(float(sum(skip_only_cost(cost)[a, i, j] for a, i, j in
+                                                 zip([0, 0, *sched.key_steps[1:-1]], sched.key_steps, [*sched.key_steps[1:], t]))))
+    assert "planned with skip-only costs" in text
+    sched, image, text = run_schedule(pact="skip2.safetensors", key_steps=k)
+    keys = solve_schedule_history(history, k, 3, 0)
+    assert sched.convention == "history" and list(sched.key_steps) == keys
+    assert sched.cost == pytest.approx(sum(hop_costs_history(history, keys, 3)))
+    assert "history-exact" in text and image.shape[-1] == 3
+    assert "history-exact" in sched.planned_by and "history-exact" in sched.describe()

@@ -188,6 +188,8 @@ def test_calibrate_accumulates_resets_and_checks(tmp_path, monkeypatch):
     acc, meta = load_pact(path)
     assert acc.samples == 2 and meta["num_evals"] == STEPS and meta["model_family"] == "flux"
     assert meta["sampler"] == "euler" and meta["order"] == 2
+    # order 2: the history-exact cost tensor too (issue 11), so the file plans skip-only, history-exact
+    assert meta["convention"] == "skip" and acc.history_counts.max() == 2  # one sample per run (streams averaged)
     # an interrupted run adds nothing and leaves the file as it was
     before = open(path, "rb").read()
     with pytest.raises(KeyboardInterrupt):
@@ -222,3 +224,20 @@ def test_calibrate_records_separate_streams_and_builds_a_pact(tmp_path, monkeypa
     acc, meta = load_pact(os.path.join(tmp_path, "w.safetensors"))
     assert acc.samples == 1 and meta["order"] == 1
     assert torch.isfinite(torch.from_numpy(acc.mean())).any()
+
+
+def test_calibrate_keeps_an_older_files_convention(tmp_path, monkeypatch):
+    """Samples added to a PACT written before issue 11 (no convention recorded) keep it planned as before."""
+    import nodes.dpcache_nodes as nd
+    from dpcache_core import PactAccumulator, save_pact
+    monkeypatch.setattr(nd, "calibration_folder", lambda: str(tmp_path))
+    path = os.path.join(tmp_path, "old.safetensors")
+    (calib,) = DPCacheCalibrate().calibrate(flux(), "old", 1, False)
+    F.sample(calib, cfg=1.0)
+    acc, meta = load_pact(path)
+    assert meta["convention"] == "skip" and acc.history_sums is None  # order 1: no history tensor needed
+    meta.pop("convention")
+    save_pact(path, acc, meta)  # as an older version wrote it
+    F.sample(calib, cfg=1.0)
+    acc, meta = load_pact(path)
+    assert acc.samples == 2 and "convention" not in meta
