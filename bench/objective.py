@@ -1,6 +1,6 @@
 """The planning objective (issue 11) on the trained built-in model, T = 50 Euler evaluations.
 
-    python -m bench.objective        # about 2 min with one torch thread
+    python -m bench.objective        # 12 min on the shared 2-core machine, one torch thread
 
 Calibrates on 10 prompts (full runs: order-1 and order-2 PACTs and the order-2 history cost
 tensor), then for each K samples 16 held-out (class, seed) pairs with the key steps chosen by
@@ -49,6 +49,7 @@ BEST_UNIFORM = "(e) uniform, best order"
 def calibrate(model, prompts):
     """Order-1 and order-2 PACTs (the order-2 one with its history cost tensor) over ``prompts``."""
     pacts = {1: PactAccumulator(T), 2: PactAccumulator(T)}
+    seconds = {"PACT order 1": 0.0, "PACT order 2": 0.0, "history order 2": 0.0}
     for cls, seed in prompts:
         rec = TrajectoryRecorder()
 
@@ -57,10 +58,28 @@ def calibrate(model, prompts):
             rec.record("cond", feature)
 
         toy_model.sample(model, toy_model.make_noise(model.config, seed), cls, T, SHIFT, on_evaluation=record)
-        pacts[1].add(rec.build_sample(order=1))
-        pacts[2].add(rec.build_sample(order=2), history=rec.build_history_sample(order=2))
+        start = time.perf_counter()
+        pact1 = rec.build_sample(order=1)
+        seconds["PACT order 1"] += time.perf_counter() - start
+        start = time.perf_counter()
+        pact2 = rec.build_sample(order=2)
+        seconds["PACT order 2"] += time.perf_counter() - start
+        start = time.perf_counter()
+        history2 = rec.build_history_sample(order=2)
+        seconds["history order 2"] += time.perf_counter() - start
+        pacts[1].add(pact1)
+        pacts[2].add(pact2, history=history2)
         rec.close()
-    return pacts[1].mean(), pacts[2].mean(), pacts[2].history_mean()
+    per_sample = {k: v / len(prompts) for k, v in seconds.items()}
+    return pacts[1].mean(), pacts[2].mean(), pacts[2].history_mean(), per_sample
+
+
+def trajectory_elements(model) -> int:
+    """Elements of one cache-point feature (what the history build reads per evaluation)."""
+    seen = []
+    toy_model.sample(model, toy_model.make_noise(model.config, 0), 0, 2, SHIFT,
+                     on_evaluation=lambda i, feature, velocity: seen.append(feature.numel()))
+    return seen[0]
 
 
 def monotone(values) -> str:
@@ -81,7 +100,7 @@ def main(argv=None) -> dict:
     calib, test = calibration_prompts(a.calibration), held_out_prompts(a.held_out)
     assert not set(calib) & set(test)
     print(f"calibrating on {len(calib)} prompts...", flush=True)
-    pact1, pact2, history2 = calibrate(model, calib)
+    pact1, pact2, history2, build_s = calibrate(model, calib)
     t_calib = time.time() - t_start
     noise, cond = batch_inputs(model, test)
     reference = toy_model.sample(model, noise, cond, T, SHIFT)
@@ -102,6 +121,14 @@ def main(argv=None) -> dict:
         "(c') order 2, skip-only DP": lambda keys: path_cost(pact2, keys, "skip"),
         "(d) order 2, history-exact DP": lambda keys: path_cost_history(history2, keys, FIRST_FULL),
     }
+    solve_ms = {}  # DP solve time, K = 13, median of 7
+    for name in ("(b) order 1, skip-only DP", "(d) order 2, history-exact DP"):
+        times = []
+        for _ in range(7):
+            start = time.perf_counter()
+            plans[name](13)
+            times.append((time.perf_counter() - start) * 1000)
+        solve_ms[name] = float(np.median(times))
     results, keys_used = {m: {} for m in METHODS}, {}
     for k in KEYS:
         print(f"K = {k}...", flush=True)
@@ -138,7 +165,10 @@ def main(argv=None) -> dict:
     text = "\n\n".join([
         f"Model: built-in FLUX-like toy DiT (trained), T={T} Euler evaluations, shift {SHIFT}, first_full_steps={FIRST_FULL}, "
         f"reference Taylor scheme; PACTs and the history tensor from {len(calib)} calibration prompts "
-        f"(built in {t_calib:.0f} s); {len(test)} held-out (class, seed) pairs. Machine: {machine()}.",
+        f"({t_calib:.0f} s with the full runs); {len(test)} held-out (class, seed) pairs. Machine: {machine()}.",
+        f"Build time per calibration sample (a trajectory of {T} x {trajectory_elements(model)} values, one thread): "
+        + ", ".join(f"{k} {v:.2f} s" for k, v in build_s.items()) + ". DP solve time at K=13 (median of 7): "
+        + ", ".join(f"{k} {v:.1f} ms" for k, v in solve_ms.items()) + ".",
         "**Mean PSNR (dB) of the final output against the full 50-evaluation run:**\n\n"
         + md_table(header, mean_rows + uniform_rows),
         "**Worst PSNR (dB) over the held-out pairs:**\n\n" + md_table(header, worst_rows),

@@ -130,6 +130,8 @@ def test_calibrate_schedule_apply_workflow(host, executor, pact_dir, key):
     assert acc.samples == 2 and meta["samples"] == 2
     assert (meta["model_family"], meta["num_evals"], meta["order"]) == ("flux" if key.startswith("flux") else "wan", STEPS, 2)
     assert (meta["sampler"], meta["scheduler"], meta["resolution"]) == ("euler", "simple", "64x64" if key == "flux" else "64x64x9")
+    # order 2: the history-exact cost is stored too, and the file is planned on it (issue 11)
+    assert meta["convention"] == "skip" and acc.history_counts.max() == 2
 
     # an interrupted calibration run adds nothing and leaves the file as it was
     import comfy.model_management
@@ -153,6 +155,7 @@ def test_calibrate_schedule_apply_workflow(host, executor, pact_dir, key):
         out = run(executor, apply_prompt(key, pact, seed=7))
     text = out["6"]["text"][0]
     assert f"{K} of {STEPS} evaluations" in text and f"ideal speed-up {STEPS / K:.2f}x" in text
+    assert "planned with history-exact skip-only costs" in text
     n_blocks = len(c.counts)
     assert c.total == (STEPS + K) * n_blocks  # plain run: every block 20x; accelerated: 8x
     plain_ref = sample(model, key, steps=STEPS, cfg=CFG, seed=7)
