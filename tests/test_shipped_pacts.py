@@ -47,8 +47,11 @@ def test_shipped_file_loads_with_its_provenance(name):
     assert meta["steps"] == 50 and meta["sampler"] == "euler"
     assert meta["licence"] == "Apache-2.0" and meta["source_repo"] == "https://github.com/argsss/DPCache"
     assert re.fullmatch(r"[0-9a-f]{40}", meta["source_commit"]) and "Pipei Huang" in meta["copyright"]
-    assert len(meta["sigmas"]) == 51 and meta["sigmas"][0] == 1.0 and meta["sigmas"][-1] == 0.0
-    assert all(a > b for a, b in zip(meta["sigmas"], meta["sigmas"][1:]))
+    assert len(meta["eval_sigmas"]) == 51 and meta["eval_sigmas"][0] == 1.0 and meta["eval_sigmas"][-1] == 0.0
+    assert all(a > b for a, b in zip(meta["eval_sigmas"], meta["eval_sigmas"][1:]))
+    positions = meta["positions"]
+    assert len(positions) == 51 and positions[0] == 0.0 and positions[-1] == 1.0
+    assert all(a < b for a, b in zip(positions, positions[1:]))
     # one sample: every finite entry of the authors' tensor counts once, +inf entries not at all
     assert acc.samples == 1 and meta["samples"] == 1
     assert set(np.unique(acc.counts)) == {0, 1}

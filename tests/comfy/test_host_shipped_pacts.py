@@ -74,8 +74,13 @@ def test_comfyui_flux_sigmas_match_the_flux_pact_at_1024(host):
     comfy = comfy.samplers.calculate_sigmas(ms, "simple", STEPS).double().numpy()
     meta = shipped_meta(host, "flux")
     assert meta["shift"] == 1.15 == pytest.approx(float(ms.shift))
-    gap = np.abs(comfy - np.array(meta["sigmas"])).max()
+    gap = np.abs(comfy - np.array(meta["eval_sigmas"])).max()
     assert gap < 1e-4, gap
+    # positions: 1 - timestep of each sigma in the model's own sigma table (0 = sigma_max, 1 = sigma 0)
+    table = ms.sigmas.double().numpy()
+    times = np.arange(table.size + 1) / table.size
+    positions = 1.0 - np.interp(comfy, np.concatenate([[0.0], table]), times)
+    assert np.abs(positions - np.array(meta["positions"])).max() < 1e-6
     gaps = {f"{w}x{h}": float(np.abs(diffusers_flux_sigmas(w, h) - comfy[:STEPS]).max())
             for w, h in ((1024, 1024), (768, 768), (512, 512), (1536, 1536))}
     assert gaps["1024x1024"] < 1e-4
@@ -90,7 +95,7 @@ def test_comfyui_wan_sigmas_against_the_wan_pact(host):
     from comfy_extras.nodes_model_advanced import ModelSamplingSD3
     model = ModelSamplingSD3().patch(build_model("wan_i2v"), shift=8.0)[0]  # as in the shipped Wan workflows
     comfy = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", STEPS).double().numpy()
-    pact = np.array(shipped_meta(host, "wan")["sigmas"])
+    pact = np.array(shipped_meta(host, "wan")["eval_sigmas"])
     above = int((comfy[:STEPS] > 0.5).sum()), int((pact[:STEPS] > 0.5).sum())
     assert above == (45, 25)  # quoted in README.md and cost_matrices/README.md
     print(f"\n[host] Wan uni_pc/simple {STEPS} steps at shift 8: {above[0]} steps above sigma 0.5; the Wan PACT's "
