@@ -19,7 +19,7 @@ from .schedule import (
     solve_schedule_reference,
     uniform_key_steps,
 )
-from .store import PACK_VERSION, PactFileError, import_reference_pkl, load_pact, save_pact
+from .store import PACK_VERSION, PactFileError, import_reference, import_reference_pkl, load_pact, save_pact
 from .taylor import TaylorPredictor
 
 __version__ = PACK_VERSION
@@ -38,6 +38,7 @@ __all__ = [
     "draw_text",
     "history_fits",
     "hop_costs_history",
+    "import_reference",
     "import_reference_pkl",
     "load_pact",
     "mandatory_steps",
