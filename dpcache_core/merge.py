@@ -27,10 +27,12 @@ def merge_pacts(paths: list[str]) -> tuple[PactAccumulator, dict]:
     for path in paths:
         if os.path.exists(path):
             stat = os.stat(path)
-            twin = seen.setdefault((stat.st_dev, stat.st_ino), path)
-            if twin != path:
+            if (stat.st_dev, stat.st_ino) in seen:
+                twin = seen[stat.st_dev, stat.st_ino]
                 raise PactFileError(f"{path} and {twin} are the same file; give each PACT once (its samples would count twice)")
+            seen[stat.st_dev, stat.st_ino] = path
     loaded = [(path, *load_pact(path)) for path in paths]
+    merged_from = [{"file": os.path.basename(path), "samples": acc.samples} for path, acc, _ in loaded]
     first_path, merged, first_meta = loaded[0]
     want = {key: first_meta.get(key, "reference" if key == "scheme" else None) for key in MUST_AGREE}
     for path, acc, meta in loaded[1:]:
@@ -52,7 +54,7 @@ def merge_pacts(paths: list[str]) -> tuple[PactAccumulator, dict]:
         if values:
             meta[key] = values[0] if len(values) == 1 else values
     meta.update(combine_sampling([m for _, _, m in loaded]))
-    meta["merged_from"] = [{"file": os.path.basename(p), "samples": a.samples} for p, a, _ in loaded]
+    meta["merged_from"] = merged_from
     return merged, meta
 
 
