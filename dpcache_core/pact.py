@@ -123,14 +123,14 @@ def build_pact(
         # Rows first-order+1 .. last (the sentinel stands for row T), as differences to F_i.
         lo = first - order + 1
         rows = trajectory[lo : min(last, num_evals - 1) + 1]
-        if last == num_evals:
-            rows = torch.cat([rows, sentinel[None]])
         anchors, targets = weights.shape[0], weights.shape[1]
         errors = torch.zeros((anchors, targets), dtype=torch.float64, device=device)
         block = max(block_elements // (anchors * targets), 256)
         residual = torch.empty((anchors, targets, min(block, size)), device=device)
         for start in range(0, size, block):
             local = rows[:, start : start + block] - trajectory[i, start : start + block]
+            if last == num_evals:
+                local = torch.cat([local, (sentinel[start : start + block] - trajectory[i, start : start + block])[None]])
             out = residual if local.shape[1] == residual.shape[2] else residual[:, :, : local.shape[1]].contiguous()
             # pred_t - F_t = sum_k W[a, t, k] (F_{a-order+1+k} - F_i) - (F_t - F_i); the points
             # F_{a-order+1+k} - F_i for a = first .. i-1 are rows k .. k+A-1 of ``local``.

@@ -103,16 +103,24 @@ DEFAULT_SAMPLE_SEED = 0
 
 
 def sample_positions(numel: int, sample_size: int | None, seed: int) -> torch.Tensor | None:
-    """``sample_size`` flat positions in ``range(numel)``, drawn uniformly (with replacement) from a
-    CPU generator seeded with ``seed`` and sorted; None (keep every element) when it is 0/None or >= numel.
+    """``sample_size`` distinct flat positions in ``range(numel)``, sorted, a uniformly random subset
+    drawn with a CPU generator seeded with ``seed``; None (keep every element) when ``sample_size``
+    is 0/None or >= numel.
 
-    Drawing with replacement costs O(S) whatever N is; every PACT entry is a mean over the
+    For S much smaller than N it draws S positions and redraws the few duplicates, so it costs
+    O(S) whatever N is (a permutation of all N would not). Every PACT entry is a mean over the
     elements, which the mean over such a sample estimates without bias.
     """
     if not sample_size or sample_size >= numel:
         return None
     generator = torch.Generator().manual_seed(int(seed))
-    return torch.randint(0, numel, (int(sample_size),), generator=generator).sort().values
+    if 2 * sample_size >= numel:
+        return torch.randperm(numel, generator=generator)[:sample_size].sort().values
+    picked = torch.randint(0, numel, (int(sample_size),), generator=generator).unique()
+    while picked.numel() < sample_size:  # the first S distinct draws: a uniform S-subset
+        extra = torch.randint(0, numel, (int(sample_size) - picked.numel(),), generator=generator)
+        picked = torch.cat([picked, extra]).unique()
+    return picked
 
 
 class TrajectoryRecorder:
@@ -141,7 +149,7 @@ class TrajectoryRecorder:
         self.index = -1
         self.trajectories: dict[Hashable, list[torch.Tensor]] = {}
         self.shapes: dict[Hashable, tuple[int, ...]] = {}
-        self.positions: dict[tuple[Hashable, torch.device], tuple[torch.Tensor, ...] | None] = {}
+        self.positions: dict[tuple, tuple[torch.Tensor, int] | None] = {}  # key: (stream, device, strides)
         self.incomplete: set[Hashable] = set()
         self.source_device: torch.device | None = None
 
@@ -152,15 +160,20 @@ class TrajectoryRecorder:
     def start_evaluation(self) -> None:
         self.index += 1
 
-    def stream_positions(self, stream: Hashable, feature: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
-        """The stream's sample as index tensors on the feature's device (None: every element)."""
-        key = (stream, feature.device)
+    def stream_positions(self, stream: Hashable, feature: torch.Tensor) -> tuple[torch.Tensor, int] | None:
+        """The stream's sample as (storage offsets on the feature's device, span), whatever the
+        feature's strides; None: keep every element."""
+        key = (stream, feature.device, feature.stride())
         if key not in self.positions:
             number = list(self.shapes).index(stream)
             flat = sample_positions(feature.numel(), self.sample_size, self.seed + number)
-            self.positions[key] = None if flat is None else tuple(
-                p.to(feature.device) for p in torch.unravel_index(flat, feature.shape)
-            )
+            if flat is not None:
+                offsets = torch.zeros_like(flat)
+                for size, stride in zip(reversed(feature.shape), reversed(feature.stride())):
+                    offsets += (flat % size) * stride
+                    flat = flat // size
+                flat = (offsets.to(feature.device), int(offsets.max()) + 1)
+            self.positions[key] = flat
         return self.positions[key]
 
     def record(self, stream: Hashable, feature: torch.Tensor) -> None:
@@ -176,8 +189,10 @@ class TrajectoryRecorder:
         positions = self.stream_positions(stream, feature)
         if positions is None:
             values = feature.reshape(-1).to(device=device, dtype=torch.float32, copy=True)
-        else:
-            values = feature[positions].to(device=device, dtype=torch.float32)  # indexing made a copy
+        else:  # gather straight from the feature's storage: no copy of the feature, O(S)
+            offsets, span = positions
+            storage = feature.as_strided((span,), (1,), feature.storage_offset())
+            values = storage.index_select(0, offsets).to(device=device, dtype=torch.float32)
         trajectory.append(values)
 
     def complete_streams(self) -> list[Hashable]:
@@ -195,7 +210,7 @@ class TrajectoryRecorder:
     def sample_description(self) -> int | str:
         """What the complete streams kept: S, or "all" when every stream kept all its elements."""
         complete = set(self.complete_streams())
-        sampled = any(p is not None for (stream, _device), p in self.positions.items() if stream in complete)
+        sampled = any(p is not None for (stream, *_), p in self.positions.items() if stream in complete)
         return self.sample_size if sampled else "all"
 
     def nbytes(self) -> int:

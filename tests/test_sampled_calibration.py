@@ -37,7 +37,12 @@ def test_sample_positions_are_seeded_sorted_and_in_range():
     assert a.shape == (500,) and a.dtype == torch.int64
     assert torch.equal(a, sample_positions(10_000, 500, seed=3))
     assert not torch.equal(a, sample_positions(10_000, 500, seed=4))
-    assert (a[1:] >= a[:-1]).all() and a.min() >= 0 and a.max() < 10_000
+    assert (a[1:] > a[:-1]).all() and a.min() >= 0 and a.max() < 10_000  # sorted, distinct
+    near_all = sample_positions(1000, 900, seed=0)  # S close to N: a permutation's first S
+    assert near_all.shape == (900,) and near_all.unique().numel() == 900
+    # uniform: every position about equally often over many seeds
+    counts = torch.bincount(torch.cat([sample_positions(200, 20, seed=s) for s in range(2000)]), minlength=200)
+    assert counts.min() > 130 and counts.max() < 270  # expected 200 each
     assert sample_positions(100, 0, 0) is None and sample_positions(100, 100, 0) is None  # all elements
 
 
