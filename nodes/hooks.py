@@ -568,7 +568,8 @@ class CalibrateHook:
         sampling = combine_sampling(([existing[1]] if existing is not None else []) + [this])
         meta = save_pact(self.path, acc, {**run.metadata, **sampling})
         self.pending_reset[0] = False
-        line = f"{name}: sample {meta['samples']} added ({num_evals} evaluations)"
+        kept = "every cache-point element" if size == "all" else f"{size} sampled cache-point elements per stream"
+        line = f"{name}: sample {meta['samples']} added ({num_evals} evaluations, {kept})"
         log.info("DPCache Calibrate: %s", line)
         send_text(line, self.node_id)
 

@@ -1,6 +1,8 @@
 """Sampled calibration (issue 9): the recorder's fixed element sample, the (T, S) build, the PACT
 metadata, merging PACT files, and files written before sampling existed."""
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -234,6 +236,9 @@ def test_merge_replaces_an_existing_file_only_with_force(tmp_path, capsys):
     with pytest.raises(SystemExit):
         merge_main([a, b, "-o", a])
     assert "exists" in capsys.readouterr().err and open(a, "rb").read() == before
+    done = subprocess.run([sys.executable, "-m", "dpcache_core.merge", a, b, "-o", a], capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.dirname(DATA)))
+    assert done.returncode == 2 and "add --force" in done.stderr and "Traceback" not in done.stderr
     assert merge_main([a, b, "-o", a, "--force"]) == 0  # merge b into a
     assert load_pact(a)[0].samples == 3
     assert sorted(os.listdir(tmp_path)) == ["a.safetensors", "b.safetensors"]  # no temporary file left
