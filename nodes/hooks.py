@@ -22,10 +22,12 @@ import torch
 
 try:  # inside ComfyUI the pack is a package; in the CPU tests the repo root is on sys.path
     from ..dpcache_core import CacheRun, PactAccumulator, PactFileError, ScheduleMismatchError, TrajectoryRecorder, history_fits, load_pact, save_pact
-    from ..dpcache_core.runtime import mismatch_message
+    from ..dpcache_core.runtime import DEFAULT_SAMPLE_SEED, DEFAULT_SAMPLE_SIZE, mismatch_message
+    from ..dpcache_core.store import combine_sampling
 except ImportError:  # pragma: no cover - depends on how the pack is imported
     from dpcache_core import CacheRun, PactAccumulator, PactFileError, ScheduleMismatchError, TrajectoryRecorder, history_fits, load_pact, save_pact
-    from dpcache_core.runtime import mismatch_message
+    from dpcache_core.runtime import DEFAULT_SAMPLE_SEED, DEFAULT_SAMPLE_SIZE, mismatch_message
+    from dpcache_core.store import combine_sampling
 
 log = logging.getLogger("dpcache")
 
@@ -248,9 +250,9 @@ class ApplyRun(RunState):
 class CalibrateRun(RunState):
     """DPCache Calibrate during one sampling run: compute everything, record the cache point."""
 
-    def __init__(self, family: str, storage_device="cpu"):
+    def __init__(self, family: str, storage_device="cpu", sample_size: int = DEFAULT_SAMPLE_SIZE, seed: int = DEFAULT_SAMPLE_SEED):
         super().__init__(family)
-        self.recorder = TrajectoryRecorder(storage_device=storage_device)
+        self.recorder = TrajectoryRecorder(storage_device=storage_device, sample_size=sample_size, seed=seed)
 
     def start_evaluation(self) -> None:
         self.recorder.start_evaluation()
@@ -499,7 +501,11 @@ def file_metadata(run_metadata: dict, existing, order: int, has_history: bool) -
 class CalibrateHook:
     """Per-node config of DPCache Calibrate; records every run and adds one sample to the PACT file."""
 
-    def __init__(self, family: str, folder: str, name: str, order: int, reset: bool, node_id=None):
+    def __init__(self, family: str, folder: str, name: str, order: int, reset: bool, node_id=None,
+                 sample_size: int = DEFAULT_SAMPLE_SIZE):
+        if sample_size < 0:
+            raise ValueError(f"sample_size must be >= 0 (0 keeps every element), got {sample_size}")
+        self.sample_size = int(sample_size)
         self.family = family
         self.name = name
         self.path = os.path.join(folder, pact_file_name(name))
@@ -540,7 +546,7 @@ class CalibrateHook:
             problem = self.mismatch(existing[1], expected_evaluations(sampler, sigmas))
             if problem:
                 raise ValueError(problem)
-        run = CalibrateRun(self.family)
+        run = CalibrateRun(self.family, sample_size=self.sample_size)
         run.metadata = {
             "model_family": self.family,
             "order": self.order,
@@ -550,7 +556,8 @@ class CalibrateHook:
             "resolution": resolution_of(args[1]),
             "steps": int(sigmas.shape[-1]) - 1,
         }
-        log.info("DPCache Calibrate: recording every evaluation for %s", os.path.basename(self.path))
+        kept = f"{self.sample_size} sampled elements of the cache point" if self.sample_size else "the whole cache point"
+        log.info("DPCache Calibrate: recording %s at every evaluation for %s", kept, os.path.basename(self.path))
         return run
 
     def finish(self, run: CalibrateRun, ok: bool) -> None:
@@ -574,9 +581,13 @@ class CalibrateHook:
             history = run.recorder.build_history_sample(self.order, "reference", progress=progress_bar(num_evals, self.node_id))
         acc = existing[0] if existing is not None else PactAccumulator(num_evals)
         acc.add(sample, history=history)
-        meta = save_pact(self.path, acc, file_metadata(run.metadata, existing, self.order, history is not None))
+        size = run.recorder.sample_description()
+        this = {"samples": 1, "sample_size": size, "sample_seed": None if size == "all" else run.recorder.seed}
+        sampling = combine_sampling(([existing[1]] if existing is not None else []) + [this])
+        meta = save_pact(self.path, acc, file_metadata({**run.metadata, **sampling}, existing, self.order, history is not None))
         self.pending_reset[0] = False
-        line = f"{name}: sample {meta['samples']} added ({num_evals} evaluations)"
+        kept = "every cache-point element" if size == "all" else f"{size} sampled cache-point elements per stream"
+        line = f"{name}: sample {meta['samples']} added ({num_evals} evaluations, {kept})"
         log.info("DPCache Calibrate: %s", line)
         send_text(line, self.node_id)
 

@@ -60,7 +60,7 @@ const FLUX_CAL = {
     unet: ["UNETLoader", [20, 80], { unet_name: "flux1-dev.safetensors", weight_dtype: "default" }],
     clip: ["DualCLIPLoader", [20, 230], { clip_name1: "clip_l.safetensors", clip_name2: "t5xxl_fp16.safetensors", type: "flux", device: "default" }],
     vae: ["VAELoader", [20, 420], { vae_name: "ae.safetensors" }],
-    cal: ["DPCacheCalibrate", [400, 80], { pact_name: "flux_dev_euler_50", order: 1, reset: false }],
+    cal: ["DPCacheCalibrate", [400, 80], { pact_name: "flux_dev_euler_50", order: 1, reset: false, sample_size: 65536 }],
     pos: ["CLIPTextEncode", [400, 260], { text: "a lighthouse on a rocky coast in a storm, dramatic clouds, photograph" }, { title: "CLIP Text Encode (Prompt)" }],
     guid: ["FluxGuidance", [400, 500], { guidance: 3.5 }],
     neg: ["ConditioningZeroOut", [400, 610], {}],
