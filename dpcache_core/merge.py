@@ -45,7 +45,8 @@ def merge_pacts(paths: list[str]) -> tuple[PactAccumulator, dict]:
             )
         merged.merge(acc)
     meta = {}
-    for key in sorted({k for _, _, m in loaded for k in m} - set(SAMPLING_KEYS) - {"samples", "pack_version", "merged_from"}):
+    conventions = {m.get("convention", "reference") for _, _, m in loaded}
+    for key in sorted({k for _, _, m in loaded for k in m} - set(SAMPLING_KEYS) - {"samples", "pack_version", "merged_from", "convention"}):
         values = []  # differing settings (resolution, sampler names, ...) are listed
         for _, _, m in loaded:
             for value in m[key] if isinstance(m.get(key), list) else [m.get(key)]:
@@ -53,6 +54,8 @@ def merge_pacts(paths: list[str]) -> tuple[PactAccumulator, dict]:
                     values.append(value)
         if values:
             meta[key] = values[0] if len(values) == 1 else values
+    # The planning convention (issue 11): kept when every input agrees, else the reference one.
+    meta["convention"] = conventions.pop() if len(conventions) == 1 else "reference"
     meta.update(combine_sampling([m for _, _, m in loaded]))
     meta["merged_from"] = merged_from
     return merged, meta

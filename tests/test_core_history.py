@@ -223,3 +223,22 @@ def test_broken_history_tensor_is_a_clear_error(tmp_path):
     save_file(tensors, path, metadata=header)
     with pytest.raises(PactFileError, match="broken history cost tensor"):
         load_pact(path)
+
+
+def test_merge_cli_keeps_the_history_tensor_and_a_common_convention(tmp_path):
+    from dpcache_core.merge import merge_pacts
+
+    rng = np.random.default_rng(5)
+    num_evals, paths = 8, []
+    for n, (convention, with_history) in enumerate([("skip", True), ("skip", True), (None, False)]):
+        acc = PactAccumulator(num_evals)
+        acc.add(random_pact(rng, num_evals), history=random_history(rng, num_evals, 2, 3, 0.0) if with_history else None)
+        meta = {"model_family": "flux", "order": 2, "scheme": "reference"}
+        if convention:
+            meta["convention"] = convention
+        paths.append(str(tmp_path / f"p{n}.safetensors"))
+        save_pact(paths[-1], acc, meta)
+    merged, meta = merge_pacts(paths[:2])
+    assert meta["convention"] == "skip" and merged.history_counts.max() == 2
+    merged, meta = merge_pacts(paths)  # a file from before issue 11: planned as before
+    assert meta["convention"] == "reference" and merged.history_counts.max() == 2 and merged.samples == 3
