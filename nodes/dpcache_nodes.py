@@ -126,7 +126,7 @@ class DPCacheCalibrate:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "A FLUX.1 or Wan2.1 (T2V/I2V) model. It is cloned; the input stays untouched."}),
+                "model": ("MODEL", {"tooltip": "A FLUX.1, Chroma, HunyuanVideo (T2V), Qwen-Image, Wan2.1 or Wan2.2 model (for Wan2.2 A14B: each expert). It is cloned; the input stays untouched."}),
                 "pact_name": ("STRING", {"default": "flux_dev_euler_50", "tooltip": "File name in models/dpcache/ (letters, digits, . _ -). Samples accumulate there across queued prompts."}),
                 "order": ("INT", {"default": 1, "min": 1, "max": 3, "tooltip": "Taylor order of the predictor the PACT is built for. 1: the PACT measures exactly the run-time prediction, and the DP schedule won in our benchmarks; 2 is the paper's choice. Must match the file's order."}),
                 "reset": ("BOOLEAN", {"default": False, "tooltip": "Start the file afresh on the next finished run (its old samples are dropped); later runs accumulate again."}),
@@ -232,7 +232,7 @@ class DPCacheApply:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "A FLUX.1 or Wan2.1 (T2V/I2V) model. It is cloned; the input stays untouched."}),
+                "model": ("MODEL", {"tooltip": "A FLUX.1, Chroma, HunyuanVideo (T2V), Qwen-Image, Wan2.1 or Wan2.2 model (for Wan2.2 A14B: each expert). It is cloned; the input stays untouched."}),
                 "schedule": ("DPCACHE_SCHEDULE", {"tooltip": "From DPCache Schedule. Its T must equal the run's number of model evaluations."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},

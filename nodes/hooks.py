@@ -27,6 +27,9 @@ except ImportError:  # pragma: no cover - depends on how the pack is imported
     from dpcache_core import CacheRun, PactAccumulator, PactFileError, ScheduleMismatchError, TrajectoryRecorder, load_pact, save_pact
     from dpcache_core.runtime import mismatch_message
 
+from . import families
+from .families import UnsupportedModelError  # noqa: F401  (re-exported: the nodes' error for an unknown model)
+
 log = logging.getLogger("dpcache")
 
 RUN_KEY = "dpcache_run"  # transformer_options key of the per-run state (set only during a run)
@@ -43,45 +46,23 @@ SINGLE_EVAL_SAMPLERS = {
 SECOND_ORDER_SAMPLERS = {"heun", "dpm_2"}
 
 
-class UnsupportedModelError(ValueError):
-    """The MODEL is not one DPCache knows how to hook."""
-
-
 # --------------------------------------------------------------------------------------------
-# Which model is this
+# Which model is this (the families table is nodes/families.py)
 
 
 class ModelInfo:
-    """Family ("flux" or "wan") and the block keys to patch, in execution order."""
+    """The family entry of a MODEL and the block keys to patch, in execution order."""
 
-    def __init__(self, family: str, blocks: list[tuple[str, int]], detail: str):
-        self.family = family
+    def __init__(self, spec: families.Family, blocks: list[tuple[str, int]], detail: str):
+        self.spec = spec
+        self.family = spec.name
         self.blocks = blocks
         self.detail = detail
 
 
 def model_info(model) -> ModelInfo:
-    """Detect FLUX.1 / Wan2.1 from the MODEL's diffusion model; clear error for anything else."""
-    dm = model.get_model_object("diffusion_model")
-    cls = type(dm)
-    where = f"{cls.__module__}.{cls.__name__}"
-    if cls.__name__ == "Flux" and cls.__module__.endswith("ldm.flux.model"):
-        nd, ns = len(dm.double_blocks), len(dm.single_blocks)
-        if nd == 0 or ns == 0:
-            raise UnsupportedModelError(f"this FLUX model has {nd} double and {ns} single blocks; DPCache needs both kinds")
-        blocks = [("double_block", i) for i in range(nd)] + [("single_block", i) for i in range(ns)]
-        guidance = "with" if getattr(getattr(dm, "params", None), "guidance_embed", False) else "without"
-        return ModelInfo("flux", blocks, f"FLUX ({nd} double + {ns} single blocks, {guidance} guidance embedding)")
-    if cls.__name__ == "WanModel" and cls.__module__.endswith("ldm.wan.model"):
-        n = len(dm.blocks)
-        if n == 0:
-            raise UnsupportedModelError("this Wan model has no transformer blocks")
-        return ModelInfo("wan", [("double_block", i) for i in range(n)], f"Wan ({n} blocks)")
-    raise UnsupportedModelError(
-        f"DPCache supports FLUX.1 (dev, schnell) and Wan2.1 (T2V, I2V) diffusion models; this MODEL is {where}. "
-        "Variants that add residuals between blocks (Wan VACE, camera, S2V, HuMo) are not supported either: "
-        "remove the DPCache node for this model."
-    )
+    """The MODEL's entry in the families table; UnsupportedModelError saying what is supported otherwise."""
+    return ModelInfo(*families.recognise(model))
 
 
 def check_unpatched(model) -> None:
@@ -118,7 +99,7 @@ def make_block_patch(key: tuple[str, int], first: bool, last: bool, prev=None):
             return run.last_block(args, extra, prev)
         if run.compute:
             return call_block(prev, args, extra)
-        return {"img": args["img"], "txt": args.get("txt")}
+        return run.spec.passthrough(args)
 
     dpcache_block.dpcache_key = key
     return dpcache_block
@@ -157,24 +138,25 @@ def split_streams(args) -> tuple[list, int]:
 
 
 class RunState:
-    """What every run shares: the stream split of the current model call and the FLUX text length."""
+    """What every run shares: the family entry, the stream split of the current model call and its text length."""
 
     compute = True
 
     def __init__(self, family: str):
         self.family = family
+        self.spec = families.family(family)
         self.txt_len = 0
         self.streams: list = []
         self.chunk = 0
 
     def begin_call(self, args) -> None:
-        if self.family == "flux":
-            self.txt_len = args["txt"].shape[1]  # single blocks carry [txt | img]
+        txt = args.get("txt")
+        self.txt_len = txt.shape[1] if txt is not None else 0  # text tokens beside the image in single blocks
         self.streams, self.chunk = split_streams(args)
 
     def cache_point(self, out_img):
-        """The cache point in the last block's output: FLUX image tokens, Wan everything."""
-        return out_img[:, self.txt_len:] if self.family == "flux" else out_img
+        """The cache point in the last block's output: its image tokens (families.Family.cache_point)."""
+        return self.spec.cache_point(out_img, self.txt_len)
 
     def chunks(self, feature):
         for n, stream in enumerate(self.streams):
@@ -227,9 +209,7 @@ class ApplyRun(RunState):
         x = args["img"]
         preds = [self.cache.predict(stream) for stream in self.streams]
         pred = (preds[0] if len(preds) == 1 else torch.cat(preds)).to(device=x.device, dtype=x.dtype)
-        if self.family == "flux":
-            pred = torch.cat((x[:, :self.txt_len], pred), dim=1)
-        return {"img": pred}
+        return self.spec.with_prediction(args, pred, self.txt_len)
 
     @property
     def evaluations(self) -> int:
