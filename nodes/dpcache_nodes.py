@@ -9,6 +9,11 @@ import torch
 from . import hooks
 
 try:
+    from ..dpcache_core.windows import planning_view
+except ImportError:  # pragma: no cover - CPU tests import the repo root as top level
+    from dpcache_core.windows import planning_view
+
+try:
     from .. import dpcache_core as core
 except ImportError:  # pragma: no cover - CPU tests import the repo root as top level
     import dpcache_core as core
@@ -224,18 +229,19 @@ def make_schedule(pact, key_steps, first_full_steps=3, last_full_steps=0, total_
             return core.Schedule(tuple(keys), total_evaluations, source="uniform",
                                  first_full_steps=first_full_steps, last_full_steps=last_full_steps, planner=planner), None
         acc, meta = core.load_pact(pact_path(pact))
-        cost = acc.mean()
+        # a PACT of partial runs (e.g. Wan2.2 A14B's two experts) covers windows of one trajectory
+        cost, positions, starts = planning_view(acc.mean(), meta)
+        num_evals = cost.shape[0]
         if by_speedup:
-            key_steps = rule.keys_for(acc.num_evals, acc.num_evals)
-        keys = core.solve_schedule(cost, key_steps, first_full_steps, last_full_steps)
+            key_steps = rule.keys_for(num_evals, num_evals)
+        required = [s + k for s in starts for k in range(max(first_full_steps, 1)) if s + k < num_evals]
+        keys = core.solve_schedule(cost, key_steps, first_full_steps, last_full_steps, required=required)
         order = int(meta.get("order", 2))
-        positions = meta.get("positions")
-        if not (isinstance(positions, list) and len(positions) == acc.num_evals + 1):
-            positions = None
-        planner = core.Planner(acc.num_evals, rule, first_full_steps, last_full_steps, cost=cost, positions=positions,
-                               order=order, label=f"PACT calibrated at T={acc.num_evals}")
+        label = f"PACT calibrated at T={num_evals}" + (f" (windows starting at {[0] + starts})" if starts else "")
+        planner = core.Planner(num_evals, rule, first_full_steps, last_full_steps, cost=cost, positions=positions,
+                               order=order, label=label)
         sched = core.Schedule(
-            tuple(keys), acc.num_evals, model_family=meta.get("model_family"), order=order,
+            tuple(keys), num_evals, model_family=meta.get("model_family"), order=order,
             scheme=meta.get("scheme", "reference"), source=f"pact:{pact}", cost=core.path_cost(cost, keys),
             first_full_steps=first_full_steps, last_full_steps=last_full_steps, planner=planner,
         )

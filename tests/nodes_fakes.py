@@ -143,6 +143,8 @@ class FakePatcher:
         self.wrappers = {}
 
     def get_model_object(self, name):
+        if name == "model_sampling":  # a flow model's sigma table: sigma = timestep, 1/1000 .. 1
+            return SimpleNamespace(sigmas=torch.arange(1, 1001) / 1000.0)
         assert name == "diffusion_model"
         return self.dm
 
@@ -187,10 +189,14 @@ class FakeSampler:
 
 
 def sample(patcher, steps=10, cfg=2.0, batch=1, split=False, sampler="euler", evals_per_step=1,
-           control=None, interrupt_at=None, context_handler=False, streams=None, img=IMG):
-    """A sampling run of the fake model; returns the list of model outputs (one per evaluation)."""
+           control=None, interrupt_at=None, context_handler=False, streams=None, img=IMG, window=None):
+    """A sampling run of the fake model; returns the list of model outputs (one per evaluation).
+
+    ``window=(start, end)``: only steps start..end-1 of the ``steps``, like KSamplerAdvanced."""
     dm = patcher.dm
     sigmas = torch.linspace(1.0, 0.0, steps + 1)
+    if window is not None:
+        sigmas = sigmas[window[0]:window[1] + 1]
     cond = {"uuid": uuid.uuid4(), "control": control}
     uncond = {"uuid": uuid.uuid4(), "control": control}
     chunks = [(1, uncond), (0, cond)] if cfg != 1.0 else [(0, cond)]
