@@ -254,14 +254,14 @@ class BlockCounter:
 
 
 def sample(model, key, steps=20, cfg=1.0, sampler="euler", scheduler="simple", seed=42, batch=1,
-           height=64, width=64, frames=9, callback=None):
+           height=64, width=64, frames=9, callback=None, noise_mask=None):
     """One KSampler-equivalent run (comfy.sample.sample) on the tiny model; returns the latent."""
     import comfy.sample
     pos, neg, latent = conditioning(key, batch=batch, height=height, width=width, frames=frames)
     latent = comfy.sample.fix_empty_latent_channels(model, latent)  # as KSampler does (Qwen-Image: 3-D latent)
     noise = comfy.sample.prepare_noise(latent, seed)
     return comfy.sample.sample(model, noise, steps, cfg, sampler, scheduler, pos, neg, latent, seed=seed,
-                               disable_pbar=True, callback=callback)
+                               disable_pbar=True, callback=callback, noise_mask=noise_mask)
 
 
 def psnr(ref, out):

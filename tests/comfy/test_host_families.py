@@ -78,3 +78,49 @@ def test_unsupported_model_is_refused_with_the_supported_list(host):
                 apply(model, schedule(host, range(STEPS)))
             else:
                 nodes.NODE_CLASS_MAPPINGS[node]().calibrate(model, "x", 1, False)
+
+
+def test_wan22_5b_with_per_token_timesteps(host):
+    """Wan2.2 5B with a denoise mask (the first latent frame kept, as with a start image): ComfyUI feeds
+    per-token timesteps ([B, L, 6, dim] modulation); DPCache is exact at K = T and skips at K < T."""
+    import torch
+    model = build_model("wan22_5b").clone()
+    shapes = []
+
+    def probe(args, extra):  # another node's block replacement: DPCache wraps it
+        shapes.append(tuple(args["vec"].shape))
+        return extra["original_block"](args)
+
+    model.set_model_patch_replace(probe, "dit", "double_block", 0)
+    mask = torch.ones(1, 1, 3, 4, 4)
+    mask[:, :, :1] = 0.0
+    ref = sample(model, "wan22_5b", steps=STEPS, cfg=CFG, noise_mask=mask)
+    exact = sample(apply(model, schedule(host, range(STEPS))), "wan22_5b", steps=STEPS, cfg=CFG, noise_mask=mask)
+    assert (exact - ref).abs().max().item() <= 1e-6
+    assert shapes and all(len(s) == 4 and s[1] > 1 for s in shapes), shapes[:2]  # per-token modulation
+    keys = host["core"].uniform_key_steps(STEPS, K)
+    with BlockCounter(model) as c:
+        fast = sample(apply(model, schedule(host, keys)), "wan22_5b", steps=STEPS, cfg=CFG, noise_mask=mask)
+    assert set(c.counts.values()) == {K}
+    db = psnr(ref, fast)
+    print(f"\n[host] wan22_5b per-token timesteps (denoise mask): K={K}/T={STEPS}: block calls {c.total}, PSNR {db:.2f} dB")
+    assert db > MIN_PSNR
+
+
+def test_qwen_block_patches_force_full_compute(host):
+    """A non-replace patches["double_block"] (what the DiffSynth ControlNet model patch installs) adds to the
+    features between Qwen-Image's blocks: every evaluation is computed, and the output is the patched model's."""
+    model = build_model("qwen_image").clone()
+    calls = []
+
+    def residual(args):
+        calls.append(args["block_index"])
+        return {"img": args["img"] + 0.01, "txt": args["txt"]}
+
+    model.set_model_double_block_patch(residual)
+    ref = sample(model, "qwen_image", steps=STEPS, cfg=CFG)
+    keys = host["core"].uniform_key_steps(STEPS, K)
+    with BlockCounter(model) as c:
+        out = sample(apply(model, schedule(host, keys)), "qwen_image", steps=STEPS, cfg=CFG)
+    assert set(c.counts.values()) == {STEPS} and (out - ref).abs().max().item() <= 1e-6
+    print(f"\n[host] qwen_image with a double_block patch: block calls {c.total}/{STEPS * len(c.counts)} (all computed)")
