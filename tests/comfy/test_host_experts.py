@@ -92,3 +92,20 @@ def test_wrong_family_pact_on_an_expert_is_refused(host, executor, pact_dir):  #
     apply = {"class_type": "DPCacheApply", "inputs": {"schedule": ["6", 0]}}
     with pytest.raises(AssertionError, match="planned on a wan22_5b PACT.*Wan2.1 / Wan2.2 A14B"):
         run(executor, two_expert_prompt(3, apply, apply, {"6": schedule}))
+
+
+def test_shipped_wan_pact_plans_both_experts(host, executor, pact_dir):  # noqa: F811
+    """The wan22_i2v workflow's setting: the shipped Wan2.1 PACT (T=50), target speed-up 2x, transferred to the
+    20 evaluations of the two expert calls: 10 keys in all, each expert's first two computed."""
+    high, low = build_model("wan22_high"), build_model("wan22_low")
+    schedule = {"class_type": "DPCacheSchedule", "inputs": {
+        "pact": "wan21_i2v_14b_official_T50.safetensors", "key_steps": 10, "first_full_steps": FIRST, "last_full_steps": 0,
+        "total_evaluations": STEPS, "manual_key_steps": "", "budget": "target speed-up", "target_speedup": 2.0}}
+    apply = {"class_type": "DPCacheApply", "inputs": {"schedule": ["6", 0]}}
+    with BlockCounter(high) as ch, BlockCounter(low) as cl:
+        run(executor, two_expert_prompt(5, apply, apply, {"6": schedule}))
+    nh, nl = ch.counts["blocks.0"], cl.counts["blocks.0"]
+    assert len(set(ch.counts.values())) == len(set(cl.counts.values())) == 1
+    assert nh >= FIRST and nl >= FIRST and nh + nl == STEPS // 2
+    print(f"\n[host] wan22 A14B experts on the shipped Wan2.1 PACT, target 2x: high computed {nh} of {SPLIT}, "
+          f"low {nl} of {STEPS - SPLIT}")
