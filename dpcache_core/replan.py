@@ -204,7 +204,10 @@ class Planner:
             except ValueError:
                 continue
             return keys, path_cost(cost, keys, **extra), k
-        raise ValueError(f"no finite schedule for {num_evals} evaluations from {self.label}")
+        raise ValueError(
+            f"no finite schedule for a run of {num_evals} evaluations from the {self.label}: calibrate a PACT at "
+            f"this step count and sampler, or use a (uniform) schedule"
+        )
 
 
 def schedule_label(schedule: Schedule) -> str:
