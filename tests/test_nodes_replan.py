@@ -82,3 +82,17 @@ def test_manual_keeps_its_mismatch_error():
     patched = DPCacheApply().apply(F.FakePatcher(F.WanModel()), sched)["result"][0]
     with pytest.raises(ValueError, match="makes 8 model evaluations.*T=10.*total_evaluations=8"):
         F.sample(patched, steps=8, cfg=1.0)
+
+
+@pytest.mark.parametrize("pact", ["flux1_dev_official_T50.safetensors", "wan21_i2v_14b_official_T50.safetensors"])
+@pytest.mark.parametrize("steps", [20, 28, 30])
+def test_shipped_pacts_serve_other_step_counts(pact, steps):
+    """The authors' T=50 PACTs (order 2, with recorded positions) planned for a run of 20-30 steps."""
+    from dpcache_core import RunShape, index_positions, plan_run
+    sched = DPCacheSchedule().schedule(pact=pact, key_steps=13, first_full_steps=3, last_full_steps=0,
+                                       total_evaluations=50)["result"][0]
+    assert sched.num_evals == 50 and sched.planner.positions is not None
+    positions = tuple(index_positions(steps)[:-1])  # simple scheduler: evenly spaced
+    plan = plan_run(sched, RunShape(steps, positions, 1.0))
+    assert plan.schedule.num_evals == steps and plan.schedule.num_keys == round(13 * steps / 50)
+    assert plan.text.startswith(f"PACT calibrated at T=50; planned for T={steps}:")
