@@ -25,6 +25,7 @@ from .schedule import Schedule, mandatory_steps, path_cost, solve_schedule, unif
 from .transfer import index_positions, transfer_pact
 
 BUDGET_RULES = ("same speed-up", "target speed-up", "fixed K")
+TRANSFERABLE = ("reference", "skip")  # objectives over the (T, T+1, T+1) tensor the transfer rebuilds
 EDGE = 1e-3  # positions closer than this to 0 or 1 count as the trajectory's start or end
 
 
@@ -204,7 +205,10 @@ class Planner:
             except ValueError:
                 continue
             return keys, path_cost(cost, keys, **extra), k
-        raise ValueError(f"no finite schedule for {num_evals} evaluations from {self.label}")
+        raise ValueError(
+            f"no finite schedule for a run of {num_evals} evaluations from the {self.label}: calibrate a PACT at "
+            f"this step count and sampler, or use a (uniform) schedule"
+        )
 
 
 def schedule_label(schedule: Schedule) -> str:
@@ -235,12 +239,19 @@ def plan_run(schedule: Schedule, run: RunShape) -> RunPlan:
         keys = uniform_key_steps(n, k, planner.first_full_steps, planner.last_full_steps)
         text = f"{label}; planned for T={n}: {len(keys)} key evaluations ({rule}), keys {keys}"
         return RunPlan(replace(schedule, key_steps=tuple(keys), num_evals=n, planner=None), text, tuple(keys), n, 0)
+    convention = getattr(schedule, "convention", "reference")
+    if convention not in TRANSFERABLE:
+        raise ValueError(
+            f"a schedule planned with the {convention!r} objective cannot be re-planned for this run of {n} "
+            f"evaluations (only {' and '.join(TRANSFERABLE)} PACTs transfer): calibrate at this step count "
+            f"and sampler, or use a (uniform) schedule"
+        )
     joint = joint_trajectory(run, planner.first_full_steps, planner.span)
     positions = joint.positions
     if run.positions is None or planner.positions is None:  # no sigmas on one side: index / T
         positions = tuple(index_positions(joint.total))
     k = budget.keys_for(joint.total, planner.num_evals)
-    keys, cost, used = planner.solve(positions, k, joint.required, getattr(schedule, "convention", "reference"))
+    keys, cost, used = planner.solve(positions, k, joint.required, convention)
     raised = "" if used == k else f" (raised from {k}: the fewest this run allows)"
     if joint.total == n:
         text = f"{label}; planned for T={n}: {len(keys)} key evaluations{raised} ({rule}), keys {keys}"

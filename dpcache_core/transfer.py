@@ -99,7 +99,8 @@ def interpolate(grid: np.ndarray, x: np.ndarray, g: np.ndarray, h: np.ndarray) -
     """Trilinear interpolation of ``grid`` at fractional (x, g, h), over the finite corners only
     (their weights renormalised); +inf where no finite corner has weight."""
     shape = np.array(grid.shape) - 1
-    coords = [np.clip(c, 0, s) for c, s in zip((x, g, h), shape)]
+    x = np.asarray(x, dtype=np.float64)
+    coords = [np.clip(np.asarray(c, dtype=np.float64), 0, s) for c, s in zip((x, g, h), shape)]
     lows = [np.minimum(np.floor(c).astype(int), s - 1) if s > 0 else np.zeros_like(c, dtype=int)
             for c, s in zip(coords, shape)]
     fracs = [c - lo for c, lo in zip(coords, lows)]
@@ -159,7 +160,7 @@ def transfer_pact(
         anchors = np.arange(max(order - 1, i - cap), i)
         steps = np.arange(i + 1, num_evals + 1)
         a, t = np.meshgrid(anchors, steps, indexing="ij")
-        x = np.full(a.shape, min(max(frac[i], order), src_evals - 1))
+        x = np.full(a.shape, min(max(frac[i], float(order)), src_evals - 1.0))
         back = np.clip(frac[i] - frac[a], 1.0, max_back)
         forward = frac[t] - frac[i]
         inc = interpolate(grid, x.ravel(), back.ravel(), forward.ravel()).reshape(a.shape)

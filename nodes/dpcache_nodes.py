@@ -173,6 +173,8 @@ class DPCacheSchedule:
                 "last_full_steps": ("INT", {"default": 0, "min": 0, "max": 1000, "tooltip": "The last evaluations are always computed (fine detail)."}),
                 "total_evaluations": ("INT", {"default": 50, "min": 1, "max": 10000, "tooltip": "T for (uniform)/(manual): the model evaluations of your run (Euler: steps; Heun: about 2x steps). A PACT sets T itself."}),
                 "manual_key_steps": ("STRING", {"default": "", "tooltip": "For (manual): key evaluations such as '0, 1, 2, 5, 9-11' (0-based; 0 is added)."}),
+            },
+            "optional": {  # optional so that API prompts written before they existed still validate
                 "budget": (list(BUDGET_RULES), {"default": BUDGET_RULES[0], "tooltip": "How many key evaluations a run gets. A run whose evaluation count differs from T (other steps or sampler) is re-planned when sampling starts, from the PACT transferred to its count. same speed-up: key_steps at T, scaled to the run's count; target speed-up: count / target_speedup; fixed K: key_steps whatever the count. Not used by (manual)."}),
                 "target_speedup": ("FLOAT", {"default": 3.85, "min": 1.0, "max": 100.0, "step": 0.05, "tooltip": "For budget = target speed-up: the ideal speed-up T/K to plan for."}),
             },

@@ -240,8 +240,8 @@ def test_conversion_of_pack_nodes_without_comfyui():
     keep = [n for n in wf["nodes"] if n["type"] in OUR_TYPES]
     api = ui_to_api({"nodes": keep, "links": wf["links"]}, defs)
     sched = next(v for v in api.values() if v["class_type"] == "DPCacheSchedule")
-    assert sched["inputs"] == {"pact": "flux1_dev_official_T50.safetensors", "key_steps": 13, "first_full_steps": 3,
-                               "last_full_steps": 0, "total_evaluations": 50, "manual_key_steps": "",
+    assert sched["inputs"] == {"pact": "flux1_dev_official_T50.safetensors", "key_steps": 13, "first_full_steps": 3, "last_full_steps": 0,
+                               "total_evaluations": 50, "manual_key_steps": "",
                                "budget": "same speed-up", "target_speedup": 3.85}
     apply = next(v for v in api.values() if v["class_type"] == "DPCacheApply")
     assert set(apply["inputs"]) == {"model", "schedule"}
