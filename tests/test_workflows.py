@@ -340,6 +340,15 @@ def test_real_host_runs_every_workflow(server, object_info):
         prompt = to_harness(ui_to_api(wfs[name], object_info), name)
         check_planned_run(server, prompt, name, "wan21_i2v_14b_official_T50.safetensors")
 
+    # 4. Qwen-Image, and Wan2.2 A14B: two experts, a block counter on each, one schedule for both
+    for name in ("qwen_image_dpcache", "wan22_i2v_dpcache"):
+        prompt = to_harness(ui_to_api(wfs[name], object_info), name)
+        _, stats = run_ok(server, prompt)
+        assert len(stats) == (2 if name.startswith("wan22") else 1)
+        calls = [block_calls([s]) for s in stats]
+        assert all(0 < done < full for done, full in calls), f"{name}: DPCache skipped nothing ({calls})"
+        print(f"\n[host] workflow {name}: block calls (computed, full) per sampler {calls}")
+
 
 def check_planned_run(server, prompt, name, pact):
     """The run succeeds, its schedule comes from ``pact``, and the blocks ran at its 13 key steps of 50 only."""
