@@ -109,9 +109,11 @@ def advanced(model, key, noise, latent, steps, start, end, seed=42, cfg=1.0, add
                                force_full_denoise=end >= steps, seed=seed, disable_pbar=True)
 
 
-def test_partial_runs_plan_one_joint_trajectory(host, pact_dir, caplog):
-    """Two sampling calls over the halves of 20 steps (Wan2.2 A14B's high- then low-noise expert):
-    each computes only its keys of the joint plan, and each call's first evaluations are keys."""
+@pytest.mark.parametrize("steps", [20, 30])
+def test_partial_runs_plan_one_joint_trajectory(host, pact_dir, caplog, steps):
+    """Two sampling calls over the halves of 20 or 30 steps (Wan2.2 A14B's high- then low-noise
+    expert): each computes only its keys of the joint plan, and each call's first evaluations are keys.
+    At 20 the joint trajectory is the PACT's own T (used as it is); at 30 it is transferred."""
     import comfy.sample
     core = host["core"]
     model = calibrate(host, "wan_t2v", "wan_euler_20")
@@ -119,26 +121,27 @@ def test_partial_runs_plan_one_joint_trajectory(host, pact_dir, caplog):
     fast = apply(model, sched)
     _, _, latent = conditioning("wan_t2v")
     noise = comfy.sample.prepare_noise(latent, 42)
-    ref_mid = advanced(model, "wan_t2v", noise, latent, 20, 0, 10)
-    ref = advanced(model, "wan_t2v", noise, ref_mid, 20, 10, 20, add_noise=False)
+    half = steps // 2
+    ref_mid = advanced(model, "wan_t2v", noise, latent, steps, 0, half)
+    ref = advanced(model, "wan_t2v", noise, ref_mid, steps, half, steps, add_noise=False)
     calls = {}
     mid = None
-    for part, (start, end) in (("high", (0, 10)), ("low", (10, 20))):
+    for part, (start, end) in (("high", (0, half)), ("low", (half, steps))):
         with caplog.at_level(logging.INFO, logger="dpcache"), KeyRecorder(model) as c:
             if part == "high":
-                mid = out = advanced(fast, "wan_t2v", noise, latent, 20, start, end)
+                mid = out = advanced(fast, "wan_t2v", noise, latent, steps, start, end)
             else:
-                out = advanced(fast, "wan_t2v", noise, mid, 20, start, end, add_noise=False)
-        mine, line = reported_keys(caplog, r"this call computes \d+ of 10: ")
+                out = advanced(fast, "wan_t2v", noise, mid, steps, start, end, add_noise=False)
+        mine, line = reported_keys(caplog, rf"this call computes \d+ of {half}: ")
         joint, _ = reported_keys(caplog, r"joint plan \d+ key evaluations.*?keys ")
-        assert c.model_calls == 10 and c.computed_calls == mine and mine[:3] == [0, 1, 2]
-        assert f"evaluations {start}..{end - 1} of an estimated T=20" in line
+        assert c.model_calls == half and c.computed_calls == mine and mine[:3] == [0, 1, 2]
+        assert f"evaluations {start}..{end - 1} of an estimated T={steps}" in line
         calls[part] = (mine, joint)
-        print(f"\n[host] partial run {part} (steps {start}..{end} of 20): {line}; block calls {c.total}")
+        print(f"\n[host] partial run {part} (steps {start}..{end} of {steps}): {line}; block calls {c.total}")
     assert calls["high"][1] == calls["low"][1]  # both calls solved the same joint plan
     joint = calls["high"][1]
-    assert calls["high"][0] == [k for k in joint if k < 10] and calls["low"][0] == [k - 10 for k in joint if k >= 10]
-    assert len(joint) == K  # the PACT's own T: K as set, split between the calls by the DP
+    assert calls["high"][0] == [k for k in joint if k < half] and calls["low"][0] == [k - half for k in joint if k >= half]
+    assert len(joint) == round(K * steps / CAL_STEPS)  # same speed-up, split between the calls by the DP
     db = psnr(ref, out)
-    print(f"\n[host] partial runs: joint keys {joint}, PSNR of the two-call result {db:.2f} dB")
+    print(f"\n[host] partial runs of {steps} steps: joint keys {joint}, PSNR of the two-call result {db:.2f} dB")
     assert db > 25.0
