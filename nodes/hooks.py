@@ -553,6 +553,15 @@ def run_window(shape: RunShape | None):
     return joint.offset, joint.total, shape.num_evals
 
 
+def recorded_window(run) -> tuple | None:
+    """``run_window`` of a finished calibration run, from the sigma of each evaluation it recorded."""
+    sigmas = run.sigmas + [run.final_sigma]
+    if run.sigma_table is None or not run.sigmas or any(s != s for s in sigmas):
+        return None
+    positions = positions_from_sigmas(sigmas, run.sigma_table)
+    return run_window(RunShape(len(run.sigmas), tuple(spread_ties(positions[:-1])), float(positions[-1])))
+
+
 def window_positions(old, mine, window) -> list | None:
     """Positions of the whole trajectory: the file's (or evenly spaced), this window's measured ones in place."""
     offset, total, n = window
@@ -650,8 +659,8 @@ class CalibrateHook:
         if num_evals < self.order + 1:
             raise ValueError(f"a PACT of order {self.order} needs at least {self.order + 1} evaluations; this run made {num_evals}")
         window = run.window
-        if window is not None and window[2] != num_evals:  # the sampler made another count than planned
-            window = None
+        if window is None or window[2] != num_evals:  # count not known up front: place it from the recorded sigmas
+            window = recorded_window(run)
         total = num_evals if window is None else window[1]
         existing = self.load_existing(window)
         if existing is not None:

@@ -111,3 +111,13 @@ def test_whole_runs_and_windows_do_not_mix(folder):
     (c,) = DPCacheCalibrate().calibrate(high, "mix", 1, False)
     with pytest.raises(ValueError, match="overlapping the window"):
         F.sample(c, steps=STEPS, cfg=2.0, window=(3, 8))
+
+
+def test_a_sampler_of_unknown_count_is_placed_from_its_recorded_sigmas(folder):
+    """uni_pc-like samplers: the count is not known before sampling; the window is placed when the run ends."""
+    high, low = experts()
+    for model, window in ((high, HIGH), (low, LOW)):
+        (c,) = DPCacheCalibrate().calibrate(model, "unknown", 1, False)
+        F.sample(c, steps=STEPS, cfg=2.0, window=window, sampler="some_new_sampler")
+    acc, meta = load_pact(str(folder / "unknown.safetensors"))
+    assert acc.num_evals == STEPS and meta["windows"] == [[0, SPLIT, 1], [SPLIT, STEPS - SPLIT, 1]]
