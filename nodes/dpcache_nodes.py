@@ -9,6 +9,11 @@ import torch
 from . import hooks
 
 try:
+    from ..dpcache_core.windows import planning_view
+except ImportError:  # pragma: no cover - CPU tests import the repo root as top level
+    from dpcache_core.windows import planning_view
+
+try:
     from .. import dpcache_core as core
 except ImportError:  # pragma: no cover - CPU tests import the repo root as top level
     import dpcache_core as core
@@ -26,6 +31,7 @@ EXTENSIONS = {".safetensors"}
 PACK_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED_DIR = os.path.join(PACK_DIR, "cost_matrices")
 UNIFORM, MANUAL = "(uniform)", "(manual)"
+BUDGET_RULES = core.BUDGET_RULES
 
 
 def register_folder() -> None:
@@ -126,7 +132,7 @@ class DPCacheCalibrate:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "A FLUX.1 or Wan2.1 (T2V/I2V) model. It is cloned; the input stays untouched."}),
+                "model": ("MODEL", {"tooltip": "A FLUX.1, Chroma, HunyuanVideo (T2V), Qwen-Image, Wan2.1 or Wan2.2 model (for Wan2.2 A14B: each expert). It is cloned; the input stays untouched."}),
                 "pact_name": ("STRING", {"default": "flux_dev_euler_50", "tooltip": "File name in models/dpcache/ (letters, digits, . _ -). Samples accumulate there across queued prompts."}),
                 "order": ("INT", {"default": 1, "min": 1, "max": 3, "tooltip": "Taylor order of the predictor the PACT is built for. 1 (default): planned on the exact cost of the skipped evaluations; the best or near-best schedule at most K in our benchmarks. 2 is the paper's choice: the file also stores the cost given the last three key steps the run really uses (history-exact), which DPCache Schedule then plans on. Must match the file's order."}),
                 "reset": ("BOOLEAN", {"default": False, "tooltip": "Start the file afresh on the next finished run (its old samples are dropped); later runs accumulate again."}),
@@ -171,6 +177,10 @@ class DPCacheSchedule:
                 "total_evaluations": ("INT", {"default": 50, "min": 1, "max": 10000, "tooltip": "T for (uniform)/(manual): the model evaluations of your run (Euler: steps; Heun: about 2x steps). A PACT sets T itself."}),
                 "manual_key_steps": ("STRING", {"default": "", "tooltip": "For (manual): key evaluations such as '0, 1, 2, 5, 9-11' (0-based; 0 is added)."}),
             },
+            "optional": {  # optional so that API prompts written before they existed still validate
+                "budget": (list(BUDGET_RULES), {"default": BUDGET_RULES[0], "tooltip": "How many key evaluations a run gets. A run whose evaluation count differs from T (other steps or sampler) is re-planned when sampling starts, from the PACT transferred to its count. same speed-up: key_steps at T, scaled to the run's count; target speed-up: count / target_speedup; fixed K: key_steps whatever the count. Not used by (manual)."}),
+                "target_speedup": ("FLOAT", {"default": 3.85, "min": 1.0, "max": 100.0, "step": 0.05, "tooltip": "For budget = target speed-up: the ideal speed-up T/K to plan for."}),
+            },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
@@ -184,49 +194,75 @@ class DPCacheSchedule:
         except (ValueError, OSError):
             return ""
 
-    def schedule(self, pact, key_steps, first_full_steps, last_full_steps, total_evaluations, manual_key_steps="", unique_id=None):
-        sched, cost, hop_costs = make_schedule(pact, key_steps, first_full_steps, last_full_steps, total_evaluations, manual_key_steps)
+    def schedule(self, pact, key_steps, first_full_steps, last_full_steps, total_evaluations, manual_key_steps="",
+                 budget=BUDGET_RULES[0], target_speedup=3.85, unique_id=None):
+        sched, cost, hop_costs = make_schedule(pact, key_steps, first_full_steps, last_full_steps, total_evaluations,
+                                               manual_key_steps, budget, target_speedup)
         text = (
             f"key steps {list(sched.key_steps)}: {sched.num_keys} of {sched.num_evals} evaluations, "
             f"ideal speed-up {sched.ideal_speedup:.2f}x"
         )
         if sched.convention:
             text += f"; planned with {core.schedule.PLANNING[sched.convention]}"
+        if sched.planner is not None:
+            text += (f". {sched.planner.label}; a run with another evaluation count is re-planned when sampling "
+                     f"starts ({sched.planner.budget.describe(sched.num_evals)})")
+        else:
+            text += f". Manual keys: runs must make exactly {sched.num_evals} evaluations"
         log.info("DPCache Schedule (%s): %s", sched.source, text)
         hooks.send_text(text, unique_id)
         return {"ui": {"text": [text], "dpcache_schedule": [schedule_ui(sched)]}, "result": (sched, render_preview(sched, cost, hop_costs))}
 
 
-def make_schedule(pact, key_steps, first_full_steps=3, last_full_steps=0, total_evaluations=50, manual_key_steps=""):
+def make_schedule(pact, key_steps, first_full_steps=3, last_full_steps=0, total_evaluations=50, manual_key_steps="",
+                  budget=BUDGET_RULES[0], target_speedup=3.85):
     """(Schedule, cost tensor as the plan read it or None, history-exact hop costs or None) for the
-    node's inputs; ValueError with what to change."""
+    node's inputs; ValueError with what to change.
+
+    The schedule is planned at its own T (the PACT's, or total_evaluations); its ``planner``
+    re-plans runs of another evaluation count when sampling starts (``replan.plan_run``)."""
     try:
+        rule = core.Budget(budget, key_steps, target_speedup)
+        by_speedup = budget == "target speed-up"  # else K as typed at the schedule's own T
+        if by_speedup and pact == UNIFORM:
+            key_steps = rule.keys_for(total_evaluations, total_evaluations)
         if pact == MANUAL:
             keys = core.parse_key_steps(manual_key_steps, total_evaluations)
             return core.Schedule(tuple(keys), total_evaluations, source="manual",
                                  first_full_steps=first_full_steps, last_full_steps=last_full_steps), None, None
         if pact == UNIFORM:
             keys = core.uniform_key_steps(total_evaluations, key_steps, first_full_steps, last_full_steps)
+            planner = core.Planner(total_evaluations, rule, first_full_steps, last_full_steps,
+                                   label=f"(uniform) made for T={total_evaluations}")
             return core.Schedule(tuple(keys), total_evaluations, source="uniform",
-                                 first_full_steps=first_full_steps, last_full_steps=last_full_steps), None, None
+                                 first_full_steps=first_full_steps, last_full_steps=last_full_steps, planner=planner), None, None
         acc, meta = core.load_pact(pact_path(pact))
+        # a PACT of partial runs (e.g. Wan2.2 A14B's two experts) covers windows of one trajectory
+        cost, positions, starts = planning_view(acc.mean(), meta)
+        num_evals = cost.shape[0]
+        if by_speedup:
+            key_steps = rule.keys_for(num_evals, num_evals)
+        required = [s + k for s in starts for k in range(max(first_full_steps, 1)) if s + k < num_evals]
         order, scheme = int(meta.get("order", 2)), meta.get("scheme", "reference")
         convention, hop_costs = planning_convention(meta, acc), None
-        cost = core.cost_for(acc.mean(), "reference" if convention == "reference" else "skip")
-        if convention == "history":
+        view = core.cost_for(cost, "reference" if convention == "reference" else "skip")
+        if convention == "history":  # whole runs only: windowed PACTs have no history tensor
             history = acc.history_mean()
             keys = core.solve_schedule_history(history, key_steps, first_full_steps, last_full_steps, scheme=scheme)
             hop_costs = core.hop_costs_history(history, keys, first_full_steps, scheme)
             total = sum(hop_costs)
         else:
-            keys = core.solve_schedule(cost, key_steps, first_full_steps, last_full_steps)
-            total = core.path_cost(cost, keys)
+            keys = core.solve_schedule(cost, key_steps, first_full_steps, last_full_steps, required=required, convention=convention)
+            total = core.path_cost(cost, keys, convention)
+        label = f"PACT calibrated at T={num_evals}" + (f" (windows starting at {[0] + starts})" if starts else "")
+        planner = core.Planner(num_evals, rule, first_full_steps, last_full_steps, cost=cost, positions=positions,
+                               order=order, label=label)
         sched = core.Schedule(
-            tuple(keys), acc.num_evals, model_family=meta.get("model_family"), order=order, scheme=scheme,
+            tuple(keys), num_evals, model_family=meta.get("model_family"), order=order, scheme=scheme,
             source=f"pact:{pact}", cost=total, first_full_steps=first_full_steps, last_full_steps=last_full_steps,
-            convention=convention,
+            convention=convention, planner=planner,
         )
-        return sched, cost, hop_costs
+        return sched, view, hop_costs
     except ValueError as exc:
         raise ValueError(f"DPCache Schedule: {exc}") from None
 
@@ -259,8 +295,8 @@ class DPCacheApply:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "A FLUX.1 or Wan2.1 (T2V/I2V) model. It is cloned; the input stays untouched."}),
-                "schedule": ("DPCACHE_SCHEDULE", {"tooltip": "From DPCache Schedule. Its T must equal the run's number of model evaluations."}),
+                "model": ("MODEL", {"tooltip": "A FLUX.1, Chroma, HunyuanVideo (T2V), Qwen-Image, Wan2.1 or Wan2.2 model (for Wan2.2 A14B: each expert). It is cloned; the input stays untouched."}),
+                "schedule": ("DPCACHE_SCHEDULE", {"tooltip": "From DPCache Schedule. A run with another number of model evaluations (steps, sampler, a KSamplerAdvanced slice) is re-planned from it when sampling starts; a (manual) schedule needs exactly its T."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }

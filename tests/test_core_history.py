@@ -114,7 +114,7 @@ def test_skip_convention_dp_equals_brute_force():
                 best = min((path_cost(cost, k, "skip") for k in feasible_keys(num_evals, num_keys, first, last, max_hop)), default=np.inf)
                 if not np.isfinite(best):
                     with pytest.raises(ValueError, match="no schedule"):
-                        solve_schedule(cost, num_keys, first, last, max_hop, "skip")
+                        solve_schedule(cost, num_keys, first, last, max_hop, convention="skip")
                     continue
                 keys = solve_schedule(cost, num_keys, first, last, max_hop, convention="skip")
                 assert len(keys) == num_keys
@@ -242,3 +242,18 @@ def test_merge_cli_keeps_the_history_tensor_and_a_common_convention(tmp_path):
     assert meta["convention"] == "skip" and merged.history_counts.max() == 2
     merged, meta = merge_pacts(paths)  # a file from before issue 11: planned as before
     assert meta["convention"] == "reference" and merged.history_counts.max() == 2 and merged.samples == 3
+
+
+def test_a_history_exact_schedule_is_replanned_skip_only_for_another_count():
+    from dpcache_core.replan import Budget, Planner, RunShape, plan_run
+    from dpcache_core.transfer import transfer_pact
+
+    num_evals, trajectory = 12, smooth_trajectory(12, seed=3)
+    cost = build_pact(list(trajectory), order=2)
+    history = build_history(trajectory, 2)
+    keys = solve_schedule_history(history, 6, 3, 0)
+    planner = Planner(num_evals, Budget("same speed-up", 6), 3, 0, cost=cost, order=2, label="PACT calibrated at T=12")
+    sched = Schedule(tuple(keys), num_evals, order=2, convention="history", planner=planner)
+    assert plan_run(sched, RunShape(num_evals)).schedule is sched  # its own count: as planned
+    plan = plan_run(sched, RunShape(16))  # the history tensor does not transfer; the skip-only reading does
+    assert list(plan.schedule.key_steps) == solve_schedule(transfer_pact(cost, 16, 2), 8, 3, convention="skip")
