@@ -92,7 +92,7 @@ def build_history(
     scheme: str = "reference",
     max_gap: int | None = None,
     progress: Callable[[int, int], None] | None = None,
-    chunk_elements: int = 1 << 22,
+    chunk_elements: int = 1 << 19,
 ) -> np.ndarray:
     """The history cost tensor (see the module docstring) of one full-compute trajectory.
 
