@@ -15,6 +15,8 @@ from .taylor import TaylorPredictor
 class ScheduleMismatchError(ValueError):
     """The run makes a different number of model evaluations than the schedule was made for."""
 
+    __module__ = "dpcache"  # a stable name in ComfyUI's error dialog (not the pack's folder path)
+
 
 def mismatch_message(run_evals: int, schedule_evals: int) -> str:
     return (

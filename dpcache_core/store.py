@@ -21,6 +21,8 @@ PACK_VERSION = "0.1.0"
 class PactFileError(ValueError):
     """A PACT file that cannot be used, with a message that says what to do."""
 
+    __module__ = "dpcache"  # a stable name in ComfyUI's error dialog (not the pack's folder path)
+
 
 def new_file_mode() -> int:
     """The mode ``open()`` gives a new file under the current umask (0644 under umask 022)."""

@@ -204,6 +204,11 @@ def make_schedule(pact, key_steps, first_full_steps=3, last_full_steps=0, total_
             return core.Schedule(tuple(keys), total_evaluations, source="uniform",
                                  first_full_steps=first_full_steps, last_full_steps=last_full_steps), None
         acc, meta = core.load_pact(pact_path(pact))
+        if acc.samples == 0 or not acc.counts.any():
+            raise ValueError(
+                f"PACT {pact!r} holds no samples: queue at least one full sampling run through DPCache Calibrate "
+                "with this pact_name, or pick another PACT"
+            )
         cost = acc.mean()
         keys = core.solve_schedule(cost, key_steps, first_full_steps, last_full_steps)
         sched = core.Schedule(

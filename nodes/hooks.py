@@ -46,6 +46,8 @@ SECOND_ORDER_SAMPLERS = {"heun", "dpm_2"}
 class UnsupportedModelError(ValueError):
     """The MODEL is not one DPCache knows how to hook."""
 
+    __module__ = "dpcache"  # a stable name in ComfyUI's error dialog (not the pack's folder path)
+
 
 # --------------------------------------------------------------------------------------------
 # Which model is this

@@ -123,10 +123,16 @@ def test_no_finite_path_and_bad_shape():
         solve_schedule(np.ones((10, 10, 10)), 5)
 
 
-def test_hop_cap_makes_small_k_infeasible():
+def test_hop_cap_makes_small_k_infeasible_and_names_the_smallest_k_that_works():
     cost = np.ones((50, 51, 51))
-    with pytest.raises(ValueError, match="hop cap 15"):
-        solve_schedule(cost, 4, 3, 0)  # 3 mandatory + one key cannot cover 47 steps in hops of 15
+    # 3 mandatory keys (0, 1, 2) + one more cannot cover the 48 steps from 2 to the sentinel in hops of 15
+    with pytest.raises(ValueError, match="hop cap 15.*the smallest K that works is 6"):
+        solve_schedule(cost, 4, 3, 0)
+    assert len(solve_schedule(cost, 6, 3, 0)) == 6  # 2 -> 17 -> 32 -> 47 -> 50: four hops of <= 15
+    with pytest.raises(ValueError):
+        solve_schedule(cost, 5, 3, 0)
+    with pytest.raises(ValueError, match="no K works"):
+        solve_schedule(np.full((10, 11, 11), np.inf), 5)
 
 
 def test_path_cost_convention():

@@ -111,11 +111,28 @@ def test_schedule_from_a_pact_file(shipped):
     assert sched.source == "pact:w.safetensors" and sched.cost is not None
     assert image.shape[0] == 1 and image.shape[-1] == 3
     assert nd.DPCacheSchedule.IS_CHANGED("w.safetensors") != ""
-    with pytest.raises(ValueError, match="no schedule with K=5 key steps of T=12 has finite cost.*raise K"):
+    with pytest.raises(ValueError, match="no schedule with K=5 key steps of T=12 has finite cost.*the smallest K that works is 6"):
         run_schedule(pact="w.safetensors", key_steps=5)
     (shipped / "bad.safetensors").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="damaged"):
         run_schedule(pact="bad.safetensors", key_steps=5)
+
+
+def test_a_pact_without_samples_says_so(shipped):
+    save_pact(os.path.join(shipped, "empty.safetensors"), PactAccumulator(12), {"model_family": "flux", "order": 1})
+    with pytest.raises(ValueError, match="'empty.safetensors' holds no samples.*DPCache Calibrate") as err:
+        run_schedule(pact="empty.safetensors", key_steps=6)
+    assert "raise K" not in str(err.value) and "hop cap" not in str(err.value)
+
+
+def test_the_pack_exceptions_have_a_stable_module_name():
+    """ComfyUI's error dialog names an exception module.qualname; the module must not be the pack's folder path."""
+    from dpcache_core import PactFileError, ScheduleMismatchError
+    from nodes.hooks import UnsupportedModelError
+
+    for cls in (PactFileError, ScheduleMismatchError, UnsupportedModelError):
+        assert cls.__module__ == "dpcache", cls
+        assert issubclass(cls, ValueError)
 
 
 def test_schedule_and_apply_send_the_schedule_to_the_frontend():
