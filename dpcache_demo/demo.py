@@ -9,6 +9,7 @@ of it with the chosen path, and the images to ``--out``.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import time
@@ -18,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from . import toy_model
-from dpcache_core.pact import PactAccumulator
+from dpcache_core.pact import PactAccumulator, default_max_gap
 from dpcache_core.runtime import CacheRun, TrajectoryRecorder
 from dpcache_core.schedule import Schedule, path_cost, solve_schedule
 from dpcache_core.store import save_pact
@@ -72,6 +73,42 @@ def state_dtype(state) -> torch.dtype:
     return next(v.dtype for v in state.values() if torch.is_tensor(v) and v.is_floating_point())
 
 
+MAX_STEPS = 200  # the PACT holds (T, T+1, T+1) sums and counts: 130 MB at T = 200, 16 GB at T = 1000
+
+
+def smallest_feasible_keys(num_evals: int, first_full_steps: int, order: int) -> int:
+    """The least K for which the demo's PACT has a finite schedule.
+
+    The first max(first_full_steps, order + 1) evaluations are keys (from a key below ``order``
+    a PACT only allows a hop of one step) and every later hop is at most the hop cap
+    max(int(0.3 T), 1).
+    """
+    start = min(max(first_full_steps, order + 1), num_evals)
+    return start + math.ceil((num_evals - start + 1) / default_max_gap(num_evals)) - 1
+
+
+def argument_problem(args) -> str | None:
+    """The first argument out of its valid range, as one line that gives the range; None if all are fine."""
+    if not 1 <= args.order <= 3:
+        return f"--order must be 1, 2 or 3, got {args.order}"
+    if not args.order + 1 <= args.steps <= MAX_STEPS:
+        return f"--steps must be between {args.order + 1} (order {args.order} + 1) and {MAX_STEPS}, got {args.steps}"
+    if not 1 <= args.first_full_steps <= args.steps:
+        return f"--first-full-steps must be between 1 and --steps ({args.steps}), got {args.first_full_steps}"
+    low = smallest_feasible_keys(args.steps, args.first_full_steps, args.order)
+    if not low <= args.keys <= args.steps:
+        return (f"--keys must be between {low} and {args.steps} for --steps {args.steps} and --first-full-steps "
+                f"{args.first_full_steps} (hop cap {default_max_gap(args.steps)}), got {args.keys}")
+    for flag in ("calibration_prompts", "test_prompts", "repeats"):
+        if getattr(args, flag) < 1:
+            return f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}"
+    if not (math.isfinite(args.shift) and args.shift > 0):
+        return f"--shift must be a positive number, got {args.shift}"
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        return f"--out {args.out} is a file; give a folder"
+    return None
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=50, help="sampling steps T (Euler: one evaluation each)")
@@ -86,6 +123,9 @@ def main(argv=None) -> dict:
                         help="builtin: the trained small model; bench: a larger random-weight one where the blocks dominate")
     parser.add_argument("--out", default="out/demo", help="folder for the PACT, its picture and the images")
     args = parser.parse_args(argv)
+    problem = argument_problem(args)
+    if problem:  # before any work: one line, exit code 2 (argparse's code for bad arguments)
+        parser.exit(2, f"{parser.prog}: error: {problem}\n")
     torch.manual_seed(0)
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
