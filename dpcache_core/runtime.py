@@ -18,9 +18,10 @@ class ScheduleMismatchError(ValueError):
     __module__ = "dpcache"  # a stable name in ComfyUI's error dialog (not the pack's folder path)
 
 
-def mismatch_message(run_evals: int, schedule_evals: int) -> str:
+def mismatch_message(run_evals: int, schedule_evals: int, sampler: str | None = None) -> str:
+    run = f"this sampling run ({sampler})" if sampler else "this sampling run"
     return (
-        f"this sampling run makes {run_evals} model evaluations but the DPCache schedule was made for "
+        f"{run} makes {run_evals} model evaluations but the DPCache schedule was made for "
         f"T={schedule_evals}: set total_evaluations={run_evals} on DPCache Schedule (or calibrate a PACT "
         f"with this sampler and step count), or sample with {schedule_evals} evaluations"
     )

@@ -26,22 +26,12 @@ try:  # inside ComfyUI the pack is a package; in the CPU tests the repo root is 
 except ImportError:  # pragma: no cover - depends on how the pack is imported
     from dpcache_core import CacheRun, PactAccumulator, PactFileError, ScheduleMismatchError, TrajectoryRecorder, load_pact, save_pact
     from dpcache_core.runtime import mismatch_message
+from .sampler_counts import expected_evaluations, is_rectified_flow, sampler_name
 
 log = logging.getLogger("dpcache")
 
 RUN_KEY = "dpcache_run"  # transformer_options key of the per-run state (set only during a run)
 PATCH_KEY = "dpcache"  # transformer_options marker of a patched model, and our wrapper key
-
-# Samplers that call the model exactly once per step (so the run makes len(sigmas) - 1
-# evaluations): the evaluation count can be checked before sampling starts.
-SINGLE_EVAL_SAMPLERS = {
-    "euler", "euler_cfg_pp", "euler_ancestral", "euler_ancestral_cfg_pp", "lms", "dpmpp_2m",
-    "dpmpp_2m_sde", "dpmpp_2m_sde_gpu", "dpmpp_3m_sde", "dpmpp_3m_sde_gpu", "ddpm", "lcm", "ipndm",
-    "ipndm_v", "deis", "res_multistep", "res_multistep_cfg_pp", "res_multistep_ancestral",
-    "res_multistep_ancestral_cfg_pp", "gradient_estimation", "gradient_estimation_cfg_pp",
-}
-SECOND_ORDER_SAMPLERS = {"heun", "dpm_2"}
-
 
 class UnsupportedModelError(ValueError):
     """The MODEL is not one DPCache knows how to hook."""
@@ -199,10 +189,10 @@ class ApplyRun(RunState):
         except ScheduleMismatchError:
             num_evals = self.cache.schedule.num_evals
             raise ScheduleMismatchError(
-                f"this sampling run (sampler {self.sampler}) makes more than the T={num_evals} model evaluations "
-                f"the DPCache schedule was made for (2nd-order samplers such as heun evaluate about twice per step). "
-                f"Set total_evaluations on DPCache Schedule to the run's count (or calibrate a PACT with this sampler "
-                f"and step count), or use a sampler and step count that make {num_evals} evaluations"
+                f"this sampling run ({self.sampler or 'a sampler'} whose evaluation count is only known while it "
+                f"samples) makes at least {num_evals + 1} model evaluations but the DPCache schedule was made for "
+                f"T={num_evals}: use a sampler whose count follows from its steps (listed in the README; its count "
+                f"is checked before sampling), or calibrate a PACT with this sampler and raise total_evaluations"
             ) from None
         if not key and self.force_all:
             self.cache.force_key()
@@ -273,25 +263,6 @@ class CalibrateRun(RunState):
 
 # --------------------------------------------------------------------------------------------
 # Sampling wrappers
-
-
-def sampler_name(sampler) -> str | None:
-    fn = getattr(sampler, "sampler_function", None)
-    name = getattr(fn, "__name__", None)
-    if not name:
-        return None
-    return name[len("sample_"):] if name.startswith("sample_") else name
-
-
-def expected_evaluations(sampler, sigmas) -> int | None:
-    """The number of model evaluations of the run when it is known before sampling, else None."""
-    name = sampler_name(sampler)
-    steps = int(sigmas.shape[-1]) - 1
-    if name in SINGLE_EVAL_SAMPLERS:
-        return steps
-    if name in SECOND_ORDER_SAMPLERS:  # two evaluations per step, one where the next sigma is 0
-        return steps + int((sigmas[1:] != 0).sum())
-    return None
 
 
 def uses_controlnet(guider) -> bool:
@@ -378,9 +349,9 @@ class ApplyHook:
                 "Apply DPCache does not work with context windows (each window is a separate model call "
                 "on another part of the latent); remove the context-window node or Apply DPCache"
             )
-        expected = expected_evaluations(sampler, sigmas)
+        expected = expected_evaluations(sampler, sigmas, is_rectified_flow(guider.model_patcher))
         if expected is not None and expected != self.schedule.num_evals:
-            raise ScheduleMismatchError(mismatch_message(expected, self.schedule.num_evals))
+            raise ScheduleMismatchError(mismatch_message(expected, self.schedule.num_evals, sampler_name(sampler)))
         force_all = uses_controlnet(guider)
         if force_all:
             msg = "DPCache: ControlNet detected; it adds residuals between blocks, so every evaluation is computed in full"
@@ -399,7 +370,7 @@ class ApplyHook:
             send_event("dpcache.run", {"node": str(self.node_id), "computed": run.cache.computed,
                                        "skipped": run.cache.skipped, "num_evals": run.evaluations, "summary": line})
         if run.evaluations != self.schedule.num_evals:
-            raise ScheduleMismatchError(mismatch_message(run.evaluations, self.schedule.num_evals))
+            raise ScheduleMismatchError(mismatch_message(run.evaluations, self.schedule.num_evals, run.sampler))
 
     def outer_sample(self, executor, *args, **kwargs):
         return sample_with_run(executor, args, kwargs, self.start, self.finish)
@@ -525,7 +496,7 @@ class CalibrateHook:
             raise ValueError("DPCache Calibrate does not work with context windows; remove the context-window node")
         existing = self.load_existing()
         if existing is not None:
-            problem = self.mismatch(existing[1], expected_evaluations(sampler, sigmas))
+            problem = self.mismatch(existing[1], expected_evaluations(sampler, sigmas, is_rectified_flow(guider.model_patcher)))
             if problem:
                 raise ValueError(problem)
         run = CalibrateRun(self.family)

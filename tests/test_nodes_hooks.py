@@ -96,19 +96,32 @@ def test_schedule_mismatch_errors():
     model = wan()
     with pytest.raises(ValueError, match="makes 8 model evaluations.*T=10.*total_evaluations=8"):
         F.sample(apply(model, uniform(5)), steps=8)  # euler: known before sampling
-    with pytest.raises(ValueError, match="more than the T=10 model evaluations"):
-        F.sample(apply(model, uniform(5)), steps=10, sampler="dpmpp_2s_ancestral", evals_per_step=2)
-    with pytest.raises(ValueError, match="makes 8 model evaluations.*T=10"):
-        F.sample(apply(model, uniform(5)), steps=4, sampler="dpmpp_sde", evals_per_step=2)
+    # a sampler whose count is only known while it samples: stopped when it passes T, with both numbers
+    with pytest.raises(ValueError, match="dpm_adaptive.*at least 11 model evaluations.*T=10") as err:
+        F.sample(apply(model, uniform(5)), steps=10, sampler="dpm_adaptive", evals_per_step=2)
+    assert "heun" not in str(err.value)
+    with pytest.raises(ValueError, match="makes 6 model evaluations.*T=10"):
+        F.sample(apply(model, uniform(5)), steps=3, sampler="dpm_adaptive", evals_per_step=2)
+    # 2-evaluation samplers whose count follows from the sigmas: checked before the first evaluation
+    for sampler in ("dpmpp_sde", "dpmpp_2s_ancestral", "heun"):
+        with pytest.raises(ValueError, match=f"\\({sampler}\\) makes 19 model evaluations.*T=10.*total_evaluations=19") as err:
+            F.sample(apply(model, uniform(5)), steps=10, sampler=sampler, evals_per_step=0)
+        assert sampler == "heun" or "heun" not in str(err.value)
     # a schedule for the right count works with a 2-evaluation sampler
-    F.sample(apply(model, uniform(5, 20)), steps=10, sampler="dpmpp_sde", evals_per_step=2)
+    F.sample(apply(model, uniform(5, 19)), steps=10, sampler="dpmpp_sde", evals_per_step=2, last_single=True)
 
 
-def test_heun_count_is_known_up_front():
-    sigmas = torch.tensor([1.0, 0.5, 0.25, 0.0])
-    assert hooks.expected_evaluations(F.FakeSampler("heun"), sigmas) == 5
-    assert hooks.expected_evaluations(F.FakeSampler("euler"), sigmas) == 3
-    assert hooks.expected_evaluations(F.FakeSampler("uni_pc"), sigmas) is None
+SIGMAS = torch.tensor([1.0, 0.5, 0.25, 0.0])
+
+
+@pytest.mark.parametrize("sampler, count", [
+    ("euler", 3), ("uni_pc", 3), ("unipc", 3), ("unipc_bh2", 3), ("dpm_fast_function", 3), ("dpmpp_2m", 3),
+    ("heun", 5), ("dpm_2", 5), ("dpmpp_sde", 5), ("dpmpp_2s_ancestral", 5), ("dpm_2_ancestral", 5),
+    ("seeds_3", 7), ("heunpp2", 6), ("sa_solver", 3), ("sa_solver_pece", 5),
+    ("dpm_adaptive_function", None), ("some_custom_sampler", None),
+])
+def test_evaluation_counts_known_before_sampling(sampler, count):
+    assert hooks.expected_evaluations(F.FakeSampler(sampler), SIGMAS) == count
 
 
 def test_model_checks():
