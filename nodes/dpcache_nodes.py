@@ -26,6 +26,7 @@ EXTENSIONS = {".safetensors"}
 PACK_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED_DIR = os.path.join(PACK_DIR, "cost_matrices")
 UNIFORM, MANUAL = "(uniform)", "(manual)"
+DEFAULT_ORDER = 2  # Taylor order of (uniform) / (manual) schedules: the better one for evenly spaced keys (BENCHMARKS.md)
 
 
 def register_folder() -> None:
@@ -168,6 +169,9 @@ class DPCacheSchedule:
                 "total_evaluations": ("INT", {"default": 50, "min": 1, "max": 10000, "tooltip": "T for (uniform)/(manual): the model evaluations of your run (Euler: steps; Heun: about 2x steps). A PACT sets T itself."}),
                 "manual_key_steps": ("STRING", {"default": "", "tooltip": "For (manual): key evaluations such as '0, 1, 2, 5, 9-11' (0-based; 0 is added)."}),
             },
+            "optional": {
+                "taylor_order": ("INT", {"default": DEFAULT_ORDER, "min": 1, "max": 3, "tooltip": "Taylor order of the prediction for (uniform) and (manual) schedules. 2 was the better order for evenly spaced key steps in our benchmark (BENCHMARKS.md). A PACT brings its own order (DPCache Calibrate's), so this is ignored with one."}),
+            },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
@@ -181,27 +185,33 @@ class DPCacheSchedule:
         except (ValueError, OSError):
             return ""
 
-    def schedule(self, pact, key_steps, first_full_steps, last_full_steps, total_evaluations, manual_key_steps="", unique_id=None):
-        sched, cost = make_schedule(pact, key_steps, first_full_steps, last_full_steps, total_evaluations, manual_key_steps)
+    def schedule(self, pact, key_steps, first_full_steps, last_full_steps, total_evaluations, manual_key_steps="",
+                 taylor_order=DEFAULT_ORDER, unique_id=None):
+        sched, cost = make_schedule(pact, key_steps, first_full_steps, last_full_steps, total_evaluations, manual_key_steps,
+                                    taylor_order)
+        where = "taylor_order" if pact in (UNIFORM, MANUAL) else "from the PACT"
         text = (
             f"key steps {list(sched.key_steps)}: {sched.num_keys} of {sched.num_evals} evaluations, "
-            f"ideal speed-up {sched.ideal_speedup:.2f}x"
+            f"ideal speed-up {sched.ideal_speedup:.2f}x, Taylor order {sched.order} ({where})"
         )
         log.info("DPCache Schedule (%s): %s", sched.source, text)
         hooks.send_text(text, unique_id)
         return {"ui": {"text": [text], "dpcache_schedule": [schedule_ui(sched)]}, "result": (sched, render_preview(sched, cost))}
 
 
-def make_schedule(pact, key_steps, first_full_steps=3, last_full_steps=0, total_evaluations=50, manual_key_steps=""):
+def make_schedule(pact, key_steps, first_full_steps=3, last_full_steps=0, total_evaluations=50, manual_key_steps="",
+                  taylor_order=DEFAULT_ORDER):
     """(Schedule, cost tensor or None) for the node's inputs; ValueError with what to change."""
     try:
+        if pact in (UNIFORM, MANUAL) and not 1 <= int(taylor_order) <= 3:
+            raise ValueError(f"taylor_order must be 1, 2 or 3, got {taylor_order}")
         if pact == MANUAL:
             keys = core.parse_key_steps(manual_key_steps, total_evaluations)
-            return core.Schedule(tuple(keys), total_evaluations, source="manual",
+            return core.Schedule(tuple(keys), total_evaluations, order=int(taylor_order), source="manual",
                                  first_full_steps=first_full_steps, last_full_steps=last_full_steps), None
         if pact == UNIFORM:
             keys = core.uniform_key_steps(total_evaluations, key_steps, first_full_steps, last_full_steps)
-            return core.Schedule(tuple(keys), total_evaluations, source="uniform",
+            return core.Schedule(tuple(keys), total_evaluations, order=int(taylor_order), source="uniform",
                                  first_full_steps=first_full_steps, last_full_steps=last_full_steps), None
         acc, meta = core.load_pact(pact_path(pact))
         if acc.samples == 0 or not acc.counts.any():

@@ -118,6 +118,25 @@ def test_schedule_from_a_pact_file(shipped):
         run_schedule(pact="bad.safetensors", key_steps=5)
 
 
+def test_uniform_and_manual_run_the_taylor_order_given_and_say_which(shipped):
+    spec = nd.DPCacheSchedule.INPUT_TYPES()["optional"]["taylor_order"]
+    assert spec[0] == "INT" and (spec[1]["default"], spec[1]["min"], spec[1]["max"]) == (2, 1, 3) and spec[1]["tooltip"]
+    sched, _, text = run_schedule()
+    assert sched.order == 2 and "Taylor order 2 (taylor_order)" in text
+    for order in (1, 3):
+        sched, _, text = run_schedule(taylor_order=order)
+        assert sched.order == order and f"Taylor order {order} (taylor_order)" in text
+        sched, _, text = run_schedule(pact="(manual)", manual_key_steps="0, 1, 2, 9, 20", taylor_order=order)
+        assert sched.order == order and f"Taylor order {order}" in text
+    with pytest.raises(ValueError, match="taylor_order must be 1, 2 or 3, got 0"):
+        run_schedule(taylor_order=0)
+    acc = PactAccumulator(12)
+    acc.add(np.random.default_rng(0).random((12, 13, 13)))
+    save_pact(os.path.join(shipped, "o1.safetensors"), acc, {"model_family": "flux", "order": 1})
+    sched, _, text = run_schedule(pact="o1.safetensors", key_steps=8, taylor_order=3)  # the PACT's order wins
+    assert sched.order == 1 and "Taylor order 1 (from the PACT)" in text
+
+
 def test_a_pact_without_samples_says_so(shipped):
     save_pact(os.path.join(shipped, "empty.safetensors"), PactAccumulator(12), {"model_family": "flux", "order": 1})
     with pytest.raises(ValueError, match="'empty.safetensors' holds no samples.*DPCache Calibrate") as err:
