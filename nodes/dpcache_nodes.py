@@ -128,7 +128,7 @@ class DPCacheCalibrate:
         return {
             "required": {
                 "model": ("MODEL", {"tooltip": "A FLUX.1 or Wan2.1 (T2V/I2V) model. It is cloned; the input stays untouched."}),
-                "pact_name": ("STRING", {"default": "flux_dev_euler_50", "tooltip": "File name in models/dpcache/ (letters, digits, . _ -). Samples accumulate there across queued prompts."}),
+                "pact_name": ("STRING", {"default": "", "tooltip": "File name in models/dpcache/ (letters, digits, . _ -). Samples accumulate there across queued prompts. Empty: named after the model family, sampler and step count when sampling starts (e.g. wan_uni_pc_30)."}),
                 "order": ("INT", {"default": 1, "min": 1, "max": 3, "tooltip": "Taylor order of the predictor the PACT is built for. 1: the PACT measures exactly the run-time prediction, and the DP schedule won in our benchmarks; 2 is the paper's choice. Must match the file's order."}),
                 "reset": ("BOOLEAN", {"default": False, "tooltip": "Start the file afresh on the next finished run (its old samples are dropped); later runs accumulate again."}),
             },
@@ -141,7 +141,7 @@ class DPCacheCalibrate:
         hook = hooks.CalibrateHook(info.family, calibration_folder(), pact_name, order, reset, unique_id)
         m = model.clone()
         hooks.install(m, info, hook, "DPCache Calibrate")
-        log.info("DPCache Calibrate: %s, recording into %s", info.detail, hook.path)
+        log.info("DPCache Calibrate: %s, recording into %s", info.detail, hook.describe_target())
         return (m,)
 
 

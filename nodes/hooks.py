@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import textwrap
 
 import torch
 
@@ -270,15 +271,25 @@ def uses_controlnet(guider) -> bool:
     return any(isinstance(c, dict) and c.get("control") is not None for cs in conds.values() for c in (cs or []))
 
 
+NODE_TEXT_WIDTH = 30  # characters per line that fit a node of default width in ComfyUI's text widget
+
+
+def wrap_for_node(text: str, width: int = NODE_TEXT_WIDTH) -> str:
+    """``text`` broken into lines at spaces: ComfyUI's node text widget breaks lines anywhere
+    (CSS break-all), even inside a number, unless each line fits."""
+    return "\n".join(textwrap.fill(part, width, break_long_words=False, break_on_hyphens=False)
+                     for part in text.split("\n"))
+
+
 def send_text(text: str, node_id) -> None:
-    """A line of text on the node in the browser (guarded: there is no server in headless use)."""
+    """Text on the node in the browser, in lines that fit (guarded: no server in headless use)."""
     if node_id is None:
         return
     try:
         from server import PromptServer
 
         if PromptServer.instance is not None:
-            PromptServer.instance.send_progress_text(text, node_id)
+            PromptServer.instance.send_progress_text(wrap_for_node(text), node_id)
     except Exception:  # pragma: no cover - UI feedback is best effort
         pass
 
@@ -407,7 +418,8 @@ def pact_file_name(name: str) -> str:
     if not PACT_NAME.fullmatch(name) or ".." in name:
         raise ValueError(
             f"pact_name {name!r} is not a plain file name: use letters, digits, '.', '_' and '-' "
-            "(for example flux_dev_euler_50); it is saved as models/dpcache/<name>.safetensors"
+            "(for example flux_dev_euler_50), or leave it empty to name the file after the model family, sampler "
+            "and step count; it is saved as models/dpcache/<name>.safetensors"
         )
     return name + ".safetensors"
 
@@ -455,13 +467,23 @@ def progress_bar(total: int, node_id):
         return None
 
 
+def automatic_pact_name(family: str, sampler: str | None, steps: int) -> str:
+    """The PACT name when pact_name is left empty: model family, sampler and step count (wan_uni_pc_30)."""
+    return f"{family}_{sampler or 'sampler'}_{steps}"
+
+
 class CalibrateHook:
-    """Per-node config of DPCache Calibrate; records every run and adds one sample to the PACT file."""
+    """Per-node config of DPCache Calibrate; records every run and adds one sample to the PACT file.
+
+    An empty ``name`` is decided at the start of each run from the model family, the sampler and
+    the step count, so one node can calibrate several settings into separate files.
+    """
 
     def __init__(self, family: str, folder: str, name: str, order: int, reset: bool, node_id=None):
         self.family = family
-        self.name = name
-        self.path = os.path.join(folder, pact_file_name(name))
+        self.folder = folder
+        self.name = (name or "").strip()
+        self.path = os.path.join(folder, pact_file_name(self.name)) if self.name else None  # None: named per run
         self.order = int(order)
         self.node_id = node_id
         # Mutable on purpose, shared by every run of this node output: the first finished run
@@ -471,22 +493,27 @@ class CalibrateHook:
     def __deepcopy__(self, memo):
         return self
 
-    def mismatch(self, meta: dict, num_evals: int | None) -> str | None:
+    def describe_target(self) -> str:
+        if self.path:
+            return self.path
+        return os.path.join(self.folder, f"{self.family}_<sampler>_<steps>.safetensors (named when sampling starts)")
+
+    def mismatch(self, path: str, meta: dict, num_evals: int | None) -> str | None:
         have = (meta.get("model_family"), meta.get("order"), meta.get("num_evals"))
         want = (self.family, self.order, num_evals if num_evals is not None else meta.get("num_evals"))
         if have[0] in (None, want[0]) and have[1] == want[1] and have[2] == want[2]:
             return None
         return (
-            f"PACT '{os.path.basename(self.path)}' holds {meta.get('samples', '?')} samples for model family "
+            f"PACT '{os.path.basename(path)}' holds {meta.get('samples', '?')} samples for model family "
             f"{have[0]}, T={have[2]} evaluations, order {have[1]}; this run is {want[0]}, T={want[2]}, order {want[1]}. "
             "Pick a new pact_name on DPCache Calibrate, or set reset to start the file afresh"
         )
 
-    def load_existing(self):
-        if self.pending_reset[0] or not os.path.exists(self.path):
+    def load_existing(self, path: str):
+        if self.pending_reset[0] or not os.path.exists(path):
             return None
         try:
-            return load_pact(self.path)
+            return load_pact(path)
         except PactFileError as exc:
             raise ValueError(f"{exc} (or set reset on DPCache Calibrate to overwrite it)") from None
 
@@ -494,12 +521,16 @@ class CalibrateHook:
         sampler, sigmas = args[2], args[3]
         if guider.model_options.get("context_handler") is not None:
             raise ValueError("DPCache Calibrate does not work with context windows; remove the context-window node")
-        existing = self.load_existing()
+        steps = int(sigmas.shape[-1]) - 1
+        path = self.path or os.path.join(
+            self.folder, pact_file_name(automatic_pact_name(self.family, sampler_name(sampler), steps)))
+        existing = self.load_existing(path)
         if existing is not None:
-            problem = self.mismatch(existing[1], expected_evaluations(sampler, sigmas, is_rectified_flow(guider.model_patcher)))
+            problem = self.mismatch(path, existing[1], expected_evaluations(sampler, sigmas, is_rectified_flow(guider.model_patcher)))
             if problem:
                 raise ValueError(problem)
         run = CalibrateRun(self.family)
+        run.path = path
         run.metadata = {
             "model_family": self.family,
             "order": self.order,
@@ -507,29 +538,29 @@ class CalibrateHook:
             "sampler": sampler_name(sampler),
             "scheduler": guess_scheduler(guider, sigmas),
             "resolution": resolution_of(args[1]),
-            "steps": int(sigmas.shape[-1]) - 1,
+            "steps": steps,
         }
-        log.info("DPCache Calibrate: recording every evaluation for %s", os.path.basename(self.path))
+        log.info("DPCache Calibrate: recording every evaluation for %s", os.path.basename(path))
         return run
 
     def finish(self, run: CalibrateRun, ok: bool) -> None:
-        name = os.path.basename(self.path)
+        name = os.path.basename(run.path)
         if not ok:
             log.info("DPCache Calibrate: run stopped; nothing added to %s", name)
             return
         num_evals = run.evaluations
         if num_evals < self.order + 1:
             raise ValueError(f"a PACT of order {self.order} needs at least {self.order + 1} evaluations; this run made {num_evals}")
-        existing = self.load_existing()
+        existing = self.load_existing(run.path)
         if existing is not None:
-            problem = self.mismatch(existing[1], num_evals)
+            problem = self.mismatch(run.path, existing[1], num_evals)
             if problem:
                 raise ValueError(problem)
         log.info("DPCache Calibrate: building the PACT sample (%d evaluations)", num_evals)
         sample = run.recorder.build_sample(self.order, "reference", progress=progress_bar(num_evals, self.node_id))
         acc = existing[0] if existing is not None else PactAccumulator(num_evals)
         acc.add(sample)
-        meta = save_pact(self.path, acc, run.metadata)
+        meta = save_pact(run.path, acc, run.metadata)
         self.pending_reset[0] = False
         line = f"{name}: sample {meta['samples']} added ({num_evals} evaluations)"
         log.info("DPCache Calibrate: %s", line)

@@ -47,7 +47,7 @@ def test_definitions(node_id):
 
 def test_contract_inputs_and_defaults():
     cal = nd.DPCacheCalibrate.INPUT_TYPES()["required"]
-    assert cal["pact_name"][1]["default"] == "flux_dev_euler_50"
+    assert cal["pact_name"][1]["default"] == ""  # named after family, sampler and steps at run start
     assert (cal["order"][1]["default"], cal["order"][1]["min"], cal["order"][1]["max"]) == (1, 1, 3)
     assert cal["reset"][0] == "BOOLEAN" and cal["reset"][1]["default"] is False
     sch = nd.DPCacheSchedule.INPUT_TYPES()["required"]

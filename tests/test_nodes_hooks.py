@@ -221,10 +221,28 @@ def test_calibrate_accumulates_resets_and_checks(tmp_path, monkeypatch):
     assert load_pact(path)[0].samples == 2
 
 
-@pytest.mark.parametrize("name", ["../evil", "a/b", "", " ", ".hidden", "x" * 200])
+@pytest.mark.parametrize("name", ["../evil", "a/b", ".hidden", "x" * 200, "a b"])
 def test_calibrate_rejects_unsafe_names(name):
     with pytest.raises(ValueError, match="not a plain file name"):
         DPCacheCalibrate().calibrate(flux(), name, 2, False)
+
+
+@pytest.mark.parametrize("blank", ["", " "])
+def test_empty_pact_name_is_named_after_family_sampler_and_steps_at_run_start(tmp_path, monkeypatch, blank):
+    import nodes.dpcache_nodes as nd
+    monkeypatch.setattr(nd, "calibration_folder", lambda: str(tmp_path))
+    assert nd.DPCacheCalibrate.INPUT_TYPES()["required"]["pact_name"][1]["default"] == ""
+    (calib,) = DPCacheCalibrate().calibrate(wan(), blank, 1, False)
+    F.sample(calib, steps=6, sampler="uni_pc")
+    F.sample(calib, steps=8)  # the same node, another setting: another file
+    F.sample(calib, steps=8)
+    assert sorted(os.listdir(tmp_path)) == ["wan_euler_8.safetensors", "wan_uni_pc_6.safetensors"]
+    acc, meta = load_pact(os.path.join(tmp_path, "wan_euler_8.safetensors"))
+    assert acc.samples == 2 and meta["sampler"] == "euler" and meta["steps"] == 8
+    (calib_flux,) = DPCacheCalibrate().calibrate(flux(), blank, 1, False)
+    F.sample(calib_flux, steps=6, sampler="heun", evals_per_step=2, last_single=True)
+    acc, meta = load_pact(os.path.join(tmp_path, "flux_heun_6.safetensors"))
+    assert acc.num_evals == 11 and meta["model_family"] == "flux"
 
 
 def test_calibrate_records_separate_streams_and_builds_a_pact(tmp_path, monkeypatch):
@@ -235,3 +253,19 @@ def test_calibrate_records_separate_streams_and_builds_a_pact(tmp_path, monkeypa
     acc, meta = load_pact(os.path.join(tmp_path, "w.safetensors"))
     assert acc.samples == 1 and meta["order"] == 1
     assert torch.isfinite(torch.from_numpy(acc.mean())).any()
+
+
+def test_node_report_is_sent_in_lines_that_fit_never_split_inside_a_number(monkeypatch):
+    """ComfyUI's node text widget breaks anywhere (CSS break-all): each line must fit the node."""
+    import sys
+    import types
+
+    sent = []
+    server = types.SimpleNamespace(send_progress_text=lambda text, node: sent.append((text, node)))
+    monkeypatch.setitem(sys.modules, "server", types.SimpleNamespace(PromptServer=types.SimpleNamespace(instance=server)))
+    report = "DPCache: 13 key evaluations computed, 37 skipped of 50; wall 7.54 s"
+    hooks.send_text(report, "7")
+    (text, node), = sent
+    lines = text.split("\n")
+    assert node == "7" and len(lines) > 1 and max(map(len, lines)) <= hooks.NODE_TEXT_WIDTH
+    assert " ".join(lines) == report  # broken only at spaces: every number stays whole
