@@ -3,7 +3,7 @@
 Plain torch + numpy; no ComfyUI import, so it runs and is tested anywhere.
 """
 from .pact import PactAccumulator, build_pact, default_max_gap
-from .picture import draw_text, render_pact_path, render_timeline, text_size, to_comfy_image, write_png
+from .picture import render_image_rows, render_pact_path, render_timeline, to_comfy_image, write_png
 from .runtime import CacheRun, ScheduleMismatchError, TrajectoryRecorder
 from .schedule import (
     Schedule,
@@ -28,18 +28,17 @@ __all__ = [
     "TrajectoryRecorder",
     "build_pact",
     "default_max_gap",
-    "draw_text",
     "import_reference_pkl",
     "load_pact",
     "mandatory_steps",
     "parse_key_steps",
     "path_cost",
+    "render_image_rows",
     "render_pact_path",
     "render_timeline",
     "save_pact",
     "solve_schedule",
     "solve_schedule_reference",
-    "text_size",
     "to_comfy_image",
     "uniform_key_steps",
     "write_png",

@@ -165,12 +165,13 @@ def main(argv=None) -> dict:
                                "sampler": "euler", "resolution": [model.config["image_size"]] * 2})
     picture_path = os.path.join(args.out, "pact_schedule.png")
     images_path = os.path.join(args.out, "full_vs_dpcache.png")
-    from dpcache_core.picture import render_pact_path, write_png
+    from dpcache_core.picture import render_image_rows, render_pact_path, write_png
 
-    write_png(picture_path, render_pact_path(cost, keys))
-    grid = np.concatenate([np.concatenate([toy_model.to_uint8(f)[0], toy_model.to_uint8(d)[0]], axis=0)
-                           for f, d in images], axis=1)
-    write_png(images_path, np.kron(grid, np.ones((4, 4, 1), dtype=np.uint8)))
+    write_png(picture_path, render_pact_path(cost, keys, title=f"demo PACT, {len(calib)} prompts"))
+    write_png(images_path, render_image_rows([
+        ("full", [toy_model.to_uint8(full)[0] for full, _ in images]),
+        (f"DPCache K={args.keys}", [toy_model.to_uint8(fast)[0] for _, fast in images]),
+    ], scale=4))
 
     result = {
         "evaluations": args.steps,
@@ -189,7 +190,7 @@ def main(argv=None) -> dict:
     print(f"speed-up         {result['speedup']:.2f}x measured (median of {len(ratios)} interleaved pairs; ideal T/K = {schedule.ideal_speedup:.2f}x)")
     print(f"fidelity         PSNR {result['psnr_db']:.1f} dB, relative L1 {result['relative_l1']:.4f} "
           f"(median over {len(held_out)} held-out prompts, final output vs the full run)")
-    print(f"pictures         {picture_path}, {images_path} (top: full, bottom: DPCache)")
+    print(f"pictures         {picture_path}, {images_path} (rows labelled: full, DPCache)")
     return result
 
 
