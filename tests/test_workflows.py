@@ -6,7 +6,7 @@ used, settings that must agree (total_evaluations = sampler steps), and a Note i
 
 Real-host tier (COMFYUI_PATH set; see tests/browser/comfy_server.py): every node type is
 registered in a running ComfyUI and every workflow converts to an API prompt that the server
-accepts; with the comfyui-host harness (tiny models + stand-in encoders) each workflow also
+accepts; with optional stand-in encoder nodes and tiny model files (not shipped here) each workflow also
 runs end to end: calibration twice, then FLUX text-to-image on the calibrated PACT, and the
 Wan2.1 text- and image-to-video workflows.
 """
@@ -237,10 +237,12 @@ def test_real_host_widget_counts(path, object_info):
 def have_harness(object_info):
     need = {"HarnessRandomConditioning", "HarnessEmptyLatent", "HarnessWanI2VConditioning", "HarnessLatentStats"}
     if not need <= set(object_info):
-        pytest.skip("the comfyui-host harness nodes are not installed (set DPCACHE_HARNESS_NODES to their folder)")
+        pytest.skip("optional end-to-end runs: they need stand-in encoder nodes for tiny models (HarnessRandomConditioning, "
+                    "HarnessEmptyLatent, ...; DPCACHE_HARNESS_NODES), which this repository does not ship")
     unets = object_info["UNETLoader"]["input"]["required"]["unet_name"][0]
     if "tiny_flux.safetensors" not in unets:
-        pytest.skip("the tiny models of the comfyui-host harness are not in models/diffusion_models")
+        pytest.skip("optional end-to-end runs: they need tiny_flux.safetensors and the tiny Wan models in that ComfyUI's "
+                    "models/diffusion_models, which this repository does not ship")
 
 
 def run_ok(server, prompt):
