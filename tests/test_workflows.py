@@ -159,7 +159,7 @@ def test_settings_agree(path):
     model_src = nodes[links[next(i["link"] for i in ks[0]["inputs"] if i["name"] == "model")][1]]
     for n in wf["nodes"]:
         if n["type"] == "DPCacheSchedule":
-            pact, k, first, last, total, manual, taylor_order = n["widgets_values"]
+            pact, k, first, last, total, manual, budget, speedup, taylor_order = n["widgets_values"]
             assert taylor_order == 2, "taylor_order keeps its default (used by (uniform)/(manual) only)"
             assert total == steps, "total_evaluations must equal the sampler's evaluations (one per step here)"
             assert first + last <= k <= total
@@ -224,7 +224,8 @@ def test_conversion_of_pack_nodes_without_comfyui():
     api = ui_to_api({"nodes": keep, "links": wf["links"]}, defs)
     sched = next(v for v in api.values() if v["class_type"] == "DPCacheSchedule")
     assert sched["inputs"] == {"pact": "flux1_dev_official_T50.safetensors", "key_steps": 13, "first_full_steps": 3, "last_full_steps": 0,
-                               "total_evaluations": 50, "manual_key_steps": "", "taylor_order": 2}
+                               "total_evaluations": 50, "manual_key_steps": "",
+                               "budget": "same speed-up", "target_speedup": 3.85, "taylor_order": 2}
     apply = next(v for v in api.values() if v["class_type"] == "DPCacheApply")
     assert set(apply["inputs"]) == {"model", "schedule"}
 

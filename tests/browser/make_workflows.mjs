@@ -13,7 +13,8 @@ const url = process.argv[2] ?? "http://127.0.0.1:8199";
 
 const NOTE_COMMON = `WHAT THE SETTINGS MEAN
 - key_steps (K): how many of the T model evaluations are computed in full. The others skip every transformer block and predict its output with a Taylor expansion. Ideal speed-up = T / K (K=13 of 50: 3.85x, K=9: 5.56x). Smaller K = faster, less faithful.
-- total_evaluations (T): must equal the model evaluations of your run. euler, uni_pc and other one-step samplers: T = steps. heun, dpmpp_2s and other two-stage samplers make about 2x steps. A PACT file fixes T itself; a mismatch stops with a clear error.
+- total_evaluations (T): the model evaluations (uniform) and (manual) plan for. euler, uni_pc and other one-step samplers: T = steps; heun makes about 2x steps. A PACT file fixes T itself. A run with another count (other steps, sampler, or a KSamplerAdvanced slice) is re-planned for it when sampling starts, from the PACT transferred to that count; (manual) stops with a clear error instead.
+- budget: how K follows such a run. same speed-up scales K with the count (K=13 of 50 -> 7 of 28), target speed-up plans count / target_speedup, fixed K keeps K.
 - first_full_steps / last_full_steps: evaluations always computed at the start / end (the image changes fastest at the start).
 - pact: "(uniform)" spaces the key steps evenly and "(manual)" takes manual_key_steps (e.g. "0, 1, 2, 5, 9-11"); both work without calibrating. A calibrated PACT lets DPCache plan the key steps globally (dynamic programming over the path-aware cost tensor), which is what gives the paper its quality at high speed-ups.
 
@@ -29,7 +30,7 @@ const FLUX_T2I = {
     unet: ["UNETLoader", [20, 80], { unet_name: "flux1-dev.safetensors", weight_dtype: "default" }],
     clip: ["DualCLIPLoader", [20, 230], { clip_name1: "clip_l.safetensors", clip_name2: "t5xxl_fp16.safetensors", type: "flux", device: "default" }],
     vae: ["VAELoader", [20, 420], { vae_name: "ae.safetensors" }],
-    sched: ["DPCacheSchedule", [400, 80], { pact: FLUX_PACT, key_steps: 13, first_full_steps: 3, last_full_steps: 0, total_evaluations: 50, manual_key_steps: "", taylor_order: 2 }],
+    sched: ["DPCacheSchedule", [400, 80], { pact: FLUX_PACT, key_steps: 13, first_full_steps: 3, last_full_steps: 0, total_evaluations: 50, manual_key_steps: "", budget: "same speed-up", target_speedup: 3.85, taylor_order: 2 }],
     apply: ["DPCacheApply", [400, 340], {}, { size: [240, 50] }],
     pos: ["CLIPTextEncode", [400, 460], { text: "a red fox sitting in fresh snow at sunrise, soft golden light, detailed fur, shallow depth of field" }, { title: "CLIP Text Encode (Prompt)" }],
     guid: ["FluxGuidance", [400, 700], { guidance: 3.5 }],
@@ -97,7 +98,7 @@ const WAN_T2V = {
     clip: ["CLIPLoader", [20, 230], { clip_name: "umt5_xxl_fp8_e4m3fn_scaled.safetensors", type: "wan", device: "default" }],
     vae: ["VAELoader", [20, 420], { vae_name: "wan_2.1_vae.safetensors" }],
     shift: ["ModelSamplingSD3", [400, 80], { shift: 8.0 }],
-    sched: ["DPCacheSchedule", [400, 190], { pact: WAN_PACT, key_steps: 13, first_full_steps: 3, last_full_steps: 0, total_evaluations: 50, manual_key_steps: "", taylor_order: 2 }],
+    sched: ["DPCacheSchedule", [400, 190], { pact: WAN_PACT, key_steps: 13, first_full_steps: 3, last_full_steps: 0, total_evaluations: 50, manual_key_steps: "", budget: "same speed-up", target_speedup: 3.85, taylor_order: 2 }],
     apply: ["DPCacheApply", [400, 450], {}, { size: [240, 50] }],
     pos: ["CLIPTextEncode", [400, 560], { text: "a fox running through a snowy forest, tracking shot, daylight" }, { title: "CLIP Text Encode (Positive)" }],
     neg: ["CLIPTextEncode", [400, 790], { text: WAN_NEG }, { title: "CLIP Text Encode (Negative)" }],
@@ -132,7 +133,7 @@ const WAN_I2V = {
     img: ["LoadImage", [20, 640], { image: "example.png", upload: "image" }],
     cvenc: ["CLIPVisionEncode", [20, 1060], { crop: "none" }],
     shift: ["ModelSamplingSD3", [400, 80], { shift: 8.0 }],
-    sched: ["DPCacheSchedule", [400, 190], { pact: WAN_PACT, key_steps: 13, first_full_steps: 3, last_full_steps: 0, total_evaluations: 50, manual_key_steps: "", taylor_order: 2 }],
+    sched: ["DPCacheSchedule", [400, 190], { pact: WAN_PACT, key_steps: 13, first_full_steps: 3, last_full_steps: 0, total_evaluations: 50, manual_key_steps: "", budget: "same speed-up", target_speedup: 3.85, taylor_order: 2 }],
     apply: ["DPCacheApply", [400, 450], {}, { size: [240, 50] }],
     pos: ["CLIPTextEncode", [400, 560], { text: "the fox turns its head towards the camera, snow falling gently" }, { title: "CLIP Text Encode (Positive)" }],
     neg: ["CLIPTextEncode", [400, 790], { text: WAN_NEG }, { title: "CLIP Text Encode (Negative)" }],
