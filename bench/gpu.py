@@ -127,19 +127,28 @@ class ToyRunner:
         # weight on the CPU, far too slow for 12B parameters
         fast = type("Bench" + cls.__name__, (cls,), {"_init_weights": lambda self: None})
         torch.manual_seed(0)
-        with torch.device(device):
-            self.model = fast(cfg).to(dtype).eval()
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.device(device):
+                self.model = fast(cfg).to(dtype).eval()
+        finally:
+            torch.set_default_dtype(default)
+        # the pack's models embed the timestep in float32: autocast runs them in ``dtype`` throughout
+        self.autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
         self.noise = toy_model.make_noise(cfg, 0).to(device=device, dtype=dtype)
         self.cond = 0
         self.shift = 3.0
 
     def full(self, steps: int = T):
-        return self.toy.sample(self.model, self.noise, self.cond, steps, self.shift)
+        with self.autocast:
+            return self.toy.sample(self.model, self.noise, self.cond, steps, self.shift)
 
     def cached(self, keys):
         from dpcache_demo.demo import accelerated_sample
         schedule = self.core.Schedule(tuple(keys), T, self.family, order=1)
-        return accelerated_sample(self.model, self.noise, self.cond, schedule, self.shift)[0]
+        with self.autocast:
+            return accelerated_sample(self.model, self.noise, self.cond, schedule, self.shift)[0]
 
     def calibrate(self):
         rec = self.core.TrajectoryRecorder(storage_device="cpu" if self.device.type == "cuda" else None)
@@ -148,7 +157,8 @@ class ToyRunner:
             rec.start_evaluation()
             rec.record("cond", feature)
 
-        self.toy.sample(self.model, self.noise, self.cond, T, self.shift, on_evaluation=record)
+        with self.autocast:
+            self.toy.sample(self.model, self.noise, self.cond, T, self.shift, on_evaluation=record)
         rec.build_sample(order=1, device=self.device)
         rec.close()
 
@@ -218,6 +228,12 @@ class ComfyRunner:
         self.tmp.cleanup()
 
 
+def uniform_keys(k: int) -> list[int]:
+    """K key evaluations of T: the first 3, the rest evenly spaced (the pack's (uniform) schedule)."""
+    import dpcache_core
+    return dpcache_core.uniform_key_steps(T, k, 3, 0)
+
+
 def axes(head_dim: int) -> list[int]:
     """FLUX's 2:7:7 split of the rotary dims ([16, 56, 56] for head_dim 128)."""
     return [head_dim // 8, head_dim * 7 // 16, head_dim * 7 // 16]
@@ -251,7 +267,7 @@ def bench_model(runner, family: str, meter: Meter) -> list[Row]:
     full_s, full_peak = m["seconds"], m["peak"]
     rows = [Row(family, "full", full_s)]
     for k in KS:
-        keys = core.uniform_key_steps(T, k, 3, 0)
+        keys = core.uniform_key_steps(T, k, 3, 0)  # the loaded pack's own core (same function as uniform_keys)
         with meter.measure(m):
             runner.cached(keys)
         speedup = full_s / m["seconds"]

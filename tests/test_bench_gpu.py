@@ -32,3 +32,4 @@ def test_unknown_model_is_refused(monkeypatch):
     monkeypatch.delenv("COMFYUI_PATH", raising=False)
     with pytest.raises(SystemExit, match="unknown model"):
         gpu.main(["--tiny", "--models", "sdxl"])
+
