@@ -27,12 +27,13 @@ def test_held_out_prompts_are_not_calibration_prompts():
 
 
 def test_pareto_png(tmp_path):
-    rows = [dict(series="plain", skipped=0.0, psnr_mean=float("inf")),
-            dict(series="LazyCache", skipped=0.5, psnr_mean=25.0),
-            dict(series="LazyCache", skipped=0.7, psnr_mean=18.0),
-            dict(series="DPCache calibrated o1", skipped=0.74, psnr_mean=40.0)]
-    path = tmp_path / "p.png"
-    cc.pareto_png(str(path), rows)
-    img = np.asarray(Image.open(path))
-    assert img.shape == (460, 760, 3)
-    assert (img == np.array(cc.SERIES_COLOURS["LazyCache"], np.uint8)).all(-1).sum() > 20
+    rows = [dict(series="plain", skipped=0.0, speedup=1.0, psnr_mean=float("inf")),
+            dict(series="LazyCache", skipped=0.5, speedup=1.8, psnr_mean=25.0),
+            dict(series="LazyCache", skipped=0.7, speedup=2.9, psnr_mean=18.0),
+            dict(series="DPCache calibrated o1", skipped=0.74, speedup=2.2, psnr_mean=40.0)]
+    for x_key in ("skipped", "speedup"):
+        path = tmp_path / f"{x_key}.png"
+        cc.pareto_png(str(path), rows, x_key=x_key)
+        img = np.asarray(Image.open(path))
+        assert img.shape == (460, 760, 3)
+        assert (img == np.array(cc.SERIES_COLOURS["LazyCache"], np.uint8)).all(-1).sum() > 20
