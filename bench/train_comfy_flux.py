@@ -1,6 +1,6 @@
 """Train a small model in ComfyUI's own FLUX architecture on procedural coloured shapes.
 
-    COMFYUI_PATH=<ComfyUI> <its python> -m bench.train_comfy_flux          # ~13 min, 1 thread
+    COMFYUI_PATH=<ComfyUI> <its python> -m bench.train_comfy_flux          # 1600 steps, 1 thread: ~7 min idle, 30 min on a busy 2-core machine
     ... -m bench.train_comfy_flux --steps 20 --out /tmp/smoke.safetensors    # smoke run
 
 The model is `comfy.ldm.flux.model.Flux` itself (imported from COMFYUI_PATH at run time, never
