@@ -22,10 +22,14 @@ import torch
 
 try:  # inside ComfyUI the pack is a package; in the CPU tests the repo root is on sys.path
     from ..dpcache_core import CacheRun, PactAccumulator, PactFileError, ScheduleMismatchError, TrajectoryRecorder, load_pact, save_pact
+    from ..dpcache_core.replan import RunShape, plan_run
     from ..dpcache_core.runtime import mismatch_message
+    from ..dpcache_core.transfer import positions_from_sigmas, spread_ties
 except ImportError:  # pragma: no cover - depends on how the pack is imported
     from dpcache_core import CacheRun, PactAccumulator, PactFileError, ScheduleMismatchError, TrajectoryRecorder, load_pact, save_pact
+    from dpcache_core.replan import RunShape, plan_run
     from dpcache_core.runtime import mismatch_message
+    from dpcache_core.transfer import positions_from_sigmas, spread_ties
 
 log = logging.getLogger("dpcache")
 
@@ -184,14 +188,15 @@ class RunState:
 class ApplyRun(RunState):
     """Apply DPCache during one sampling run: key evaluations compute, the others predict."""
 
-    def __init__(self, family: str, schedule, force_all: bool = False, sampler: str | None = None):
+    def __init__(self, family: str, schedule, force_all: bool = False, sampler: str | None = None, plan_text: str = ""):
         super().__init__(family)
         self.cache = CacheRun(schedule)
         self.force_all = force_all
         self.sampler = sampler
+        self.plan_text = plan_text
         self.fallback_calls = 0
 
-    def start_evaluation(self) -> None:
+    def start_evaluation(self, sigma=None) -> None:
         try:
             key = self.cache.start_evaluation()
         except ScheduleMismatchError:
@@ -237,6 +242,8 @@ class ApplyRun(RunState):
 
     def summary(self) -> str:
         line = self.cache.summary()
+        if self.plan_text:
+            line = f"{self.plan_text}. {line}"
         if self.fallback_calls:
             line += f"; {self.fallback_calls} model calls computed in full at skipped evaluations (new conditioning or block patches)"
         return line
@@ -251,9 +258,11 @@ class CalibrateRun(RunState):
     def __init__(self, family: str, storage_device="cpu"):
         super().__init__(family)
         self.recorder = TrajectoryRecorder(storage_device=storage_device)
+        self.sigmas: list[float] = []
 
-    def start_evaluation(self) -> None:
+    def start_evaluation(self, sigma=None) -> None:
         self.recorder.start_evaluation()
+        self.sigmas.append(float(sigma.reshape(-1)[0]) if sigma is not None else float("nan"))
 
     def last_block(self, args, extra, prev):
         out = call_block(prev, args, extra)
@@ -290,6 +299,56 @@ def expected_evaluations(sampler, sigmas) -> int | None:
     if name in SECOND_ORDER_SAMPLERS:  # two evaluations per step, one where the next sigma is 0
         return steps + int((sigmas[1:] != 0).sum())
     return None
+
+
+def evaluation_sigmas(sampler, sigmas) -> list[float] | None:
+    """The sigma of every model evaluation of the run, when known before sampling, else None."""
+    count = expected_evaluations(sampler, sigmas)
+    if count is None:
+        return None
+    s = [float(x) for x in sigmas.reshape(-1)]
+    steps = len(s) - 1
+    if count == steps:
+        return s[:-1]
+    name = sampler_name(sampler)
+    if name == "heun":  # the corrector evaluates at the next sigma (none on the last step to 0)
+        return [x for i in range(steps) for x in ([s[i], s[i + 1]] if s[i + 1] != 0 else [s[i]])]
+    if name == "dpm_2":  # the midpoint evaluates at the geometric mean of the two sigmas
+        return [x for i in range(steps) for x in ([s[i], (s[i] * s[i + 1]) ** 0.5] if s[i + 1] != 0 else [s[i]])]
+    return None
+
+
+def sigma_table(guider):
+    """The model's ascending sigma table (``model_sampling.sigmas``), or None."""
+    try:
+        table = guider.model_patcher.get_model_object("model_sampling").sigmas
+        return table.detach().float().cpu().numpy()
+    except Exception:
+        return None
+
+
+def run_shape(guider, sampler, sigmas) -> RunShape | None:
+    """Evaluation count and normalised positions of the run (None when the count is not known up front).
+
+    Positions come from each evaluation's sigma through the model's sigma table; a run whose
+    first sigma is below sigma_max or whose last is above 0 samples a window of the trajectory.
+    Without a sigma table, or a sampler whose evaluation sigmas are unknown, the positions are
+    evenly spaced over the window.
+    """
+    count = expected_evaluations(sampler, sigmas)
+    if count is None:
+        return None
+    table = sigma_table(guider)
+    if table is None:
+        return RunShape(count)
+    ends = positions_from_sigmas([float(sigmas.reshape(-1)[0]), float(sigmas.reshape(-1)[-1])], table)
+    evals = evaluation_sigmas(sampler, sigmas)
+    if evals is None:
+        start, end = float(ends[0]), float(ends[1])
+        positions = [start + (end - start) * k / count for k in range(count)]
+    else:
+        positions = spread_ties(positions_from_sigmas(evals, table))
+    return RunShape(count, tuple(float(p) for p in positions), float(ends[1]))
 
 
 def uses_controlnet(guider) -> bool:
@@ -338,7 +397,8 @@ def predict_noise_wrapper(executor, *args, **kwargs):
     """Once per sampler evaluation: advance the run's counter (key or skip for every stream)."""
     run = run_from(executor, args)
     if run is not None:
-        run.start_evaluation()
+        sigma = args[1] if len(args) > 1 and isinstance(args[1], torch.Tensor) else None
+        run.start_evaluation(sigma)
     return executor(*args, **kwargs)
 
 
@@ -376,15 +436,19 @@ class ApplyHook:
                 "Apply DPCache does not work with context windows (each window is a separate model call "
                 "on another part of the latent); remove the context-window node or Apply DPCache"
             )
-        expected = expected_evaluations(sampler, sigmas)
-        if expected is not None and expected != self.schedule.num_evals:
-            raise ScheduleMismatchError(mismatch_message(expected, self.schedule.num_evals))
+        shape = run_shape(guider, sampler, sigmas)
+        schedule, plan_text = self.schedule, ""
+        if shape is not None:  # count known up front: plan for it (a manual schedule of another T is refused)
+            plan = plan_run(self.schedule, shape)
+            schedule, plan_text = plan.schedule, plan.text
+            if plan_text:
+                log.info("DPCache: %s", plan_text)
         force_all = uses_controlnet(guider)
         if force_all:
             msg = "DPCache: ControlNet detected; it adds residuals between blocks, so every evaluation is computed in full"
             log.warning(msg)
             send_text(msg, self.node_id)
-        return ApplyRun(self.family, self.schedule, force_all, sampler_name(sampler))
+        return ApplyRun(self.family, schedule, force_all, sampler_name(sampler), plan_text)
 
     def finish(self, run: ApplyRun, ok: bool) -> None:
         if not ok:
@@ -395,9 +459,10 @@ class ApplyHook:
         send_text(line, self.node_id)
         if self.node_id is not None:
             send_event("dpcache.run", {"node": str(self.node_id), "computed": run.cache.computed,
-                                       "skipped": run.cache.skipped, "num_evals": run.evaluations, "summary": line})
-        if run.evaluations != self.schedule.num_evals:
-            raise ScheduleMismatchError(mismatch_message(run.evaluations, self.schedule.num_evals))
+                                       "skipped": run.cache.skipped, "num_evals": run.evaluations, "summary": line,
+                                       "key_steps": list(run.cache.schedule.key_steps)})
+        if run.evaluations != run.cache.schedule.num_evals:
+            raise ScheduleMismatchError(mismatch_message(run.evaluations, run.cache.schedule.num_evals))
 
     def outer_sample(self, executor, *args, **kwargs):
         return sample_with_run(executor, args, kwargs, self.start, self.finish)
@@ -482,6 +547,18 @@ def progress_bar(total: int, node_id):
         return None
 
 
+def trajectory_metadata(run: CalibrateRun) -> dict:
+    """Per-evaluation sigmas (and the final one), and their normalised positions when the model
+    has a sigma table: what lets the PACT be transferred to other step counts and samplers."""
+    sigmas = run.sigmas + [run.final_sigma]
+    if any(s != s for s in sigmas):  # NaN: an evaluation's sigma was not seen
+        return {}
+    meta = {"eval_sigmas": [round(s, 8) for s in sigmas]}
+    if run.sigma_table is not None:
+        meta["positions"] = [round(float(p), 8) for p in spread_ties(positions_from_sigmas(sigmas, run.sigma_table))]
+    return meta
+
+
 class CalibrateHook:
     """Per-node config of DPCache Calibrate; records every run and adds one sample to the PACT file."""
 
@@ -527,6 +604,8 @@ class CalibrateHook:
             if problem:
                 raise ValueError(problem)
         run = CalibrateRun(self.family)
+        run.sigma_table = sigma_table(guider)
+        run.final_sigma = float(sigmas.reshape(-1)[-1])
         run.metadata = {
             "model_family": self.family,
             "order": self.order,
@@ -556,7 +635,7 @@ class CalibrateHook:
         sample = run.recorder.build_sample(self.order, "reference", progress=progress_bar(num_evals, self.node_id))
         acc = existing[0] if existing is not None else PactAccumulator(num_evals)
         acc.add(sample)
-        meta = save_pact(self.path, acc, run.metadata)
+        meta = save_pact(self.path, acc, dict(run.metadata, **trajectory_metadata(run)))
         self.pending_reset[0] = False
         line = f"{name}: sample {meta['samples']} added ({num_evals} evaluations)"
         log.info("DPCache Calibrate: %s", line)
