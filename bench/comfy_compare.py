@@ -80,13 +80,14 @@ def conditioning(prompts: dict, cls: int):
 
 
 def sample(model, prompts: dict, cls: int, seed: int) -> torch.Tensor:
-    """KSampler's path: comfy.sample.sample, euler 50 steps, cfg 1; returns the output latent."""
+    """KSampler's path: comfy.sample.sample under inference mode, euler 50 steps, cfg 1; returns the output latent."""
     import comfy.sample
     latent = torch.zeros(1, 16, LATENT_SIZE, LATENT_SIZE)
     noise = comfy.sample.prepare_noise(latent, seed)
     cond = conditioning(prompts, cls)
-    return comfy.sample.sample(model, noise, STEPS, 1.0, SAMPLER, SCHEDULER, cond, cond, latent, seed=seed,
-                               disable_pbar=True)
+    with torch.inference_mode():  # as ComfyUI's executor runs every node
+        return comfy.sample.sample(model, noise, STEPS, 1.0, SAMPLER, SCHEDULER, cond, cond, latent, seed=seed,
+                                   disable_pbar=True)
 
 
 def decode(model, latent: torch.Tensor, prompts: dict) -> torch.Tensor:

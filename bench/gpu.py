@@ -205,8 +205,9 @@ class ComfyRunner:
     def _sample(self, model, steps: int = T):
         import comfy.sample
         noise = comfy.sample.prepare_noise(self.latent, 0)
-        return comfy.sample.sample(model, noise, steps, 1.0, "euler", "simple", self.cond, self.cond, self.latent,
-                                   seed=0, disable_pbar=True)
+        with torch.inference_mode():  # as ComfyUI's executor runs every node
+            return comfy.sample.sample(model, noise, steps, 1.0, "euler", "simple", self.cond, self.cond, self.latent,
+                                       seed=0, disable_pbar=True)
 
     def full(self, steps: int = T):
         return self._sample(self.model, steps)
