@@ -9,6 +9,11 @@ import torch
 from . import hooks
 
 try:
+    from ..dpcache_core.windows import planning_view
+except ImportError:  # pragma: no cover - CPU tests import the repo root as top level
+    from dpcache_core.windows import planning_view
+
+try:
     from .. import dpcache_core as core
 except ImportError:  # pragma: no cover - CPU tests import the repo root as top level
     import dpcache_core as core
@@ -127,7 +132,7 @@ class DPCacheCalibrate:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "A FLUX.1 or Wan2.1 (T2V/I2V) model. It is cloned; the input stays untouched."}),
+                "model": ("MODEL", {"tooltip": "A FLUX.1, Chroma, HunyuanVideo (T2V), Qwen-Image, Wan2.1 or Wan2.2 model (for Wan2.2 A14B: each expert). It is cloned; the input stays untouched."}),
                 "pact_name": ("STRING", {"default": "flux_dev_euler_50", "tooltip": "File name in models/dpcache/ (letters, digits, . _ -). Samples accumulate there across queued prompts."}),
                 "order": ("INT", {"default": 1, "min": 1, "max": 3, "tooltip": "Taylor order of the predictor the PACT is built for. 1: the PACT measures exactly the run-time prediction, and the DP schedule won in our benchmarks; 2 is the paper's choice. Must match the file's order."}),
                 "reset": ("BOOLEAN", {"default": False, "tooltip": "Start the file afresh on the next finished run (its old samples are dropped); later runs accumulate again."}),
@@ -226,18 +231,19 @@ def make_schedule(pact, key_steps, first_full_steps=3, last_full_steps=0, total_
             return core.Schedule(tuple(keys), total_evaluations, source="uniform",
                                  first_full_steps=first_full_steps, last_full_steps=last_full_steps, planner=planner), None
         acc, meta = core.load_pact(pact_path(pact))
-        cost = acc.mean()
+        # a PACT of partial runs (e.g. Wan2.2 A14B's two experts) covers windows of one trajectory
+        cost, positions, starts = planning_view(acc.mean(), meta)
+        num_evals = cost.shape[0]
         if by_speedup:
-            key_steps = rule.keys_for(acc.num_evals, acc.num_evals)
-        keys = core.solve_schedule(cost, key_steps, first_full_steps, last_full_steps)
+            key_steps = rule.keys_for(num_evals, num_evals)
+        required = [s + k for s in starts for k in range(max(first_full_steps, 1)) if s + k < num_evals]
+        keys = core.solve_schedule(cost, key_steps, first_full_steps, last_full_steps, required=required)
         order = int(meta.get("order", 2))
-        positions = meta.get("positions")
-        if not (isinstance(positions, list) and len(positions) == acc.num_evals + 1):
-            positions = None
-        planner = core.Planner(acc.num_evals, rule, first_full_steps, last_full_steps, cost=cost, positions=positions,
-                               order=order, label=f"PACT calibrated at T={acc.num_evals}")
+        label = f"PACT calibrated at T={num_evals}" + (f" (windows starting at {[0] + starts})" if starts else "")
+        planner = core.Planner(num_evals, rule, first_full_steps, last_full_steps, cost=cost, positions=positions,
+                               order=order, label=label)
         sched = core.Schedule(
-            tuple(keys), acc.num_evals, model_family=meta.get("model_family"), order=order,
+            tuple(keys), num_evals, model_family=meta.get("model_family"), order=order,
             scheme=meta.get("scheme", "reference"), source=f"pact:{pact}", cost=core.path_cost(cost, keys),
             first_full_steps=first_full_steps, last_full_steps=last_full_steps, planner=planner,
         )
@@ -262,7 +268,7 @@ class DPCacheApply:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "A FLUX.1 or Wan2.1 (T2V/I2V) model. It is cloned; the input stays untouched."}),
+                "model": ("MODEL", {"tooltip": "A FLUX.1, Chroma, HunyuanVideo (T2V), Qwen-Image, Wan2.1 or Wan2.2 model (for Wan2.2 A14B: each expert). It is cloned; the input stays untouched."}),
                 "schedule": ("DPCACHE_SCHEDULE", {"tooltip": "From DPCache Schedule. A run with another number of model evaluations (steps, sampler, a KSamplerAdvanced slice) is re-planned from it when sampling starts; a (manual) schedule needs exactly its T."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},

@@ -22,14 +22,21 @@ import torch
 
 try:  # inside ComfyUI the pack is a package; in the CPU tests the repo root is on sys.path
     from ..dpcache_core import CacheRun, PactAccumulator, PactFileError, ScheduleMismatchError, TrajectoryRecorder, load_pact, save_pact
-    from ..dpcache_core.replan import RunShape, plan_run
+    from ..dpcache_core import windows
+    from ..dpcache_core.pact import default_max_gap
+    from ..dpcache_core.replan import RunShape, joint_trajectory, plan_run
     from ..dpcache_core.runtime import mismatch_message
     from ..dpcache_core.transfer import positions_from_sigmas, spread_ties
 except ImportError:  # pragma: no cover - depends on how the pack is imported
     from dpcache_core import CacheRun, PactAccumulator, PactFileError, ScheduleMismatchError, TrajectoryRecorder, load_pact, save_pact
-    from dpcache_core.replan import RunShape, plan_run
+    from dpcache_core import windows
+    from dpcache_core.pact import default_max_gap
+    from dpcache_core.replan import RunShape, joint_trajectory, plan_run
     from dpcache_core.runtime import mismatch_message
     from dpcache_core.transfer import positions_from_sigmas, spread_ties
+
+from . import families
+from .families import UnsupportedModelError  # noqa: F401  (re-exported: the nodes' error for an unknown model)
 
 log = logging.getLogger("dpcache")
 
@@ -47,45 +54,23 @@ SINGLE_EVAL_SAMPLERS = {
 SECOND_ORDER_SAMPLERS = {"heun", "dpm_2"}
 
 
-class UnsupportedModelError(ValueError):
-    """The MODEL is not one DPCache knows how to hook."""
-
-
 # --------------------------------------------------------------------------------------------
-# Which model is this
+# Which model is this (the families table is nodes/families.py)
 
 
 class ModelInfo:
-    """Family ("flux" or "wan") and the block keys to patch, in execution order."""
+    """The family entry of a MODEL and the block keys to patch, in execution order."""
 
-    def __init__(self, family: str, blocks: list[tuple[str, int]], detail: str):
-        self.family = family
+    def __init__(self, spec: families.Family, blocks: list[tuple[str, int]], detail: str):
+        self.spec = spec
+        self.family = spec.name
         self.blocks = blocks
         self.detail = detail
 
 
 def model_info(model) -> ModelInfo:
-    """Detect FLUX.1 / Wan2.1 from the MODEL's diffusion model; clear error for anything else."""
-    dm = model.get_model_object("diffusion_model")
-    cls = type(dm)
-    where = f"{cls.__module__}.{cls.__name__}"
-    if cls.__name__ == "Flux" and cls.__module__.endswith("ldm.flux.model"):
-        nd, ns = len(dm.double_blocks), len(dm.single_blocks)
-        if nd == 0 or ns == 0:
-            raise UnsupportedModelError(f"this FLUX model has {nd} double and {ns} single blocks; DPCache needs both kinds")
-        blocks = [("double_block", i) for i in range(nd)] + [("single_block", i) for i in range(ns)]
-        guidance = "with" if getattr(getattr(dm, "params", None), "guidance_embed", False) else "without"
-        return ModelInfo("flux", blocks, f"FLUX ({nd} double + {ns} single blocks, {guidance} guidance embedding)")
-    if cls.__name__ == "WanModel" and cls.__module__.endswith("ldm.wan.model"):
-        n = len(dm.blocks)
-        if n == 0:
-            raise UnsupportedModelError("this Wan model has no transformer blocks")
-        return ModelInfo("wan", [("double_block", i) for i in range(n)], f"Wan ({n} blocks)")
-    raise UnsupportedModelError(
-        f"DPCache supports FLUX.1 (dev, schnell) and Wan2.1 (T2V, I2V) diffusion models; this MODEL is {where}. "
-        "Variants that add residuals between blocks (Wan VACE, camera, S2V, HuMo) are not supported either: "
-        "remove the DPCache node for this model."
-    )
+    """The MODEL's entry in the families table; UnsupportedModelError saying what is supported otherwise."""
+    return ModelInfo(*families.recognise(model))
 
 
 def check_unpatched(model) -> None:
@@ -122,7 +107,7 @@ def make_block_patch(key: tuple[str, int], first: bool, last: bool, prev=None):
             return run.last_block(args, extra, prev)
         if run.compute:
             return call_block(prev, args, extra)
-        return {"img": args["img"], "txt": args.get("txt")}
+        return run.spec.passthrough(args)
 
     dpcache_block.dpcache_key = key
     return dpcache_block
@@ -161,24 +146,25 @@ def split_streams(args) -> tuple[list, int]:
 
 
 class RunState:
-    """What every run shares: the stream split of the current model call and the FLUX text length."""
+    """What every run shares: the family entry, the stream split of the current model call and its text length."""
 
     compute = True
 
     def __init__(self, family: str):
         self.family = family
+        self.spec = families.family(family)
         self.txt_len = 0
         self.streams: list = []
         self.chunk = 0
 
     def begin_call(self, args) -> None:
-        if self.family == "flux":
-            self.txt_len = args["txt"].shape[1]  # single blocks carry [txt | img]
+        txt = args.get("txt")
+        self.txt_len = txt.shape[1] if txt is not None else 0  # text tokens beside the image in single blocks
         self.streams, self.chunk = split_streams(args)
 
     def cache_point(self, out_img):
-        """The cache point in the last block's output: FLUX image tokens, Wan everything."""
-        return out_img[:, self.txt_len:] if self.family == "flux" else out_img
+        """The cache point in the last block's output: its image tokens (families.Family.cache_point)."""
+        return self.spec.cache_point(out_img, self.txt_len)
 
     def chunks(self, feature):
         for n, stream in enumerate(self.streams):
@@ -232,9 +218,7 @@ class ApplyRun(RunState):
         x = args["img"]
         preds = [self.cache.predict(stream) for stream in self.streams]
         pred = (preds[0] if len(preds) == 1 else torch.cat(preds)).to(device=x.device, dtype=x.dtype)
-        if self.family == "flux":
-            pred = torch.cat((x[:, :self.txt_len], pred), dim=1)
-        return {"img": pred}
+        return self.spec.with_prediction(args, pred, self.txt_len)
 
     @property
     def evaluations(self) -> int:
@@ -559,6 +543,40 @@ def trajectory_metadata(run: CalibrateRun) -> dict:
     return meta
 
 
+def run_window(shape: RunShape | None):
+    """(offset, total, num_evals) when a sampling run is a window of a longer trajectory (a
+    KSamplerAdvanced slice, e.g. one Wan2.2 A14B expert), placed like the run-time planner places it
+    (``replan.joint_trajectory``); None for a whole run or an evaluation count not known up front."""
+    if shape is None or not shape.partial:
+        return None
+    joint = joint_trajectory(shape, 1)
+    return joint.offset, joint.total, shape.num_evals
+
+
+def recorded_window(run) -> tuple | None:
+    """``run_window`` of a finished calibration run, from the sigma of each evaluation it recorded."""
+    sigmas = run.sigmas + [run.final_sigma]
+    if run.sigma_table is None or not run.sigmas or any(s != s for s in sigmas):
+        return None
+    positions = positions_from_sigmas(sigmas, run.sigma_table)
+    return run_window(RunShape(len(run.sigmas), tuple(spread_ties(positions[:-1])), float(positions[-1])))
+
+
+def window_positions(old, mine, window) -> list | None:
+    """Positions of the whole trajectory: the file's (or evenly spaced), this window's measured ones in place."""
+    offset, total, n = window
+    if not (isinstance(mine, list) and len(mine) == n + 1):
+        return old if isinstance(old, list) and len(old) == total + 1 else None
+    if isinstance(old, list) and len(old) == total + 1:
+        out = list(old)
+    else:  # outside the window: evenly spaced between the window's ends and 0 / 1
+        start, end = mine[0], mine[-1]
+        out = [start * k / offset for k in range(offset)] + [0.0] * (n + 1) + \
+              [end + (1.0 - end) * k / (total - offset - n) for k in range(1, total - offset - n + 1)]
+    out[offset:offset + n + 1] = mine
+    return [round(float(p), 8) for p in out]
+
+
 class CalibrateHook:
     """Per-node config of DPCache Calibrate; records every run and adds one sample to the PACT file."""
 
@@ -586,24 +604,37 @@ class CalibrateHook:
             "Pick a new pact_name on DPCache Calibrate, or set reset to start the file afresh"
         )
 
-    def load_existing(self):
-        if self.pending_reset[0] or not os.path.exists(self.path):
+    def load_existing(self, window=None):
+        """The PACT file's (accumulator, metadata), or None to start afresh.
+
+        With reset pending, a full run starts afresh; a window run (one expert of several) keeps the
+        other windows and drops only its own, so two Calibrate nodes with reset can share one file."""
+        if not os.path.exists(self.path) or (self.pending_reset[0] and window is None):
             return None
         try:
-            return load_pact(self.path)
+            acc, meta = load_pact(self.path)
         except PactFileError as exc:
+            if self.pending_reset[0]:
+                return None
             raise ValueError(f"{exc} (or set reset on DPCache Calibrate to overwrite it)") from None
+        if self.pending_reset[0]:
+            if self.mismatch(meta, acc.num_evals if window is None else window[1]) or not meta.get("windows"):
+                return None
+            meta = dict(meta, windows=windows.drop_window(acc, meta.get("windows"), window[0], window[2]))
+        return acc, meta
 
     def start(self, guider, args) -> CalibrateRun:
         sampler, sigmas = args[2], args[3]
         if guider.model_options.get("context_handler") is not None:
             raise ValueError("DPCache Calibrate does not work with context windows; remove the context-window node")
-        existing = self.load_existing()
+        window = run_window(run_shape(guider, sampler, sigmas))
+        existing = self.load_existing(window)
         if existing is not None:
-            problem = self.mismatch(existing[1], expected_evaluations(sampler, sigmas))
+            problem = self.mismatch(existing[1], window[1] if window else expected_evaluations(sampler, sigmas))
             if problem:
                 raise ValueError(problem)
         run = CalibrateRun(self.family)
+        run.window = window
         run.sigma_table = sigma_table(guider)
         run.final_sigma = float(sigmas.reshape(-1)[-1])
         run.metadata = {
@@ -613,9 +644,10 @@ class CalibrateHook:
             "sampler": sampler_name(sampler),
             "scheduler": guess_scheduler(guider, sigmas),
             "resolution": resolution_of(args[1]),
-            "steps": int(sigmas.shape[-1]) - 1,
+            "steps": int(sigmas.shape[-1]) - 1 if window is None else window[1],
         }
-        log.info("DPCache Calibrate: recording every evaluation for %s", os.path.basename(self.path))
+        where = "" if window is None else f" (evaluations {window[0]}..{window[0] + window[2] - 1} of a T={window[1]} trajectory)"
+        log.info("DPCache Calibrate: recording every evaluation for %s%s", os.path.basename(self.path), where)
         return run
 
     def finish(self, run: CalibrateRun, ok: bool) -> None:
@@ -626,18 +658,47 @@ class CalibrateHook:
         num_evals = run.evaluations
         if num_evals < self.order + 1:
             raise ValueError(f"a PACT of order {self.order} needs at least {self.order + 1} evaluations; this run made {num_evals}")
-        existing = self.load_existing()
+        window = run.window
+        if window is None or window[2] != num_evals:  # count not known up front: place it from the recorded sigmas
+            window = recorded_window(run)
+        total = num_evals if window is None else window[1]
+        existing = self.load_existing(window)
         if existing is not None:
-            problem = self.mismatch(existing[1], num_evals)
+            problem = self.mismatch(existing[1], total)
             if problem:
                 raise ValueError(problem)
         log.info("DPCache Calibrate: building the PACT sample (%d evaluations)", num_evals)
-        sample = run.recorder.build_sample(self.order, "reference", progress=progress_bar(num_evals, self.node_id))
-        acc = existing[0] if existing is not None else PactAccumulator(num_evals)
+        sample = run.recorder.build_sample(self.order, "reference", progress=progress_bar(num_evals, self.node_id),
+                                           max_anchor_gap=default_max_gap(total))
+        acc, old_meta = existing if existing is not None else (PactAccumulator(total), {})
+        meta = dict(run.metadata, **trajectory_metadata(run))
+        if window is not None:
+            if existing is not None and not old_meta.get("windows"):
+                raise ValueError(
+                    f"PACT '{name}' was calibrated on whole sampling runs; this run samples only evaluations "
+                    f"{window[0]}..{window[0] + num_evals - 1} of T={total} (a KSamplerAdvanced window). "
+                    "Pick a new pact_name on DPCache Calibrate, or set reset"
+                )
+            sample = windows.embed_window(sample, window[0], total)
+            meta["windows"] = windows.add_window(old_meta.get("windows"), window[0], num_evals)
+            meta.pop("eval_sigmas", None)  # this window's only; positions below cover the whole trajectory
+            meta["positions"] = window_positions(old_meta.get("positions"), meta.get("positions"), window)
+        elif old_meta.get("windows"):
+            raise ValueError(
+                f"PACT '{name}' holds windows of partial sampling runs (e.g. two Wan2.2 experts); this run samples the "
+                "whole trajectory. Pick a new pact_name on DPCache Calibrate, or set reset"
+            )
         acc.add(sample)
-        meta = save_pact(self.path, acc, dict(run.metadata, **trajectory_metadata(run)))
+        if window is not None:
+            acc.samples = sum(w[2] for w in meta["windows"])
+        meta = save_pact(self.path, acc, meta)
         self.pending_reset[0] = False
-        line = f"{name}: sample {meta['samples']} added ({num_evals} evaluations)"
+        if window is None:
+            line = f"{name}: sample {meta['samples']} added ({num_evals} evaluations)"
+        else:
+            got = ", ".join(f"{w[0]}..{w[0] + w[1] - 1}: {w[2]}" for w in meta["windows"])
+            line = (f"{name}: evaluations {window[0]}..{window[0] + num_evals - 1} of T={total} added "
+                    f"(samples per window {got})")
         log.info("DPCache Calibrate: %s", line)
         send_text(line, self.node_id)
 

@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from comfy_host import BlockCounter, build_model, conditioning, psnr, sample
+from comfy_host import ALL_KEYS, BlockCounter, build_model, conditioning, psnr, sample
 
 pytestmark = pytest.mark.comfy
 
@@ -20,7 +20,7 @@ class DPCacheTestModel:
     """Test only: one of the tiny models of conftest.py as a MODEL."""
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"key": (["flux", "flux_schnell", "wan_t2v", "wan_i2v"],)}}
+        return {"required": {"key": (list(ALL_KEYS),)}}
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "load"
     CATEGORY = "testing"
@@ -33,7 +33,7 @@ class DPCacheTestInputs:
     """Test only: the random conditioning and empty latent of conftest.conditioning."""
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"key": (["flux", "flux_schnell", "wan_t2v", "wan_i2v"],)}}
+        return {"required": {"key": (list(ALL_KEYS),)}}
     RETURN_TYPES = ("CONDITIONING", "CONDITIONING", "LATENT")
     FUNCTION = "make"
     CATEGORY = "testing"
