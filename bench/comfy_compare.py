@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from bench import comfy_env
-from bench.pngio import grid, write_png
+from dpcache_core.picture import font, render_image_rows, text_width, write_png
 from bench.train_comfy_flux import LATENT_SIZE, WEIGHTS, latent_to_rgb, load_prompts
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -216,7 +216,14 @@ SERIES_COLOURS = {
 def pareto_png(path: str, rows: list[dict], x_key: str = "skipped") -> None:
     """PSNR (mean, dB) against the fraction of block work skipped (``x_key="skipped"``) or the
     measured speed-up (``"speedup"``), one polyline per series."""
-    from dpcache_core import draw_text, text_size
+    from PIL import Image, ImageDraw
+
+    labels = []  # (x, y, text): drawn with Pillow once the pixels are in place
+
+    def draw_text(_img, x, y, text, colour):
+        labels.append((x, y, text, colour))
+
+    fnt = font(11)
     w, h, left, right, top, bottom = 760, 460, 56, 230, 30, 44
     img = np.full((h, w, 3), 255, np.uint8)
     finite = [r["psnr_mean"] for r in rows if math.isfinite(r["psnr_mean"])]
@@ -251,7 +258,7 @@ def pareto_png(path: str, rows: list[dict], x_key: str = "skipped") -> None:
         img[int(y), left + 1:left + pw:4] = 200
         draw_text(img, 8, int(y) - 4, f"{db:3d}", (0, 0, 0))
     draw_text(img, left, 8, title, (0, 0, 0))
-    draw_text(img, left + (pw - text_size(label)[0]) // 2, h - 14, label, (0, 0, 0))
+    draw_text(img, left + (pw - text_width(fnt, label)) // 2, h - 14, label, (0, 0, 0))
     draw_text(img, 6, top - 14, "dB", (0, 0, 0))
     for n, (series, colour) in enumerate(SERIES_COLOURS.items()):
         pts = sorted((r[x_key], r["psnr_mean"]) for r in rows if r["series"] == series)
@@ -266,7 +273,11 @@ def pareto_png(path: str, rows: list[dict], x_key: str = "skipped") -> None:
         ly = top + 6 + 16 * n
         img[ly:ly + 8, left + pw + 16:left + pw + 24] = colour
         draw_text(img, left + pw + 30, ly, series, (0, 0, 0))
-    write_png(path, img)
+    picture = Image.fromarray(img, "RGB")
+    pen = ImageDraw.Draw(picture)
+    for x, y, text, colour in labels:
+        pen.text((x, y - 2), text, fill=colour, font=fnt)
+    write_png(path, np.asarray(picture))
 
 
 def to_uint8(rgb: torch.Tensor) -> np.ndarray:
@@ -392,8 +403,8 @@ def main() -> None:
     pareto_png(os.path.join(args.out_dir, "comfy_compare_speed.png"), rows, x_key="speedup")
     shown = [r for r in rows if r["name"] == "plain" or r["name"].endswith(("0.2 (as is)", "0.2 (input copied)"))
              or r["name"] in ("LazyCache 0.2", "DPCache uniform K=13 o1", "DPCache calibrated K=13 o1")]
-    pics = np.concatenate([to_uint8(r["images"][:min(8, len(held_out))]) for r in shown])
-    write_png(os.path.join(args.out_dir, "comfy_compare_samples.png"), grid(pics, cols=min(8, len(held_out)), scale=4))
+    rows_img = [(r["name"], list(to_uint8(r["images"][:min(8, len(held_out))]))) for r in shown]
+    write_png(os.path.join(args.out_dir, "comfy_compare_samples.png"), render_image_rows(rows_img, scale=4))
     print(text)
     print("rows of the sample grid:", ", ".join(r["name"] for r in shown))
 
