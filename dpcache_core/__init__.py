@@ -14,7 +14,7 @@ from .schedule import (
     solve_schedule_reference,
     uniform_key_steps,
 )
-from .store import PACK_VERSION, PactFileError, import_reference_pkl, load_pact, save_pact
+from .store import PACK_VERSION, PactFileError, import_reference, import_reference_pkl, load_pact, save_pact
 from .taylor import TaylorPredictor
 
 __version__ = PACK_VERSION
@@ -29,6 +29,7 @@ __all__ = [
     "build_pact",
     "default_max_gap",
     "draw_text",
+    "import_reference",
     "import_reference_pkl",
     "load_pact",
     "mandatory_steps",

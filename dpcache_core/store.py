@@ -1,5 +1,5 @@
-"""PACT files: safetensors (sums, counts) + JSON metadata, written atomically; a safe importer for
-the reference implementation's pickled cost tensors."""
+"""PACT files: safetensors (sums, counts) + JSON metadata, written atomically; safe importers for
+the reference implementation's cost tensors (its pickles, or plain .npy arrays)."""
 from __future__ import annotations
 
 import io
@@ -143,6 +143,36 @@ class NumpyOnlyUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
+def check_cost_tensor(obj, path: str) -> np.ndarray:
+    """``obj`` as a float64 (T, T+1, T+1) cost tensor; ``PactFileError`` naming ``path`` otherwise."""
+    if not isinstance(obj, np.ndarray) or obj.ndim != 3 or obj.shape[1:] != (obj.shape[0] + 1,) * 2:
+        raise PactFileError(f"{os.path.basename(path)} does not hold a (T, T+1, T+1) cost tensor")
+    if obj.dtype.kind not in "fiu":
+        raise PactFileError(f"{os.path.basename(path)} holds {obj.dtype} values, not numbers")
+    return obj.astype(np.float64)
+
+
+def import_reference_npy(path: str) -> np.ndarray:
+    """Read a cost tensor saved with ``numpy.save`` (pickled object arrays are refused, never loaded)."""
+    try:
+        obj = np.load(path, allow_pickle=False)
+    except ValueError as exc:  # numpy's refusal of object arrays, and malformed headers
+        raise PactFileError(f"{os.path.basename(path)} is not a plain numeric .npy array ({exc})") from None
+    except OSError as exc:
+        raise PactFileError(f"cannot read {path} ({exc})") from None
+    return check_cost_tensor(obj, path)
+
+
+def import_reference(path: str) -> np.ndarray:
+    """A reference cost tensor from ``.pkl`` (restricted unpickler) or ``.npy`` (no pickle at all)."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".npy":
+        return import_reference_npy(path)
+    if ext == ".pkl":
+        return import_reference_pkl(path)
+    raise PactFileError(f"{os.path.basename(path)}: expected a .pkl or .npy cost tensor")
+
+
 def import_reference_pkl(path: str) -> np.ndarray:
     """Read the reference implementation's ``.pkl`` cost tensor(s) without executing any code.
 
@@ -159,9 +189,7 @@ def import_reference_pkl(path: str) -> np.ndarray:
             raise PactFileError(f"{os.path.basename(path)}: {exc}") from None
         except Exception as exc:
             raise PactFileError(f"{os.path.basename(path)} is not a readable pickle of arrays ({exc})") from None
-        if not isinstance(obj, np.ndarray) or obj.ndim != 3 or obj.shape[1:] != (obj.shape[0] + 1,) * 2:
-            raise PactFileError(f"{os.path.basename(path)} does not hold a (T, T+1, T+1) cost tensor")
-        arrays.append(obj.astype(np.float64))
+        arrays.append(check_cost_tensor(obj, path))
     if not arrays:
         raise PactFileError(f"{os.path.basename(path)} is empty")
     if len(arrays) == 1:

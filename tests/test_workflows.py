@@ -7,8 +7,8 @@ used, settings that must agree (total_evaluations = sampler steps), and a Note i
 Real-host tier (COMFYUI_PATH set; see tests/browser/comfy_server.py): every node type is
 registered in a running ComfyUI and every workflow converts to an API prompt that the server
 accepts; with the comfyui-host harness (tiny models + stand-in encoders) each workflow also
-runs end to end: calibration twice, then FLUX text-to-image on the calibrated PACT, and the
-Wan2.1 text- and image-to-video workflows.
+runs end to end: calibration twice, then FLUX text-to-image as shipped (on the shipped PACT), on
+the calibrated PACT and on "(uniform)", and the Wan2.1 text- and image-to-video workflows as shipped.
 """
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ CORE_WIDGETS = {
     "EmptySD3LatentImage": 3, "EmptyHunyuanLatentVideo": 4, "WanImageToVideo": 4, "ModelSamplingSD3": 1,
     "KSampler": 7, "VAEDecode": 0, "SaveImage": 1, "PreviewImage": 0, "CreateVideo": 1, "SaveVideo": 3, "Note": 1,
 }
+SHIPPED_PACTS = os.path.join(ROOT, "cost_matrices")
 ONE_EVAL_PER_STEP = {"euler", "euler_ancestral", "uni_pc", "uni_pc_bh2", "ddim", "lcm", "dpmpp_2m", "ipndm", "deis"}
 
 
@@ -162,9 +163,39 @@ def test_settings_agree(path):
             assert total == steps, "total_evaluations must equal the sampler's evaluations (one per step here)"
             assert first + last <= k <= total
             assert model_src["type"] == "DPCacheApply", "Apply DPCache must feed the KSampler"
+            if pact not in ("(uniform)", "(manual)"):
+                check_shipped_pact_fits(wf, pact)
         if n["type"] == "DPCacheCalibrate":
             assert re.fullmatch(r"[A-Za-z0-9._-]+", n["widgets_values"][0])
             assert model_src["type"] == "DPCacheCalibrate" and control == "randomize"
+
+
+def check_shipped_pact_fits(wf, pact):
+    """A workflow's PACT is one shipped in cost_matrices/, for the family of the workflow's model."""
+    sys.path.insert(0, ROOT)
+    from dpcache_core import load_pact
+
+    path = os.path.join(SHIPPED_PACTS, pact)
+    assert os.path.isfile(path), f"{pact} is not shipped in cost_matrices/ (a user would not have it)"
+    _, meta = load_pact(path)
+    unet = next(n["widgets_values"][0] for n in wf["nodes"] if n["type"] == "UNETLoader").lower()
+    family = "flux" if "flux" in unet else "wan" if "wan" in unet else None
+    assert meta["model_family"] == family, f"{pact} is a {meta['model_family']} PACT but the workflow loads {unet}"
+
+
+def test_the_flux_and_wan_workflows_plan_on_the_shipped_pacts():
+    picks = {}
+    for name, path in zip(NAMES, WORKFLOWS):
+        for n in load(path)["nodes"]:
+            if n["type"] == "DPCacheSchedule":
+                picks[name] = n["widgets_values"][0]
+    assert picks == {"flux_t2i_dpcache": "flux1_dev_official_T50.safetensors",
+                     "wan21_t2v_dpcache": "wan21_i2v_14b_official_T50.safetensors",
+                     "wan21_i2v_dpcache": "wan21_i2v_14b_official_T50.safetensors"}
+    for name in picks:
+        note = next(n for n in load(os.path.join(ROOT, "workflows", name + ".json"))["nodes"] if n["type"] == "Note")
+        text = note["widgets_values"][0]
+        assert picks[name] in text and "CALIBRATE YOUR OWN" in text and "LoRA" in text, name
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=NAMES)
@@ -191,7 +222,7 @@ def test_conversion_of_pack_nodes_without_comfyui():
     keep = [n for n in wf["nodes"] if n["type"] in OUR_TYPES]
     api = ui_to_api({"nodes": keep, "links": wf["links"]}, defs)
     sched = next(v for v in api.values() if v["class_type"] == "DPCacheSchedule")
-    assert sched["inputs"] == {"pact": "(uniform)", "key_steps": 13, "first_full_steps": 3, "last_full_steps": 0,
+    assert sched["inputs"] == {"pact": "flux1_dev_official_T50.safetensors", "key_steps": 13, "first_full_steps": 3, "last_full_steps": 0,
                                "total_evaluations": 50, "manual_key_steps": ""}
     apply = next(v for v in api.values() if v["class_type"] == "DPCacheApply")
     assert set(apply["inputs"]) == {"model", "schedule"}
@@ -276,28 +307,32 @@ def test_real_host_runs_every_workflow(server, object_info):
         assert done == full, "calibration computes every evaluation"
     assert os.path.isfile(os.path.join(server.tmp, "dpcache", "wftest_flux.safetensors"))
 
-    # 2. FLUX text-to-image on the calibrated PACT (and as shipped, on "(uniform)")
-    for pact in ("wftest_flux.safetensors", None):
+    # 2. FLUX text-to-image as shipped (the shipped PACT), on the calibrated PACT and on "(uniform)"
+    #    (the tiny model is sampled with the workflow's own 50 euler steps, the shipped PACT's T)
+    for pact in (None, "wftest_flux.safetensors", "(uniform)"):
         t2i = to_harness(ui_to_api(wfs["flux_t2i_dpcache"], object_info), "flux_t2i")
         for n in t2i.values():
             if n["class_type"] == "DPCacheSchedule" and pact:
                 n["inputs"]["pact"] = pact
-        entry, stats = run_ok(server, t2i)
-        done, full = block_calls(stats)
-        assert 0 < done < full, f"DPCache skipped nothing ({done}/{full} block calls)"
-        sched_id = next(k for k, v in t2i.items() if v["class_type"] == "DPCacheSchedule")
-        ui = entry["outputs"].get(sched_id, {})
-        if "dpcache_schedule" in ui:  # the web extension's input (see web/dpcache_logic.js)
-            info = ui["dpcache_schedule"][0]
-            assert info["num_evals"] == 50 and len(info["key_steps"]) == 13
-            assert done * 50 == full * 13, f"{done}/{full} block calls for 13 key steps of 50"
+        check_planned_run(server, t2i, "flux_t2i_dpcache", pact or "flux1_dev_official_T50.safetensors")
 
-    # 3. Wan2.1 text-to-video and image-to-video
+    # 3. Wan2.1 text-to-video and image-to-video as shipped (the shipped Wan PACT)
     for name in ("wan21_t2v_dpcache", "wan21_i2v_dpcache"):
         prompt = to_harness(ui_to_api(wfs[name], object_info), name)
-        _, stats = run_ok(server, prompt)
-        done, full = block_calls(stats)
-        assert 0 < done < full, f"{name}: DPCache skipped nothing ({done}/{full} block calls)"
+        check_planned_run(server, prompt, name, "wan21_i2v_14b_official_T50.safetensors")
+
+
+def check_planned_run(server, prompt, name, pact):
+    """The run succeeds, its schedule comes from ``pact``, and the blocks ran at its 13 key steps of 50 only."""
+    entry, stats = run_ok(server, prompt)
+    done, full = block_calls(stats)
+    assert 0 < done < full, f"{name}: DPCache skipped nothing ({done}/{full} block calls)"
+    sched_id = next(k for k, v in prompt.items() if v["class_type"] == "DPCacheSchedule")
+    info = entry["outputs"][sched_id]["dpcache_schedule"][0]  # the web extension's input (web/dpcache_logic.js)
+    source = "uniform" if pact == "(uniform)" else f"pact:{pact}"
+    assert info["source"] == source and info["num_evals"] == 50 and len(info["key_steps"]) == 13
+    assert done * 50 == full * 13, f"{name}: {done}/{full} block calls for 13 key steps of 50"
+    print(f"\n[host] workflow {name} on {source}: keys {info['key_steps']}, block calls {done} of {full}")
 
 
 def test_node_list_json_matches_the_pack():

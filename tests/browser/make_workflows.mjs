@@ -17,10 +17,11 @@ const NOTE_COMMON = `WHAT THE SETTINGS MEAN
 - first_full_steps / last_full_steps: evaluations always computed at the start / end (the image changes fastest at the start).
 - pact: "(uniform)" spaces the key steps evenly and "(manual)" takes manual_key_steps (e.g. "0, 1, 2, 5, 9-11"); both work without calibrating. A calibrated PACT lets DPCache plan the key steps globally (dynamic programming over the path-aware cost tensor), which is what gives the paper its quality at high speed-ups.
 
-CALIBRATE once per model + sampler + scheduler + step count with the calibration workflow (a few queued prompts), then press R (refresh) and pick the new file in "pact".
-
 EXPECTED SPEED-UP: about T/K minus overhead. The paper reports 3.54x at K=13 and 4.87x at K=9 on FLUX.1-dev, 50 steps (ideal 3.85x / 5.56x). The one-line report in the console after each run gives the measured numbers. To compare with full compute, select "Apply DPCache" and press Ctrl+B (bypass).
 The picture output shows the schedule: the PACT heatmap with the chosen path, or a timeline of key and predicted evaluations.`;
+
+const FLUX_PACT = "flux1_dev_official_T50.safetensors";
+const WAN_PACT = "wan21_i2v_14b_official_T50.safetensors";
 
 const FLUX_T2I = {
   file: "flux_t2i_dpcache.json",
@@ -28,7 +29,7 @@ const FLUX_T2I = {
     unet: ["UNETLoader", [20, 80], { unet_name: "flux1-dev.safetensors", weight_dtype: "default" }],
     clip: ["DualCLIPLoader", [20, 230], { clip_name1: "clip_l.safetensors", clip_name2: "t5xxl_fp16.safetensors", type: "flux", device: "default" }],
     vae: ["VAELoader", [20, 420], { vae_name: "ae.safetensors" }],
-    sched: ["DPCacheSchedule", [400, 80], { pact: "(uniform)", key_steps: 13, first_full_steps: 3, last_full_steps: 0, total_evaluations: 50, manual_key_steps: "" }],
+    sched: ["DPCacheSchedule", [400, 80], { pact: FLUX_PACT, key_steps: 13, first_full_steps: 3, last_full_steps: 0, total_evaluations: 50, manual_key_steps: "" }],
     apply: ["DPCacheApply", [400, 340], {}, { size: [240, 50] }],
     pos: ["CLIPTextEncode", [400, 460], { text: "a red fox sitting in fresh snow at sunrise, soft golden light, detailed fur, shallow depth of field" }, { title: "CLIP Text Encode (Prompt)" }],
     guid: ["FluxGuidance", [400, 700], { guidance: 3.5 }],
@@ -41,7 +42,9 @@ const FLUX_T2I = {
     note: ["Note", [1120, 480], {}, { size: [460, 560], text:
       "FLUX.1-dev text-to-image with DPCache\n\n" +
       "Models: flux1-dev.safetensors in models/diffusion_models, clip_l + t5xxl in models/text_encoders, ae.safetensors in models/vae.\n" +
-      "Sampler: euler, 50 steps, cfg 1 (FLUX guidance 3.5) = 50 model evaluations, so total_evaluations = 50.\n\n" + NOTE_COMMON }],
+      "Sampler: euler, 50 steps, cfg 1 (FLUX guidance 3.5) = 50 model evaluations, so total_evaluations = 50.\n\n" +
+      "PACT: " + FLUX_PACT + " ships with the pack: the DPCache authors' calibration of FLUX.1-dev (diffusers, 50 Euler steps, guidance 3.5; Apache-2.0, see NOTICE). ComfyUI's euler / simple at 1024x1024 makes the same sigmas, so it fits this workflow as it is.\n\n" +
+      "CALIBRATE YOUR OWN when you change what it was measured on: a fine-tuned model or a LoRA, another sampler, scheduler or shift, another resolution, another step count. A PACT calibrated with your own settings measures exactly the trajectories you run. How: open the flux_calibrate workflow, keep your settings, queue 5-10 prompts, press R (refresh) and pick the new file in \"pact\".\n\n" + NOTE_COMMON }],
   },
   links: [
     ["unet", 0, "apply", "model"], ["sched", 0, "apply", "schedule"], ["sched", 1, "pic", "images"],
@@ -57,7 +60,7 @@ const FLUX_CAL = {
     unet: ["UNETLoader", [20, 80], { unet_name: "flux1-dev.safetensors", weight_dtype: "default" }],
     clip: ["DualCLIPLoader", [20, 230], { clip_name1: "clip_l.safetensors", clip_name2: "t5xxl_fp16.safetensors", type: "flux", device: "default" }],
     vae: ["VAELoader", [20, 420], { vae_name: "ae.safetensors" }],
-    cal: ["DPCacheCalibrate", [400, 80], { pact_name: "flux_dev_euler_50", order: 2, reset: false, sample_size: 65536 }],
+    cal: ["DPCacheCalibrate", [400, 80], { pact_name: "flux_dev_euler_50", order: 1, reset: false, sample_size: 65536 }],
     pos: ["CLIPTextEncode", [400, 260], { text: "a lighthouse on a rocky coast in a storm, dramatic clouds, photograph" }, { title: "CLIP Text Encode (Prompt)" }],
     guid: ["FluxGuidance", [400, 500], { guidance: 3.5 }],
     neg: ["ConditioningZeroOut", [400, 610], {}],
@@ -68,13 +71,15 @@ const FLUX_CAL = {
     note: ["Note", [1120, 420], {}, { size: [460, 520], text:
       "FLUX.1-dev calibration for DPCache\n\n" +
       "DPCache Calibrate records the model's features at every evaluation while this runs at full speed; each finished run adds one sample to models/dpcache/flux_dev_euler_50.safetensors.\n\n" +
+      "WHEN: the pack ships the DPCache authors' PACT for FLUX.1-dev at euler / simple / 50 steps / 1024x1024 (" + FLUX_PACT + "). Calibrate your own for a fine-tuned model or LoRA, another sampler, scheduler, shift, resolution or step count: it then measures exactly the trajectories you run.\n\n" +
       "HOW TO CALIBRATE\n" +
       "1. Keep the sampler, scheduler, step count and resolution you want to accelerate (here euler / simple / 50 steps / 1024x1024).\n" +
       "2. Queue 5-10 runs: set the Run button's batch count to 8 (seed is on randomize), and change the prompt between queues if you like; varied prompts give a more general PACT.\n" +
       "3. Press R to refresh, then pick flux_dev_euler_50.safetensors in the 'pact' list of DPCache Schedule (flux_t2i_dpcache workflow).\n\n" +
       "- pact_name: the file in models/dpcache/; runs with the same name accumulate (samples are averaged).\n" +
-      "- order: Taylor order the PACT is built for (2, as in the paper).\n" +
+      "- order: Taylor order of the predictor the PACT is built for. 1 (default) lets the DP plan exactly what runs later and won in our benchmarks; 2 is the paper's choice.\n" +
       "- reset: start the file afresh on the next finished run.\n" +
+      "- sample_size: how many cache-point elements (a fixed random pick) estimate the PACT; 65536 keeps about 13 MB per stream at any resolution, 0 records every element (exact, gigabytes at 1024x1024).\n" +
       "Calibration itself has no speed-up; it costs one normal run per sample." }],
   },
   links: [
@@ -93,7 +98,7 @@ const WAN_T2V = {
     clip: ["CLIPLoader", [20, 230], { clip_name: "umt5_xxl_fp8_e4m3fn_scaled.safetensors", type: "wan", device: "default" }],
     vae: ["VAELoader", [20, 420], { vae_name: "wan_2.1_vae.safetensors" }],
     shift: ["ModelSamplingSD3", [400, 80], { shift: 8.0 }],
-    sched: ["DPCacheSchedule", [400, 190], { pact: "(uniform)", key_steps: 13, first_full_steps: 3, last_full_steps: 0, total_evaluations: 50, manual_key_steps: "" }],
+    sched: ["DPCacheSchedule", [400, 190], { pact: WAN_PACT, key_steps: 13, first_full_steps: 3, last_full_steps: 0, total_evaluations: 50, manual_key_steps: "" }],
     apply: ["DPCacheApply", [400, 450], {}, { size: [240, 50] }],
     pos: ["CLIPTextEncode", [400, 560], { text: "a fox running through a snowy forest, tracking shot, daylight" }, { title: "CLIP Text Encode (Positive)" }],
     neg: ["CLIPTextEncode", [400, 790], { text: WAN_NEG }, { title: "CLIP Text Encode (Negative)" }],
@@ -107,7 +112,8 @@ const WAN_T2V = {
       "Wan2.1 text-to-video with DPCache\n\n" +
       "Models: wan2.1_t2v_1.3B (or 14B) in models/diffusion_models, umt5_xxl in models/text_encoders, wan_2.1_vae in models/vae.\n" +
       "Sampler: uni_pc, 50 steps, cfg 5 = 50 model evaluations (cond and uncond are one evaluation), so total_evaluations = 50.\n" +
-      "Calibrate for Wan by putting DPCache Calibrate (pact_name e.g. wan21_t2v_unipc_50) in place of Apply DPCache and queueing a few prompts, as in the flux_calibrate workflow.\n\n" + NOTE_COMMON }],
+      "PACT: " + WAN_PACT + " ships with the pack: the DPCache authors' calibration of Wan2.1 image-to-video 14B (diffusers, 50 Euler steps, cfg 3; Apache-2.0, see NOTICE). Here it plans for another model (text-to-video) and another schedule (uni_pc at shift 8 spends more steps at high noise), so it gives the key steps their general shape, not a calibration of this run.\n\n" +
+      "CALIBRATE YOUR OWN for the best schedule: put DPCache Calibrate (pact_name e.g. wan21_t2v_unipc_50) in place of Apply DPCache, queue a few prompts with your model, sampler, shift, resolution and step count (as in the flux_calibrate workflow), press R (refresh) and pick the new file in \"pact\". Calibrate again when you change any of them or add a LoRA.\n\n" + NOTE_COMMON }],
   },
   links: [
     ["unet", 0, "shift", "model"], ["shift", 0, "apply", "model"], ["sched", 0, "apply", "schedule"], ["sched", 1, "pic", "images"],
@@ -127,7 +133,7 @@ const WAN_I2V = {
     img: ["LoadImage", [20, 640], { image: "example.png", upload: "image" }],
     cvenc: ["CLIPVisionEncode", [20, 1060], { crop: "none" }],
     shift: ["ModelSamplingSD3", [400, 80], { shift: 8.0 }],
-    sched: ["DPCacheSchedule", [400, 190], { pact: "(uniform)", key_steps: 13, first_full_steps: 3, last_full_steps: 0, total_evaluations: 50, manual_key_steps: "" }],
+    sched: ["DPCacheSchedule", [400, 190], { pact: WAN_PACT, key_steps: 13, first_full_steps: 3, last_full_steps: 0, total_evaluations: 50, manual_key_steps: "" }],
     apply: ["DPCacheApply", [400, 450], {}, { size: [240, 50] }],
     pos: ["CLIPTextEncode", [400, 560], { text: "the fox turns its head towards the camera, snow falling gently" }, { title: "CLIP Text Encode (Positive)" }],
     neg: ["CLIPTextEncode", [400, 790], { text: WAN_NEG }, { title: "CLIP Text Encode (Negative)" }],
@@ -141,7 +147,8 @@ const WAN_I2V = {
       "Wan2.1 image-to-video with DPCache\n\n" +
       "Models: wan2.1_i2v_480p_14B in models/diffusion_models, umt5_xxl in models/text_encoders, wan_2.1_vae in models/vae, clip_vision_h in models/clip_vision. Load your start image in Load Image.\n" +
       "Sampler: uni_pc, 50 steps, cfg 5 = 50 model evaluations, so total_evaluations = 50.\n" +
-      "Calibrate for Wan I2V by putting DPCache Calibrate (pact_name e.g. wan21_i2v_unipc_50) in place of Apply DPCache and queueing a few image/prompt pairs, as in the flux_calibrate workflow.\n\n" + NOTE_COMMON }],
+      "PACT: " + WAN_PACT + " ships with the pack: the DPCache authors' calibration of Wan2.1-I2V-14B-720P (diffusers, 50 Euler steps, cfg 3; Apache-2.0, see NOTICE). This workflow samples uni_pc at shift 8, which spends more of its steps at high noise than the authors' run, so the PACT gives the key steps their general shape, not a calibration of this run.\n\n" +
+      "CALIBRATE YOUR OWN for the best schedule: put DPCache Calibrate (pact_name e.g. wan21_i2v_unipc_50) in place of Apply DPCache, queue a few image/prompt pairs with your model, sampler, shift, resolution and step count (as in the flux_calibrate workflow), press R (refresh) and pick the new file in \"pact\". Calibrate again when you change any of them or add a LoRA.\n\n" + NOTE_COMMON }],
   },
   links: [
     ["unet", 0, "shift", "model"], ["shift", 0, "apply", "model"], ["sched", 0, "apply", "schedule"], ["sched", 1, "pic", "images"],
