@@ -4,6 +4,7 @@ Plain torch + numpy; no ComfyUI import, so it runs and is tested anywhere.
 """
 from .pact import PactAccumulator, build_pact, default_max_gap
 from .picture import draw_text, render_pact_path, render_timeline, text_size, to_comfy_image, write_png
+from .replan import BUDGET_RULES, Budget, Planner, RunPlan, RunShape, joint_trajectory, plan_run
 from .runtime import CacheRun, ScheduleMismatchError, TrajectoryRecorder
 from .schedule import (
     Schedule,
@@ -16,9 +17,20 @@ from .schedule import (
 )
 from .store import PACK_VERSION, PactFileError, import_reference, import_reference_pkl, load_pact, save_pact
 from .taylor import TaylorPredictor
+from .transfer import index_positions, positions_from_sigmas, transfer_pact
 
 __version__ = PACK_VERSION
 __all__ = [
+    "BUDGET_RULES",
+    "Budget",
+    "Planner",
+    "RunPlan",
+    "RunShape",
+    "index_positions",
+    "joint_trajectory",
+    "plan_run",
+    "positions_from_sigmas",
+    "transfer_pact",
     "CacheRun",
     "PactAccumulator",
     "PactFileError",

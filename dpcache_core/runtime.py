@@ -223,8 +223,9 @@ class TrajectoryRecorder:
         scheme: str = "reference",
         progress: Callable[[int, int], None] | None = None,
         device: str | torch.device | None = None,
+        max_anchor_gap: int | None = None,
     ) -> np.ndarray:
-        """One PACT sample: the mean of the complete streams' PACTs.
+        """One PACT sample: the mean of the complete streams' PACTs (``max_anchor_gap``: see ``build_pact``).
 
         Built on ``device``, by default the device the features came from (a GPU in ComfyUI).
         """
@@ -241,7 +242,7 @@ class TrajectoryRecorder:
             report = None
             if progress is not None:
                 report = lambda done, total, n=n: progress(n * steps_per_stream + done, len(streams) * steps_per_stream)  # noqa: E731
-            acc.add(build_pact(trajectory, order=order, scheme=scheme, progress=report))
+            acc.add(build_pact(trajectory, order=order, scheme=scheme, max_anchor_gap=max_anchor_gap, progress=report))
             del trajectory
         return acc.mean()
 

@@ -18,12 +18,16 @@ def check_cost(cost) -> np.ndarray:
     return cost
 
 
-def mandatory_steps(num_evals: int, first_full_steps: int, last_full_steps: int) -> list[int]:
-    """Steps that must be key steps: 0, the first ``first_full_steps`` and the last ``last_full_steps``."""
+def mandatory_steps(num_evals: int, first_full_steps: int, last_full_steps: int, required=()) -> list[int]:
+    """Steps that must be key steps: 0, the first ``first_full_steps``, the last ``last_full_steps``
+    and any ``required`` ones (e.g. where a partial sampling run starts)."""
     if first_full_steps < 0 or last_full_steps < 0:
         raise ValueError(f"first/last full steps must be >= 0, got {first_full_steps} and {last_full_steps}")
     steps = {0} | set(range(min(first_full_steps, num_evals))) | set(range(max(num_evals - last_full_steps, 0), num_evals))
-    return sorted(steps)
+    extra = {int(k) for k in required}
+    if any(k < 0 or k >= num_evals for k in extra):
+        raise ValueError(f"required key steps {sorted(extra)} must lie in 0..{num_evals - 1}")
+    return sorted(steps | extra)
 
 
 def check_budget(num_evals: int, num_keys: int, mandatory: list[int]) -> None:
@@ -51,24 +55,25 @@ def allowed_hops(num_evals: int, mandatory: list[int], max_hop: int) -> np.ndarr
     return (d > c) & (d - c <= max_hop) & (d <= next_mandatory[:, None])
 
 
-def prepare(cost, num_keys, first_full_steps, last_full_steps, max_hop):
+def prepare(cost, num_keys, first_full_steps, last_full_steps, max_hop, required=()):
     """Checked inputs of a DP: (cost, mandatory steps, hop cap, allowed[c, d] hops)."""
     cost = check_cost(cost)
     num_evals = cost.shape[0]
-    mandatory = mandatory_steps(num_evals, first_full_steps, last_full_steps)
+    mandatory = mandatory_steps(num_evals, first_full_steps, last_full_steps, required)
     check_budget(num_evals, num_keys, mandatory)
     hop = max_hop or default_max_gap(num_evals)
     return cost, mandatory, hop, allowed_hops(num_evals, mandatory, hop)
 
 
-def solve_schedule(cost, num_keys: int, first_full_steps: int = 3, last_full_steps: int = 0, max_hop: int | None = None) -> list[int]:
+def solve_schedule(cost, num_keys: int, first_full_steps: int = 3, last_full_steps: int = 0, max_hop: int | None = None,
+                   required=()) -> list[int]:
     """The K key steps of least ``path_cost``, solved exactly over (previous key, current key) pairs.
 
     Every hop (to the next key, and from the last key to the sentinel T) is at most ``max_hop``
-    (default max(int(0.3 T), 1)) and skips no mandatory step. Raises ``ValueError`` when no
-    finite schedule exists.
+    (default max(int(0.3 T), 1)) and skips no mandatory step (``required`` adds mandatory steps).
+    Raises ``ValueError`` when no finite schedule exists.
     """
-    cost, mandatory, hop, allowed = prepare(cost, num_keys, first_full_steps, last_full_steps, max_hop)
+    cost, mandatory, hop, allowed = prepare(cost, num_keys, first_full_steps, last_full_steps, max_hop, required)
     num_evals = cost.shape[0]
     step_cost = np.where(allowed[None], cost[:, :num_evals, :], np.inf)  # [prev, cur, next]
     # best[p, c]: least cost of a partial schedule whose last two keys are p, c (p = 0 for the first key).
@@ -192,6 +197,8 @@ class Schedule:
     cost: float | None = None
     first_full_steps: int = 3
     last_full_steps: int = 0
+    #: How to plan a run with another evaluation count (``replan.Planner``); None: this T only.
+    planner: object = field(default=None, repr=False, compare=False)
     key_set: frozenset = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):

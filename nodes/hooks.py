@@ -22,12 +22,23 @@ import torch
 
 try:  # inside ComfyUI the pack is a package; in the CPU tests the repo root is on sys.path
     from ..dpcache_core import CacheRun, PactAccumulator, PactFileError, ScheduleMismatchError, TrajectoryRecorder, load_pact, save_pact
+    from ..dpcache_core import windows
+    from ..dpcache_core.pact import default_max_gap
+    from ..dpcache_core.replan import RunShape, joint_trajectory, plan_run
     from ..dpcache_core.runtime import DEFAULT_SAMPLE_SEED, DEFAULT_SAMPLE_SIZE, mismatch_message
     from ..dpcache_core.store import combine_sampling
+    from ..dpcache_core.transfer import positions_from_sigmas, spread_ties
 except ImportError:  # pragma: no cover - depends on how the pack is imported
     from dpcache_core import CacheRun, PactAccumulator, PactFileError, ScheduleMismatchError, TrajectoryRecorder, load_pact, save_pact
+    from dpcache_core import windows
+    from dpcache_core.pact import default_max_gap
+    from dpcache_core.replan import RunShape, joint_trajectory, plan_run
     from dpcache_core.runtime import DEFAULT_SAMPLE_SEED, DEFAULT_SAMPLE_SIZE, mismatch_message
     from dpcache_core.store import combine_sampling
+    from dpcache_core.transfer import positions_from_sigmas, spread_ties
+
+from . import families
+from .families import UnsupportedModelError  # noqa: F401  (re-exported: the nodes' error for an unknown model)
 
 log = logging.getLogger("dpcache")
 
@@ -45,45 +56,23 @@ SINGLE_EVAL_SAMPLERS = {
 SECOND_ORDER_SAMPLERS = {"heun", "dpm_2"}
 
 
-class UnsupportedModelError(ValueError):
-    """The MODEL is not one DPCache knows how to hook."""
-
-
 # --------------------------------------------------------------------------------------------
-# Which model is this
+# Which model is this (the families table is nodes/families.py)
 
 
 class ModelInfo:
-    """Family ("flux" or "wan") and the block keys to patch, in execution order."""
+    """The family entry of a MODEL and the block keys to patch, in execution order."""
 
-    def __init__(self, family: str, blocks: list[tuple[str, int]], detail: str):
-        self.family = family
+    def __init__(self, spec: families.Family, blocks: list[tuple[str, int]], detail: str):
+        self.spec = spec
+        self.family = spec.name
         self.blocks = blocks
         self.detail = detail
 
 
 def model_info(model) -> ModelInfo:
-    """Detect FLUX.1 / Wan2.1 from the MODEL's diffusion model; clear error for anything else."""
-    dm = model.get_model_object("diffusion_model")
-    cls = type(dm)
-    where = f"{cls.__module__}.{cls.__name__}"
-    if cls.__name__ == "Flux" and cls.__module__.endswith("ldm.flux.model"):
-        nd, ns = len(dm.double_blocks), len(dm.single_blocks)
-        if nd == 0 or ns == 0:
-            raise UnsupportedModelError(f"this FLUX model has {nd} double and {ns} single blocks; DPCache needs both kinds")
-        blocks = [("double_block", i) for i in range(nd)] + [("single_block", i) for i in range(ns)]
-        guidance = "with" if getattr(getattr(dm, "params", None), "guidance_embed", False) else "without"
-        return ModelInfo("flux", blocks, f"FLUX ({nd} double + {ns} single blocks, {guidance} guidance embedding)")
-    if cls.__name__ == "WanModel" and cls.__module__.endswith("ldm.wan.model"):
-        n = len(dm.blocks)
-        if n == 0:
-            raise UnsupportedModelError("this Wan model has no transformer blocks")
-        return ModelInfo("wan", [("double_block", i) for i in range(n)], f"Wan ({n} blocks)")
-    raise UnsupportedModelError(
-        f"DPCache supports FLUX.1 (dev, schnell) and Wan2.1 (T2V, I2V) diffusion models; this MODEL is {where}. "
-        "Variants that add residuals between blocks (Wan VACE, camera, S2V, HuMo) are not supported either: "
-        "remove the DPCache node for this model."
-    )
+    """The MODEL's entry in the families table; UnsupportedModelError saying what is supported otherwise."""
+    return ModelInfo(*families.recognise(model))
 
 
 def check_unpatched(model) -> None:
@@ -120,7 +109,7 @@ def make_block_patch(key: tuple[str, int], first: bool, last: bool, prev=None):
             return run.last_block(args, extra, prev)
         if run.compute:
             return call_block(prev, args, extra)
-        return {"img": args["img"], "txt": args.get("txt")}
+        return run.spec.passthrough(args)
 
     dpcache_block.dpcache_key = key
     return dpcache_block
@@ -159,24 +148,25 @@ def split_streams(args) -> tuple[list, int]:
 
 
 class RunState:
-    """What every run shares: the stream split of the current model call and the FLUX text length."""
+    """What every run shares: the family entry, the stream split of the current model call and its text length."""
 
     compute = True
 
     def __init__(self, family: str):
         self.family = family
+        self.spec = families.family(family)
         self.txt_len = 0
         self.streams: list = []
         self.chunk = 0
 
     def begin_call(self, args) -> None:
-        if self.family == "flux":
-            self.txt_len = args["txt"].shape[1]  # single blocks carry [txt | img]
+        txt = args.get("txt")
+        self.txt_len = txt.shape[1] if txt is not None else 0  # text tokens beside the image in single blocks
         self.streams, self.chunk = split_streams(args)
 
     def cache_point(self, out_img):
-        """The cache point in the last block's output: FLUX image tokens, Wan everything."""
-        return out_img[:, self.txt_len:] if self.family == "flux" else out_img
+        """The cache point in the last block's output: its image tokens (families.Family.cache_point)."""
+        return self.spec.cache_point(out_img, self.txt_len)
 
     def chunks(self, feature):
         for n, stream in enumerate(self.streams):
@@ -186,14 +176,15 @@ class RunState:
 class ApplyRun(RunState):
     """Apply DPCache during one sampling run: key evaluations compute, the others predict."""
 
-    def __init__(self, family: str, schedule, force_all: bool = False, sampler: str | None = None):
+    def __init__(self, family: str, schedule, force_all: bool = False, sampler: str | None = None, plan_text: str = ""):
         super().__init__(family)
         self.cache = CacheRun(schedule)
         self.force_all = force_all
         self.sampler = sampler
+        self.plan_text = plan_text
         self.fallback_calls = 0
 
-    def start_evaluation(self) -> None:
+    def start_evaluation(self, sigma=None) -> None:
         try:
             key = self.cache.start_evaluation()
         except ScheduleMismatchError:
@@ -229,9 +220,7 @@ class ApplyRun(RunState):
         x = args["img"]
         preds = [self.cache.predict(stream) for stream in self.streams]
         pred = (preds[0] if len(preds) == 1 else torch.cat(preds)).to(device=x.device, dtype=x.dtype)
-        if self.family == "flux":
-            pred = torch.cat((x[:, :self.txt_len], pred), dim=1)
-        return {"img": pred}
+        return self.spec.with_prediction(args, pred, self.txt_len)
 
     @property
     def evaluations(self) -> int:
@@ -239,6 +228,8 @@ class ApplyRun(RunState):
 
     def summary(self) -> str:
         line = self.cache.summary()
+        if self.plan_text:
+            line = f"{self.plan_text}. {line}"
         if self.fallback_calls:
             line += f"; {self.fallback_calls} model calls computed in full at skipped evaluations (new conditioning or block patches)"
         return line
@@ -253,9 +244,11 @@ class CalibrateRun(RunState):
     def __init__(self, family: str, storage_device="cpu", sample_size: int = DEFAULT_SAMPLE_SIZE, seed: int = DEFAULT_SAMPLE_SEED):
         super().__init__(family)
         self.recorder = TrajectoryRecorder(storage_device=storage_device, sample_size=sample_size, seed=seed)
+        self.sigmas: list[float] = []
 
-    def start_evaluation(self) -> None:
+    def start_evaluation(self, sigma=None) -> None:
         self.recorder.start_evaluation()
+        self.sigmas.append(float(sigma.reshape(-1)[0]) if sigma is not None else float("nan"))
 
     def last_block(self, args, extra, prev):
         out = call_block(prev, args, extra)
@@ -292,6 +285,56 @@ def expected_evaluations(sampler, sigmas) -> int | None:
     if name in SECOND_ORDER_SAMPLERS:  # two evaluations per step, one where the next sigma is 0
         return steps + int((sigmas[1:] != 0).sum())
     return None
+
+
+def evaluation_sigmas(sampler, sigmas) -> list[float] | None:
+    """The sigma of every model evaluation of the run, when known before sampling, else None."""
+    count = expected_evaluations(sampler, sigmas)
+    if count is None:
+        return None
+    s = [float(x) for x in sigmas.reshape(-1)]
+    steps = len(s) - 1
+    if count == steps:
+        return s[:-1]
+    name = sampler_name(sampler)
+    if name == "heun":  # the corrector evaluates at the next sigma (none on the last step to 0)
+        return [x for i in range(steps) for x in ([s[i], s[i + 1]] if s[i + 1] != 0 else [s[i]])]
+    if name == "dpm_2":  # the midpoint evaluates at the geometric mean of the two sigmas
+        return [x for i in range(steps) for x in ([s[i], (s[i] * s[i + 1]) ** 0.5] if s[i + 1] != 0 else [s[i]])]
+    return None
+
+
+def sigma_table(guider):
+    """The model's ascending sigma table (``model_sampling.sigmas``), or None."""
+    try:
+        table = guider.model_patcher.get_model_object("model_sampling").sigmas
+        return table.detach().float().cpu().numpy()
+    except Exception:
+        return None
+
+
+def run_shape(guider, sampler, sigmas) -> RunShape | None:
+    """Evaluation count and normalised positions of the run (None when the count is not known up front).
+
+    Positions come from each evaluation's sigma through the model's sigma table; a run whose
+    first sigma is below sigma_max or whose last is above 0 samples a window of the trajectory.
+    Without a sigma table, or a sampler whose evaluation sigmas are unknown, the positions are
+    evenly spaced over the window.
+    """
+    count = expected_evaluations(sampler, sigmas)
+    if count is None:
+        return None
+    table = sigma_table(guider)
+    if table is None:
+        return RunShape(count)
+    ends = positions_from_sigmas([float(sigmas.reshape(-1)[0]), float(sigmas.reshape(-1)[-1])], table)
+    evals = evaluation_sigmas(sampler, sigmas)
+    if evals is None:
+        start, end = float(ends[0]), float(ends[1])
+        positions = [start + (end - start) * k / count for k in range(count)]
+    else:
+        positions = spread_ties(positions_from_sigmas(evals, table))
+    return RunShape(count, tuple(float(p) for p in positions), float(ends[1]))
 
 
 def uses_controlnet(guider) -> bool:
@@ -340,7 +383,8 @@ def predict_noise_wrapper(executor, *args, **kwargs):
     """Once per sampler evaluation: advance the run's counter (key or skip for every stream)."""
     run = run_from(executor, args)
     if run is not None:
-        run.start_evaluation()
+        sigma = args[1] if len(args) > 1 and isinstance(args[1], torch.Tensor) else None
+        run.start_evaluation(sigma)
     return executor(*args, **kwargs)
 
 
@@ -378,15 +422,19 @@ class ApplyHook:
                 "Apply DPCache does not work with context windows (each window is a separate model call "
                 "on another part of the latent); remove the context-window node or Apply DPCache"
             )
-        expected = expected_evaluations(sampler, sigmas)
-        if expected is not None and expected != self.schedule.num_evals:
-            raise ScheduleMismatchError(mismatch_message(expected, self.schedule.num_evals))
+        shape = run_shape(guider, sampler, sigmas)
+        schedule, plan_text = self.schedule, ""
+        if shape is not None:  # count known up front: plan for it (a manual schedule of another T is refused)
+            plan = plan_run(self.schedule, shape)
+            schedule, plan_text = plan.schedule, plan.text
+            if plan_text:
+                log.info("DPCache: %s", plan_text)
         force_all = uses_controlnet(guider)
         if force_all:
             msg = "DPCache: ControlNet detected; it adds residuals between blocks, so every evaluation is computed in full"
             log.warning(msg)
             send_text(msg, self.node_id)
-        return ApplyRun(self.family, self.schedule, force_all, sampler_name(sampler))
+        return ApplyRun(self.family, schedule, force_all, sampler_name(sampler), plan_text)
 
     def finish(self, run: ApplyRun, ok: bool) -> None:
         if not ok:
@@ -397,9 +445,10 @@ class ApplyHook:
         send_text(line, self.node_id)
         if self.node_id is not None:
             send_event("dpcache.run", {"node": str(self.node_id), "computed": run.cache.computed,
-                                       "skipped": run.cache.skipped, "num_evals": run.evaluations, "summary": line})
-        if run.evaluations != self.schedule.num_evals:
-            raise ScheduleMismatchError(mismatch_message(run.evaluations, self.schedule.num_evals))
+                                       "skipped": run.cache.skipped, "num_evals": run.evaluations, "summary": line,
+                                       "key_steps": list(run.cache.schedule.key_steps)})
+        if run.evaluations != run.cache.schedule.num_evals:
+            raise ScheduleMismatchError(mismatch_message(run.evaluations, run.cache.schedule.num_evals))
 
     def outer_sample(self, executor, *args, **kwargs):
         return sample_with_run(executor, args, kwargs, self.start, self.finish)
@@ -484,6 +533,52 @@ def progress_bar(total: int, node_id):
         return None
 
 
+def trajectory_metadata(run: CalibrateRun) -> dict:
+    """Per-evaluation sigmas (and the final one), and their normalised positions when the model
+    has a sigma table: what lets the PACT be transferred to other step counts and samplers."""
+    sigmas = run.sigmas + [run.final_sigma]
+    if any(s != s for s in sigmas):  # NaN: an evaluation's sigma was not seen
+        return {}
+    meta = {"eval_sigmas": [round(s, 8) for s in sigmas]}
+    if run.sigma_table is not None:
+        meta["positions"] = [round(float(p), 8) for p in spread_ties(positions_from_sigmas(sigmas, run.sigma_table))]
+    return meta
+
+
+def run_window(shape: RunShape | None):
+    """(offset, total, num_evals) when a sampling run is a window of a longer trajectory (a
+    KSamplerAdvanced slice, e.g. one Wan2.2 A14B expert), placed like the run-time planner places it
+    (``replan.joint_trajectory``); None for a whole run or an evaluation count not known up front."""
+    if shape is None or not shape.partial:
+        return None
+    joint = joint_trajectory(shape, 1)
+    return joint.offset, joint.total, shape.num_evals
+
+
+def recorded_window(run) -> tuple | None:
+    """``run_window`` of a finished calibration run, from the sigma of each evaluation it recorded."""
+    sigmas = run.sigmas + [run.final_sigma]
+    if run.sigma_table is None or not run.sigmas or any(s != s for s in sigmas):
+        return None
+    positions = positions_from_sigmas(sigmas, run.sigma_table)
+    return run_window(RunShape(len(run.sigmas), tuple(spread_ties(positions[:-1])), float(positions[-1])))
+
+
+def window_positions(old, mine, window) -> list | None:
+    """Positions of the whole trajectory: the file's (or evenly spaced), this window's measured ones in place."""
+    offset, total, n = window
+    if not (isinstance(mine, list) and len(mine) == n + 1):
+        return old if isinstance(old, list) and len(old) == total + 1 else None
+    if isinstance(old, list) and len(old) == total + 1:
+        out = list(old)
+    else:  # outside the window: evenly spaced between the window's ends and 0 / 1
+        start, end = mine[0], mine[-1]
+        out = [start * k / offset for k in range(offset)] + [0.0] * (n + 1) + \
+              [end + (1.0 - end) * k / (total - offset - n) for k in range(1, total - offset - n + 1)]
+    out[offset:offset + n + 1] = mine
+    return [round(float(p), 8) for p in out]
+
+
 class CalibrateHook:
     """Per-node config of DPCache Calibrate; records every run and adds one sample to the PACT file."""
 
@@ -515,24 +610,39 @@ class CalibrateHook:
             "Pick a new pact_name on DPCache Calibrate, or set reset to start the file afresh"
         )
 
-    def load_existing(self):
-        if self.pending_reset[0] or not os.path.exists(self.path):
+    def load_existing(self, window=None):
+        """The PACT file's (accumulator, metadata), or None to start afresh.
+
+        With reset pending, a full run starts afresh; a window run (one expert of several) keeps the
+        other windows and drops only its own, so two Calibrate nodes with reset can share one file."""
+        if not os.path.exists(self.path) or (self.pending_reset[0] and window is None):
             return None
         try:
-            return load_pact(self.path)
+            acc, meta = load_pact(self.path)
         except PactFileError as exc:
+            if self.pending_reset[0]:
+                return None
             raise ValueError(f"{exc} (or set reset on DPCache Calibrate to overwrite it)") from None
+        if self.pending_reset[0]:
+            if self.mismatch(meta, acc.num_evals if window is None else window[1]) or not meta.get("windows"):
+                return None
+            meta = dict(meta, windows=windows.drop_window(acc, meta.get("windows"), window[0], window[2]))
+        return acc, meta
 
     def start(self, guider, args) -> CalibrateRun:
         sampler, sigmas = args[2], args[3]
         if guider.model_options.get("context_handler") is not None:
             raise ValueError("DPCache Calibrate does not work with context windows; remove the context-window node")
-        existing = self.load_existing()
+        window = run_window(run_shape(guider, sampler, sigmas))
+        existing = self.load_existing(window)
         if existing is not None:
-            problem = self.mismatch(existing[1], expected_evaluations(sampler, sigmas))
+            problem = self.mismatch(existing[1], window[1] if window else expected_evaluations(sampler, sigmas))
             if problem:
                 raise ValueError(problem)
         run = CalibrateRun(self.family, sample_size=self.sample_size)
+        run.window = window
+        run.sigma_table = sigma_table(guider)
+        run.final_sigma = float(sigmas.reshape(-1)[-1])
         run.metadata = {
             "model_family": self.family,
             "order": self.order,
@@ -540,10 +650,11 @@ class CalibrateHook:
             "sampler": sampler_name(sampler),
             "scheduler": guess_scheduler(guider, sigmas),
             "resolution": resolution_of(args[1]),
-            "steps": int(sigmas.shape[-1]) - 1,
+            "steps": int(sigmas.shape[-1]) - 1 if window is None else window[1],
         }
+        where = "" if window is None else f" (evaluations {window[0]}..{window[0] + window[2] - 1} of a T={window[1]} trajectory)"
         kept = f"{self.sample_size} sampled elements of the cache point" if self.sample_size else "the whole cache point"
-        log.info("DPCache Calibrate: recording %s at every evaluation for %s", kept, os.path.basename(self.path))
+        log.info("DPCache Calibrate: recording %s at every evaluation for %s%s", kept, os.path.basename(self.path), where)
         return run
 
     def finish(self, run: CalibrateRun, ok: bool) -> None:
@@ -554,22 +665,51 @@ class CalibrateHook:
         num_evals = run.evaluations
         if num_evals < self.order + 1:
             raise ValueError(f"a PACT of order {self.order} needs at least {self.order + 1} evaluations; this run made {num_evals}")
-        existing = self.load_existing()
+        window = run.window
+        if window is None or window[2] != num_evals:  # count not known up front: place it from the recorded sigmas
+            window = recorded_window(run)
+        total = num_evals if window is None else window[1]
+        existing = self.load_existing(window)
         if existing is not None:
-            problem = self.mismatch(existing[1], num_evals)
+            problem = self.mismatch(existing[1], total)
             if problem:
                 raise ValueError(problem)
         log.info("DPCache Calibrate: building the PACT sample (%d evaluations)", num_evals)
-        sample = run.recorder.build_sample(self.order, "reference", progress=progress_bar(num_evals, self.node_id))
-        acc = existing[0] if existing is not None else PactAccumulator(num_evals)
+        sample = run.recorder.build_sample(self.order, "reference", progress=progress_bar(num_evals, self.node_id),
+                                           max_anchor_gap=default_max_gap(total))
+        acc, old_meta = existing if existing is not None else (PactAccumulator(total), {})
+        meta = dict(run.metadata, **trajectory_metadata(run))
+        if window is not None:
+            if existing is not None and not old_meta.get("windows"):
+                raise ValueError(
+                    f"PACT '{name}' was calibrated on whole sampling runs; this run samples only evaluations "
+                    f"{window[0]}..{window[0] + num_evals - 1} of T={total} (a KSamplerAdvanced window). "
+                    "Pick a new pact_name on DPCache Calibrate, or set reset"
+                )
+            sample = windows.embed_window(sample, window[0], total)
+            meta["windows"] = windows.add_window(old_meta.get("windows"), window[0], num_evals)
+            meta.pop("eval_sigmas", None)  # this window's only; positions below cover the whole trajectory
+            meta["positions"] = window_positions(old_meta.get("positions"), meta.get("positions"), window)
+        elif old_meta.get("windows"):
+            raise ValueError(
+                f"PACT '{name}' holds windows of partial sampling runs (e.g. two Wan2.2 experts); this run samples the "
+                "whole trajectory. Pick a new pact_name on DPCache Calibrate, or set reset"
+            )
         acc.add(sample)
+        if window is not None:
+            acc.samples = sum(w[2] for w in meta["windows"])
         size = run.recorder.sample_description()
         this = {"samples": 1, "sample_size": size, "sample_seed": None if size == "all" else run.recorder.seed}
-        sampling = combine_sampling(([existing[1]] if existing is not None else []) + [this])
-        meta = save_pact(self.path, acc, {**run.metadata, **sampling})
+        meta.update(combine_sampling([old_meta, this]))
+        meta = save_pact(self.path, acc, meta)
         self.pending_reset[0] = False
         kept = "every cache-point element" if size == "all" else f"{size} sampled cache-point elements per stream"
-        line = f"{name}: sample {meta['samples']} added ({num_evals} evaluations, {kept})"
+        if window is None:
+            line = f"{name}: sample {meta['samples']} added ({num_evals} evaluations, {kept})"
+        else:
+            got = ", ".join(f"{w[0]}..{w[0] + w[1] - 1}: {w[2]}" for w in meta["windows"])
+            line = (f"{name}: evaluations {window[0]}..{window[0] + num_evals - 1} of T={total} added "
+                    f"(samples per window {got}; {kept})")
         log.info("DPCache Calibrate: %s", line)
         send_text(line, self.node_id)
 

@@ -41,6 +41,10 @@ class Block(torch.nn.Module):
 
 
 class FakeFluxBase(torch.nn.Module):
+    """FLUX / Chroma: double blocks on (img, txt), then single blocks on cat(txt, img)."""
+
+    img_first = False  # HunyuanVideo's single stream is cat(img, txt)
+
     def __init__(self, depth=2, single=3):
         super().__init__()
         self.double_blocks = torch.nn.ModuleList(Block(i) for i in range(depth))
@@ -62,13 +66,42 @@ class FakeFluxBase(torch.nn.Module):
             img, txt = out["img"], out["txt"]
             if control is not None:
                 img += control
-        img = torch.cat((txt, img), 1)
+        img_len = img.shape[1]
+        img = torch.cat((img, txt), 1) if self.img_first else torch.cat((txt, img), 1)
         for i, block in enumerate(self.single_blocks):
             def original(a, block=block):
                 return {"img": block(a["img"], sigma)}
             args = {"img": img, "vec": sigma, "pe": None, "attn_mask": None, "transformer_options": to}
             img = rep[("single_block", i)](args, {"original_block": original})["img"] if ("single_block", i) in rep else original(args)["img"]
-        return img[:, txt.shape[1]:] * 0.5
+        return (img[:, :img_len] if self.img_first else img[:, txt.shape[1]:]) * 0.5
+
+
+class FakeHunyuanBase(FakeFluxBase):
+    img_first = True
+
+
+class FakeQwenBase(torch.nn.Module):
+    """Qwen-Image: one list of blocks returning (txt, img), both read back; then the non-replace
+    ``patches["double_block"]`` after every block, like comfy/ldm/qwen_image/model.py."""
+
+    def __init__(self, depth=3):
+        super().__init__()
+        self.transformer_blocks = torch.nn.ModuleList(Block(300 + i) for i in range(depth))
+
+    def forward(self, x, txt, sigma, to, control=None):
+        rep = to.get("patches_replace", {}).get("dit", {})
+        patches = to.get("patches", {})
+        img, txt = x.clone(), txt.clone()
+        for i, block in enumerate(self.transformer_blocks):
+            def original(a, block=block):
+                return {"txt": block(a["txt"].clone(), sigma), "img": block(a["img"].clone(), sigma)}
+            args = {"img": img, "txt": txt, "vec": sigma, "pe": None, "transformer_options": to}
+            out = rep[("double_block", i)](args, {"original_block": original}) if ("double_block", i) in rep else original(args)
+            img, txt = out["img"], out["txt"]
+            for p in patches.get("double_block", []):
+                out = p({"img": img, "txt": txt, "x": x, "block_index": i, "transformer_options": to})
+                img, txt = out["img"], out["txt"]
+        return img * 0.5
 
 
 class FakeWanBase(torch.nn.Module):
@@ -88,23 +121,36 @@ class FakeWanBase(torch.nn.Module):
 
 
 Flux = type("Flux", (FakeFluxBase,), {"__module__": "comfy.ldm.flux.model"})
+Chroma = type("Chroma", (FakeFluxBase,), {"__module__": "comfy.ldm.chroma.model"})
+HunyuanVideo = type("HunyuanVideo", (FakeHunyuanBase,), {"__module__": "comfy.ldm.hunyuan_video.model"})
+QwenImageTransformer2DModel = type("QwenImageTransformer2DModel", (FakeQwenBase,), {"__module__": "comfy.ldm.qwen_image.model"})
 WanModel = type("WanModel", (FakeWanBase,), {"__module__": "comfy.ldm.wan.model"})
 VaceWanModel = type("VaceWanModel", (FakeWanBase,), {"__module__": "comfy.ldm.wan.model"})
 UNetModel = type("UNetModel", (torch.nn.Module,), {"__module__": "comfy.ldm.modules.diffusionmodules.openaimodel"})
 
 
+# The ComfyUI model class (ModelPatcher.model) around each fake diffusion model, as in comfy/model_base.py
+BASE_CLASS = {"Flux": "Flux", "Chroma": "Chroma", "HunyuanVideo": "HunyuanVideo", "QwenImageTransformer2DModel": "QwenImage",
+              "WanModel": "WAN21", "VaceWanModel": "WAN21_Vace"}
+
+
 class FakePatcher:
-    def __init__(self, dm):
+    def __init__(self, dm, base=None):
         self.dm = dm
+        base = base or BASE_CLASS.get(type(dm).__name__)
+        self.model = type(base, (), {})() if base else None
         self.model_options = {"transformer_options": {}}
         self.wrappers = {}
 
     def get_model_object(self, name):
+        if name == "model_sampling":  # a flow model's sigma table: sigma = timestep, 1/1000 .. 1
+            return SimpleNamespace(sigmas=torch.arange(1, 1001) / 1000.0)
         assert name == "diffusion_model"
         return self.dm
 
     def clone(self):
         n = FakePatcher(self.dm)
+        n.model = self.model
         n.model_options = copy.deepcopy(self.model_options)  # what ComfyUI 0.3.64 does
         n.wrappers = {k: list(v) for k, v in self.wrappers.items()}
         return n
@@ -143,10 +189,14 @@ class FakeSampler:
 
 
 def sample(patcher, steps=10, cfg=2.0, batch=1, split=False, sampler="euler", evals_per_step=1,
-           control=None, interrupt_at=None, context_handler=False, streams=None, img=IMG):
-    """A sampling run of the fake model; returns the list of model outputs (one per evaluation)."""
+           control=None, interrupt_at=None, context_handler=False, streams=None, img=IMG, window=None):
+    """A sampling run of the fake model; returns the list of model outputs (one per evaluation).
+
+    ``window=(start, end)``: only steps start..end-1 of the ``steps``, like KSamplerAdvanced."""
     dm = patcher.dm
     sigmas = torch.linspace(1.0, 0.0, steps + 1)
+    if window is not None:
+        sigmas = sigmas[window[0]:window[1] + 1]
     cond = {"uuid": uuid.uuid4(), "control": control}
     uncond = {"uuid": uuid.uuid4(), "control": control}
     chunks = [(1, uncond), (0, cond)] if cfg != 1.0 else [(0, cond)]

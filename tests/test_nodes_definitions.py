@@ -40,7 +40,7 @@ def test_definitions(node_id):
     assert callable(getattr(cls, cls.FUNCTION))
     spec = cls.INPUT_TYPES()
     assert spec["hidden"] == {"unique_id": "UNIQUE_ID"}
-    for name, entry in spec["required"].items():
+    for name, entry in {**spec["required"], **spec.get("optional", {})}.items():
         assert entry[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
     assert len(cls.OUTPUT_TOOLTIPS) == len(cls.RETURN_TYPES)
 

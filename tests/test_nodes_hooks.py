@@ -24,6 +24,25 @@ def wan():
     return F.FakePatcher(F.WanModel())
 
 
+def chroma():
+    return F.FakePatcher(F.Chroma())
+
+
+def hunyuan_video():
+    return F.FakePatcher(F.HunyuanVideo())
+
+
+def qwen_image():
+    return F.FakePatcher(F.QwenImageTransformer2DModel())
+
+
+def wan22_5b():
+    return F.FakePatcher(F.WanModel(), base="WAN22")
+
+
+ALL_FAMILIES = [flux, chroma, hunyuan_video, qwen_image, wan, wan22_5b]
+
+
 def uniform(k=5, t=STEPS, family=None):
     return Schedule(tuple(uniform_key_steps(t, k)), t, model_family=family)
 
@@ -42,7 +61,7 @@ def reset_calls(model):
             b.calls = 0
 
 
-@pytest.mark.parametrize("make", [flux, wan])
+@pytest.mark.parametrize("make", ALL_FAMILIES)
 @pytest.mark.parametrize("cfg,split", [(1.0, False), (2.0, False), (2.0, True)])
 def test_all_keys_is_exact_and_skips_run_no_block(make, cfg, split):
     model = make()
@@ -52,7 +71,7 @@ def test_all_keys_is_exact_and_skips_run_no_block(make, cfg, split):
     reset_calls(model)
     fast = F.sample(apply(model, uniform(5)), cfg=cfg, split=split)
     calls_per_eval = 2 if split and cfg != 1.0 else 1
-    per_block = 2 if isinstance(model.dm, F.FakeFluxBase) else 1  # the fake double block runs on img and txt
+    per_block = 1 if isinstance(model.dm, F.FakeWanBase) else 2  # a fake double block runs on img and txt
     counts = set(block_calls(model).values())
     assert counts <= {5 * calls_per_eval, 5 * calls_per_eval * per_block}, counts
     err = max((a - b).abs().max().item() for a, b in zip(ref, fast))
@@ -112,7 +131,7 @@ def test_heun_count_is_known_up_front():
 
 
 def test_model_checks():
-    with pytest.raises(ValueError, match="supports FLUX.1.*and Wan2.1.*UNetModel"):
+    with pytest.raises(ValueError, match="supports FLUX.1.*Chroma.*HunyuanVideo.*Qwen-Image.*Wan2.1.*Wan2.2.*UNetModel"):
         apply(F.FakePatcher(F.UNetModel()), uniform())
     with pytest.raises(ValueError, match="VaceWanModel"):
         apply(F.FakePatcher(F.VaceWanModel()), uniform())

@@ -35,7 +35,7 @@ CORE_WIDGETS = {
     "UNETLoader": 2, "DualCLIPLoader": 4, "CLIPLoader": 3, "VAELoader": 1, "CLIPVisionLoader": 1,
     "LoadImage": 2, "CLIPVisionEncode": 1, "CLIPTextEncode": 1, "FluxGuidance": 1, "ConditioningZeroOut": 0,
     "EmptySD3LatentImage": 3, "EmptyHunyuanLatentVideo": 4, "WanImageToVideo": 4, "ModelSamplingSD3": 1,
-    "KSampler": 7, "VAEDecode": 0, "SaveImage": 1, "PreviewImage": 0, "CreateVideo": 1, "SaveVideo": 3, "Note": 1,
+    "KSampler": 7, "KSamplerAdvanced": 10, "ModelSamplingAuraFlow": 1, "VAEDecode": 0, "SaveImage": 1, "PreviewImage": 0, "CreateVideo": 1, "SaveVideo": 3, "Note": 1,
 }
 SHIPPED_PACTS = os.path.join(ROOT, "cost_matrices")
 ONE_EVAL_PER_STEP = {"euler", "euler_ancestral", "uni_pc", "uni_pc_bh2", "ddim", "lcm", "dpmpp_2m", "ipndm", "deis"}
@@ -70,8 +70,9 @@ def by_id(wf):
     return {n["id"]: n for n in wf["nodes"]}
 
 
-def test_there_are_the_four_workflows():
-    assert set(NAMES) == {"flux_t2i_dpcache", "flux_calibrate", "wan21_t2v_dpcache", "wan21_i2v_dpcache"}
+def test_there_are_the_six_workflows():
+    assert set(NAMES) == {"flux_t2i_dpcache", "flux_calibrate", "wan21_t2v_dpcache", "wan21_i2v_dpcache",
+                          "wan22_i2v_dpcache", "qwen_image_dpcache"}
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=NAMES)
@@ -147,27 +148,41 @@ def test_pack_nodes_match_their_definitions(path):
         assert [o["type"] for o in n.get("outputs", [])] == d["output"], f"{n['type']} outputs"
 
 
+def model_source(wf, sampler):
+    nodes, links = by_id(wf), {l[0]: l for l in wf["links"]}
+    return nodes[links[next(i["link"] for i in sampler["inputs"] if i["name"] == "model")][1]]
+
+
 @pytest.mark.parametrize("path", WORKFLOWS, ids=NAMES)
 def test_settings_agree(path):
     wf = load(path)
-    nodes = by_id(wf)
     ks = [n for n in wf["nodes"] if n["type"] == "KSampler"]
-    assert len(ks) == 1
-    seed, control, steps, cfg, sampler, scheduler, denoise = ks[0]["widgets_values"]
-    assert sampler in ONE_EVAL_PER_STEP and denoise == 1.0
-    links = {l[0]: l for l in wf["links"]}
-    model_src = nodes[links[next(i["link"] for i in ks[0]["inputs"] if i["name"] == "model")][1]]
+    advanced = [n for n in wf["nodes"] if n["type"] == "KSamplerAdvanced"]
+    if advanced:  # Wan2.2 A14B: two experts, each a window of one trajectory
+        assert len(advanced) == 2 and not ks
+        (add1, _, control, steps, cfg, sampler, scheduler, start1, end1, leftover1), second = (
+            advanced[0]["widgets_values"], advanced[1]["widgets_values"])
+        assert (add1, start1, leftover1) == ("enable", 0, "enable") and sampler in ONE_EVAL_PER_STEP
+        assert (second[0], second[3], second[5], second[6], second[7], second[9]) == ("disable", steps, sampler, scheduler, end1, "disable")
+        assert second[8] >= steps, "the second expert samples to the end"
+        samplers = advanced
+    else:
+        assert len(ks) == 1
+        seed, control, steps, cfg, sampler, scheduler, denoise = ks[0]["widgets_values"]
+        assert sampler in ONE_EVAL_PER_STEP and denoise == 1.0
+        samplers = ks
+    sources = [model_source(wf, k) for k in samplers]
     for n in wf["nodes"]:
         if n["type"] == "DPCacheSchedule":
-            pact, k, first, last, total, manual = n["widgets_values"]
+            pact, k, first, last, total, manual, budget, speedup = n["widgets_values"]
             assert total == steps, "total_evaluations must equal the sampler's evaluations (one per step here)"
-            assert first + last <= k <= total
-            assert model_src["type"] == "DPCacheApply", "Apply DPCache must feed the KSampler"
+            assert len(samplers) * first + last <= k <= total
+            assert all(m["type"] == "DPCacheApply" for m in sources), "Apply DPCache must feed every sampler"
             if pact not in ("(uniform)", "(manual)"):
                 check_shipped_pact_fits(wf, pact)
         if n["type"] == "DPCacheCalibrate":
             assert re.fullmatch(r"[A-Za-z0-9._-]+", n["widgets_values"][0])
-            assert model_src["type"] == "DPCacheCalibrate" and control == "randomize"
+            assert all(m["type"] == "DPCacheCalibrate" for m in sources) and control == "randomize"
 
 
 def check_shipped_pact_fits(wf, pact):
@@ -191,7 +206,10 @@ def test_the_flux_and_wan_workflows_plan_on_the_shipped_pacts():
                 picks[name] = n["widgets_values"][0]
     assert picks == {"flux_t2i_dpcache": "flux1_dev_official_T50.safetensors",
                      "wan21_t2v_dpcache": "wan21_i2v_14b_official_T50.safetensors",
-                     "wan21_i2v_dpcache": "wan21_i2v_14b_official_T50.safetensors"}
+                     "wan21_i2v_dpcache": "wan21_i2v_14b_official_T50.safetensors",
+                     "wan22_i2v_dpcache": "wan21_i2v_14b_official_T50.safetensors",  # the experts' architecture
+                     "qwen_image_dpcache": "(uniform)"}  # no Qwen-Image PACT ships
+    del picks["qwen_image_dpcache"]
     for name in picks:
         note = next(n for n in load(os.path.join(ROOT, "workflows", name + ".json"))["nodes"] if n["type"] == "Note")
         text = note["widgets_values"][0]
@@ -223,7 +241,8 @@ def test_conversion_of_pack_nodes_without_comfyui():
     api = ui_to_api({"nodes": keep, "links": wf["links"]}, defs)
     sched = next(v for v in api.values() if v["class_type"] == "DPCacheSchedule")
     assert sched["inputs"] == {"pact": "flux1_dev_official_T50.safetensors", "key_steps": 13, "first_full_steps": 3, "last_full_steps": 0,
-                               "total_evaluations": 50, "manual_key_steps": ""}
+                               "total_evaluations": 50, "manual_key_steps": "",
+                               "budget": "same speed-up", "target_speedup": 3.85}
     apply = next(v for v in api.values() if v["class_type"] == "DPCacheApply")
     assert set(apply["inputs"]) == {"model", "schedule"}
 
@@ -320,6 +339,15 @@ def test_real_host_runs_every_workflow(server, object_info):
     for name in ("wan21_t2v_dpcache", "wan21_i2v_dpcache"):
         prompt = to_harness(ui_to_api(wfs[name], object_info), name)
         check_planned_run(server, prompt, name, "wan21_i2v_14b_official_T50.safetensors")
+
+    # 4. Qwen-Image, and Wan2.2 A14B: two experts, a block counter on each, one schedule for both
+    for name in ("qwen_image_dpcache", "wan22_i2v_dpcache"):
+        prompt = to_harness(ui_to_api(wfs[name], object_info), name)
+        _, stats = run_ok(server, prompt)
+        assert len(stats) == (2 if name.startswith("wan22") else 1)
+        calls = [block_calls([s]) for s in stats]
+        assert all(0 < done < full for done, full in calls), f"{name}: DPCache skipped nothing ({calls})"
+        print(f"\n[host] workflow {name}: block calls (computed, full) per sampler {calls}")
 
 
 def check_planned_run(server, prompt, name, pact):

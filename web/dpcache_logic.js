@@ -23,8 +23,8 @@ export const HELP = Object.freeze({
   DPCacheSchedule:
     "Plans which evaluations are computed in full ('key steps'). With a PACT it solves the DPCache " +
     "dynamic program for the cheapest K key steps; '(uniform)' spaces them evenly, '(manual)' takes " +
-    "your list. K=13 of 50 gives an ideal 3.85x speed-up. total_evaluations must equal the number of " +
-    "model evaluations your sampler makes.",
+    "your list. K=13 of 50 gives an ideal 3.85x speed-up. A run with another number of model evaluations " +
+    "(steps, sampler) is re-planned for it when sampling starts; 'budget' says how K follows.",
   DPCacheApply:
     "Patches the model so that key steps run every block and the other evaluations skip them, " +
     "predicting the last block's output with a Taylor expansion. Never changes the input model.",

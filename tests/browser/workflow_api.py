@@ -61,23 +61,38 @@ def ui_to_api(wf, defs):
 
 
 # ---- test-only stand-ins for the tiny models of the comfyui-host harness -----------------------------
-TINY_UNET = {"flux": "tiny_flux.safetensors", "wan_t2v": "tiny_wan_t2v.safetensors", "wan_i2v": "tiny_wan_i2v.safetensors"}
+TINY_UNET = {"flux": "tiny_flux.safetensors", "wan_t2v": "tiny_wan_t2v.safetensors", "wan_i2v": "tiny_wan_i2v.safetensors",
+             "qwen_image": "tiny_qwen_image.safetensors", "wan22_high": "tiny_wan22_high.safetensors",
+             "wan22_low": "tiny_wan22_low.safetensors"}
+SAMPLERS = ("KSampler", "KSamplerAdvanced")
 # loaders, encoders, decoders and savers that need the real (absent) models: dropped
 DROP = {"DualCLIPLoader", "CLIPLoader", "VAELoader", "CLIPVisionLoader", "LoadImage", "CLIPVisionEncode",
         "VAEDecode", "SaveImage", "CreateVideo", "SaveVideo", "SaveAnimatedWEBP"}
 
 
+def model_of(unet_name):
+    """The tiny stand-in for a real model file name."""
+    name = unet_name.lower()
+    if "flux" in name:
+        return "flux"
+    if "qwen" in name:
+        return "qwen_image"
+    if "wan2.2" in name and "high_noise" in name:  # the A14B experts (the tiny ones are T2V)
+        return "wan22_high"
+    if "wan2.2" in name and "low_noise" in name:
+        return "wan22_low"
+    if "i2v" in name:
+        return "wan_i2v"
+    if "wan" in name:
+        return "wan_t2v"
+    raise ValueError(f"no tiny stand-in for {unet_name}")
+
+
 def family_of(api):
     for n in api.values():
         if n["class_type"] == "UNETLoader":
-            name = n["inputs"]["unet_name"].lower()
-            if "flux" in name:
-                return "flux"
-            if "i2v" in name:
-                return "wan_i2v"
-            if "wan" in name:
-                return "wan_t2v"
-    raise ValueError("no UNETLoader with a FLUX or Wan model in this workflow")
+            return model_of(n["inputs"]["unet_name"])
+    raise ValueError("no UNETLoader with a FLUX, Qwen-Image or Wan model in this workflow")
 
 
 def to_harness(api, label, size=128, frames=9, tokens=16):
@@ -86,26 +101,27 @@ def to_harness(api, label, size=128, frames=9, tokens=16):
     a HarnessBlockCounter before every KSampler's model and a HarnessLatentStats on its output.
     The pack's nodes, KSampler (steps, sampler, cfg...) and conditioning utilities stay as they are."""
     fam = family_of(api)
-    wan = "wan" if fam.startswith("wan") else "flux"
+    wan = "wan" if fam.startswith("wan") else fam
     out = copy.deepcopy(api)
     for nid, n in list(out.items()):
         ct, i = n["class_type"], n["inputs"]
         if ct == "UNETLoader":
-            i.update(unet_name=TINY_UNET[fam], weight_dtype="default")
+            i.update(unet_name=TINY_UNET[model_of(i["unet_name"])], weight_dtype="default")
         elif ct in ("CLIPTextEncode", "CLIPTextEncodeFlux"):
             out[nid] = {"class_type": "HarnessRandomConditioning",
                         "inputs": {"seed": int(nid), "family": wan, "tokens": tokens, "scale": 1.0, "batch_size": 1}}
         elif ct == "EmptySD3LatentImage":
-            out[nid] = {"class_type": "HarnessEmptyLatent", "inputs": {"family": "flux", "width": size, "height": size,
+            out[nid] = {"class_type": "HarnessEmptyLatent", "inputs": {"family": wan, "width": size, "height": size,
                                                                          "length": 1, "batch_size": i.get("batch_size", 1)}}
         elif ct == "EmptyHunyuanLatentVideo":
             out[nid] = {"class_type": "HarnessEmptyLatent", "inputs": {"family": "wan", "width": size, "height": size,
                                                                          "length": frames, "batch_size": 1}}
         elif ct == "WanImageToVideo":
+            i2v = fam == "wan_i2v"  # the tiny Wan2.2 experts are T2V: no start image, no CLIP vision
             out[nid] = {"class_type": "HarnessWanI2VConditioning", "inputs": {
                 "positive": i["positive"], "negative": i["negative"], "seed": 3, "width": size, "height": size,
-                "length": frames, "batch_size": 1, "start_frames": 1, "clip_vision": "clip_vision_output" in i,
-                "clip_tokens": 257, "scale": 1.0}}
+                "length": frames, "batch_size": 1, "start_frames": 1 if i2v else 0,
+                "clip_vision": i2v and "clip_vision_output" in i, "clip_tokens": 257, "scale": 1.0}}
         elif ct in DROP:
             del out[nid]
     # drop whatever consumed a dropped node (e.g. a PreviewImage of the decoded image)
@@ -119,7 +135,7 @@ def to_harness(api, label, size=128, frames=9, tokens=16):
                 changed = True
     next_id = max(int(k) for k in out) + 1
     for nid, n in list(out.items()):
-        if n["class_type"] != "KSampler":
+        if n["class_type"] not in SAMPLERS:
             continue
         tag = f"{label}_{nid}"
         out[str(next_id)] = {"class_type": "HarnessBlockCounter", "inputs": {"model": n["inputs"]["model"], "tag": tag}}

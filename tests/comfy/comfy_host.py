@@ -4,7 +4,8 @@ Run with the host's own python (the one ComfyUI's requirements are installed in)
     COMFYUI_PATH=<ComfyUI checkout> <host venv>/bin/python -m pytest tests/comfy -q -s
 Every test here skips, with the reason, when COMFYUI_PATH is unset or ComfyUI cannot be imported.
 
-Models are tiny random-weight FLUX (dev and schnell) and Wan2.1 (T2V, I2V) diffusion models,
+Models are tiny random-weight FLUX (dev and schnell), Wan2.1 (T2V, I2V), Chroma, HunyuanVideo (T2V),
+Qwen-Image, Wan2.2 TI2V 5B and two Wan2.2 A14B-style experts (Wan2.1 architecture) diffusion models,
 built in-process by ComfyUI's own model classes; conditioning is random tensors of the real
 shapes. Nothing from ComfyUI is copied here.
 """
@@ -30,8 +31,30 @@ WAN_CFG = {
     "text_dim": 4096, "out_dim": 16, "num_heads": 2, "num_layers": 3, "window_size": (-1, -1),
     "qk_norm": True, "cross_attn_norm": True, "eps": 1e-6,
 }
+CHROMA_CFG = {
+    "image_model": "chroma", "in_channels": 64, "out_channels": 64, "context_in_dim": 64, "hidden_size": 64,
+    "mlp_ratio": 2.0, "num_heads": 4, "depth": 2, "depth_single_blocks": 3, "axes_dim": [4, 6, 6], "theta": 10000,
+    "patch_size": 2, "qkv_bias": True, "in_dim": 64, "out_dim": 64, "hidden_dim": 64, "n_layers": 2,
+}
+HUNYUAN_VIDEO_CFG = {
+    "image_model": "hunyuan_video", "in_channels": 16, "out_channels": 16, "patch_size": [1, 2, 2], "vec_in_dim": 32,
+    "context_in_dim": 64, "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2, "depth": 2, "depth_single_blocks": 2,
+    "axes_dim": [8, 12, 12], "theta": 256, "qkv_bias": True, "guidance_embed": True, "byt5": False, "meanflow": False,
+}
+QWEN_IMAGE_CFG = {
+    "image_model": "qwen_image", "in_channels": 64, "out_channels": 16, "num_layers": 3, "attention_head_dim": 32,
+    "num_attention_heads": 2, "joint_attention_dim": 64, "axes_dims_rope": (8, 12, 12),
+}
 MODEL_KEYS = ("flux", "flux_schnell", "wan_t2v", "wan_i2v")
-TIME_LAYERS = ("time_in.in_layer.weight", "guidance_in.in_layer.weight", "time_embedding.0.weight")
+# the other DiT families (tests/comfy/test_host_families.py); wan22_high/low: Wan2.2 A14B-style experts
+FAMILY_KEYS = ("chroma", "hunyuan_video", "qwen_image", "wan22_5b", "wan22_high", "wan22_low")
+ALL_KEYS = MODEL_KEYS + FAMILY_KEYS
+# timestep-embedding input layers (columns) that are low-passed so outputs change smoothly with sigma
+TIME_LAYERS = {
+    "time_in.in_layer.weight": None, "guidance_in.in_layer.weight": None, "time_embedding.0.weight": None,
+    "txt_in.t_embedder.in_layer.weight": None, "time_text_embed.timestep_embedder.linear_1.weight": None,
+    "distilled_guidance_layer.in_proj.weight": (0, 16),  # Chroma: [16 timestep | 16 guidance | 32 index]
+}
 
 _state = {}
 
@@ -99,6 +122,8 @@ def init_weights(module, seed):
             else:
                 p.fill_(1.0)
             if name in TIME_LAYERS:
+                cols = TIME_LAYERS[name]
+                p = p if cols is None else p[:, cols[0]:cols[1]]
                 half = p.shape[1] // 2
                 freq = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float64) / half)
                 damp = (1.0 / (1.0 + (freq / 0.005) ** 2)).to(p.dtype).repeat(2)
@@ -124,11 +149,23 @@ def build_model(key):
         mc = sm.WAN21_T2V(dict(WAN_CFG, model_type="t2v", in_dim=16))
     elif key == "wan_i2v":
         mc = sm.WAN21_I2V(dict(WAN_CFG, model_type="i2v", in_dim=36))
+    elif key == "chroma":
+        mc = sm.Chroma(dict(CHROMA_CFG))
+    elif key == "hunyuan_video":
+        mc = sm.HunyuanVideo(dict(HUNYUAN_VIDEO_CFG))
+    elif key == "qwen_image":
+        mc = sm.QwenImage(dict(QWEN_IMAGE_CFG))
+    elif key == "wan22_5b":
+        mc = sm.WAN22_T2V(dict(WAN_CFG, model_type="t2v", in_dim=48, out_dim=48))
+    elif key in ("wan22_high", "wan22_low"):
+        mc = sm.WAN21_T2V(dict(WAN_CFG, model_type="t2v", in_dim=16))
+    elif key == "wan_vace":  # unsupported: VACE adds residuals between blocks
+        mc = sm.WAN21_Vace(dict(WAN_CFG, model_type="vace", in_dim=16, vace_layers=1, vace_in_dim=96))
     else:
         raise KeyError(key)
     mc.set_inference_dtype(torch.float32, None)
     model = mc.get_model({}, device=cpu)
-    init_weights(model.diffusion_model, seed=MODEL_KEYS.index(key) + 1)
+    init_weights(model.diffusion_model, seed=(ALL_KEYS + ("wan_vace",)).index(key) + 1)
     cache[key] = comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
     return cache[key]
 
@@ -142,14 +179,21 @@ def conditioning(key, seed=0, batch=1, frames=9, height=64, width=64):
     def rnd(*shape):
         return torch.randn(*shape, generator=g)
 
-    if key.startswith("flux"):
-        extra = lambda: {"pooled_output": rnd(1, 32), "guidance": 3.5}  # noqa: E731
+    t = (frames - 1) // 4 + 1
+    if key.startswith("flux") or key in ("chroma", "qwen_image", "hunyuan_video"):
+        if key.startswith("flux"):
+            extra = lambda: {"pooled_output": rnd(1, 32), "guidance": 3.5}  # noqa: E731
+        elif key == "hunyuan_video":
+            extra = lambda: {"pooled_output": rnd(1, 32), "guidance": 6.0}  # noqa: E731
+        else:  # T5 / Qwen2.5-VL encoders have no pooled output
+            extra = lambda: {"pooled_output": None}  # noqa: E731
         pos = [[rnd(1, 8, 64), extra()]]
         neg = [[rnd(1, 8, 64), extra()]]
-        latent = torch.zeros(batch, 16, height // 8, width // 8)
-        return pos, neg, latent
-    t = (frames - 1) // 4 + 1
+        shape = (batch, 16, t, height // 8, width // 8) if key == "hunyuan_video" else (batch, 16, height // 8, width // 8)
+        return pos, neg, torch.zeros(shape)
     pos, neg = [[rnd(1, 12, 4096), {}]], [[rnd(1, 12, 4096), {}]]
+    if key == "wan22_5b":  # 48 channels, 16x spatial compression
+        return pos, neg, torch.zeros(batch, 48, t, height // 16, width // 16)
     latent = torch.zeros(batch, 16, t, height // 8, width // 8)
     if key == "wan_i2v":
         mask = torch.ones(1, 1, t, height // 8, width // 8)
@@ -171,7 +215,7 @@ class BlockCounter:
         import torch
         self.dm = model.model.diffusion_model
         self.blocks = []
-        for attr in ("double_blocks", "single_blocks", "blocks"):
+        for attr in ("double_blocks", "single_blocks", "blocks", "transformer_blocks"):
             ml = getattr(self.dm, attr, None)
             if isinstance(ml, torch.nn.ModuleList):
                 self.blocks += [(f"{attr}.{i}", m) for i, m in enumerate(ml)]
@@ -210,13 +254,14 @@ class BlockCounter:
 
 
 def sample(model, key, steps=20, cfg=1.0, sampler="euler", scheduler="simple", seed=42, batch=1,
-           height=64, width=64, frames=9, callback=None):
+           height=64, width=64, frames=9, callback=None, noise_mask=None):
     """One KSampler-equivalent run (comfy.sample.sample) on the tiny model; returns the latent."""
     import comfy.sample
     pos, neg, latent = conditioning(key, batch=batch, height=height, width=width, frames=frames)
+    latent = comfy.sample.fix_empty_latent_channels(model, latent)  # as KSampler does (Qwen-Image: 3-D latent)
     noise = comfy.sample.prepare_noise(latent, seed)
     return comfy.sample.sample(model, noise, steps, cfg, sampler, scheduler, pos, neg, latent, seed=seed,
-                               disable_pbar=True, callback=callback)
+                               disable_pbar=True, callback=callback, noise_mask=noise_mask)
 
 
 def psnr(ref, out):

@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from comfy_host import BlockCounter, build_model, conditioning, psnr, sample
+from comfy_host import ALL_KEYS, BlockCounter, build_model, conditioning, psnr, sample
 
 pytestmark = pytest.mark.comfy
 
@@ -20,7 +20,7 @@ class DPCacheTestModel:
     """Test only: one of the tiny models of conftest.py as a MODEL."""
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"key": (["flux", "flux_schnell", "wan_t2v", "wan_i2v"],)}}
+        return {"required": {"key": (list(ALL_KEYS),)}}
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "load"
     CATEGORY = "testing"
@@ -33,7 +33,7 @@ class DPCacheTestInputs:
     """Test only: the random conditioning and empty latent of conftest.conditioning."""
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"key": (["flux", "flux_schnell", "wan_t2v", "wan_i2v"],)}}
+        return {"required": {"key": (list(ALL_KEYS),)}}
     RETURN_TYPES = ("CONDITIONING", "CONDITIONING", "LATENT")
     FUNCTION = "make"
     CATEGORY = "testing"
@@ -178,7 +178,8 @@ def test_schedule_node_errors(host, executor, pact_dir):
     bad["6"]["inputs"].update(key_steps=60, total_evaluations=STEPS)
     with pytest.raises(AssertionError, match="K=60 key steps is more than the T=20"):
         run(executor, bad)
-    mismatch = apply_prompt("flux", "(uniform)", seed=1)  # T=50 schedule, 20-step run
+    mismatch = apply_prompt("flux", "(manual)", seed=1)  # a typed T=50 list, 20-step run ((uniform) re-plans)
+    mismatch["6"]["inputs"].update(manual_key_steps="0, 1, 2, 10, 30")
     with pytest.raises(AssertionError, match="makes 20 model evaluations.*T=50.*total_evaluations=20"):
         run(executor, mismatch)
     # and a PACT of another T in the calibration file: refused before sampling, file kept
