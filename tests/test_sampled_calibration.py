@@ -280,3 +280,13 @@ def test_a_file_written_before_sampling_loads_and_schedules_the_same(tmp_path):
     sampled = write(tmp_path, "new.safetensors", PactAccumulator(16), sample_size=4096, sample_seed=0)
     merged, meta = merge_pacts([os.path.join(DATA, "pre_sampling_T16.safetensors"), sampled])
     assert meta["sample_sizes"] == {"all": 2}  # the empty file adds no samples
+
+
+def test_merge_keeps_one_trajectory_and_refuses_windows(tmp_path):
+    a = write(tmp_path, "a.safetensors", random_pact(6, 0), eval_sigmas=[1.0, 0.5, 0.0], positions=[0.0, 0.5, 1.0])
+    b = write(tmp_path, "b.safetensors", random_pact(6, 1), eval_sigmas=[1.0, 0.6, 0.0], positions=[0.0, 0.4, 1.0])
+    _, meta = merge_pacts([a, b])
+    assert meta["eval_sigmas"] == [1.0, 0.5, 0.0] and meta["positions"] == [0.0, 0.5, 1.0]  # lists stay lists
+    w = write(tmp_path, "w.safetensors", random_pact(6, 2), windows=[[0, 3, 1]])
+    with pytest.raises(PactFileError, match="partial sampling runs"):
+        merge_pacts([a, w])
