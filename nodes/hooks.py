@@ -241,9 +241,11 @@ class ApplyRun(RunState):
 class CalibrateRun(RunState):
     """DPCache Calibrate during one sampling run: compute everything, record the cache point."""
 
-    def __init__(self, family: str, storage_device="cpu", sample_size: int = DEFAULT_SAMPLE_SIZE, seed: int = DEFAULT_SAMPLE_SEED):
+    def __init__(self, family: str, storage_device="cpu", sample_size: int = DEFAULT_SAMPLE_SIZE, seed: int = DEFAULT_SAMPLE_SEED,
+                 expected_evals: int | None = None):
         super().__init__(family)
-        self.recorder = TrajectoryRecorder(storage_device=storage_device, sample_size=sample_size, seed=seed)
+        self.recorder = TrajectoryRecorder(storage_device=storage_device, sample_size=sample_size, seed=seed,
+                                           expected_evals=expected_evals)
         self.sigmas: list[float] = []
 
     def start_evaluation(self, sigma=None) -> None:
@@ -639,7 +641,7 @@ class CalibrateHook:
             problem = self.mismatch(existing[1], window[1] if window else expected_evaluations(sampler, sigmas))
             if problem:
                 raise ValueError(problem)
-        run = CalibrateRun(self.family, sample_size=self.sample_size)
+        run = CalibrateRun(self.family, sample_size=self.sample_size, expected_evals=expected_evaluations(sampler, sigmas))
         run.window = window
         run.sigma_table = sigma_table(guider)
         run.final_sigma = float(sigmas.reshape(-1)[-1])
