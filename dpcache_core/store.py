@@ -71,6 +71,45 @@ def save_pact(path: str, acc: PactAccumulator, metadata: dict | None = None) -> 
     return meta
 
 
+def sample_sizes_of(meta: dict) -> dict[str, int]:
+    """How many of a PACT's samples were built from each sample size S ("all": every element).
+
+    Files written before sampled calibration existed say nothing: they kept every element.
+    """
+    sizes = meta.get("sample_sizes")
+    if isinstance(sizes, dict):
+        return {str(k): int(v) for k, v in sizes.items()}
+    return {str(meta.get("sample_size", "all")): int(meta.get("samples", 0))}
+
+
+def combine_sampling(metas: list[dict]) -> dict:
+    """``sample_size``, ``sample_sizes`` and ``sample_seed`` of the union of PACTs with ``metas``.
+
+    ``sample_sizes`` maps each S (or "all") to its number of samples; ``sample_size`` is the one S
+    when there is one, else "mixed" (samples of different S estimate the same means, so they mix);
+    ``sample_seed`` is the one seed, a sorted list when several, None when none was used.
+    """
+    sizes: dict[str, int] = {}
+    seeds: set[int] = set()
+    for meta in metas:
+        for size, count in sample_sizes_of(meta).items():
+            sizes[size] = sizes.get(size, 0) + count
+        seed = meta.get("sample_seed")
+        seeds.update(seed if isinstance(seed, list) else [] if seed is None else [seed])
+    sizes = {k: v for k, v in sorted(sizes.items()) if v > 0}
+    if len(sizes) == 1:
+        (size,) = sizes
+        sample_size = int(size) if size.isdigit() else size
+    else:
+        sample_size = "mixed" if sizes else "all"
+    ordered = sorted(seeds)
+    return {
+        "sample_size": sample_size,
+        "sample_sizes": sizes,
+        "sample_seed": ordered[0] if len(ordered) == 1 else (ordered or None),
+    }
+
+
 def load_pact(path: str) -> tuple[PactAccumulator, dict]:
     """Read a PACT file written by ``save_pact``; ``PactFileError`` if it is missing, damaged or foreign."""
     if not os.path.isfile(path):

@@ -138,13 +138,16 @@ class DPCacheCalibrate:
                 "order": ("INT", {"default": 1, "min": 1, "max": 3, "tooltip": "Taylor order of the predictor the PACT is built for. 1: the PACT measures exactly the run-time prediction, and the DP schedule won in our benchmarks; 2 is the paper's choice. Must match the file's order."}),
                 "reset": ("BOOLEAN", {"default": False, "tooltip": "Start the file afresh on the next finished run (its old samples are dropped); later runs accumulate again."}),
             },
+            "optional": {
+                "sample_size": ("INT", {"default": hooks.DEFAULT_SAMPLE_SIZE, "min": 0, "max": 1 << 30, "step": 1024, "tooltip": "How many elements of the cache point (tokens x channels, a fixed seeded random pick per stream) estimate the PACT. Memory and time then stay about T x sample_size x 4 bytes per stream, whatever the resolution or frame count; 65536 picks the same schedules as all elements in our measurements. 0 = every element (exact, T x N x 4 bytes: gigabytes for FLUX at 1024x1024)."}),
+            },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
-    def calibrate(self, model, pact_name, order, reset, unique_id=None):
+    def calibrate(self, model, pact_name, order, reset, sample_size=hooks.DEFAULT_SAMPLE_SIZE, unique_id=None):
         info = hooks.model_info(model)
         hooks.check_unpatched(model)
-        hook = hooks.CalibrateHook(info.family, calibration_folder(), pact_name, order, reset, unique_id)
+        hook = hooks.CalibrateHook(info.family, calibration_folder(), pact_name, order, reset, unique_id, sample_size)
         m = model.clone()
         hooks.install(m, info, hook, "DPCache Calibrate")
         log.info("DPCache Calibrate: %s, recording into %s", info.detail, hook.describe_target())

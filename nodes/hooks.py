@@ -26,14 +26,16 @@ try:  # inside ComfyUI the pack is a package; in the CPU tests the repo root is 
     from ..dpcache_core import windows
     from ..dpcache_core.pact import default_max_gap
     from ..dpcache_core.replan import RunShape, joint_trajectory, plan_run
-    from ..dpcache_core.runtime import mismatch_message
+    from ..dpcache_core.runtime import DEFAULT_SAMPLE_SEED, DEFAULT_SAMPLE_SIZE, mismatch_message
+    from ..dpcache_core.store import combine_sampling
     from ..dpcache_core.transfer import positions_from_sigmas, spread_ties
 except ImportError:  # pragma: no cover - depends on how the pack is imported
     from dpcache_core import CacheRun, PactAccumulator, PactFileError, ScheduleMismatchError, TrajectoryRecorder, load_pact, save_pact
     from dpcache_core import windows
     from dpcache_core.pact import default_max_gap
     from dpcache_core.replan import RunShape, joint_trajectory, plan_run
-    from dpcache_core.runtime import mismatch_message
+    from dpcache_core.runtime import DEFAULT_SAMPLE_SEED, DEFAULT_SAMPLE_SIZE, mismatch_message
+    from dpcache_core.store import combine_sampling
     from dpcache_core.transfer import positions_from_sigmas, spread_ties
 
 from . import families
@@ -232,9 +234,11 @@ class ApplyRun(RunState):
 class CalibrateRun(RunState):
     """DPCache Calibrate during one sampling run: compute everything, record the cache point."""
 
-    def __init__(self, family: str, storage_device="cpu"):
+    def __init__(self, family: str, storage_device="cpu", sample_size: int = DEFAULT_SAMPLE_SIZE, seed: int = DEFAULT_SAMPLE_SEED,
+                 expected_evals: int | None = None):
         super().__init__(family)
-        self.recorder = TrajectoryRecorder(storage_device=storage_device)
+        self.recorder = TrajectoryRecorder(storage_device=storage_device, sample_size=sample_size, seed=seed,
+                                           expected_evals=expected_evals)
         self.sigmas: list[float] = []
 
     def start_evaluation(self, sigma=None) -> None:
@@ -578,7 +582,11 @@ class CalibrateHook:
     the step count, so one node can calibrate several settings into separate files.
     """
 
-    def __init__(self, family: str, folder: str, name: str, order: int, reset: bool, node_id=None):
+    def __init__(self, family: str, folder: str, name: str, order: int, reset: bool, node_id=None,
+                 sample_size: int = DEFAULT_SAMPLE_SIZE):
+        if sample_size < 0:
+            raise ValueError(f"sample_size must be >= 0 (0 keeps every element), got {sample_size}")
+        self.sample_size = int(sample_size)
         self.family = family
         self.folder = folder
         self.name = (name or "").strip()
@@ -641,7 +649,8 @@ class CalibrateHook:
             problem = self.mismatch(path, existing[1], count)
             if problem:
                 raise ValueError(problem)
-        run = CalibrateRun(self.family)
+        expected = window[2] if window else expected_evaluations(sampler, sigmas, is_rectified_flow(guider.model_patcher))
+        run = CalibrateRun(self.family, sample_size=self.sample_size, expected_evals=expected)
         run.path = path
         run.window = window
         run.sigma_table = sigma_table(guider)
@@ -656,7 +665,8 @@ class CalibrateHook:
             "steps": steps,
         }
         where = "" if window is None else f" (evaluations {window[0]}..{window[0] + window[2] - 1} of a T={window[1]} trajectory)"
-        log.info("DPCache Calibrate: recording every evaluation for %s%s", os.path.basename(path), where)
+        kept = f"{self.sample_size} sampled elements of the cache point" if self.sample_size else "the whole cache point"
+        log.info("DPCache Calibrate: recording %s at every evaluation for %s%s", kept, os.path.basename(path), where)
         return run
 
     def finish(self, run: CalibrateRun, ok: bool) -> None:
@@ -700,14 +710,18 @@ class CalibrateHook:
         acc.add(sample)
         if window is not None:
             acc.samples = sum(w[2] for w in meta["windows"])
+        size = run.recorder.sample_description()
+        this = {"samples": 1, "sample_size": size, "sample_seed": None if size == "all" else run.recorder.seed}
+        meta.update(combine_sampling([old_meta, this]))
         meta = save_pact(run.path, acc, meta)
         self.pending_reset[0] = False
+        kept = "every cache-point element" if size == "all" else f"{size} sampled cache-point elements per stream"
         if window is None:
-            line = f"{name}: sample {meta['samples']} added ({num_evals} evaluations)"
+            line = f"{name}: sample {meta['samples']} added ({num_evals} evaluations, {kept})"
         else:
             got = ", ".join(f"{w[0]}..{w[0] + w[1] - 1}: {w[2]}" for w in meta["windows"])
             line = (f"{name}: evaluations {window[0]}..{window[0] + num_evals - 1} of T={total} added "
-                    f"(samples per window {got})")
+                    f"(samples per window {got}; {kept})")
         log.info("DPCache Calibrate: %s", line)
         send_text(line, self.node_id)
 

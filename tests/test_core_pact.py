@@ -33,7 +33,8 @@ def slow_predict(points, order, scheme, t):
 
 
 def slow_pact(features, order, scheme, gap):
-    """DESIGN §2 entry by entry: C[a,i,j] = sum_{t=i+1..j} mean|pred_t - F_t| / 2."""
+    """DESIGN §2 entry by entry: C[a,i,j] = sum_{t=i+1..j} mean|pred_t - F_t| / 2, for the
+    entries the DP can use (i - a <= gap, j - i <= gap)."""
     T = len(features)
     last = [(t, features[t]) for t in range(T - order - 1, T)]
     extrapolated = slow_predict(last, order, scheme, T)
@@ -46,7 +47,7 @@ def slow_pact(features, order, scheme, gap):
             if not (a < i and i - a <= gap and a - order + 1 >= 0):
                 continue
             points = [(t, features[t]) for t in range(a - order + 1, a + 1)] + [(i, features[i])]
-            for j in range(i + 1, T + 1):
+            for j in range(i + 1, min(i + gap, T) + 1):
                 total = 0.0
                 for t in range(i + 1, j + 1):
                     target = target_T if t == T else features[t].double()
@@ -74,16 +75,24 @@ def test_build_pact_equals_direct_transcription(order, scheme, T, gap):
 
 def test_reference_conventions_finite_pattern():
     T, order = 50, 2
-    cost = build_pact(smooth_trajectory(T, shape=(64,)), order=order)
+    features = smooth_trajectory(T, shape=(64,))
+    cost = build_pact(features, order=order)
     assert cost[0, 0, 1] == 0 and cost[0, 1, 2] == 0 and cost[1, 1, 2] == 0
     assert np.isinf(cost[0, 0, 2]) and np.isinf(cost[0, 2, 3])  # anchor 0 cannot form 2nd-order factors
-    assert np.isfinite(cost[1, 2, 3:]).all() and np.isfinite(cost[10, 12, 13:]).all()
+    # Only entries the DP can use: hops j - i <= 0.3 T = 15, anchors i - a <= 15.
+    assert np.isfinite(cost[1, 2, 3:18]).all() and np.isinf(cost[1, 2, 18:]).all()
+    assert np.isfinite(cost[10, 12, 13:28]).all() and np.isinf(cost[10, 12, 28:]).all()
+    assert np.isfinite(cost[40, 45, 46:]).all()  # the sentinel j = T = 50 is within 15 of i = 45
     assert np.isinf(cost[10, 26, 27]) and np.isfinite(cost[11, 26, 27])  # anchors at most 0.3 T = 15 back
     assert np.isinf(cost[:, T, :]).all()  # the sentinel is never a key
-    # Same finite-entry count as the reference's pre-calibrated tensors (wan: 13058).
-    assert np.isfinite(cost).sum() == 13058
     # Costs accumulate along j.
-    assert (np.diff(cost[10, 12, 13:]) >= 0).all()
+    assert (np.diff(cost[10, 12, 13:28]) >= 0).all()
+    # Without the hop cap: the reference's finite pattern (its pre-calibrated wan tensor has 13058
+    # finite entries), and the capped tensor is exactly its entries with j - i <= 15.
+    full = build_pact(features, order=order, max_hop=T)
+    assert np.isfinite(full).sum() == 13058
+    i, j = np.arange(T + 1)[None, :, None], np.arange(T + 1)[None, None, :]
+    np.testing.assert_array_equal(cost, np.where(j - i <= 15, full, np.inf))
 
 
 def test_generator_input_and_progress():
