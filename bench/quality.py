@@ -30,7 +30,7 @@ from .baselines import indicator_distances, threshold_sample, tune_threshold
 from .common import (RESULTS, SHIFT, batch_inputs, cached_sample, calibration_prompts, full_runs,
                      held_out_prompts, machine, md_table, mean_pact, psnr, pyplot, rel_l1, setup,
                      write_result)
-from .pngio import grid, write_png
+from dpcache_core.picture import render_image_rows, write_png
 
 T = 50
 FIRST_FULL = 3
@@ -163,8 +163,9 @@ def main(argv=None) -> dict:
     fig.savefig(plot, dpi=100)
     # sample grid at the smallest K: one row per method, first 8 held-out prompts
     k0 = min(ks)
-    rows_img = [toy_model.to_uint8(reference[:8])] + [toy_model.to_uint8(images[(k0, m)][:8]) for m in methods]
-    write_png(os.path.join(RESULTS, f"quality_samples_K{k0}.png"), grid(np.concatenate(rows_img), 8, scale=3))
+    rows = [("full run", list(toy_model.to_uint8(reference[:8])))]
+    rows += [(m, list(toy_model.to_uint8(images[(k0, m)][:8]))) for m in methods]
+    write_png(os.path.join(RESULTS, f"quality_samples_K{k0}.png"), render_image_rows(rows, scale=3))
     print(f"wrote {os.path.relpath(plot)} and quality_samples_K{k0}.png (rows: full run, then {', '.join(methods)}); "
           f"{time.time() - t_start:.0f} s")
     return results

@@ -194,7 +194,11 @@ def run_case(root: str, shape, sample_size: int, threads: int) -> dict:
 
 
 def cost(args) -> None:
+    import torch
+
     from .common import machine, md_table, write_result
+
+    torch.set_num_threads(args.threads)  # what the cases use (and what machine() reports)
 
     started = time.time()
     mib = 2**20
@@ -206,28 +210,32 @@ def cost(args) -> None:
     sampled_small = run_case(REPO, SMALL, args.sample_size, args.threads)
     n_small = before["numel"]
 
+    def build(r):
+        return f"{r['build_cpu']:.2f} ({r['build_wall']:.1f})"
+
     def ms(r):
         return f"{1000 * r['record_cpu_per_eval']:.2f} ({1000 * r['record_per_eval']:.1f})"
 
     rows = [[f"N = {n_small:,} (measured)", "before (full, old build)", f"{before['peak'] / mib:.0f}",
-             f"{before['build_wall']:.1f} ({before['build_cpu']:.1f})", ms(before)],
+             build(before), ms(before)],
             [f"N = {n_small:,} (measured)", "all elements, new build", f"{exact_small['peak'] / mib:.0f}",
-             f"{exact_small['build_wall']:.2f} ({exact_small['build_cpu']:.2f})", ms(exact_small)],
+             build(exact_small), ms(exact_small)],
             [f"N = {n_small:,} (measured)", f"S = {args.sample_size:,}", f"{sampled_small['peak'] / mib:.0f}",
-             f"{sampled_small['build_wall']:.2f} ({sampled_small['build_cpu']:.2f})", ms(sampled_small)]]
+             build(sampled_small), ms(sampled_small)]]
     for name, shape in SHAPES:
         numel = shape[0] * shape[1]
         scale = numel / n_small
         rows.append([f"{name}, N = {numel:,}", "before (extrapolated x N)", f"{before['peak'] * scale / mib:,.0f}",
-                     f"{before['build_wall'] * scale:,.0f} ({before['build_cpu'] * scale:,.0f})", "-"])
+                     f"{before['build_cpu'] * scale:,.0f} ({before['build_wall'] * scale:,.0f})", "-"])
         after = run_case(REPO, shape, args.sample_size, args.threads)
         rows.append([f"{name}, N = {numel:,}", f"S = {args.sample_size:,} (measured)", f"{after['peak'] / mib:.0f}",
-                     f"{after['build_wall']:.2f} ({after['build_cpu']:.2f})", ms(after)])
+                     build(after), ms(after)])
     header = ["cache point, 2 streams (cfg)", "calibration", "peak extra memory, MiB (both streams)",
-              "build of one sample, s wall (CPU)", "recording, ms CPU (wall) per evaluation"]
+              "build of one sample, s CPU (wall)", "recording, ms CPU (wall) per evaluation"]
     text = (
         f"Calibration cost per sample at real sizes: synthetic smooth bf16 trajectories, T = {T}, 2 streams, "
-        f"{args.threads} thread(s). Peak extra memory: resident peak (VmHWM after a reset) above the start, over "
+        f"{args.threads} thread(s). CPU time is the process's own (the machine is shared: wall time runs several times "
+        f"longer under load). Peak extra memory: resident peak (VmHWM after a reset) above the start, over "
         f"recording and build. \"Before\": dpcache_core of commit {BEFORE_COMMIT}, measured at N = {n_small:,} and "
         f"scaled linearly in N (its memory is 2 x T x N x 4 bytes per stream, its build time linear in N).\n\n"
         + md_table(header, rows) + "\n\n"

@@ -27,7 +27,7 @@ if __package__ in (None, ""):  # `python bench/train_toy.py`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dpcache_demo.toy_model import (CLASS_NAMES, COLOURS, SHAPES, TOY_FLUX, WEIGHTS_PATH, build_model,
                                     load_model, make_noise, sample, save_model, to_uint8)
-from bench.pngio import grid, write_png
+from dpcache_core.picture import render_image_rows, write_png
 
 RGB = {"red": (0.9, 0.15, 0.12), "green": (0.15, 0.8, 0.2), "blue": (0.15, 0.3, 0.95),
        "yellow": (0.95, 0.85, 0.1)}
@@ -110,13 +110,13 @@ def train(steps: int, batch: int, lr: float, seed: int, out: str, grid_path: str
 
 
 def save_sample_grid(path: str, weights: str = WEIGHTS_PATH, seeds: int = 4) -> None:
-    """Sample every class with a few seeds (50 Euler steps) and write a PNG grid, 2 classes a row."""
+    """Sample every class with a few seeds (50 Euler steps) and write a PNG, one labelled row per class."""
     model = load_model(weights)
-    imgs = []
+    rows = []
     for c in range(model.num_classes):
         noise = torch.cat([make_noise(model.config, 1000 + s) for s in range(seeds)])
-        imgs.append(to_uint8(sample(model, noise, c, 50)))
-    write_png(path, grid(np.concatenate(imgs), cols=seeds * 2, scale=2))
+        rows.append((CLASS_NAMES[c], list(to_uint8(sample(model, noise, c, 50)))))
+    write_png(path, render_image_rows(rows, scale=2))
     print(f"wrote {path}")
 
 

@@ -4,7 +4,7 @@ Plain torch + numpy; no ComfyUI import, so it runs and is tested anywhere.
 """
 from .history import build_history, history_fits
 from .pact import PactAccumulator, build_pact, default_max_gap
-from .picture import draw_text, render_pact_path, render_timeline, text_size, to_comfy_image, write_png
+from .picture import render_image_rows, render_pact_path, render_timeline, to_comfy_image, write_png
 from .replan import BUDGET_RULES, Budget, Planner, RunPlan, RunShape, joint_trajectory, plan_run
 from .runtime import CacheRun, ScheduleMismatchError, TrajectoryRecorder
 from .schedule import (
@@ -47,7 +47,6 @@ __all__ = [
     "build_pact",
     "cost_for",
     "default_max_gap",
-    "draw_text",
     "history_fits",
     "hop_costs_history",
     "import_reference",
@@ -57,13 +56,13 @@ __all__ = [
     "parse_key_steps",
     "path_cost",
     "path_cost_history",
+    "render_image_rows",
     "render_pact_path",
     "render_timeline",
     "save_pact",
     "solve_schedule",
     "solve_schedule_history",
     "solve_schedule_reference",
-    "text_size",
     "to_comfy_image",
     "uniform_key_steps",
     "write_png",

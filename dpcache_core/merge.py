@@ -3,7 +3,9 @@
     python -m dpcache_core.merge A.safetensors B.safetensors ... -o OUT.safetensors [--force]
 
 Every input must be for the same model family, number of evaluations T, Taylor order and predictor
-scheme. Samples of different sample sizes mix (they estimate the same means). An existing OUT,
+scheme. Samples of different sample sizes mix (they estimate the same means); settings that differ
+(resolution, sampler, ...) are listed, structured ones (the trajectory's sigmas) are the first
+file's. PACTs of partial runs (windows) are refused. An existing OUT,
 inputs included, is only replaced with --force; OUT is written atomically after every input is read.
 """
 from __future__ import annotations
@@ -17,6 +19,7 @@ from .store import PactFileError, combine_sampling, load_pact, save_pact
 
 MUST_AGREE = ("model_family", "num_evals", "order", "scheme")
 SAMPLING_KEYS = ("sample_size", "sample_sizes", "sample_seed")
+TRAJECTORY_KEYS = ("eval_sigmas", "positions")  # per-evaluation lists: one trajectory's, never listed
 
 
 def merge_pacts(paths: list[str]) -> tuple[PactAccumulator, dict]:
@@ -44,16 +47,21 @@ def merge_pacts(paths: list[str]) -> tuple[PactAccumulator, dict]:
                 "same model family, number of evaluations, Taylor order and scheme can be merged"
             )
         merged.merge(acc)
+    if any(m.get("windows") for _, _, m in loaded):
+        raise PactFileError("merging PACTs of partial sampling runs (windows, e.g. Wan2.2 experts) is not supported; "
+                            "merge PACTs of whole runs, or calibrate the windows into one file")
     meta = {}
     conventions = {m.get("convention", "reference") for _, _, m in loaded}
     for key in sorted({k for _, _, m in loaded for k in m} - set(SAMPLING_KEYS) - {"samples", "pack_version", "merged_from", "convention"}):
-        values = []  # differing settings (resolution, sampler names, ...) are listed
-        for _, _, m in loaded:
-            for value in m[key] if isinstance(m.get(key), list) else [m.get(key)]:
-                if value is not None and value not in values:
-                    values.append(value)
-        if values:
-            meta[key] = values[0] if len(values) == 1 else values
+        present = [m[key] for _, _, m in loaded if m.get(key) is not None]
+        if not present:
+            continue
+        if key in TRAJECTORY_KEYS or any(isinstance(v, dict) for v in present):
+            meta[key] = present[0]  # the first file's, as DPCache Calibrate keeps one run's
+            continue
+        flat = [x for v in present for x in (v if isinstance(v, list) else [v])]
+        values = list(dict.fromkeys(flat))  # differing settings (resolution, sampler, ...) are listed
+        meta[key] = values[0] if len(values) == 1 else values
     # The planning convention (issue 11): kept when every input agrees, else the reference one.
     meta["convention"] = conventions.pop() if len(conventions) == 1 else "reference"
     meta.update(combine_sampling([m for _, _, m in loaded]))

@@ -1,29 +1,23 @@
-"""Pictures of a DPCache schedule, in pure numpy (no PIL, no matplotlib).
+"""Pictures of a DPCache schedule, drawn with Pillow.
 
 ``render_pact_path`` draws the PACT cost tensor as a heatmap with the chosen key-step path on it;
-``render_timeline`` draws a key-step strip for schedules without a PACT. A tiny bitmap font,
-a PNG writer and a converter to ComfyUI's IMAGE tensor come along.
+``render_timeline`` draws a key-step strip for schedules without a PACT; ``render_image_rows``
+lays out rows of images with a label in front of each. ``write_png`` saves atomically and
+``to_comfy_image`` converts to ComfyUI's IMAGE tensor. Pictures are uint8 (H, W, 3) arrays.
 """
 
 from __future__ import annotations
 
+import io
 import math
 import operator
-import os
-import struct
-import tempfile
-import zlib
 
 import numpy as np
+from PIL import Image, ImageDraw, ImageFont
 
-__all__ = [
-    "render_pact_path",
-    "render_timeline",
-    "draw_text",
-    "text_size",
-    "write_png",
-    "to_comfy_image",
-]
+from .store import write_atomic
+
+__all__ = ["render_pact_path", "render_timeline", "render_image_rows", "write_png", "to_comfy_image"]
 
 # Colours (RGB). The pictures are dark so they sit well in ComfyUI's dark node previews.
 BACKGROUND = (30, 30, 32)
@@ -40,106 +34,74 @@ _VIRIDIS = np.array(
     [[68, 1, 84], [71, 44, 122], [59, 81, 139], [44, 113, 142], [33, 144, 141],
      [39, 173, 129], [92, 200, 99], [170, 220, 50], [253, 231, 37]], dtype=np.float64)
 
-# 5x8 glyphs (7 rows + 1 descender row), each row a byte in hex, bit 4 = leftmost column.
-_FONT = {
-    '0': "0e11131519110e00", '1': "040c040404040e00", '2': "0e11010204081f00", '3': "1f02040201110e00",
-    '4': "02060a121f020200", '5': "1f101e0101110e00", '6': "0608101e11110e00", '7': "1f01020408080800",
-    '8': "0e11110e11110e00", '9': "0e11110f01020c00", 'A': "0e11111f11111100", 'B': "1e11111e11111e00",
-    'C': "0e11101010110e00", 'D': "1c12111111121c00", 'E': "1f10101e10101f00", 'F': "1f10101e10101000",
-    'G': "0e11101711110f00", 'H': "1111111f11111100", 'I': "0e04040404040e00", 'J': "0702020202120c00",
-    'K': "1112141814121100", 'L': "1010101010101f00", 'M': "111b151511111100", 'N': "1111191513111100",
-    'O': "0e11111111110e00", 'P': "1e11111e10101000", 'Q': "0e11111115120d00", 'R': "1e11111e14121100",
-    'S': "0f10100e01011e00", 'T': "1f04040404040400", 'U': "1111111111110e00", 'V': "11111111110a0400",
-    'W': "1111111515150a00", 'X': "11110a040a111100", 'Y': "11110a0404040400", 'Z': "1f01020408101f00",
-    'a': "00000e010f110f00", 'b': "1010161911111e00", 'c': "00000e1010110e00", 'd': "01010d1311110f00",
-    'e': "00000e111f100e00", 'f': "0609081c08080800", 'g': "00000f11110f010e", 'h': "1010161911111100",
-    'i': "04000c0404040e00", 'j': "020006020202120c", 'k': "1010121418141200", 'l': "0c04040404040e00",
-    'm': "00001a1515111100", 'n': "0000161911111100", 'o': "00000e1111110e00", 'p': "00001e11111e1010",
-    'q': "00000f11110f0101", 'r': "0000161910101000", 's': "00000f100e011e00", 't': "08081c0808090600",
-    'u': "0000111111130d00", 'v': "00001111110a0400", 'w': "0000111115150a00", 'x': "0000110a040a1100",
-    'y': "00001111110f010e", 'z': "00001f0204081f00", '.': "00000000000c0c00", ',': "00000000000c0c08",
-    ':': "000c0c000c0c0000", ';': "000c0c000c0c0408", '(': "0204080808040200", ')': "0804020202040800",
-    '/': "0001020408100000", '-': "0000001f00000000", '+': "0004041f04040000", '=': "00001f001f000000",
-    '%': "1819020408130300", '<': "0204081008040200", '>': "0804020102040800", '[': "0e08080808080e00",
-    ']': "0e02020202020e00", '_': "000000000000001f", "'": "0404080000000000", '!': "0404040404000400",
-    '?': "0e11010204000400", '*': "0004150e15040000", '#': "0a0a1f0a1f0a0a00", '|': "0404040404040400",
-    '"': "0a0a000000000000", '~': "0000081502000000",
-}
-_GLYPH_W, _GLYPH_H = 5, 8
-_ADVANCE, _LINE = 6, 10  # horizontal advance and line height at scale 1
-_MASKS: dict[str, np.ndarray] = {}
+
+class Canvas:
+    """A Pillow image with the font and the drawing calls the pictures use (text top-left anchored)."""
+
+    def __init__(self, width: int, height: int, font_px: int):
+        self.image = Image.new("RGB", (width, height), BACKGROUND)
+        self.draw = ImageDraw.Draw(self.image)
+        self.font = font(font_px)
+
+    def text(self, x, y, text, color=TEXT) -> None:
+        self.draw.text((x, y), text, fill=color, font=self.font)
+
+    def rect(self, x0, y0, x1, y1, color) -> None:
+        """Fill the half-open box [x0, x1) x [y0, y1)."""
+        if x1 > x0 and y1 > y0:
+            self.draw.rectangle((int(x0), int(y0), int(x1) - 1, int(y1) - 1), fill=color)
+
+    def disk(self, cx, cy, r, color) -> None:
+        self.draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=color)
+
+    def vertical_text(self, x, y_center, text, color=TEXT) -> None:
+        """Text rotated to read bottom to top, its left edge at x, centred on y_center."""
+        w, h = text_box(self.font, text)
+        mask = Image.new("L", (w, h), 0)
+        ImageDraw.Draw(mask).text((0, 0), text, fill=255, font=self.font)
+        mask = mask.rotate(90, expand=True)
+        self.image.paste(Image.new("RGB", mask.size, color), (int(x), int(y_center - mask.size[1] / 2)), mask)
+
+    def array(self) -> np.ndarray:
+        return np.asarray(self.image, dtype=np.uint8).copy()
 
 
-def _glyph(ch: str) -> np.ndarray:
-    if ch not in _MASKS:
-        hexrows = _FONT.get(ch, _FONT["?"]) if ch != " " else "00" * _GLYPH_H
-        rows = [int(hexrows[k:k + 2], 16) for k in range(0, 2 * _GLYPH_H, 2)]
-        bits = [[(r >> (_GLYPH_W - 1 - c)) & 1 for c in range(_GLYPH_W)] for r in rows]
-        _MASKS[ch] = np.array(bits, dtype=bool)
-    return _MASKS[ch]
+def font(px: int) -> ImageFont.ImageFont:
+    """Pillow's built-in font at ``px`` pixels (its scalable version where Pillow has FreeType)."""
+    try:
+        return ImageFont.load_default(size=px)
+    except (TypeError, ImportError, OSError):  # Pillow < 10.1 or without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
 
 
-def text_size(text: str, scale: int = 1) -> tuple[int, int]:
-    """(width, height) in pixels of one line of ``text`` drawn at ``scale``."""
-    n = len(text)
-    return (max(0, n * _ADVANCE - 1) * scale, _GLYPH_H * scale)
+def text_box(fnt, text: str) -> tuple[int, int]:
+    """(width, height) of one line drawn at (0, 0) with its top-left anchor, descenders included."""
+    left, top, right, bottom = fnt.getbbox(text or " ")
+    return max(1, int(math.ceil(right))), max(1, int(math.ceil(bottom)))
 
 
-def _text_mask(text: str, scale: int = 1) -> np.ndarray:
-    mask = np.zeros((_GLYPH_H, max(1, len(text) * _ADVANCE - 1)), dtype=bool)
-    for k, ch in enumerate(text):
-        mask[:, k * _ADVANCE:k * _ADVANCE + _GLYPH_W] = _glyph(ch)
-    return np.repeat(np.repeat(mask, scale, axis=0), scale, axis=1)
+def text_width(fnt, text: str) -> int:
+    return int(math.ceil(fnt.getlength(text))) if text else 0
 
 
-def _paste(img: np.ndarray, x: int, y: int, mask: np.ndarray, color) -> None:
-    h, w = mask.shape
-    x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, img.shape[1]), min(y + h, img.shape[0])
-    if x0 < x1 and y0 < y1:
-        img[y0:y1, x0:x1][mask[y0 - y:y1 - y, x0 - x:x1 - x]] = color
-
-
-def draw_text(img: np.ndarray, x: int, y: int, text: str, color=TEXT, scale: int = 1) -> np.ndarray:
-    """Draw one line of ``text`` with its top-left corner at (x, y), in place; clipped at the edges.
-
-    Characters outside the font are drawn as '?'. Returns ``img``.
-    """
-    if scale < 1:
-        raise ValueError(f"scale must be >= 1, got {scale}")
-    if text:
-        _paste(img, int(x), int(y), _text_mask(str(text), int(scale)), color)
-    return img
-
-
-def _rect(img, x0, y0, x1, y1, color) -> None:
-    """Fill the half-open box [x0, x1) x [y0, y1), clipped."""
-    x0, y0 = max(int(x0), 0), max(int(y0), 0)
-    x1, y1 = min(int(x1), img.shape[1]), min(int(y1), img.shape[0])
-    if x0 < x1 and y0 < y1:
-        img[y0:y1, x0:x1] = color
-
-
-def _disk(img, cx, cy, r, color) -> None:
-    ri = int(math.ceil(r))
-    yy, xx = np.mgrid[-ri:ri + 1, -ri:ri + 1]
-    _paste(img, int(round(cx)) - ri, int(round(cy)) - ri, xx * xx + yy * yy <= r * r + 0.5, color)
-
-
-def _wrap(text: str, max_chars: int) -> list[str]:
+def wrap(fnt, text: str, width: int) -> list[str]:
+    """Lines of ``text`` no wider than ``width`` pixels, broken at spaces (a longer word is cut)."""
     lines: list[str] = []
     for para in str(text).splitlines() or [""]:
         line = ""
         for word in para.split():
-            while len(word) > max_chars:  # a word longer than a line is cut
+            while len(word) > 1 and text_width(fnt, word) > width:
+                cut = len(word) - 1
+                while cut > 1 and text_width(fnt, word[:cut]) > width:
+                    cut -= 1
                 if line:
                     lines.append(line)
                     line = ""
-                lines.append(word[:max_chars])
-                word = word[max_chars:]
-            if not line:
-                line = word
-            elif len(line) + 1 + len(word) <= max_chars:
-                line += " " + word
+                lines.append(word[:cut])
+                word = word[cut:]
+            candidate = f"{line} {word}" if line else word
+            if text_width(fnt, candidate) <= width or not line:
+                line = candidate
             else:
                 lines.append(line)
                 line = word
@@ -179,13 +141,14 @@ def _fmt_tick(v: float) -> str:
 
 
 def _check_width(width) -> tuple[int, int]:
+    """(width, font size in pixels): 14 px at the node's 512."""
     try:
         width = operator.index(width)
     except TypeError:
         raise ValueError(f"width must be an integer number of pixels, got {width!r}") from None
     if not 160 <= width <= 8192:
         raise ValueError(f"width must be between 160 and 8192 pixels, got {width}")
-    return width, max(1, round(width / 256))
+    return width, max(10, round(width * 14 / 512))
 
 
 def _check_keys(key_steps, num_evals: int) -> list[int]:
@@ -232,16 +195,23 @@ def _edges(start: int, size: int, n: int) -> np.ndarray:
     return start + (np.arange(n + 1) * size) // n
 
 
-def _swatch_legend(img, x, y, items, s) -> None:
-    """Draw (colour, label, round) legend entries in a row: a swatch (disk or square), then the label."""
+def _legend(cv: Canvas, x, y, items, line: int) -> None:
+    """(colour, label, round) entries in a row: a swatch (disk or square), then the label."""
+    sw = max(6, int(line * 0.6))
+    top = y + (line - sw) // 2
     for color, label, round_ in items:
         if round_:
-            _disk(img, x + 4 * s - 0.5, y + 4 * s - 0.5, 4 * s, color)
+            cv.disk(x + sw / 2 - 0.5, top + sw / 2 - 0.5, sw / 2, color)
         else:
-            _rect(img, x, y, x + 8 * s, y + 8 * s, color)
-        x += 11 * s
-        draw_text(img, x, y, label, TEXT, s)
-        x += text_size(label, s)[0] + 14 * s
+            cv.rect(x, top, x + sw, top + sw, color)
+        x += sw + sw // 2
+        cv.text(x, y, label)
+        x += text_width(cv.font, label) + sw * 2
+
+
+def _title_lines(fnt, title, summary, width, pad) -> list[tuple[str, tuple]]:
+    lines = [(t, TEXT) for t in wrap(fnt, title, width - 2 * pad)] if title else []
+    return lines + [(t, MUTED if title else TEXT) for t in wrap(fnt, summary, width - 2 * pad)]
 
 
 def render_pact_path(cost, key_steps, title: str | None = None, width: int = 512, hop_costs=None) -> np.ndarray:
@@ -251,15 +221,16 @@ def render_pact_path(cost, key_steps, title: str | None = None, width: int = 512
     shows the cheapest anchor's cost of "key step i, predict up to j" (the path's own anchor on
     the path's hops), colour on a log scale, +inf grey. The path is drawn as a staircase: a
     horizontal run along row k_m up to column k_{m+1}, then down to the next key on the diagonal.
-    ``title`` (optional) is drawn above the line with K, T, the ideal speed-up and the path cost.
+    ``title`` (optional) is drawn above the line with K, T, the ideal speed-up T/K and the path cost.
     ``hop_costs`` (optional, one per key step) replaces the path's hop costs read from ``cost``:
     a history-exact plan's own costs, which a 3-D tensor cannot hold.
     """
     c = _check_cost(cost)
     T = c.shape[0]
     keys = _check_keys(key_steps, T)
-    width, s = _check_width(width)
+    width, px = _check_width(width)
     n, K = T + 1, len(keys)
+    fnt = font(px)
 
     # The 2-D view: best anchor per (i, j), path hops with their real anchor.
     view = c.min(axis=0)
@@ -290,95 +261,96 @@ def render_pact_path(cost, key_steps, title: str | None = None, width: int = 512
         ticks = [(lo, _fmt(lo)), (hi, _fmt(hi))]
     if not finite.any():
         ticks = []
-    bar_label_w = max([text_size(label, s)[0] for _, label in ticks] + [text_size("cost", s)[0] - 8 * s])
 
-    # Layout (all sizes scale with s; s = 2 at width 512).
-    pad, line = 5 * s, _LINE * s
-    max_chars = (width - 2 * pad) // (_ADVANCE * s)
-    lines = _wrap(title, max_chars) if title else []
-    lines += _wrap(f"K={K} T={T}  speed-up {T / K:.2f}x  cost {_fmt(total)}", max_chars)
-    tick_w = text_size(str(T), s)[0]
-    x0 = pad + 8 * s + 4 * s + tick_w + 3 * s  # y-axis label, tick labels, tick marks
-    right = 5 * s + 8 * s + bar_label_w + pad  # gap, colour bar, tick labels
+    # Layout: every length follows the font size (14 px at width 512).
+    line = round(px * 1.3)
+    pad, gap = round(px * 0.6), max(2, px // 5)
+    lines = _title_lines(fnt, title, f"K={K} of T={T} \u00b7 ideal speed-up {T / K:.2f}x \u00b7 cost {_fmt(total)}", width, pad)
+    bar_w = round(px * 0.8)
+    bar_label_w = max([text_width(fnt, label) for _, label in ticks] + [text_width(fnt, "cost") - bar_w - gap])
+    tick_w = text_width(fnt, str(T))
+    x0 = pad + line + tick_w + 2 * gap + gap  # y-axis label, tick labels, tick marks
+    right = gap * 2 + bar_w + gap + bar_label_w + pad  # gap, colour bar, its labels
     size = width - x0 - right
-    y0 = pad + len(lines) * line + 4 * s
-    height = y0 + size + 3 * s + line + 2 * s + line + 5 * s + line + pad
-    img = np.empty((height, width, 3), dtype=np.uint8)
-    img[:] = BACKGROUND
-    for k, text in enumerate(lines):
-        draw_text(img, pad, pad + k * line, text, TEXT if k < len(lines) - 1 or not title else MUTED, s)
+    y0 = pad + len(lines) * line + gap * 2
+    height = y0 + size + 2 * gap + line + line + gap + line + pad
+    cv = Canvas(width, height, px)
+    for k, (text, color) in enumerate(lines):
+        cv.text(pad, pad + k * line, text, color)
 
     rgb = _colormap(t)
     rgb[~finite] = UNDEFINED
     ex, ey = _edges(x0, size, n), _edges(y0, size, n)
     counts = np.diff(ex)
-    img[y0:y0 + size, x0:x0 + size] = np.repeat(np.repeat(rgb, counts, axis=0), counts, axis=1)
+    cells = np.repeat(np.repeat(rgb, counts, axis=0), counts, axis=1)
+    cv.image.paste(Image.fromarray(cells, "RGB"), (x0, y0))
     cx = (ex[:-1] + ex[1:]) // 2  # cell centres (same for rows, shifted by y0 - x0)
     cy = cx - x0 + y0
     cell = size / n
 
     # Axes: ticks and labels.
-    step = _nice_step(T, cell, tick_w + 3 * s)
+    tick = max(1, px // 8)
+    step = _nice_step(T, cell, tick_w + gap)
     for v in range(0, T + 1, step):
         label = str(v)
-        lw = text_size(label, s)[0]
-        xc, yc = int(round(cx[v])), int(round(cy[v]))
-        _rect(img, xc - s // 2, y0 + size, xc - s // 2 + max(1, s // 2 + 1), y0 + size + 2 * s, MUTED)
-        draw_text(img, xc - lw // 2, y0 + size + 3 * s, label, TEXT, s)
-        _rect(img, x0 - 2 * s, yc - s // 2, x0, yc - s // 2 + max(1, s // 2 + 1), MUTED)
-        draw_text(img, x0 - 3 * s - lw, yc - 4 * s, label, TEXT, s)
+        lw = text_width(fnt, label)
+        xc, yc = int(cx[v]), int(cy[v])
+        cv.rect(xc - tick // 2, y0 + size, xc - tick // 2 + tick, y0 + size + gap, MUTED)
+        cv.text(xc - lw // 2, y0 + size + gap, label)
+        cv.rect(x0 - gap, yc - tick // 2, x0, yc - tick // 2 + tick, MUTED)
+        cv.text(x0 - 2 * gap - lw, yc - line // 2, label)
     xlabel = "predict up to j"
-    draw_text(img, x0 + (size - text_size(xlabel, s)[0]) // 2, y0 + size + 3 * s + line + s, xlabel, TEXT, s)
-    ylabel = np.rot90(_text_mask("key step i", s))  # reads bottom to top
-    _paste(img, pad, y0 + (size - ylabel.shape[0]) // 2, ylabel, TEXT)
+    cv.text(x0 + (size - text_width(fnt, xlabel)) // 2, y0 + size + gap + line, xlabel)
+    cv.vertical_text(pad, y0 + size / 2, "key step i")
 
     # Colour bar with decade ticks (none when nothing is finite).
-    bx = x0 + size + 5 * s
-    bar_top, bar_h = y0 + line + 4 * s, size - line - 4 * s
+    bx = x0 + size + 2 * gap
+    bar_top, bar_h = y0 + line + gap, size - line - gap
     if ticks and bar_h > 1:
-        draw_text(img, bx, y0, "cost", TEXT, s)
-        img[bar_top:bar_top + bar_h, bx:bx + 6 * s] = _colormap(np.linspace(1.0, 0.0, bar_h))[:, None, :]
+        cv.text(bx, y0, "cost")
+        strip = np.repeat(_colormap(np.linspace(1.0, 0.0, bar_h))[:, None, :], bar_w, axis=1)
+        cv.image.paste(Image.fromarray(strip, "RGB"), (bx, bar_top))
         last_y = None
         for v, label in ticks[::-1]:
             yv = bar_top + int(round((lhi - math.log10(v)) / (lhi - llo) * (bar_h - 1)))
             if last_y is not None and yv - last_y < line:
                 continue
             last_y = yv
-            _rect(img, bx, yv, bx + 6 * s, yv + max(1, s // 2), BACKGROUND)
-            draw_text(img, bx + 8 * s, yv - 4 * s, label, TEXT, s)
+            cv.rect(bx, yv, bx + bar_w, yv + tick, BACKGROUND)
+            cv.text(bx + bar_w + gap, yv - line // 2, label)
 
     # The path: staircase, then markers, then hop costs (biggest first, never overlapping).
-    lw = max(1, s)
+    lw = max(1, round(px / 7))
     for i, j, _ in hops:
-        _rect(img, cx[i], cy[i] - lw // 2, cx[j] + 1, cy[i] - lw // 2 + lw, PATH)
-        _rect(img, cx[j] - lw // 2, cy[i], cx[j] - lw // 2 + lw, cy[j] + 1, PATH)
-    r = max(1.5, min(0.45 * cell + 0.5, 4.0 * s))
+        cv.rect(cx[i], cy[i] - lw // 2, cx[j] + 1, cy[i] - lw // 2 + lw, PATH)
+        cv.rect(cx[j] - lw // 2, cy[i], cx[j] - lw // 2 + lw, cy[j] + 1, PATH)
+    r = max(1.5, min(0.45 * cell + 0.5, px * 0.3))
     for k in keys:
-        _disk(img, cx[k], cy[k], r + max(1, s // 2), (0, 0, 0))
-        _disk(img, cx[k], cy[k], r, KEY)
-    _disk(img, cx[T], cy[T], r, PATH)  # the sentinel T
+        cv.disk(cx[k], cy[k], r + lw, (0, 0, 0))
+        cv.disk(cx[k], cy[k], r, KEY)
+    cv.disk(cx[T], cy[T], r, PATH)  # the sentinel T
 
     boxes: list[tuple[int, int, int, int]] = []
     for i, j, v in sorted(hops, key=lambda h: -h[2] if math.isfinite(h[2]) else -math.inf):
         text = _fmt(v)
-        tw, th = text_size(text, s)
+        tw, th = text_width(fnt, text), line - gap
         mid = (cx[i] + cx[j]) / 2.0 - x0  # a point on the diagonal, in plot pixels
-        for d in (2 * s, 6 * s):
+        for d in (gap, 3 * gap):
             # The box's top-right corner sits below-left of the diagonal (the grey, undefined
             # half), slid up along it when it would leave the plot at the bottom.
-            top = min(int(mid + d), size - th - 2 * s)
-            right = min(int(mid - d), top - 2 * s)
-            box = (x0 + right - tw - 2 * s, y0 + top, x0 + right, y0 + top + th + 2 * s)
+            top = min(int(mid + d), size - th - gap)
+            right_edge = min(int(mid - d), top - gap)
+            box = (x0 + right_edge - tw - gap, y0 + top, x0 + right_edge, y0 + top + th)
             if box[0] >= x0 and not any(
                     b[0] < box[2] and box[0] < b[2] and b[1] < box[3] and box[1] < b[3] for b in boxes):
                 boxes.append(box)
-                _rect(img, *box, LABEL_BOX)
-                draw_text(img, box[0] + s, box[1] + s, text, TEXT, s)
+                cv.rect(*box, LABEL_BOX)
+                cv.text(box[0] + gap // 2, box[1], text)
                 break
 
-    ly = y0 + size + 3 * s + 2 * line + 4 * s
-    _swatch_legend(img, pad, ly, [(KEY, "key step", True), (UNDEFINED, "undefined (inf)", False)], s)
-    return img
+    ly = y0 + size + 2 * gap + 2 * line
+    _legend(cv, pad, ly, [(KEY, "key step", True), (UNDEFINED, "undefined (inf)", False)], line)
+    return cv.array()
 
 
 def render_timeline(num_evals: int, key_steps, title: str | None = None, width: int = 512) -> np.ndarray:
@@ -394,40 +366,62 @@ def render_timeline(num_evals: int, key_steps, title: str | None = None, width: 
     if T < 1:
         raise ValueError(f"num_evals must be >= 1, got {T}")
     keys = _check_keys(key_steps, T)
-    width, s = _check_width(width)
+    width, px = _check_width(width)
     K = len(keys)
+    fnt = font(px)
 
-    pad, line = 5 * s, _LINE * s
-    max_chars = (width - 2 * pad) // (_ADVANCE * s)
-    lines = _wrap(title, max_chars) if title else []
-    lines += _wrap(f"K={K} of T={T}  ideal speed-up {T / K:.2f}x", max_chars)
+    line = round(px * 1.3)
+    pad, gap = round(px * 0.6), max(2, px // 5)
+    lines = _title_lines(fnt, title, f"K={K} of T={T} \u00b7 ideal speed-up {T / K:.2f}x", width, pad)
     x0, size = pad, width - 2 * pad
-    y0 = pad + len(lines) * line + 4 * s
-    strip_h = 16 * s
-    height = y0 + strip_h + 3 * s + line + 4 * s + line + pad
-    img = np.empty((height, width, 3), dtype=np.uint8)
-    img[:] = BACKGROUND
-    for k, text in enumerate(lines):
-        draw_text(img, pad, pad + k * line, text, TEXT if k < len(lines) - 1 or not title else MUTED, s)
+    y0 = pad + len(lines) * line + 2 * gap
+    strip_h = 2 * px
+    height = y0 + strip_h + gap + line + gap + line + pad
+    cv = Canvas(width, height, px)
+    for k, (text, color) in enumerate(lines):
+        cv.text(pad, pad + k * line, text, color)
 
     ex = _edges(x0, size, T)
-    gap = 1 if size / T >= 4 else 0
+    cell_gap = 1 if size / T >= 4 else 0
     is_key = np.zeros(T, dtype=bool)
     is_key[keys] = True
     for t in range(T):
-        _rect(img, ex[t], y0, max(ex[t] + 1, ex[t + 1] - gap), y0 + strip_h, KEY if is_key[t] else PREDICTED)
+        cv.rect(ex[t], y0, max(ex[t] + 1, ex[t + 1] - cell_gap), y0 + strip_h, KEY if is_key[t] else PREDICTED)
 
-    tick_w = text_size(str(T), s)[0]
-    step = _nice_step(T, size / T, tick_w + 4 * s)
+    tick = max(1, px // 8)
+    step = _nice_step(T, size / T, text_width(fnt, str(T)) + 2 * gap)
     for v in range(0, T, step):
         xc = (ex[v] + ex[v + 1] - 1) // 2
-        _rect(img, xc - s // 2, y0 + strip_h, xc - s // 2 + max(1, s // 2 + 1), y0 + strip_h + 2 * s, MUTED)
-        lw = text_size(str(v), s)[0]
-        draw_text(img, min(max(xc - lw // 2, 0), width - lw), y0 + strip_h + 3 * s, str(v), TEXT, s)
+        cv.rect(xc - tick // 2, y0 + strip_h, xc - tick // 2 + tick, y0 + strip_h + gap, MUTED)
+        lw = text_width(fnt, str(v))
+        cv.text(min(max(xc - lw // 2, 0), width - lw), y0 + strip_h + gap, str(v))
 
-    ly = y0 + strip_h + 3 * s + line + 4 * s
-    _swatch_legend(img, x0, ly, [(KEY, f"computed {K}", False), (PREDICTED, f"predicted {T - K}", False)], s)
-    return img
+    ly = y0 + strip_h + gap + line + gap
+    _legend(cv, x0, ly, [(KEY, f"computed {K}", False), (PREDICTED, f"predicted {T - K}", False)], line)
+    return cv.array()
+
+
+def render_image_rows(rows, scale: int = 1, font_px: int = 14) -> np.ndarray:
+    """Rows of equal-size uint8 (h, w, 3) images, each row led by its label: [(label, [images])]."""
+    if not rows or not all(images for _, images in rows):
+        raise ValueError("render_image_rows needs at least one row with at least one image")
+    images = [[_check_rgb(img) for img in imgs] for _, imgs in rows]
+    h, w = images[0][0].shape[:2]
+    if any(img.shape[:2] != (h, w) for imgs in images for img in imgs):
+        raise ValueError("render_image_rows needs images of one size")
+    fnt = font(font_px)
+    pad = max(2, font_px // 3)
+    label_w = max(text_width(fnt, label) for label, _ in rows) + 2 * pad
+    cols = max(len(imgs) for imgs in images)
+    cell_w, cell_h = w * scale + pad, h * scale + pad
+    cv = Canvas(label_w + cols * cell_w + pad, len(rows) * cell_h + pad, font_px)
+    for r, ((label, _), imgs) in enumerate(zip(rows, images)):
+        y = pad + r * cell_h
+        cv.text(pad, y + (h * scale - text_box(fnt, label)[1]) // 2, label)
+        for q, img in enumerate(imgs):
+            big = Image.fromarray(img, "RGB").resize((w * scale, h * scale), Image.NEAREST)
+            cv.image.paste(big, (label_w + q * cell_w, y))
+    return cv.array()
 
 
 def _check_rgb(rgb) -> np.ndarray:
@@ -438,33 +432,10 @@ def _check_rgb(rgb) -> np.ndarray:
 
 
 def write_png(path, rgb) -> None:
-    """Write a uint8 (H, W, 3) image as PNG, atomically (temp file in the same folder, then replace)."""
-    a = _check_rgb(rgb)
-    h, w, _ = a.shape
-    raw = np.zeros((h, 1 + 3 * w), dtype=np.uint8)  # filter byte 0 on every row
-    raw[:, 1:] = a.reshape(h, 3 * w)
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        crc = zlib.crc32(tag + data) & 0xFFFFFFFF
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", crc)
-
-    png = (b"\x89PNG\r\n\x1a\n"
-           + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-           + chunk(b"IDAT", zlib.compress(raw.tobytes(), 6))
-           + chunk(b"IEND", b""))
-    path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(png)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    """Write a uint8 (H, W, 3) image as PNG, atomically (``store.write_atomic``)."""
+    buffer = io.BytesIO()
+    Image.fromarray(_check_rgb(rgb), "RGB").save(buffer, format="PNG")
+    write_atomic(str(path), buffer.getvalue())
 
 
 def to_comfy_image(rgb):

@@ -16,10 +16,13 @@ from .taylor import TaylorPredictor, derivatives_after_for
 class ScheduleMismatchError(ValueError):
     """The run makes a different number of model evaluations than the schedule was made for."""
 
+    __module__ = "dpcache"  # a stable name in ComfyUI's error dialog (not the pack's folder path)
 
-def mismatch_message(run_evals: int, schedule_evals: int) -> str:
+
+def mismatch_message(run_evals: int, schedule_evals: int, sampler: str | None = None) -> str:
+    run = f"this sampling run ({sampler})" if sampler else "this sampling run"
     return (
-        f"this sampling run makes {run_evals} model evaluations but the DPCache schedule was made for "
+        f"{run} makes {run_evals} model evaluations but the DPCache schedule was made for "
         f"T={schedule_evals}: set total_evaluations={run_evals} on DPCache Schedule (or calibrate a PACT "
         f"with this sampler and step count), or sample with {schedule_evals} evaluations"
     )
@@ -134,6 +137,9 @@ class TrajectoryRecorder:
     float32 values are kept, whatever the resolution, frame count or batch. 0/None, or S >= N
     (the feature's element count), keeps all N elements in order: the exact PACT.
     ``storage_device`` (e.g. "cpu") is where the kept values go (default: the feature's device).
+    Sampled values go into one preallocated (``expected_evals`` or 64, S) buffer per stream (doubled
+    if a run makes more evaluations), filled row by row: no allocation per evaluation that could
+    pin the memory allocator's heap between the model's activations.
     """
 
     def __init__(
@@ -141,14 +147,18 @@ class TrajectoryRecorder:
         storage_device: str | torch.device | None = None,
         sample_size: int | None = DEFAULT_SAMPLE_SIZE,
         seed: int = DEFAULT_SAMPLE_SEED,
+        expected_evals: int | None = None,
     ):
         if sample_size is not None and sample_size < 0:
             raise ValueError(f"sample_size must be >= 0 (0 keeps every element), got {sample_size}")
         self.storage_device = storage_device
         self.sample_size = int(sample_size or 0)
         self.seed = int(seed)
+        self.capacity = max(int(expected_evals or 64), 1)
         self.index = -1
-        self.trajectories: dict[Hashable, list[torch.Tensor]] = {}
+        self.lengths: dict[Hashable, int] = {}  # evaluations recorded per stream
+        self.buffers: dict[Hashable, torch.Tensor] = {}  # sampled streams: (capacity, S) float32
+        self.full_rows: dict[Hashable, list[torch.Tensor]] = {}  # streams kept whole: one copy per evaluation
         self.shapes: dict[Hashable, tuple[int, ...]] = {}
         self.positions: dict[tuple, tuple[torch.Tensor, int] | None] = {}  # key: (stream, device, strides)
         self.incomplete: set[Hashable] = set()
@@ -177,11 +187,22 @@ class TrajectoryRecorder:
             self.positions[key] = flat
         return self.positions[key]
 
+    def row(self, stream: Hashable, n: int, width: int, device) -> torch.Tensor:
+        """Row ``n`` of the stream's buffer (allocated, or doubled, when needed)."""
+        buffer = self.buffers.get(stream)
+        if buffer is None or n >= buffer.shape[0]:
+            rows = self.capacity if buffer is None else 2 * buffer.shape[0]
+            grown = torch.empty((max(rows, n + 1), width), dtype=torch.float32, device=device)
+            if buffer is not None:
+                grown[:n] = buffer[:n]
+            buffer = self.buffers[stream] = grown
+        return buffer[n]
+
     def record(self, stream: Hashable, feature: torch.Tensor) -> None:
         """Keep the sampled values (float32) of ``stream``'s feature at the current evaluation."""
-        trajectory = self.trajectories.setdefault(stream, [])
+        n = self.lengths.get(stream, 0)
         shape = self.shapes.setdefault(stream, tuple(feature.shape))
-        if len(trajectory) != self.index or shape != tuple(feature.shape):
+        if n != self.index or shape != tuple(feature.shape):
             self.incomplete.add(stream)  # missed an evaluation, came twice or changed shape: unusable
             return
         self.source_device = feature.device
@@ -189,24 +210,30 @@ class TrajectoryRecorder:
         feature = feature.detach()
         positions = self.stream_positions(stream, feature)
         if positions is None:
-            values = feature.reshape(-1).to(device=device, dtype=torch.float32, copy=True)
-        else:  # gather straight from the feature's storage: no copy of the feature, O(S)
+            self.full_rows.setdefault(stream, []).append(feature.reshape(-1).to(device=device, dtype=torch.float32, copy=True))
+        else:  # gather straight from the feature's storage into the buffer: no copy of the feature, O(S)
             offsets, span = positions
             storage = feature.as_strided((span,), (1,), feature.storage_offset())
-            values = storage.index_select(0, offsets).to(device=device, dtype=torch.float32)
-        trajectory.append(values)
+            out = self.row(stream, n, offsets.numel(), device)
+            if storage.dtype == torch.float32 and storage.device == out.device:
+                torch.index_select(storage, 0, offsets, out=out)
+            else:
+                out.copy_(storage.index_select(0, offsets))
+        self.lengths[stream] = n + 1
 
     def complete_streams(self) -> list[Hashable]:
         """Streams recorded at every evaluation."""
-        return [s for s, t in self.trajectories.items() if len(t) == self.num_evals and s not in self.incomplete]
+        return [s for s, n in self.lengths.items() if n == self.num_evals and s not in self.incomplete]
 
     def trajectory(self, stream: Hashable) -> torch.Tensor:
         """(T, S) float32: row t holds ``stream``'s kept values at evaluation t (the same S positions
         in every row; all N elements, flattened, when nothing is sampled)."""
-        rows = self.trajectories.get(stream)
-        if not rows:
+        n = self.lengths.get(stream, 0)
+        if not n:
             raise KeyError(f"stream {stream!r} was not recorded")
-        return torch.stack(rows)
+        if stream in self.buffers:
+            return self.buffers[stream][:n]
+        return torch.stack(self.full_rows[stream])
 
     def sample_description(self) -> int | str:
         """What the complete streams kept: S, or "all" when every stream kept all its elements."""
@@ -216,7 +243,8 @@ class TrajectoryRecorder:
 
     def nbytes(self) -> int:
         """Bytes of the kept values, over all streams."""
-        return sum(v.numel() * v.element_size() for rows in self.trajectories.values() for v in rows)
+        kept = list(self.buffers.values()) + [v for rows in self.full_rows.values() for v in rows]
+        return sum(v.numel() * v.element_size() for v in kept)
 
     def build_sample(
         self,
@@ -270,6 +298,8 @@ class TrajectoryRecorder:
         return total / len(streams)
 
     def close(self) -> None:
-        self.trajectories.clear()
+        self.buffers.clear()
+        self.full_rows.clear()
+        self.lengths.clear()
         self.positions.clear()
         self.incomplete.clear()

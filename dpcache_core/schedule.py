@@ -123,9 +123,17 @@ def solve_schedule(cost, num_keys: int, first_full_steps: int = 3, last_full_ste
         best = np.min(total, axis=0)
     final = best + step_cost[:, :, num_evals]
     if not np.isfinite(final).any():
+        feasible = feasible_key_counts(step_cost)
+        larger = [k for k in feasible if k > num_keys]
+        if larger:
+            advice = f"the smallest K that works is {larger[0]}"
+        elif feasible:
+            advice = f"K={feasible[0]} works"
+        else:
+            advice = "no K works: the PACT has too few finite entries; calibrate it again"
         raise ValueError(
             f"no schedule with K={num_keys} key steps of T={num_evals} has finite cost "
-            f"(hop cap {hop}, first/last full steps {first_full_steps}/{last_full_steps}); raise K or the hop cap"
+            f"(hop cap {hop}, first/last full steps {first_full_steps}/{last_full_steps}); {advice}"
         )
     prev, cur = np.unravel_index(np.argmin(final), final.shape)
     keys = [int(cur)]
@@ -133,6 +141,22 @@ def solve_schedule(cost, num_keys: int, first_full_steps: int = 3, last_full_ste
         keys.append(int(prev))
         prev, cur = choice[prev, cur], prev
     return keys[::-1]
+
+
+def feasible_key_counts(step_cost: np.ndarray) -> list[int]:
+    """Every K for which some schedule has finite cost, given step_cost[prev, cur, next] (+inf = not allowed)."""
+    num_evals = step_cost.shape[0]
+    finite = np.isfinite(step_cost)
+    reach = np.zeros((num_evals, num_evals), dtype=bool)  # reach[p, c]: the last two keys can be p, c
+    reach[0, 0] = True
+    counts = []
+    for num_keys in range(1, num_evals + 1):
+        if (reach & finite[:, :, num_evals]).any():
+            counts.append(num_keys)
+        reach = (reach[:, :, None] & finite[:, :, :num_evals]).any(axis=0)
+        if not reach.any():
+            break
+    return counts
 
 
 def solve_schedule_reference(cost, num_keys: int, first_full_steps: int = 3, last_full_steps: int = 0, max_hop: int | None = None) -> list[int]:

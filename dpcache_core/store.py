@@ -21,17 +21,39 @@ PACK_VERSION = "0.1.0"
 class PactFileError(ValueError):
     """A PACT file that cannot be used, with a message that says what to do."""
 
+    __module__ = "dpcache"  # a stable name in ComfyUI's error dialog (not the pack's folder path)
+
+
+def new_file_mode() -> int:
+    """The mode ``open()`` gives a new file under the current umask (0644 under umask 022)."""
+    try:  # Linux: read the umask without changing it (os.umask would, briefly, for every thread)
+        with open("/proc/self/status") as f:
+            umask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return 0o666 & ~umask
+
 
 def write_atomic(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half of it."""
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half of it.
+
+    A new file gets the mode any new file gets under the umask; an overwritten one keeps its mode
+    (the temporary file of ``mkstemp`` alone would leave 0600, unreadable to other users).
+    """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
+    try:
+        mode = os.stat(path).st_mode & 0o7777
+    except FileNotFoundError:
+        mode = new_file_mode()
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".part", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

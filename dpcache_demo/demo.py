@@ -9,6 +9,7 @@ of it with the chosen path, and the images to ``--out``.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import time
@@ -18,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from . import toy_model
-from dpcache_core.pact import PactAccumulator
+from dpcache_core.pact import PactAccumulator, default_max_gap
 from dpcache_core.runtime import CacheRun, TrajectoryRecorder
 from dpcache_core.schedule import PLANNING, Schedule, cost_for, hop_costs_history, path_cost, solve_schedule, solve_schedule_history
 from dpcache_core.store import save_pact
@@ -73,6 +74,42 @@ def state_dtype(state) -> torch.dtype:
     return next(v.dtype for v in state.values() if torch.is_tensor(v) and v.is_floating_point())
 
 
+MAX_STEPS = 200  # the PACT holds (T, T+1, T+1) sums and counts: 130 MB at T = 200, 16 GB at T = 1000
+
+
+def smallest_feasible_keys(num_evals: int, first_full_steps: int, order: int) -> int:
+    """The least K for which the demo's PACT has a finite schedule.
+
+    The first max(first_full_steps, order + 1) evaluations are keys (from a key below ``order``
+    a PACT only allows a hop of one step) and every later hop is at most the hop cap
+    max(int(0.3 T), 1).
+    """
+    start = min(max(first_full_steps, order + 1), num_evals)
+    return start + math.ceil((num_evals - start + 1) / default_max_gap(num_evals)) - 1
+
+
+def argument_problem(args) -> str | None:
+    """The first argument out of its valid range, as one line that gives the range; None if all are fine."""
+    if not 1 <= args.order <= 3:
+        return f"--order must be 1, 2 or 3, got {args.order}"
+    if not args.order + 1 <= args.steps <= MAX_STEPS:
+        return f"--steps must be between {args.order + 1} (order {args.order} + 1) and {MAX_STEPS}, got {args.steps}"
+    if not 1 <= args.first_full_steps <= args.steps:
+        return f"--first-full-steps must be between 1 and --steps ({args.steps}), got {args.first_full_steps}"
+    low = smallest_feasible_keys(args.steps, args.first_full_steps, args.order)
+    if not low <= args.keys <= args.steps:
+        return (f"--keys must be between {low} and {args.steps} for --steps {args.steps} and --first-full-steps "
+                f"{args.first_full_steps} (hop cap {default_max_gap(args.steps)}), got {args.keys}")
+    for flag in ("calibration_prompts", "test_prompts", "repeats"):
+        if getattr(args, flag) < 1:
+            return f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}"
+    if not (math.isfinite(args.shift) and args.shift > 0):
+        return f"--shift must be a positive number, got {args.shift}"
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        return f"--out {args.out} is a file; give a folder"
+    return None
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=50, help="sampling steps T (Euler: one evaluation each)")
@@ -87,6 +124,9 @@ def main(argv=None) -> dict:
                         help="builtin: the trained small model; bench: a larger random-weight one where the blocks dominate")
     parser.add_argument("--out", default="out/demo", help="folder for the PACT, its picture and the images")
     args = parser.parse_args(argv)
+    problem = argument_problem(args)
+    if problem:  # before any work: one line, exit code 2 (argparse's code for bad arguments)
+        parser.exit(2, f"{parser.prog}: error: {problem}\n")
     torch.manual_seed(0)
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -132,12 +172,13 @@ def main(argv=None) -> dict:
                                "sampler": "euler", "resolution": [model.config["image_size"]] * 2})
     picture_path = os.path.join(args.out, "pact_schedule.png")
     images_path = os.path.join(args.out, "full_vs_dpcache.png")
-    from dpcache_core.picture import render_pact_path, write_png
+    from dpcache_core.picture import render_image_rows, render_pact_path, write_png
 
-    write_png(picture_path, render_pact_path(cost, keys, title=schedule.planned_by, hop_costs=hops))
-    grid = np.concatenate([np.concatenate([toy_model.to_uint8(f)[0], toy_model.to_uint8(d)[0]], axis=0)
-                           for f, d in images], axis=1)
-    write_png(images_path, np.kron(grid, np.ones((4, 4, 1), dtype=np.uint8)))
+    write_png(picture_path, render_pact_path(cost, keys, title=f"demo PACT, {len(calib)} prompts, {schedule.planned_by}", hop_costs=hops))
+    write_png(images_path, render_image_rows([
+        ("full", [toy_model.to_uint8(full)[0] for full, _ in images]),
+        (f"DPCache K={args.keys}", [toy_model.to_uint8(fast)[0] for _, fast in images]),
+    ], scale=4))
 
     result = {
         "evaluations": args.steps,
@@ -156,7 +197,7 @@ def main(argv=None) -> dict:
     print(f"speed-up         {result['speedup']:.2f}x measured (median of {len(ratios)} interleaved pairs; ideal T/K = {schedule.ideal_speedup:.2f}x)")
     print(f"fidelity         PSNR {result['psnr_db']:.1f} dB, relative L1 {result['relative_l1']:.4f} "
           f"(median over {len(held_out)} held-out prompts, final output vs the full run)")
-    print(f"pictures         {picture_path}, {images_path} (top: full, bottom: DPCache)")
+    print(f"pictures         {picture_path}, {images_path} (rows labelled: full, DPCache)")
     return result
 
 

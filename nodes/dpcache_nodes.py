@@ -32,6 +32,7 @@ PACK_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED_DIR = os.path.join(PACK_DIR, "cost_matrices")
 UNIFORM, MANUAL = "(uniform)", "(manual)"
 BUDGET_RULES = core.BUDGET_RULES
+DEFAULT_ORDER = 2  # Taylor order of (uniform) / (manual) schedules: the better one for evenly spaced keys (BENCHMARKS.md)
 
 
 def register_folder() -> None:
@@ -133,7 +134,7 @@ class DPCacheCalibrate:
         return {
             "required": {
                 "model": ("MODEL", {"tooltip": "A FLUX.1, Chroma, HunyuanVideo (T2V), Qwen-Image, Wan2.1 or Wan2.2 model (for Wan2.2 A14B: each expert). It is cloned; the input stays untouched."}),
-                "pact_name": ("STRING", {"default": "flux_dev_euler_50", "tooltip": "File name in models/dpcache/ (letters, digits, . _ -). Samples accumulate there across queued prompts."}),
+                "pact_name": ("STRING", {"default": "", "tooltip": "File name in models/dpcache/ (letters, digits, . _ -). Samples accumulate there across queued prompts. Empty: named after the model family, sampler and step count when sampling starts (e.g. wan_uni_pc_30)."}),
                 "order": ("INT", {"default": 1, "min": 1, "max": 3, "tooltip": "Taylor order of the predictor the PACT is built for. 1 (default): planned on the exact cost of the skipped evaluations; the best or near-best schedule at most K in our benchmarks. 2 is the paper's choice: the file also stores the cost given the last three key steps the run really uses (history-exact), which DPCache Schedule then plans on. Must match the file's order."}),
                 "reset": ("BOOLEAN", {"default": False, "tooltip": "Start the file afresh on the next finished run (its old samples are dropped); later runs accumulate again."}),
             },
@@ -149,7 +150,7 @@ class DPCacheCalibrate:
         hook = hooks.CalibrateHook(info.family, calibration_folder(), pact_name, order, reset, unique_id, sample_size)
         m = model.clone()
         hooks.install(m, info, hook, "DPCache Calibrate")
-        log.info("DPCache Calibrate: %s, recording into %s", info.detail, hook.path)
+        log.info("DPCache Calibrate: %s, recording into %s", info.detail, hook.describe_target())
         return (m,)
 
 
@@ -180,6 +181,7 @@ class DPCacheSchedule:
             "optional": {  # optional so that API prompts written before they existed still validate
                 "budget": (list(BUDGET_RULES), {"default": BUDGET_RULES[0], "tooltip": "How many key evaluations a run gets. A run whose evaluation count differs from T (other steps or sampler) is re-planned when sampling starts, from the PACT transferred to its count. same speed-up: key_steps at T, scaled to the run's count; target speed-up: count / target_speedup; fixed K: key_steps whatever the count. Not used by (manual)."}),
                 "target_speedup": ("FLOAT", {"default": 3.85, "min": 1.0, "max": 100.0, "step": 0.05, "tooltip": "For budget = target speed-up: the ideal speed-up T/K to plan for."}),
+                "taylor_order": ("INT", {"default": DEFAULT_ORDER, "min": 1, "max": 3, "tooltip": "Taylor order of the prediction for (uniform) and (manual) schedules. 2 was the better order for evenly spaced key steps in our benchmark (BENCHMARKS.md). A PACT brings its own order (DPCache Calibrate's), so this is ignored with one."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -195,12 +197,13 @@ class DPCacheSchedule:
             return ""
 
     def schedule(self, pact, key_steps, first_full_steps, last_full_steps, total_evaluations, manual_key_steps="",
-                 budget=BUDGET_RULES[0], target_speedup=3.85, unique_id=None):
+                 budget=BUDGET_RULES[0], target_speedup=3.85, taylor_order=DEFAULT_ORDER, unique_id=None):
         sched, cost, hop_costs = make_schedule(pact, key_steps, first_full_steps, last_full_steps, total_evaluations,
-                                               manual_key_steps, budget, target_speedup)
+                                               manual_key_steps, budget, target_speedup, taylor_order)
+        where = "taylor_order" if pact in (UNIFORM, MANUAL) else "from the PACT"
         text = (
             f"key steps {list(sched.key_steps)}: {sched.num_keys} of {sched.num_evals} evaluations, "
-            f"ideal speed-up {sched.ideal_speedup:.2f}x"
+            f"ideal speed-up {sched.ideal_speedup:.2f}x, Taylor order {sched.order} ({where})"
         )
         if sched.convention:
             text += f"; planned with {core.schedule.PLANNING[sched.convention]}"
@@ -215,28 +218,35 @@ class DPCacheSchedule:
 
 
 def make_schedule(pact, key_steps, first_full_steps=3, last_full_steps=0, total_evaluations=50, manual_key_steps="",
-                  budget=BUDGET_RULES[0], target_speedup=3.85):
+                  budget=BUDGET_RULES[0], target_speedup=3.85, taylor_order=DEFAULT_ORDER):
     """(Schedule, cost tensor as the plan read it or None, history-exact hop costs or None) for the
     node's inputs; ValueError with what to change.
 
     The schedule is planned at its own T (the PACT's, or total_evaluations); its ``planner``
     re-plans runs of another evaluation count when sampling starts (``replan.plan_run``)."""
     try:
+        if pact in (UNIFORM, MANUAL) and not 1 <= int(taylor_order) <= 3:
+            raise ValueError(f"taylor_order must be 1, 2 or 3, got {taylor_order}")
         rule = core.Budget(budget, key_steps, target_speedup)
         by_speedup = budget == "target speed-up"  # else K as typed at the schedule's own T
         if by_speedup and pact == UNIFORM:
             key_steps = rule.keys_for(total_evaluations, total_evaluations)
         if pact == MANUAL:
             keys = core.parse_key_steps(manual_key_steps, total_evaluations)
-            return core.Schedule(tuple(keys), total_evaluations, source="manual",
+            return core.Schedule(tuple(keys), total_evaluations, order=int(taylor_order), source="manual",
                                  first_full_steps=first_full_steps, last_full_steps=last_full_steps), None, None
         if pact == UNIFORM:
             keys = core.uniform_key_steps(total_evaluations, key_steps, first_full_steps, last_full_steps)
-            planner = core.Planner(total_evaluations, rule, first_full_steps, last_full_steps,
+            planner = core.Planner(total_evaluations, rule, first_full_steps, last_full_steps, order=int(taylor_order),
                                    label=f"(uniform) made for T={total_evaluations}")
-            return core.Schedule(tuple(keys), total_evaluations, source="uniform",
+            return core.Schedule(tuple(keys), total_evaluations, order=int(taylor_order), source="uniform",
                                  first_full_steps=first_full_steps, last_full_steps=last_full_steps, planner=planner), None, None
         acc, meta = core.load_pact(pact_path(pact))
+        if acc.samples == 0 or not acc.counts.any():
+            raise ValueError(
+                f"PACT {pact!r} holds no samples: queue at least one full sampling run through DPCache Calibrate "
+                "with this pact_name, or pick another PACT"
+            )
         # a PACT of partial runs (e.g. Wan2.2 A14B's two experts) covers windows of one trajectory
         cost, positions, starts = planning_view(acc.mean(), meta)
         num_evals = cost.shape[0]

@@ -26,6 +26,8 @@ ALL_TOKENS, TXT_FIRST, IMG_FIRST = "all", "txt_first", "img_first"
 class UnsupportedModelError(ValueError):
     """The MODEL is not one DPCache knows how to hook."""
 
+    __module__ = "dpcache"  # a stable name in ComfyUI's error dialog (not the pack's folder path)
+
 
 @dataclass(frozen=True)
 class Family:

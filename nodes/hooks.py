@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import textwrap
 
 import torch
 
@@ -38,6 +39,7 @@ except ImportError:  # pragma: no cover - depends on how the pack is imported
     from dpcache_core.transfer import positions_from_sigmas, spread_ties
 
 from . import families
+from .sampler_counts import expected_evaluations, is_rectified_flow, sampler_name
 from .families import UnsupportedModelError  # noqa: F401  (re-exported: the nodes' error for an unknown model)
 
 log = logging.getLogger("dpcache")
@@ -45,15 +47,6 @@ log = logging.getLogger("dpcache")
 RUN_KEY = "dpcache_run"  # transformer_options key of the per-run state (set only during a run)
 PATCH_KEY = "dpcache"  # transformer_options marker of a patched model, and our wrapper key
 
-# Samplers that call the model exactly once per step (so the run makes len(sigmas) - 1
-# evaluations): the evaluation count can be checked before sampling starts.
-SINGLE_EVAL_SAMPLERS = {
-    "euler", "euler_cfg_pp", "euler_ancestral", "euler_ancestral_cfg_pp", "lms", "dpmpp_2m",
-    "dpmpp_2m_sde", "dpmpp_2m_sde_gpu", "dpmpp_3m_sde", "dpmpp_3m_sde_gpu", "ddpm", "lcm", "ipndm",
-    "ipndm_v", "deis", "res_multistep", "res_multistep_cfg_pp", "res_multistep_ancestral",
-    "res_multistep_ancestral_cfg_pp", "gradient_estimation", "gradient_estimation_cfg_pp",
-}
-SECOND_ORDER_SAMPLERS = {"heun", "dpm_2"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,10 +183,10 @@ class ApplyRun(RunState):
         except ScheduleMismatchError:
             num_evals = self.cache.schedule.num_evals
             raise ScheduleMismatchError(
-                f"this sampling run (sampler {self.sampler}) makes more than the T={num_evals} model evaluations "
-                f"the DPCache schedule was made for (2nd-order samplers such as heun evaluate about twice per step). "
-                f"Set total_evaluations on DPCache Schedule to the run's count (or calibrate a PACT with this sampler "
-                f"and step count), or use a sampler and step count that make {num_evals} evaluations"
+                f"this sampling run ({self.sampler or 'a sampler'} whose evaluation count is only known while it "
+                f"samples) makes at least {num_evals + 1} model evaluations but the DPCache schedule was made for "
+                f"T={num_evals}: use a sampler whose count follows from its steps (listed in the README; its count "
+                f"is checked before sampling), or calibrate a PACT with this sampler and raise total_evaluations"
             ) from None
         if not key and self.force_all:
             self.cache.force_key()
@@ -241,9 +234,11 @@ class ApplyRun(RunState):
 class CalibrateRun(RunState):
     """DPCache Calibrate during one sampling run: compute everything, record the cache point."""
 
-    def __init__(self, family: str, storage_device="cpu", sample_size: int = DEFAULT_SAMPLE_SIZE, seed: int = DEFAULT_SAMPLE_SEED):
+    def __init__(self, family: str, storage_device="cpu", sample_size: int = DEFAULT_SAMPLE_SIZE, seed: int = DEFAULT_SAMPLE_SEED,
+                 expected_evals: int | None = None):
         super().__init__(family)
-        self.recorder = TrajectoryRecorder(storage_device=storage_device, sample_size=sample_size, seed=seed)
+        self.recorder = TrajectoryRecorder(storage_device=storage_device, sample_size=sample_size, seed=seed,
+                                           expected_evals=expected_evals)
         self.sigmas: list[float] = []
 
     def start_evaluation(self, sigma=None) -> None:
@@ -268,28 +263,9 @@ class CalibrateRun(RunState):
 # Sampling wrappers
 
 
-def sampler_name(sampler) -> str | None:
-    fn = getattr(sampler, "sampler_function", None)
-    name = getattr(fn, "__name__", None)
-    if not name:
-        return None
-    return name[len("sample_"):] if name.startswith("sample_") else name
-
-
-def expected_evaluations(sampler, sigmas) -> int | None:
-    """The number of model evaluations of the run when it is known before sampling, else None."""
-    name = sampler_name(sampler)
-    steps = int(sigmas.shape[-1]) - 1
-    if name in SINGLE_EVAL_SAMPLERS:
-        return steps
-    if name in SECOND_ORDER_SAMPLERS:  # two evaluations per step, one where the next sigma is 0
-        return steps + int((sigmas[1:] != 0).sum())
-    return None
-
-
-def evaluation_sigmas(sampler, sigmas) -> list[float] | None:
+def evaluation_sigmas(sampler, sigmas, rectified_flow: bool = True) -> list[float] | None:
     """The sigma of every model evaluation of the run, when known before sampling, else None."""
-    count = expected_evaluations(sampler, sigmas)
+    count = expected_evaluations(sampler, sigmas, rectified_flow)
     if count is None:
         return None
     s = [float(x) for x in sigmas.reshape(-1)]
@@ -321,14 +297,15 @@ def run_shape(guider, sampler, sigmas) -> RunShape | None:
     Without a sigma table, or a sampler whose evaluation sigmas are unknown, the positions are
     evenly spaced over the window.
     """
-    count = expected_evaluations(sampler, sigmas)
+    rectified_flow = is_rectified_flow(guider.model_patcher)
+    count = expected_evaluations(sampler, sigmas, rectified_flow)
     if count is None:
         return None
     table = sigma_table(guider)
     if table is None:
         return RunShape(count)
     ends = positions_from_sigmas([float(sigmas.reshape(-1)[0]), float(sigmas.reshape(-1)[-1])], table)
-    evals = evaluation_sigmas(sampler, sigmas)
+    evals = evaluation_sigmas(sampler, sigmas, rectified_flow)
     if evals is None:
         start, end = float(ends[0]), float(ends[1])
         positions = [start + (end - start) * k / count for k in range(count)]
@@ -342,15 +319,25 @@ def uses_controlnet(guider) -> bool:
     return any(isinstance(c, dict) and c.get("control") is not None for cs in conds.values() for c in (cs or []))
 
 
+NODE_TEXT_WIDTH = 30  # characters per line that fit a node of default width in ComfyUI's text widget
+
+
+def wrap_for_node(text: str, width: int = NODE_TEXT_WIDTH) -> str:
+    """``text`` broken into lines at spaces: ComfyUI's node text widget breaks lines anywhere
+    (CSS break-all), even inside a number, unless each line fits."""
+    return "\n".join(textwrap.fill(part, width, break_long_words=False, break_on_hyphens=False)
+                     for part in text.split("\n"))
+
+
 def send_text(text: str, node_id) -> None:
-    """A line of text on the node in the browser (guarded: there is no server in headless use)."""
+    """Text on the node in the browser, in lines that fit (guarded: no server in headless use)."""
     if node_id is None:
         return
     try:
         from server import PromptServer
 
         if PromptServer.instance is not None:
-            PromptServer.instance.send_progress_text(text, node_id)
+            PromptServer.instance.send_progress_text(wrap_for_node(text), node_id)
     except Exception:  # pragma: no cover - UI feedback is best effort
         pass
 
@@ -425,7 +412,11 @@ class ApplyHook:
         shape = run_shape(guider, sampler, sigmas)
         schedule, plan_text = self.schedule, ""
         if shape is not None:  # count known up front: plan for it (a manual schedule of another T is refused)
-            plan = plan_run(self.schedule, shape)
+            try:
+                plan = plan_run(self.schedule, shape)
+            except ScheduleMismatchError:  # before the first evaluation, with both numbers and the sampler
+                raise ScheduleMismatchError(
+                    mismatch_message(shape.num_evals, self.schedule.num_evals, sampler_name(sampler))) from None
             schedule, plan_text = plan.schedule, plan.text
             if plan_text:
                 log.info("DPCache: %s", plan_text)
@@ -448,7 +439,7 @@ class ApplyHook:
                                        "skipped": run.cache.skipped, "num_evals": run.evaluations, "summary": line,
                                        "key_steps": list(run.cache.schedule.key_steps)})
         if run.evaluations != run.cache.schedule.num_evals:
-            raise ScheduleMismatchError(mismatch_message(run.evaluations, run.cache.schedule.num_evals))
+            raise ScheduleMismatchError(mismatch_message(run.evaluations, run.cache.schedule.num_evals, run.sampler))
 
     def outer_sample(self, executor, *args, **kwargs):
         return sample_with_run(executor, args, kwargs, self.start, self.finish)
@@ -594,8 +585,17 @@ def window_positions(old, mine, window) -> list | None:
     return [round(float(p), 8) for p in out]
 
 
+def automatic_pact_name(family: str, sampler: str | None, steps: int) -> str:
+    """The PACT name when pact_name is left empty: model family, sampler and step count (wan_uni_pc_30)."""
+    return f"{family}_{sampler or 'sampler'}_{steps}"
+
+
 class CalibrateHook:
-    """Per-node config of DPCache Calibrate; records every run and adds one sample to the PACT file."""
+    """Per-node config of DPCache Calibrate; records every run and adds one sample to the PACT file.
+
+    An empty ``name`` is decided at the start of each run from the model family, the sampler and
+    the step count, so one node can calibrate several settings into separate files.
+    """
 
     def __init__(self, family: str, folder: str, name: str, order: int, reset: bool, node_id=None,
                  sample_size: int = DEFAULT_SAMPLE_SIZE):
@@ -603,8 +603,9 @@ class CalibrateHook:
             raise ValueError(f"sample_size must be >= 0 (0 keeps every element), got {sample_size}")
         self.sample_size = int(sample_size)
         self.family = family
-        self.name = name
-        self.path = os.path.join(folder, pact_file_name(name))
+        self.folder = folder
+        self.name = (name or "").strip()
+        self.path = os.path.join(folder, pact_file_name(self.name)) if self.name else None  # None: named per run
         self.order = int(order)
         self.node_id = node_id
         # Mutable on purpose, shared by every run of this node output: the first finished run
@@ -614,32 +615,37 @@ class CalibrateHook:
     def __deepcopy__(self, memo):
         return self
 
-    def mismatch(self, meta: dict, num_evals: int | None) -> str | None:
+    def describe_target(self) -> str:
+        if self.path:
+            return self.path
+        return os.path.join(self.folder, f"{self.family}_<sampler>_<steps>.safetensors (named when sampling starts)")
+
+    def mismatch(self, path: str, meta: dict, num_evals: int | None) -> str | None:
         have = (meta.get("model_family"), meta.get("order"), meta.get("num_evals"))
         want = (self.family, self.order, num_evals if num_evals is not None else meta.get("num_evals"))
         if have[0] in (None, want[0]) and have[1] == want[1] and have[2] == want[2]:
             return None
         return (
-            f"PACT '{os.path.basename(self.path)}' holds {meta.get('samples', '?')} samples for model family "
+            f"PACT '{os.path.basename(path)}' holds {meta.get('samples', '?')} samples for model family "
             f"{have[0]}, T={have[2]} evaluations, order {have[1]}; this run is {want[0]}, T={want[2]}, order {want[1]}. "
             "Pick a new pact_name on DPCache Calibrate, or set reset to start the file afresh"
         )
 
-    def load_existing(self, window=None):
+    def load_existing(self, path: str, window=None):
         """The PACT file's (accumulator, metadata), or None to start afresh.
 
         With reset pending, a full run starts afresh; a window run (one expert of several) keeps the
         other windows and drops only its own, so two Calibrate nodes with reset can share one file."""
-        if not os.path.exists(self.path) or (self.pending_reset[0] and window is None):
+        if not os.path.exists(path) or (self.pending_reset[0] and window is None):
             return None
         try:
-            acc, meta = load_pact(self.path)
+            acc, meta = load_pact(path)
         except PactFileError as exc:
             if self.pending_reset[0]:
                 return None
             raise ValueError(f"{exc} (or set reset on DPCache Calibrate to overwrite it)") from None
         if self.pending_reset[0]:
-            if self.mismatch(meta, acc.num_evals if window is None else window[1]) or not meta.get("windows"):
+            if self.mismatch(path, meta, acc.num_evals if window is None else window[1]) or not meta.get("windows"):
                 return None
             meta = dict(meta, windows=windows.drop_window(acc, meta.get("windows"), window[0], window[2]))
         return acc, meta
@@ -649,12 +655,18 @@ class CalibrateHook:
         if guider.model_options.get("context_handler") is not None:
             raise ValueError("DPCache Calibrate does not work with context windows; remove the context-window node")
         window = run_window(run_shape(guider, sampler, sigmas))
-        existing = self.load_existing(window)
+        steps = int(sigmas.shape[-1]) - 1 if window is None else window[1]
+        path = self.path or os.path.join(
+            self.folder, pact_file_name(automatic_pact_name(self.family, sampler_name(sampler), steps)))
+        existing = self.load_existing(path, window)
         if existing is not None:
-            problem = self.mismatch(existing[1], window[1] if window else expected_evaluations(sampler, sigmas))
+            count = window[1] if window else expected_evaluations(sampler, sigmas, is_rectified_flow(guider.model_patcher))
+            problem = self.mismatch(path, existing[1], count)
             if problem:
                 raise ValueError(problem)
-        run = CalibrateRun(self.family, sample_size=self.sample_size)
+        expected = window[2] if window else expected_evaluations(sampler, sigmas, is_rectified_flow(guider.model_patcher))
+        run = CalibrateRun(self.family, sample_size=self.sample_size, expected_evals=expected)
+        run.path = path
         run.window = window
         run.sigma_table = sigma_table(guider)
         run.final_sigma = float(sigmas.reshape(-1)[-1])
@@ -665,15 +677,15 @@ class CalibrateHook:
             "sampler": sampler_name(sampler),
             "scheduler": guess_scheduler(guider, sigmas),
             "resolution": resolution_of(args[1]),
-            "steps": int(sigmas.shape[-1]) - 1 if window is None else window[1],
+            "steps": steps,
         }
-        kept = f"{self.sample_size} sampled elements of the cache point" if self.sample_size else "the whole cache point"
         where = "" if window is None else f" (evaluations {window[0]}..{window[0] + window[2] - 1} of a T={window[1]} trajectory)"
-        log.info("DPCache Calibrate: recording %s at every evaluation for %s%s", kept, os.path.basename(self.path), where)
+        kept = f"{self.sample_size} sampled elements of the cache point" if self.sample_size else "the whole cache point"
+        log.info("DPCache Calibrate: recording %s at every evaluation for %s%s", kept, os.path.basename(path), where)
         return run
 
     def finish(self, run: CalibrateRun, ok: bool) -> None:
-        name = os.path.basename(self.path)
+        name = os.path.basename(run.path)
         if not ok:
             log.info("DPCache Calibrate: run stopped; nothing added to %s", name)
             return
@@ -684,9 +696,9 @@ class CalibrateHook:
         if window is None or window[2] != num_evals:  # count not known up front: place it from the recorded sigmas
             window = recorded_window(run)
         total = num_evals if window is None else window[1]
-        existing = self.load_existing(window)
+        existing = self.load_existing(run.path, window)
         if existing is not None:
-            problem = self.mismatch(existing[1], total)
+            problem = self.mismatch(run.path, existing[1], total)
             if problem:
                 raise ValueError(problem)
         log.info("DPCache Calibrate: building the PACT sample (%d evaluations)", num_evals)
@@ -697,10 +709,7 @@ class CalibrateHook:
             log.info("DPCache Calibrate: building the order-%d history cost tensor", self.order)
             history = run.recorder.build_history_sample(self.order, "reference", progress=progress_bar(num_evals, self.node_id))
         acc, old_meta = existing if existing is not None else (PactAccumulator(total), {})
-        size = run.recorder.sample_description()
-        this = {"samples": 1, "sample_size": size, "sample_seed": None if size == "all" else run.recorder.seed}
-        sampling = combine_sampling(([old_meta] if existing is not None else []) + [this])
-        meta = dict(run.metadata, **trajectory_metadata(run), **sampling)
+        meta = dict(run.metadata, **trajectory_metadata(run))
         if window is not None:
             if existing is not None and not old_meta.get("windows"):
                 raise ValueError(
@@ -720,15 +729,18 @@ class CalibrateHook:
         acc.add(sample, history=history)
         if window is not None:
             acc.samples = sum(w[2] for w in meta["windows"])
-        meta = save_pact(self.path, acc, file_metadata(meta, existing, self.order, history is not None, window is None))
+        size = run.recorder.sample_description()
+        this = {"samples": 1, "sample_size": size, "sample_seed": None if size == "all" else run.recorder.seed}
+        meta.update(combine_sampling([old_meta, this]))
+        meta = save_pact(run.path, acc, file_metadata(meta, existing, self.order, history is not None, window is None))
         self.pending_reset[0] = False
+        kept = "every cache-point element" if size == "all" else f"{size} sampled cache-point elements per stream"
         if window is None:
-            kept = "every cache-point element" if size == "all" else f"{size} sampled cache-point elements per stream"
             line = f"{name}: sample {meta['samples']} added ({num_evals} evaluations, {kept})"
         else:
             got = ", ".join(f"{w[0]}..{w[0] + w[1] - 1}: {w[2]}" for w in meta["windows"])
             line = (f"{name}: evaluations {window[0]}..{window[0] + num_evals - 1} of T={total} added "
-                    f"(samples per window {got})")
+                    f"(samples per window {got}; {kept})")
         log.info("DPCache Calibrate: %s", line)
         send_text(line, self.node_id)
 

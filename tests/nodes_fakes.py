@@ -189,10 +189,12 @@ class FakeSampler:
 
 
 def sample(patcher, steps=10, cfg=2.0, batch=1, split=False, sampler="euler", evals_per_step=1,
-           control=None, interrupt_at=None, context_handler=False, streams=None, img=IMG, window=None):
+           control=None, interrupt_at=None, context_handler=False, streams=None, img=IMG, window=None,
+           last_single=False):
     """A sampling run of the fake model; returns the list of model outputs (one per evaluation).
 
-    ``window=(start, end)``: only steps start..end-1 of the ``steps``, like KSamplerAdvanced."""
+    ``window=(start, end)``: only steps start..end-1 of the ``steps``, like KSamplerAdvanced.
+    ``last_single``: the last step makes one evaluation (like heun's step to sigma 0)."""
     dm = patcher.dm
     sigmas = torch.linspace(1.0, 0.0, steps + 1)
     if window is not None:
@@ -228,7 +230,7 @@ def sample(patcher, steps=10, cfg=2.0, batch=1, split=False, sampler="euler", ev
         x = noise
         n = 0
         for i in range(len(sigmas) - 1):
-            for _ in range(evals_per_step):
+            for _ in range(1 if last_single and i == len(sigmas) - 2 else evals_per_step):
                 if interrupt_at is not None and n == interrupt_at:
                     raise KeyboardInterrupt("interrupted")
                 out = Executor(predict_noise, guider, patcher.wrappers.get("predict_noise", []))(x, sigmas[i:i + 1], options, 0)

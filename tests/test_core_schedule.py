@@ -87,7 +87,7 @@ def official_cases():
         yield family, int(k[1:]), int(first[len("first"):]), int(last[len("last"):]), keys
 
 
-@pytest.mark.skipif(not os.path.isdir(REFERENCE), reason="../shared/reference (reference PACTs) not present")
+@pytest.mark.skipif(not os.path.isdir(REFERENCE), reason="the reference implementation's PACTs (pact_official_*.npy) are not shipped in this repository and were not found; the comparison with its DP is skipped")
 def test_official_pacts_exact_dp_never_worse_and_reference_dp_reproduced():
     cases = list(official_cases())
     assert cases
@@ -123,10 +123,16 @@ def test_no_finite_path_and_bad_shape():
         solve_schedule(np.ones((10, 10, 10)), 5)
 
 
-def test_hop_cap_makes_small_k_infeasible():
+def test_hop_cap_makes_small_k_infeasible_and_names_the_smallest_k_that_works():
     cost = np.ones((50, 51, 51))
-    with pytest.raises(ValueError, match="hop cap 15"):
-        solve_schedule(cost, 4, 3, 0)  # 3 mandatory + one key cannot cover 47 steps in hops of 15
+    # 3 mandatory keys (0, 1, 2) + one more cannot cover the 48 steps from 2 to the sentinel in hops of 15
+    with pytest.raises(ValueError, match="hop cap 15.*the smallest K that works is 6"):
+        solve_schedule(cost, 4, 3, 0)
+    assert len(solve_schedule(cost, 6, 3, 0)) == 6  # 2 -> 17 -> 32 -> 47 -> 50: four hops of <= 15
+    with pytest.raises(ValueError):
+        solve_schedule(cost, 5, 3, 0)
+    with pytest.raises(ValueError, match="no K works"):
+        solve_schedule(np.full((10, 11, 11), np.inf), 5)
 
 
 def test_path_cost_convention():

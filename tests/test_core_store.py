@@ -137,3 +137,19 @@ def test_convert_reference_pickle_to_a_pact_file(tmp_path):
     acc, meta = load_pact(str(out))
     assert meta["model_family"] == "flux" and meta["scheme"] == "reference" and meta["num_evals"] == 4
     np.testing.assert_array_equal(acc.mean(), cost)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="file modes are POSIX")
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_new_pact_gets_the_umask_mode_and_overwrite_keeps_the_old_mode(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        path = tmp_path / "p.safetensors"
+        save_pact(str(path), sample_acc(), {})
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # 0644 under 022, readable by others
+        os.chmod(path, 0o640)
+        save_pact(str(path), sample_acc(seed=3), {})
+        assert path.stat().st_mode & 0o777 == 0o640
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["p.safetensors"]
+    finally:
+        os.umask(old)

@@ -47,7 +47,7 @@ def test_definitions(node_id):
 
 def test_contract_inputs_and_defaults():
     cal = nd.DPCacheCalibrate.INPUT_TYPES()["required"]
-    assert cal["pact_name"][1]["default"] == "flux_dev_euler_50"
+    assert cal["pact_name"][1]["default"] == ""  # named after family, sampler and steps at run start
     assert (cal["order"][1]["default"], cal["order"][1]["min"], cal["order"][1]["max"]) == (1, 1, 3)
     assert cal["reset"][0] == "BOOLEAN" and cal["reset"][1]["default"] is False
     sch = nd.DPCacheSchedule.INPUT_TYPES()["required"]
@@ -111,11 +111,47 @@ def test_schedule_from_a_pact_file(shipped):
     assert sched.source == "pact:w.safetensors" and sched.cost is not None
     assert image.shape[0] == 1 and image.shape[-1] == 3
     assert nd.DPCacheSchedule.IS_CHANGED("w.safetensors") != ""
-    with pytest.raises(ValueError, match="no schedule with K=5 key steps of T=12 has finite cost.*raise K"):
+    with pytest.raises(ValueError, match="no schedule with K=5 key steps of T=12 has finite cost.*the smallest K that works is 6"):
         run_schedule(pact="w.safetensors", key_steps=5)
     (shipped / "bad.safetensors").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="damaged"):
         run_schedule(pact="bad.safetensors", key_steps=5)
+
+
+def test_uniform_and_manual_run_the_taylor_order_given_and_say_which(shipped):
+    spec = nd.DPCacheSchedule.INPUT_TYPES()["optional"]["taylor_order"]
+    assert spec[0] == "INT" and (spec[1]["default"], spec[1]["min"], spec[1]["max"]) == (2, 1, 3) and spec[1]["tooltip"]
+    sched, _, text = run_schedule()
+    assert sched.order == 2 and "Taylor order 2 (taylor_order)" in text
+    for order in (1, 3):
+        sched, _, text = run_schedule(taylor_order=order)
+        assert sched.order == order and f"Taylor order {order} (taylor_order)" in text
+        sched, _, text = run_schedule(pact="(manual)", manual_key_steps="0, 1, 2, 9, 20", taylor_order=order)
+        assert sched.order == order and f"Taylor order {order}" in text
+    with pytest.raises(ValueError, match="taylor_order must be 1, 2 or 3, got 0"):
+        run_schedule(taylor_order=0)
+    acc = PactAccumulator(12)
+    acc.add(np.random.default_rng(0).random((12, 13, 13)))
+    save_pact(os.path.join(shipped, "o1.safetensors"), acc, {"model_family": "flux", "order": 1})
+    sched, _, text = run_schedule(pact="o1.safetensors", key_steps=8, taylor_order=3)  # the PACT's order wins
+    assert sched.order == 1 and "Taylor order 1 (from the PACT)" in text
+
+
+def test_a_pact_without_samples_says_so(shipped):
+    save_pact(os.path.join(shipped, "empty.safetensors"), PactAccumulator(12), {"model_family": "flux", "order": 1})
+    with pytest.raises(ValueError, match="'empty.safetensors' holds no samples.*DPCache Calibrate") as err:
+        run_schedule(pact="empty.safetensors", key_steps=6)
+    assert "raise K" not in str(err.value) and "hop cap" not in str(err.value)
+
+
+def test_the_pack_exceptions_have_a_stable_module_name():
+    """ComfyUI's error dialog names an exception module.qualname; the module must not be the pack's folder path."""
+    from dpcache_core import PactFileError, ScheduleMismatchError
+    from nodes.hooks import UnsupportedModelError
+
+    for cls in (PactFileError, ScheduleMismatchError, UnsupportedModelError):
+        assert cls.__module__ == "dpcache", cls
+        assert issubclass(cls, ValueError)
 
 
 def test_schedule_and_apply_send_the_schedule_to_the_frontend():

@@ -115,19 +115,32 @@ def test_schedule_mismatch_errors():
     model = wan()
     with pytest.raises(ValueError, match="makes 8 model evaluations.*T=10.*total_evaluations=8"):
         F.sample(apply(model, uniform(5)), steps=8)  # euler: known before sampling
-    with pytest.raises(ValueError, match="more than the T=10 model evaluations"):
-        F.sample(apply(model, uniform(5)), steps=10, sampler="dpmpp_2s_ancestral", evals_per_step=2)
-    with pytest.raises(ValueError, match="makes 8 model evaluations.*T=10"):
-        F.sample(apply(model, uniform(5)), steps=4, sampler="dpmpp_sde", evals_per_step=2)
+    # a sampler whose count is only known while it samples: stopped when it passes T, with both numbers
+    with pytest.raises(ValueError, match="dpm_adaptive.*at least 11 model evaluations.*T=10") as err:
+        F.sample(apply(model, uniform(5)), steps=10, sampler="dpm_adaptive", evals_per_step=2)
+    assert "heun" not in str(err.value)
+    with pytest.raises(ValueError, match="makes 6 model evaluations.*T=10"):
+        F.sample(apply(model, uniform(5)), steps=3, sampler="dpm_adaptive", evals_per_step=2)
+    # 2-evaluation samplers whose count follows from the sigmas: checked before the first evaluation
+    for sampler in ("dpmpp_sde", "dpmpp_2s_ancestral", "heun"):
+        with pytest.raises(ValueError, match=f"\\({sampler}\\) makes 19 model evaluations.*T=10.*total_evaluations=19") as err:
+            F.sample(apply(model, uniform(5)), steps=10, sampler=sampler, evals_per_step=0)
+        assert sampler == "heun" or "heun" not in str(err.value)
     # a schedule for the right count works with a 2-evaluation sampler
-    F.sample(apply(model, uniform(5, 20)), steps=10, sampler="dpmpp_sde", evals_per_step=2)
+    F.sample(apply(model, uniform(5, 19)), steps=10, sampler="dpmpp_sde", evals_per_step=2, last_single=True)
 
 
-def test_heun_count_is_known_up_front():
-    sigmas = torch.tensor([1.0, 0.5, 0.25, 0.0])
-    assert hooks.expected_evaluations(F.FakeSampler("heun"), sigmas) == 5
-    assert hooks.expected_evaluations(F.FakeSampler("euler"), sigmas) == 3
-    assert hooks.expected_evaluations(F.FakeSampler("uni_pc"), sigmas) is None
+SIGMAS = torch.tensor([1.0, 0.5, 0.25, 0.0])
+
+
+@pytest.mark.parametrize("sampler, count", [
+    ("euler", 3), ("uni_pc", 3), ("unipc", 3), ("unipc_bh2", 3), ("dpm_fast_function", 3), ("dpmpp_2m", 3),
+    ("heun", 5), ("dpm_2", 5), ("dpmpp_sde", 5), ("dpmpp_2s_ancestral", 5), ("dpm_2_ancestral", 5),
+    ("seeds_3", 7), ("heunpp2", 6), ("sa_solver", 3), ("sa_solver_pece", 5),
+    ("dpm_adaptive_function", None), ("some_custom_sampler", None),
+])
+def test_evaluation_counts_known_before_sampling(sampler, count):
+    assert hooks.expected_evaluations(F.FakeSampler(sampler), SIGMAS) == count
 
 
 def test_model_checks():
@@ -229,10 +242,28 @@ def test_calibrate_accumulates_resets_and_checks(tmp_path, monkeypatch):
     assert load_pact(path)[0].samples == 2
 
 
-@pytest.mark.parametrize("name", ["../evil", "a/b", "", " ", ".hidden", "x" * 200])
+@pytest.mark.parametrize("name", ["../evil", "a/b", ".hidden", "x" * 200, "a b"])
 def test_calibrate_rejects_unsafe_names(name):
     with pytest.raises(ValueError, match="not a plain file name"):
         DPCacheCalibrate().calibrate(flux(), name, 2, False)
+
+
+@pytest.mark.parametrize("blank", ["", " "])
+def test_empty_pact_name_is_named_after_family_sampler_and_steps_at_run_start(tmp_path, monkeypatch, blank):
+    import nodes.dpcache_nodes as nd
+    monkeypatch.setattr(nd, "calibration_folder", lambda: str(tmp_path))
+    assert nd.DPCacheCalibrate.INPUT_TYPES()["required"]["pact_name"][1]["default"] == ""
+    (calib,) = DPCacheCalibrate().calibrate(wan(), blank, 1, False)
+    F.sample(calib, steps=6, sampler="uni_pc")
+    F.sample(calib, steps=8)  # the same node, another setting: another file
+    F.sample(calib, steps=8)
+    assert sorted(os.listdir(tmp_path)) == ["wan_euler_8.safetensors", "wan_uni_pc_6.safetensors"]
+    acc, meta = load_pact(os.path.join(tmp_path, "wan_euler_8.safetensors"))
+    assert acc.samples == 2 and meta["sampler"] == "euler" and meta["steps"] == 8
+    (calib_flux,) = DPCacheCalibrate().calibrate(flux(), blank, 1, False)
+    F.sample(calib_flux, steps=6, sampler="heun", evals_per_step=2, last_single=True)
+    acc, meta = load_pact(os.path.join(tmp_path, "flux_heun_6.safetensors"))
+    assert acc.num_evals == 11 and meta["model_family"] == "flux"
 
 
 def test_calibrate_records_separate_streams_and_builds_a_pact(tmp_path, monkeypatch):
@@ -243,6 +274,22 @@ def test_calibrate_records_separate_streams_and_builds_a_pact(tmp_path, monkeypa
     acc, meta = load_pact(os.path.join(tmp_path, "w.safetensors"))
     assert acc.samples == 1 and meta["order"] == 1
     assert torch.isfinite(torch.from_numpy(acc.mean())).any()
+
+
+def test_node_report_is_sent_in_lines_that_fit_never_split_inside_a_number(monkeypatch):
+    """ComfyUI's node text widget breaks anywhere (CSS break-all): each line must fit the node."""
+    import sys
+    import types
+
+    sent = []
+    server = types.SimpleNamespace(send_progress_text=lambda text, node: sent.append((text, node)))
+    monkeypatch.setitem(sys.modules, "server", types.SimpleNamespace(PromptServer=types.SimpleNamespace(instance=server)))
+    report = "DPCache: 13 key evaluations computed, 37 skipped of 50; wall 7.54 s"
+    hooks.send_text(report, "7")
+    (text, node), = sent
+    lines = text.split("\n")
+    assert node == "7" and len(lines) > 1 and max(map(len, lines)) <= hooks.NODE_TEXT_WIDTH
+    assert " ".join(lines) == report  # broken only at spaces: every number stays whole
 
 
 def test_calibrate_keeps_an_older_files_convention(tmp_path, monkeypatch):

@@ -1,11 +1,11 @@
-"""Tests for dpcache_core.picture: PACT heatmap, timeline, font, PNG writer, ComfyUI image."""
+"""Tests for dpcache_core.picture (Pillow): PACT heatmap, timeline, labelled image rows, PNG writer, ComfyUI image."""
 
+import io
 import os
-import struct
-import zlib
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from dpcache_core import picture as P
 
@@ -45,26 +45,10 @@ def colour_mask(img, colour):
 
 
 def decode_png(data):
-    """Minimal PNG decoder for 8-bit RGB, filter 0 (what write_png writes); checks every CRC."""
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    pos, idat, ihdr, tags = 8, b"", None, []
-    while pos < len(data):
-        (length,) = struct.unpack(">I", data[pos:pos + 4])
-        tag, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]
-        (crc,) = struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])
-        assert crc == zlib.crc32(tag + body) & 0xFFFFFFFF, tag
-        tags.append(tag)
-        if tag == b"IHDR":
-            ihdr = struct.unpack(">IIBBBBB", body)
-        elif tag == b"IDAT":
-            idat += body
-        pos += 12 + length
-    assert tags[0] == b"IHDR" and tags[-1] == b"IEND"
-    w, h, depth, ctype, _, _, interlace = ihdr
-    assert (depth, ctype, interlace) == (8, 2, 0)
-    raw = np.frombuffer(zlib.decompress(idat), dtype=np.uint8).reshape(h, 1 + 3 * w)
-    assert np.all(raw[:, 0] == 0)
-    return raw[:, 1:].reshape(h, w, 3)
+    """The RGB pixels of a PNG file's bytes, read back with Pillow."""
+    with Image.open(io.BytesIO(data)) as im:
+        assert im.format == "PNG" and im.mode == "RGB"
+        return np.asarray(im).copy()
 
 
 # ---------------------------------------------------------------- PACT heatmap
@@ -225,43 +209,45 @@ def test_timeline_bad_inputs():
         P.render_timeline(10, [0, 10])
 
 
-# ---------------------------------------------------------------- font
+# ---------------------------------------------------------------- text and labelled rows
 
 
-def test_draw_text_changes_pixels_and_size():
-    img = np.zeros((40, 200, 3), np.uint8)
-    out = P.draw_text(img, 3, 4, "Key 13/50 (3.85x)", (255, 0, 0), scale=2)
-    assert out is img
-    ys, xs = np.nonzero(img[..., 0])
-    assert np.all(img[ys, xs] == (255, 0, 0))
-    w, h = P.text_size("Key 13/50 (3.85x)", 2)
-    assert xs.min() >= 3 and xs.max() < 3 + w
-    assert ys.min() >= 4 and ys.max() < 4 + h
-    assert P.text_size("ab", 1) == (11, 8) and P.text_size("ab", 3) == (33, 24)
+def text_rows(img, top, bottom):
+    """Rows between top and bottom that hold light text pixels."""
+    light = img[top:bottom].min(axis=-1) > 120
+    return np.nonzero(light.any(axis=1))[0] + top
 
 
-def test_font_covers_required_characters():
-    chars = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz.,:;()/-+=%<>[]"  # and x
-    masks = {ch: P._glyph(ch) for ch in chars}
-    assert all(ch in P._FONT for ch in chars)
-    assert all(m.any() for m in masks.values())
-    # No two characters look the same.
-    seen = {m.tobytes() for m in masks.values()}
-    assert len(seen) == len(chars)
-    assert not P._glyph(" ").any()
+def test_text_is_legible_at_the_node_size():
+    """At the node's 512 px the title's capitals and descenders span at least 12 pixel rows."""
+    img = P.render_timeline(50, [0, 1, 2, 20, 40], title="Kg")
+    rows = text_rows(img, 0, 30)
+    assert rows.size and rows.max() - rows.min() + 1 >= 12
+    small = P.render_timeline(50, [0, 1, 2, 20, 40], title="Kg", width=160)
+    rows = text_rows(small, 0, 20)
+    assert rows.size and rows.max() - rows.min() + 1 >= 8  # the 10 px floor of the font
 
 
-def test_draw_text_clips_and_unknown_chars():
-    img = np.zeros((10, 10, 3), np.uint8)
-    P.draw_text(img, -3, -3, "WWW", (9, 9, 9), scale=3)  # partly outside: no error
-    P.draw_text(img, 50, 50, "far away", (9, 9, 9))
-    a = np.zeros((10, 10, 3), np.uint8)
-    b = np.zeros((10, 10, 3), np.uint8)
-    P.draw_text(a, 0, 0, "\u00e9", (1, 1, 1))
-    P.draw_text(b, 0, 0, "?", (1, 1, 1))
-    assert np.array_equal(a, b)
-    with pytest.raises(ValueError, match="scale"):
-        P.draw_text(img, 0, 0, "x", (1, 1, 1), scale=0)
+def test_summary_line_says_ideal_speed_up():
+    assert "ideal speed-up" in P._title_lines(P.font(14), None, "K=13 of T=50 \u00b7 ideal speed-up 3.85x", 512, 8)[0][0]
+
+
+def test_image_rows_are_labelled_and_laid_out():
+    a = np.full((8, 10, 3), 200, np.uint8)
+    b = np.full((8, 10, 3), 50, np.uint8)
+    plain = P.render_image_rows([("", [a, a]), ("", [b, b])], scale=3)
+    out = P.render_image_rows([("full", [a, a]), ("DPCache", [b, b])], scale=3)
+    assert out.shape[0] == plain.shape[0] and out.shape[1] > plain.shape[1]  # room for the labels
+    label_w = int(np.nonzero((out == 200).all(axis=-1).any(axis=0))[0][0])  # where the images start
+    assert label_w > out.shape[1] - plain.shape[1]
+    assert (out[:, :label_w].min(axis=-1) > 120).sum() > 20  # label text drawn left of the images
+    first = out[:, label_w + 5]
+    assert (first == 200).all(axis=-1).sum() == 24 and (first == 50).all(axis=-1).sum() == 24  # 8 rows x 3
+    assert (out == 200).all(axis=-1).any(axis=0).sum() == 60  # two images of 10 columns x 3 in each row
+    with pytest.raises(ValueError, match="one size"):
+        P.render_image_rows([("x", [a, np.zeros((4, 4, 3), np.uint8)])])
+    with pytest.raises(ValueError, match="at least one row"):
+        P.render_image_rows([])
 
 
 # ---------------------------------------------------------------- PNG and ComfyUI image
@@ -280,13 +266,13 @@ def test_write_png_round_trip(tmp_path):
 
 
 def test_write_png_failure_leaves_nothing(tmp_path):
-    with pytest.raises(OSError):
-        P.write_png(tmp_path / "missing" / "x.png", np.zeros((2, 2, 3), np.uint8))
     target = tmp_path / "d.png"
     target.mkdir()  # os.replace onto a directory fails
     with pytest.raises(OSError):
         P.write_png(target, np.zeros((2, 2, 3), np.uint8))
     assert sorted(os.listdir(tmp_path)) == ["d.png"]
+    P.write_png(tmp_path / "new" / "x.png", np.zeros((2, 2, 3), np.uint8))  # the folder is made
+    assert os.path.getsize(tmp_path / "new" / "x.png") > 0
 
 
 @pytest.mark.parametrize("bad", [np.zeros((4, 4, 3)), np.zeros((4, 4), np.uint8),

@@ -51,7 +51,7 @@ def test_sample_positions_are_seeded_sorted_and_in_range():
 def test_recorder_keeps_the_same_sampled_elements_at_every_evaluation():
     T, shape = 8, (2, 40, 16)  # 1280 elements
     features = smooth(T, shape)
-    recorder = record({"cond": features, "uncond": [f * 2 for f in features]}, sample_size=100, seed=7)
+    recorder = record({"cond": features, "uncond": [f * 2 for f in features]}, sample_size=100, seed=7, expected_evals=T)
     traj = recorder.trajectory("cond")
     assert traj.shape == (T, 100) and traj.dtype == torch.float32
     flat = sample_positions(features[0].numel(), 100, seed=7)  # the first stream gets seed + 0
@@ -61,6 +61,9 @@ def test_recorder_keeps_the_same_sampled_elements_at_every_evaluation():
     flat2 = sample_positions(features[0].numel(), 100, seed=8)
     torch.testing.assert_close(recorder.trajectory("uncond")[3], 2 * features[3].reshape(-1)[flat2], rtol=0, atol=0)
     assert recorder.nbytes() == 2 * T * 100 * 4  # T x S float32 per stream, whatever N is
+    # a run longer than expected grows the buffer and keeps every row
+    grown = record({"cond": features}, sample_size=100, seed=7, expected_evals=3)
+    assert torch.equal(grown.trajectory("cond"), traj) and grown.buffers["cond"].shape[0] >= T
     assert recorder.sample_description() == 100
     sample = recorder.build_sample()
     expected = (build_pact(traj) + build_pact(recorder.trajectory("uncond"))) / 2
@@ -280,3 +283,13 @@ def test_a_file_written_before_sampling_loads_and_schedules_the_same(tmp_path):
     sampled = write(tmp_path, "new.safetensors", PactAccumulator(16), sample_size=4096, sample_seed=0)
     merged, meta = merge_pacts([os.path.join(DATA, "pre_sampling_T16.safetensors"), sampled])
     assert meta["sample_sizes"] == {"all": 2}  # the empty file adds no samples
+
+
+def test_merge_keeps_one_trajectory_and_refuses_windows(tmp_path):
+    a = write(tmp_path, "a.safetensors", random_pact(6, 0), eval_sigmas=[1.0, 0.5, 0.0], positions=[0.0, 0.5, 1.0])
+    b = write(tmp_path, "b.safetensors", random_pact(6, 1), eval_sigmas=[1.0, 0.6, 0.0], positions=[0.0, 0.4, 1.0])
+    _, meta = merge_pacts([a, b])
+    assert meta["eval_sigmas"] == [1.0, 0.5, 0.0] and meta["positions"] == [0.0, 0.5, 1.0]  # lists stay lists
+    w = write(tmp_path, "w.safetensors", random_pact(6, 2), windows=[[0, 3, 1]])
+    with pytest.raises(PactFileError, match="partial sampling runs"):
+        merge_pacts([a, w])

@@ -63,7 +63,7 @@ def test_shipped_file_loads_with_its_provenance(name):
 def official_cases():
     path = os.path.join(REFERENCE, "official_schedules.json")
     if not os.path.isfile(path):
-        pytest.skip("the reference schedules (../shared/reference/official_schedules.json) are not present")
+        pytest.skip("the reference implementation's schedules (official_schedules.json) are not shipped in this repository and were not found")
     with open(path) as f:
         schedules = json.load(f)["schedules"]
     for key, keys in schedules.items():
@@ -93,7 +93,7 @@ def test_shipped_file_is_the_documented_conversion(name, tmp_path):
     """Converting the reference tensor with the committed provenance gives the shipped file again."""
     src = os.path.join(REFERENCE, f"pact_official_{FAMILY_OF_REFERENCE[name]}.npy")
     if not os.path.isfile(src):
-        pytest.skip("the reference tensors (../shared/reference/) are not present")
+        pytest.skip("the reference implementation's cost tensors (pact_official_*.npy) are not shipped in this repository and were not found")
     stem = os.path.splitext(name)[0]
     out = tmp_path / name
     convert_main([src, str(out), "--metadata", os.path.join(SHIPPED, "provenance", stem + ".json")])

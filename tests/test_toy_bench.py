@@ -1,14 +1,10 @@
-"""Fast checks of the benchmark helpers: dataset, PNG writer, threshold baseline, cached sampling."""
-import struct
-import zlib
-
+"""Fast checks of the benchmark helpers: dataset, threshold baseline, cached sampling."""
 import numpy as np
 import pytest
 import torch
 
 from bench.baselines import count_full, threshold_sample, tune_threshold
 from bench.common import cached_sample, held_out_prompts, calibration_prompts, psnr, rel_l1
-from bench.pngio import grid, write_png
 from bench.train_toy import draw_shapes
 from dpcache_demo import toy_model as tm
 
@@ -20,20 +16,6 @@ def test_draw_shapes_is_seeded_and_in_range():
     b, lb = draw_shapes(np.random.default_rng([0, 5]), 8)
     assert a.shape == (8, 3, 32, 32) and torch.equal(a, b) and torch.equal(la, lb)
     assert a.min() >= -1 and a.max() <= 1 and 0 <= la.min() and la.max() < len(tm.CLASS_NAMES)
-
-
-def test_png_roundtrip(tmp_path):
-    img = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
-    path = tmp_path / "x.png"
-    write_png(str(path), img)
-    data = path.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    w, h = struct.unpack(">II", data[16:24])
-    assert (w, h) == (7, 5)
-    idat = data[data.index(b"IDAT") + 4:data.index(b"IEND") - 8]
-    raw = np.frombuffer(zlib.decompress(idat), np.uint8).reshape(5, 1 + 7 * 3)
-    assert (raw[:, 0] == 0).all() and np.array_equal(raw[:, 1:].reshape(5, 7, 3), img)
-    assert grid(np.stack([img] * 3), cols=2, scale=2).shape == (2 * 12 + 2, 2 * 16 + 2, 3)
 
 
 def test_prompts_are_disjoint():

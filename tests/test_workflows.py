@@ -6,8 +6,8 @@ used, settings that must agree (total_evaluations = sampler steps), and a Note i
 
 Real-host tier (COMFYUI_PATH set; see tests/browser/comfy_server.py): every node type is
 registered in a running ComfyUI and every workflow converts to an API prompt that the server
-accepts; with the comfyui-host harness (tiny models + stand-in encoders) each workflow also
-runs end to end: calibration twice, then FLUX text-to-image as shipped (on the shipped PACT), on
+accepts; with optional stand-in encoder nodes and tiny model files (not shipped here) each workflow
+also runs end to end: calibration twice, then FLUX text-to-image as shipped (on the shipped PACT), on
 the calibrated PACT and on "(uniform)", and the Wan2.1 text- and image-to-video workflows as shipped.
 """
 from __future__ import annotations
@@ -174,7 +174,8 @@ def test_settings_agree(path):
     sources = [model_source(wf, k) for k in samplers]
     for n in wf["nodes"]:
         if n["type"] == "DPCacheSchedule":
-            pact, k, first, last, total, manual, budget, speedup = n["widgets_values"]
+            pact, k, first, last, total, manual, budget, speedup, taylor_order = n["widgets_values"]
+            assert taylor_order == 2, "taylor_order keeps its default (used by (uniform)/(manual) only)"
             assert total == steps, "total_evaluations must equal the sampler's evaluations (one per step here)"
             assert len(samplers) * first + last <= k <= total
             assert all(m["type"] == "DPCacheApply" for m in sources), "Apply DPCache must feed every sampler"
@@ -242,7 +243,7 @@ def test_conversion_of_pack_nodes_without_comfyui():
     sched = next(v for v in api.values() if v["class_type"] == "DPCacheSchedule")
     assert sched["inputs"] == {"pact": "flux1_dev_official_T50.safetensors", "key_steps": 13, "first_full_steps": 3, "last_full_steps": 0,
                                "total_evaluations": 50, "manual_key_steps": "",
-                               "budget": "same speed-up", "target_speedup": 3.85}
+                               "budget": "same speed-up", "target_speedup": 3.85, "taylor_order": 2}
     apply = next(v for v in api.values() if v["class_type"] == "DPCacheApply")
     assert set(apply["inputs"]) == {"model", "schedule"}
 
@@ -286,10 +287,12 @@ def test_real_host_widget_counts(path, object_info):
 def have_harness(object_info):
     need = {"HarnessRandomConditioning", "HarnessEmptyLatent", "HarnessWanI2VConditioning", "HarnessLatentStats"}
     if not need <= set(object_info):
-        pytest.skip("the comfyui-host harness nodes are not installed (set DPCACHE_HARNESS_NODES to their folder)")
+        pytest.skip("optional end-to-end runs: they need stand-in encoder nodes for tiny models (HarnessRandomConditioning, "
+                    "HarnessEmptyLatent, ...; DPCACHE_HARNESS_NODES), which this repository does not ship")
     unets = object_info["UNETLoader"]["input"]["required"]["unet_name"][0]
     if "tiny_flux.safetensors" not in unets:
-        pytest.skip("the tiny models of the comfyui-host harness are not in models/diffusion_models")
+        pytest.skip("optional end-to-end runs: they need tiny_flux.safetensors and the tiny Wan models in that ComfyUI's "
+                    "models/diffusion_models, which this repository does not ship")
 
 
 def run_ok(server, prompt):

@@ -115,10 +115,15 @@ export function compressRanges(steps) {
   return out.join(", ");
 }
 
-/** Shorten text to at most maxChars, with an ellipsis. */
+/** Shorten text to at most maxChars, with an ellipsis; cut between words (never inside a number)
+ * when a space lies in the second half of the kept part. */
 export function clip(text, maxChars) {
   if (maxChars < 1) return "";
-  return text.length <= maxChars ? text : text.slice(0, Math.max(0, maxChars - 1)) + "\u2026";
+  if (text.length <= maxChars) return text;
+  let kept = text.slice(0, Math.max(0, maxChars - 1));
+  const space = kept.lastIndexOf(" ");
+  if (space > kept.length / 2) kept = kept.slice(0, space).replace(/[\s,;:\u00b7]+$/, "");
+  return kept + "\u2026";
 }
 
 /** One-line summary, e.g. "13/50 key · ideal 3.85× · PACT flux_dev_euler_50". */

@@ -30,7 +30,7 @@ const FLUX_T2I = {
     unet: ["UNETLoader", [20, 80], { unet_name: "flux1-dev.safetensors", weight_dtype: "default" }],
     clip: ["DualCLIPLoader", [20, 230], { clip_name1: "clip_l.safetensors", clip_name2: "t5xxl_fp16.safetensors", type: "flux", device: "default" }],
     vae: ["VAELoader", [20, 420], { vae_name: "ae.safetensors" }],
-    sched: ["DPCacheSchedule", [400, 80], { pact: FLUX_PACT, key_steps: 13, first_full_steps: 3, last_full_steps: 0, total_evaluations: 50, manual_key_steps: "", budget: "same speed-up", target_speedup: 3.85 }],
+    sched: ["DPCacheSchedule", [400, 80], { pact: FLUX_PACT, key_steps: 13, first_full_steps: 3, last_full_steps: 0, total_evaluations: 50, manual_key_steps: "", budget: "same speed-up", target_speedup: 3.85, taylor_order: 2 }],
     apply: ["DPCacheApply", [400, 340], {}, { size: [240, 50] }],
     pos: ["CLIPTextEncode", [400, 460], { text: "a red fox sitting in fresh snow at sunrise, soft golden light, detailed fur, shallow depth of field" }, { title: "CLIP Text Encode (Prompt)" }],
     guid: ["FluxGuidance", [400, 700], { guidance: 3.5 }],
@@ -80,6 +80,7 @@ const FLUX_CAL = {
       "- pact_name: the file in models/dpcache/; runs with the same name accumulate (samples are averaged).\n" +
       "- order: Taylor order of the predictor the PACT is built for. 1 (default) lets the DP plan exactly what runs later and won in our benchmarks; 2 is the paper's choice.\n" +
       "- reset: start the file afresh on the next finished run.\n" +
+      "- sample_size: how many cache-point elements (a fixed random pick) estimate the PACT; 65536 keeps about 13 MB per stream at any resolution, 0 records every element (exact, gigabytes at 1024x1024).\n" +
       "Calibration itself has no speed-up; it costs one normal run per sample." }],
   },
   links: [
@@ -98,7 +99,7 @@ const WAN_T2V = {
     clip: ["CLIPLoader", [20, 230], { clip_name: "umt5_xxl_fp8_e4m3fn_scaled.safetensors", type: "wan", device: "default" }],
     vae: ["VAELoader", [20, 420], { vae_name: "wan_2.1_vae.safetensors" }],
     shift: ["ModelSamplingSD3", [400, 80], { shift: 8.0 }],
-    sched: ["DPCacheSchedule", [400, 190], { pact: WAN_PACT, key_steps: 13, first_full_steps: 3, last_full_steps: 0, total_evaluations: 50, manual_key_steps: "", budget: "same speed-up", target_speedup: 3.85 }],
+    sched: ["DPCacheSchedule", [400, 190], { pact: WAN_PACT, key_steps: 13, first_full_steps: 3, last_full_steps: 0, total_evaluations: 50, manual_key_steps: "", budget: "same speed-up", target_speedup: 3.85, taylor_order: 2 }],
     apply: ["DPCacheApply", [400, 450], {}, { size: [240, 50] }],
     pos: ["CLIPTextEncode", [400, 560], { text: "a fox running through a snowy forest, tracking shot, daylight" }, { title: "CLIP Text Encode (Positive)" }],
     neg: ["CLIPTextEncode", [400, 790], { text: WAN_NEG }, { title: "CLIP Text Encode (Negative)" }],
@@ -133,7 +134,7 @@ const WAN_I2V = {
     img: ["LoadImage", [20, 640], { image: "example.png", upload: "image" }],
     cvenc: ["CLIPVisionEncode", [20, 1060], { crop: "none" }],
     shift: ["ModelSamplingSD3", [400, 80], { shift: 8.0 }],
-    sched: ["DPCacheSchedule", [400, 190], { pact: WAN_PACT, key_steps: 13, first_full_steps: 3, last_full_steps: 0, total_evaluations: 50, manual_key_steps: "", budget: "same speed-up", target_speedup: 3.85 }],
+    sched: ["DPCacheSchedule", [400, 190], { pact: WAN_PACT, key_steps: 13, first_full_steps: 3, last_full_steps: 0, total_evaluations: 50, manual_key_steps: "", budget: "same speed-up", target_speedup: 3.85, taylor_order: 2 }],
     apply: ["DPCacheApply", [400, 450], {}, { size: [240, 50] }],
     pos: ["CLIPTextEncode", [400, 560], { text: "the fox turns its head towards the camera, snow falling gently" }, { title: "CLIP Text Encode (Positive)" }],
     neg: ["CLIPTextEncode", [400, 790], { text: WAN_NEG }, { title: "CLIP Text Encode (Negative)" }],
@@ -178,7 +179,7 @@ const WAN22_I2V = {
     img: ["LoadImage", [20, 680], { image: "example.png", upload: "image" }],
     shifth: ["ModelSamplingSD3", [400, 80], { shift: 8.0 }],
     shiftl: ["ModelSamplingSD3", [400, 190], { shift: 8.0 }],
-    sched: ["DPCacheSchedule", [400, 300], { pact: WAN_PACT, key_steps: 10, first_full_steps: 2, last_full_steps: 0, total_evaluations: 20, manual_key_steps: "", budget: "target speed-up", target_speedup: 2.0 }],
+    sched: ["DPCacheSchedule", [400, 300], { pact: WAN_PACT, key_steps: 10, first_full_steps: 2, last_full_steps: 0, total_evaluations: 20, manual_key_steps: "", budget: "target speed-up", target_speedup: 2.0, taylor_order: 2 }],
     applyh: ["DPCacheApply", [400, 560], {}, { size: [240, 50], title: "Apply DPCache (high noise)" }],
     applyl: ["DPCacheApply", [400, 640], {}, { size: [240, 50], title: "Apply DPCache (low noise)" }],
     pos: ["CLIPTextEncode", [400, 740], { text: "the fox turns its head towards the camera, snow falling gently" }, { title: "CLIP Text Encode (Positive)" }],
@@ -214,7 +215,7 @@ const QWEN_IMAGE = {
     clip: ["CLIPLoader", [20, 230], { clip_name: "qwen_2.5_vl_7b_fp8_scaled.safetensors", type: "qwen_image", device: "default" }],
     vae: ["VAELoader", [20, 420], { vae_name: "qwen_image_vae.safetensors" }],
     shift: ["ModelSamplingAuraFlow", [400, 80], { shift: 3.1 }],
-    sched: ["DPCacheSchedule", [400, 190], { pact: "(uniform)", key_steps: 10, first_full_steps: 3, last_full_steps: 0, total_evaluations: 20, manual_key_steps: "", budget: "same speed-up", target_speedup: 3.85 }],
+    sched: ["DPCacheSchedule", [400, 190], { pact: "(uniform)", key_steps: 10, first_full_steps: 3, last_full_steps: 0, total_evaluations: 20, manual_key_steps: "", budget: "same speed-up", target_speedup: 3.85, taylor_order: 2 }],
     apply: ["DPCacheApply", [400, 450], {}, { size: [240, 50] }],
     pos: ["CLIPTextEncode", [400, 560], { text: "a cosy bookshop on a rainy evening, warm light in the window, a hand-painted sign that reads \"DPCache Books\"" }, { title: "CLIP Text Encode (Positive)" }],
     neg: ["CLIPTextEncode", [400, 790], { text: "" }, { title: "CLIP Text Encode (Negative)" }],

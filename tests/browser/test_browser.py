@@ -7,7 +7,7 @@ Vue-rendered nodes:
 - the extension registers and no console error, page error or failed request comes from it;
 - every workflow loads (serialize() gives back the same nodes, widget values and links) and the
   frontend's own graphToPrompt gives the same API prompt as tests/browser/workflow_api.py;
-- with the comfyui-host harness, a calibrated PACT is scheduled and sampled from the page and
+- with optional stand-in encoder nodes and tiny model files (not shipped here), a calibrated PACT is scheduled and sampled from the page and
   the Schedule / Apply nodes show their output (screenshots).
 DPCACHE_SCREENSHOTS=<dir> copies the screenshots there (docs/ for the README).
 """

@@ -60,7 +60,7 @@ def ui_to_api(wf, defs):
     return api
 
 
-# ---- test-only stand-ins for the tiny models of the comfyui-host harness -----------------------------
+# ---- test-only stand-ins for the optional tiny models and encoder nodes (not shipped here) -----------------------------
 TINY_UNET = {"flux": "tiny_flux.safetensors", "wan_t2v": "tiny_wan_t2v.safetensors", "wan_i2v": "tiny_wan_i2v.safetensors",
              "qwen_image": "tiny_qwen_image.safetensors", "wan22_high": "tiny_wan22_high.safetensors",
              "wan22_low": "tiny_wan22_low.safetensors"}

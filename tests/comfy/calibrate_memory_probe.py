@@ -21,6 +21,23 @@ def status(field: str) -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
 
 
+def warm_up(core, folder: str) -> None:
+    """Both modes touch the pack's calibration code once on a tiny trajectory before the peak mark is
+    reset, so the pages of torch/numpy/safetensors code that calibration runs for the first time
+    (shared library text, not data) count in neither peak: what is compared is the data calibration keeps."""
+    import torch
+
+    recorder = core.runtime.TrajectoryRecorder(sample_size=256, expected_evals=8)
+    for _ in range(8):
+        recorder.start_evaluation()
+        recorder.record("warm", torch.randn(1, 64, 32))
+    acc = core.PactAccumulator(8)
+    acc.add(recorder.build_sample(2, "reference"))
+    core.save_pact(os.path.join(folder, ".warm-up.safetensors"), acc, {"model_family": "warm-up"})
+    os.unlink(os.path.join(folder, ".warm-up.safetensors"))
+    recorder.close()
+
+
 def main() -> None:
     model_path, mode, pact_dir = sys.argv[1:4]
     state = comfy_host.boot()
@@ -54,6 +71,7 @@ def main() -> None:
     latent = torch.zeros(1, 16, SIZE // 8, SIZE // 8)
     noise = comfy.sample.prepare_noise(latent, 1)
     comfy.model_management.load_models_gpu([model])  # weights in place before the peak mark is reset
+    warm_up(state["core"], pact_dir)
     gc.collect()
     start = status("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:

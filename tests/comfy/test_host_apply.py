@@ -159,12 +159,15 @@ def test_mismatch_errors(host, live_runs):
     with BlockCounter(model) as c, pytest.raises(ValueError, match="makes 12 model evaluations.*T=20.*total_evaluations=12"):
         sample(apply(model, uniform(host)), "wan_t2v", steps=12)
     assert c.model_calls == 0
-    # a sampler whose count is unknown up front (2 evaluations per step): stopped when it exceeds T
-    with pytest.raises(ValueError, match="more than the T=20 model evaluations"):
+    # 2-evaluation samplers: their count follows from the sigmas, so they are refused before sampling too
+    with BlockCounter(model) as c, pytest.raises(ValueError, match=r"\(dpmpp_2s_ancestral\) makes 39 model evaluations.*T=20"):
         sample(apply(model, uniform(host)), "wan_t2v", steps=STEPS, sampler="dpmpp_2s_ancestral")
-    # fewer evaluations than the schedule: named after the run
-    with pytest.raises(ValueError, match="makes 11 model evaluations.*T=20"):
+    with pytest.raises(ValueError, match=r"\(dpmpp_sde\) makes 11 model evaluations.*T=20"):
         sample(apply(model, uniform(host)), "wan_t2v", steps=6, sampler="dpmpp_sde")
+    assert c.model_calls == 0
+    # a sampler whose count is only known while it samples: stopped when it passes T, both numbers given
+    with pytest.raises(ValueError, match="dpm_adaptive.*at least 11 model evaluations.*T=10"):
+        sample(apply(model, uniform(host, 4, 10)), "wan_t2v", steps=STEPS, sampler="dpm_adaptive")
     assert_freed(live_runs, model)
 
 

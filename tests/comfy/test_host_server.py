@@ -1,6 +1,7 @@
-"""Optional: Apply DPCache through the real ComfyUI HTTP server (POST /prompt), using the shared
-host harness (its run_server.py, tiny model files and harness nodes). Set DPCACHE_HOST_HARNESS to
-the harness folder (the one with run_server.py); skipped otherwise."""
+"""Optional: Apply DPCache through the real ComfyUI HTTP server (POST /prompt), with an external
+host harness (a run_server.py, tiny model files and stand-in nodes; not shipped in this repository).
+Set DPCACHE_HOST_HARNESS to its folder; skipped otherwise. tests/test_workflows.py covers the HTTP
+server with the pack's own workflows without it."""
 from __future__ import annotations
 
 import json
@@ -40,7 +41,7 @@ def free_port():
 
 
 @pytest.mark.skipif(not os.path.isfile(os.path.join(HARNESS, "run_server.py")),
-                    reason="DPCACHE_HOST_HARNESS is not set to the host harness folder (with run_server.py)")
+                    reason="optional: DPCACHE_HOST_HARNESS is not set (an external harness with run_server.py, tiny model files and stand-in nodes, not shipped in this repository)")
 @pytest.mark.skipif(not os.environ.get("COMFYUI_PATH"), reason="COMFYUI_PATH is not set")
 def test_apply_through_the_http_server(tmp_path):
     wf = tmp_path / "wan_dpcache.json"

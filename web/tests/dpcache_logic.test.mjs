@@ -94,6 +94,9 @@ test("formatting helpers", () => {
   assert.equal(clip("abcdef", 4), "abc\u2026");
   assert.equal(clip("abc", 4), "abc");
   assert.equal(clip("abc", 0), "");
+  // between words, never inside a number
+  assert.equal(clip("keys: 0-2, 12, 16, 23, 26, 31, 34", 20), "keys: 0-2, 12, 16\u2026");
+  assert.equal(clip("13/50 key \u00b7 ideal 3.85\u00d7 \u00b7 PACT showcase_flux", 27), "13/50 key \u00b7 ideal 3.85\u00d7\u2026");
 });
 
 test("summary and run lines", () => {
