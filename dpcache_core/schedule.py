@@ -123,17 +123,10 @@ def solve_schedule(cost, num_keys: int, first_full_steps: int = 3, last_full_ste
         best = np.min(total, axis=0)
     final = best + step_cost[:, :, num_evals]
     if not np.isfinite(final).any():
-        feasible = feasible_key_counts(step_cost)
-        larger = [k for k in feasible if k > num_keys]
-        if larger:
-            advice = f"the smallest K that works is {larger[0]}"
-        elif feasible:
-            advice = f"K={feasible[0]} works"
-        else:
-            advice = "no K works: the PACT has too few finite entries; calibrate it again"
         raise ValueError(
             f"no schedule with K={num_keys} key steps of T={num_evals} has finite cost "
-            f"(hop cap {hop}, first/last full steps {first_full_steps}/{last_full_steps}); {advice}"
+            f"(hop cap {hop}, first/last full steps {first_full_steps}/{last_full_steps}); "
+            f"{feasible_advice(step_cost, num_keys)}"
         )
     prev, cur = np.unravel_index(np.argmin(final), final.shape)
     keys = [int(cur)]
@@ -141,6 +134,17 @@ def solve_schedule(cost, num_keys: int, first_full_steps: int = 3, last_full_ste
         keys.append(int(prev))
         prev, cur = choice[prev, cur], prev
     return keys[::-1]
+
+
+def feasible_advice(step_cost: np.ndarray, num_keys: int) -> str:
+    """What to tell a user whose K has no finite schedule: the smallest K that works, if any."""
+    feasible = feasible_key_counts(step_cost)
+    larger = [k for k in feasible if k > num_keys]
+    if larger:
+        return f"the smallest K that works is {larger[0]}"
+    if feasible:
+        return f"K={feasible[0]} works"
+    return "no K works: the PACT has too few finite entries; calibrate it again"
 
 
 def feasible_key_counts(step_cost: np.ndarray) -> list[int]:
@@ -252,7 +256,8 @@ def solve_schedule_history(history, num_keys: int, first_full_steps: int = 3, la
     if not np.isfinite(final).any():
         raise ValueError(
             f"no schedule with K={num_keys} key steps of T={num_evals} has finite history-exact cost "
-            f"(hop cap {hop}, first/last full steps {first_full_steps}/{last_full_steps}); raise K or the hop cap"
+            f"(hop cap {hop}, first/last full steps {first_full_steps}/{last_full_steps}); "
+            f"{feasible_advice(np.broadcast_to(np.where(allowed, 0.0, np.inf), (num_evals, *allowed.shape)), num_keys)}"
         )
     key, state = np.unravel_index(np.argmin(final), final.shape)
     keys = [int(key)]

@@ -243,3 +243,14 @@ def sample(patcher, steps=10, cfg=2.0, batch=1, split=False, sampler="euler", ev
         x0, x0 * 0, FakeSampler(sampler, evals_per_step), sigmas, None, None, True, 0)
     sample.last_guider = guider
     return outputs
+
+
+def block_calls(model):
+    """Calls per fake block, by module name."""
+    return {name: b.calls for name, b in model.dm.named_modules() if isinstance(b, Block)}
+
+
+def reset_calls(model):
+    for b in model.dm.modules():
+        if isinstance(b, Block):
+            b.calls = 0

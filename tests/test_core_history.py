@@ -257,3 +257,10 @@ def test_a_history_exact_schedule_is_replanned_skip_only_for_another_count():
     assert plan_run(sched, RunShape(num_evals)).schedule is sched  # its own count: as planned
     plan = plan_run(sched, RunShape(16))  # the history tensor does not transfer; the skip-only reading does
     assert list(plan.schedule.key_steps) == solve_schedule(transfer_pact(cost, 16, 2), 8, 3, convention="skip")
+
+
+def test_history_dp_names_the_smallest_k_that_works():
+    history = build_history(torch.randn(20, 64, generator=torch.Generator().manual_seed(0)).cumsum(0), 2)
+    with pytest.raises(ValueError, match="the smallest K that works is 5"):
+        solve_schedule_history(history, 4)
+    assert len(solve_schedule_history(history, 5)) == 5

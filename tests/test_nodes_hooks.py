@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import nodes_fakes as F
+from nodes_fakes import block_calls, reset_calls
 from dpcache_core import Schedule, load_pact, uniform_key_steps
 from nodes import hooks
 from nodes.dpcache_nodes import DPCacheApply, DPCacheCalibrate
@@ -50,15 +51,6 @@ def uniform(k=5, t=STEPS, family=None):
 def apply(model, sched):
     return DPCacheApply().apply(model, sched)["result"][0]
 
-
-def block_calls(model):
-    return {name: b.calls for name, b in model.dm.named_modules() if isinstance(b, F.Block)}
-
-
-def reset_calls(model):
-    for b in model.dm.modules():
-        if isinstance(b, F.Block):
-            b.calls = 0
 
 
 @pytest.mark.parametrize("make", ALL_FAMILIES)

@@ -9,19 +9,11 @@ import pytest
 import torch
 
 import nodes_fakes as F
+from nodes_fakes import block_calls, reset_calls
 from dpcache_core import load_pact, transfer_pact, solve_schedule, uniform_key_steps
 from nodes import dpcache_nodes as nd
 from nodes.dpcache_nodes import DPCacheApply, DPCacheCalibrate, DPCacheSchedule
 
-
-def block_calls(model):
-    return {name: b.calls for name, b in model.dm.named_modules() if isinstance(b, F.Block)}
-
-
-def reset_calls(model):
-    for b in model.dm.modules():
-        if isinstance(b, F.Block):
-            b.calls = 0
 
 
 @pytest.fixture

@@ -32,7 +32,7 @@ def warm_up(core, folder: str) -> None:
         recorder.start_evaluation()
         recorder.record("warm", torch.randn(1, 64, 32))
     acc = core.PactAccumulator(8)
-    acc.add(recorder.build_sample(2, "reference"))
+    acc.add(recorder.build_sample(2, "reference"), history=recorder.build_history_sample(2, "reference"))
     core.save_pact(os.path.join(folder, ".warm-up.safetensors"), acc, {"model_family": "warm-up"})
     os.unlink(os.path.join(folder, ".warm-up.safetensors"))
     recorder.close()
@@ -54,7 +54,7 @@ def main() -> None:
     if mode == "calibrate":
         folder_paths.add_model_folder_path("dpcache", pact_dir, is_default=True)
         recorder = state["core"].runtime.TrajectoryRecorder
-        for name in ("record", "build_sample"):  # time what calibration adds, from inside
+        for name in ("record", "build_sample", "build_history_sample"):  # time what calibration adds, from inside
             inner = getattr(recorder, name)
 
             def timed(*a, inner=inner, key=name.split("_")[0], **k):
