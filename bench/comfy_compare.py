@@ -1,7 +1,7 @@
 """DPCache against ComfyUI's own EasyCache and LazyCache, side by side inside a real ComfyUI.
 
     COMFYUI_PATH=<ComfyUI> <its python> -m bench.comfy_compare            # ~10 min on 2 CPU cores
-    ... -m bench.comfy_compare --prompts 2 --rounds 1 --quick --out-dir /tmp/x   # smoke run
+    ... -m bench.comfy_compare --prompts 2 --rounds 1 --quick --out-dir out/compare_smoke   # smoke run
 
 Every method runs through ComfyUI's own sampler (comfy.sample.sample: KSampler's path, euler, 50
 steps, scheduler simple, cfg 1) on a small model in ComfyUI's FLUX architecture trained on coloured

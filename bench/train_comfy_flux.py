@@ -1,7 +1,7 @@
 """Train a small model in ComfyUI's own FLUX architecture on procedural coloured shapes.
 
     COMFYUI_PATH=<ComfyUI> <its python> -m bench.train_comfy_flux          # 1600 steps, 1 thread: ~7 min idle, 30 min on a busy 2-core machine
-    ... -m bench.train_comfy_flux --steps 20 --out /tmp/smoke.safetensors    # smoke run
+    ... -m bench.train_comfy_flux --steps 20 --out out/smoke.safetensors    # smoke run
 
 The model is `comfy.ldm.flux.model.Flux` itself (imported from COMFYUI_PATH at run time, never
 copied): hidden 128, 2 heads of 64, MLP ratio 2, 2 double + 3 single blocks, patch 2, 16 latent

@@ -123,17 +123,22 @@ def solve_schedule(cost, num_keys: int, first_full_steps: int = 3, last_full_ste
         best = np.min(total, axis=0)
     final = best + step_cost[:, :, num_evals]
     if not np.isfinite(final).any():
-        raise ValueError(
-            f"no schedule with K={num_keys} key steps of T={num_evals} has finite cost "
-            f"(hop cap {hop}, first/last full steps {first_full_steps}/{last_full_steps}); "
-            f"{feasible_advice(step_cost, num_keys)}"
-        )
+        raise no_schedule_error(num_keys, num_evals, hop, first_full_steps, last_full_steps, step_cost)
     prev, cur = np.unravel_index(np.argmin(final), final.shape)
     keys = [int(cur)]
     for choice in reversed(back):
         keys.append(int(prev))
         prev, cur = choice[prev, cur], prev
     return keys[::-1]
+
+
+def no_schedule_error(num_keys, num_evals, hop, first_full_steps, last_full_steps, step_cost, kind="") -> ValueError:
+    """The error for a K with no finite schedule, naming the smallest K that works."""
+    return ValueError(
+        f"no schedule with K={num_keys} key steps of T={num_evals} has finite {kind}cost "
+        f"(hop cap {hop}, first/last full steps {first_full_steps}/{last_full_steps}); "
+        f"{feasible_advice(step_cost, num_keys)}"
+    )
 
 
 def feasible_advice(step_cost: np.ndarray, num_keys: int) -> str:
@@ -254,11 +259,8 @@ def solve_schedule_history(history, num_keys: int, first_full_steps: int = 3, la
         if allowed[i, num_evals]:
             final[i] = best[i] + step_cost[i, :, num_evals - i - 1]
     if not np.isfinite(final).any():
-        raise ValueError(
-            f"no schedule with K={num_keys} key steps of T={num_evals} has finite history-exact cost "
-            f"(hop cap {hop}, first/last full steps {first_full_steps}/{last_full_steps}); "
-            f"{feasible_advice(np.broadcast_to(np.where(allowed, 0.0, np.inf), (num_evals, *allowed.shape)), num_keys)}"
-        )
+        hops_only = np.broadcast_to(np.where(allowed, 0.0, np.inf), (num_evals, *allowed.shape))
+        raise no_schedule_error(num_keys, num_evals, hop, first_full_steps, last_full_steps, hops_only, "history-exact ")
     key, state = np.unravel_index(np.argmin(final), final.shape)
     keys = [int(key)]
     for came in reversed(back):

@@ -107,3 +107,18 @@ def planning_view(cost: np.ndarray, meta: dict):
     if (lo, hi) == (0, total):
         return cost, positions, starts
     return crop(cost, lo, hi), (positions[lo:hi + 1] if positions else None), starts
+
+
+def window_positions(old, mine, window) -> list | None:
+    """Positions of the whole trajectory: the file's (or evenly spaced), this window's measured ones in place."""
+    offset, total, n = window
+    if not (isinstance(mine, list) and len(mine) == n + 1):
+        return old if isinstance(old, list) and len(old) == total + 1 else None
+    if isinstance(old, list) and len(old) == total + 1:
+        out = list(old)
+    else:  # outside the window: evenly spaced between the window's ends and 0 / 1
+        start, end = mine[0], mine[-1]
+        out = [start * k / offset for k in range(offset)] + [0.0] * (n + 1) + \
+              [end + (1.0 - end) * k / (total - offset - n) for k in range(1, total - offset - n + 1)]
+    out[offset:offset + n + 1] = mine
+    return [round(float(p), 8) for p in out]

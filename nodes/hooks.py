@@ -570,21 +570,6 @@ def recorded_window(run) -> tuple | None:
     return run_window(RunShape(len(run.sigmas), tuple(spread_ties(positions[:-1])), float(positions[-1])))
 
 
-def window_positions(old, mine, window) -> list | None:
-    """Positions of the whole trajectory: the file's (or evenly spaced), this window's measured ones in place."""
-    offset, total, n = window
-    if not (isinstance(mine, list) and len(mine) == n + 1):
-        return old if isinstance(old, list) and len(old) == total + 1 else None
-    if isinstance(old, list) and len(old) == total + 1:
-        out = list(old)
-    else:  # outside the window: evenly spaced between the window's ends and 0 / 1
-        start, end = mine[0], mine[-1]
-        out = [start * k / offset for k in range(offset)] + [0.0] * (n + 1) + \
-              [end + (1.0 - end) * k / (total - offset - n) for k in range(1, total - offset - n + 1)]
-    out[offset:offset + n + 1] = mine
-    return [round(float(p), 8) for p in out]
-
-
 def automatic_pact_name(family: str, sampler: str | None, steps: int) -> str:
     """The PACT name when pact_name is left empty: model family, sampler and step count (wan_uni_pc_30)."""
     return f"{family}_{sampler or 'sampler'}_{steps}"
@@ -720,7 +705,7 @@ class CalibrateHook:
             sample = windows.embed_window(sample, window[0], total)
             meta["windows"] = windows.add_window(old_meta.get("windows"), window[0], num_evals)
             meta.pop("eval_sigmas", None)  # this window's only; positions below cover the whole trajectory
-            meta["positions"] = window_positions(old_meta.get("positions"), meta.get("positions"), window)
+            meta["positions"] = windows.window_positions(old_meta.get("positions"), meta.get("positions"), window)
         elif old_meta.get("windows"):
             raise ValueError(
                 f"PACT '{name}' holds windows of partial sampling runs (e.g. two Wan2.2 experts); this run samples the "

@@ -1,7 +1,7 @@
 """How tests/data/pre_sampling_T16.safetensors was made: run with dpcache_core as of commit fbfa3d0
 (before sampled calibration: full trajectories, every j), e.g.
 
-    git archive fbfa3d0 dpcache_core | tar -x -C /tmp/old && PYTHONPATH=/tmp/old python tests/data/make_pre_sampling_pact.py
+    mkdir -p out/old && git archive fbfa3d0 dpcache_core | tar -x -C out/old && PYTHONPATH=out/old python tests/data/make_pre_sampling_pact.py
 
 It writes the file and prints the exact DP schedules the old code chose (copied into
 tests/test_sampled_calibration.py).
