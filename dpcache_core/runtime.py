@@ -78,12 +78,14 @@ class CacheRun:
             )
         predictor.update(self.index, feature)
 
-    def predict(self, stream: Hashable) -> torch.Tensor:
-        """The predicted cache-point feature of ``stream`` at this (skipped) evaluation, float32."""
+    def predict(self, stream: Hashable, out: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The predicted cache-point feature of ``stream`` at this (skipped) evaluation, summed in float32
+        and written into ``out`` (e.g. the stream's slice of the model's tensor, in the model's dtype) or a
+        new tensor of ``dtype`` (default float32); see ``TaylorPredictor.predict``."""
         predictor = self.predictors.get(stream)
         if predictor is None:
             raise RuntimeError(f"DPCache has no key evaluation for stream {stream!r} to predict from")
-        return predictor.predict(self.index)
+        return predictor.predict(self.index, out=out, dtype=dtype)
 
     def nbytes(self) -> int:
         """Bytes the cache holds now, over all streams."""

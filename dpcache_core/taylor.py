@@ -1,11 +1,13 @@
 """Taylor (finite-difference) prediction of a feature from earlier key steps (DESIGN §2)."""
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
 
 SCHEMES = ("reference", "exact")
+CHUNK_ELEMENTS = 1 << 20  # elements per block of the in-place update and the prediction (4 MB in float32)
 
 
 def check_scheme(scheme: str) -> str:
@@ -36,8 +38,11 @@ class TaylorPredictor:
     ``derivatives_after``: the reference only refreshes derivative factors at key steps
     ``s > derivatives_after`` (it passes ``first_full_steps - 2``); ``None`` always refreshes.
 
-    The feature is kept as a detached copy (16-bit features stay 16-bit, others become float32),
-    derivative factors in float32; tensors passed in are never written to.
+    Memory: the feature is kept as a detached copy in its own dtype (16-bit features stay 16-bit,
+    others become float32), each derivative factor in float32. ``update`` rewrites these buffers in
+    place and ``predict`` sums in float32 straight into its output, both block by block
+    (``CHUNK_ELEMENTS``), so the peak is the factors plus at most a few float32 blocks
+    (``peak_bytes``). Tensors passed in are never written to, and no output aliases a factor.
     """
 
     def __init__(self, order: int = 2, scheme: str = "exact", derivatives_after: int | None = None):
@@ -58,21 +63,50 @@ class TaylorPredictor:
         return bool(self.factors)
 
     def update(self, step: float, feature: torch.Tensor) -> None:
-        """Record the fully computed ``feature`` at key step ``step``."""
+        """Record the fully computed ``feature`` at key step ``step``, rewriting the factors in place.
+
+        The same arithmetic as ``new[n+1] = (new[n].float() - old[n].float()) / span_n`` over whole
+        tensors, done per block: the new first difference goes into a free float32 buffer (the
+        oldest factor, no longer needed, or a new one while the history grows), each higher one
+        over the old factor it replaces.
+        """
         step = float(step)
         if self.steps and step <= self.steps[0]:
             raise ValueError(f"key steps must increase: got {step} after {self.steps[0]}")
         feature = feature.detach()
-        # The feature itself is kept losslessly in its own dtype (bf16 on a GPU: half the memory);
-        # differences are taken and kept in float32.
         keep = feature.dtype if feature.dtype in (torch.float16, torch.bfloat16) else torch.float32
-        new = [feature.to(keep, copy=True)]
+        old = self.factors
+        if old and old[0].shape != feature.shape:
+            raise ValueError(
+                f"the feature's shape changed from {tuple(old[0].shape)} to {tuple(feature.shape)} between key "
+                "steps: a predictor follows one feature; reset() it (or use a new one) for another shape"
+            )
         refresh = self.derivatives_after is None or step > self.derivatives_after
-        if refresh:
-            for n in range(min(self.order, len(self.factors))):
-                span = step - (self.steps[n] if self.scheme == "exact" else self.steps[0])
-                new.append((new[n].float() - self.factors[n].float()) / span)
-        self.factors = new
+        count = min(self.order, len(old)) + 1 if refresh and old else 1  # factors after this update
+        if count > 1:
+            spans = [step - (self.steps[n] if self.scheme == "exact" else self.steps[0]) for n in range(count - 1)]
+            if count > len(old):  # the history grows: one more float32 factor
+                free = torch.empty(feature.shape, dtype=torch.float32, device=old[0].device)
+            else:  # the oldest derivative is not needed any more
+                free = old[count - 1]
+            for index in element_blocks(feature.shape):
+                part = feature[index]
+                newer = free[index]
+                newer.copy_(part).sub_(old[0][index]).div_(spans[0])  # new D1 = (F - F_old) / span
+                for n in range(1, count - 1):  # new D_{n+1} = (new D_n - old D_n) / span, over old D_n
+                    target = old[n][index]
+                    torch.sub(newer, target, out=target).div_(spans[n])
+                    newer = target
+                if old[0].dtype == keep:
+                    old[0][index].copy_(part)
+            first = old[0] if old[0].dtype == keep else copy_of(feature, keep)
+            self.factors = [first, free] + old[1 : count - 1]
+        elif old and old[0].dtype == keep:
+            old[0].copy_(feature)
+            self.factors = [old[0]]  # derivatives not refreshed: dropped, as the reference does
+        else:
+            self.factors = []  # free the old buffers before the copy
+            self.factors = [copy_of(feature, keep)]
         self.steps = ([step] + self.steps)[: self.order + 1]
 
     def coefficients(self, step: float) -> list[float]:
@@ -88,14 +122,65 @@ class TaylorPredictor:
             w *= float(step) - self.steps[n]
         return weights
 
-    def predict(self, step: float) -> torch.Tensor:
-        """The predicted feature at ``step`` (a new float32 tensor)."""
+    def predict(self, step: float, out: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The predicted feature at ``step``, summed in float32 and written into ``out`` (any dtype and
+        strides, e.g. a slice of the model's own tensor) or into a new tensor of ``dtype`` (default
+        float32). Returns ``out``. Only float32 blocks of ``CHUNK_ELEMENTS`` are allocated besides it.
+        """
         weights = self.coefficients(step)
-        out = self.factors[0].to(torch.float32, copy=True)
-        for w, factor in zip(weights[1:], self.factors[1:]):
-            out.add_(factor, alpha=w)
+        first = self.factors[0]
+        if out is None:
+            out = torch.empty(first.shape, dtype=dtype or torch.float32, device=first.device)
+        elif out.shape != first.shape:
+            raise ValueError(f"prediction output has shape {tuple(out.shape)}, the feature {tuple(first.shape)}")
+        if out.dtype == torch.float32 and out.device == first.device:  # sum in place, no block buffer
+            out.copy_(first)
+            for w, factor in zip(weights[1:], self.factors[1:]):
+                out.add_(factor, alpha=w)
+            return out
+        buffer = torch.empty(min(first.numel(), CHUNK_ELEMENTS), dtype=torch.float32, device=first.device)
+        for index in element_blocks(first.shape):
+            block = first[index]
+            acc = buffer[: block.numel()].view(block.shape).copy_(block)
+            for w, factor in zip(weights[1:], self.factors[1:]):
+                acc.add_(factor[index], alpha=w)
+            out[index].copy_(acc)
         return out
 
     def nbytes(self) -> int:
         """Bytes held by the factors."""
         return sum(f.numel() * f.element_size() for f in self.factors)
+
+
+def copy_of(feature: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A contiguous copy of ``feature`` in ``dtype``."""
+    return torch.empty(feature.shape, dtype=dtype, device=feature.device).copy_(feature)
+
+
+def element_blocks(shape, max_elements: int | None = None):
+    """Index tuples that cut a tensor of ``shape`` into blocks of at most ``max_elements`` elements
+    (``CHUNK_ELEMENTS`` by default): whole trailing dimensions, slices of the one before, every index
+    of the ones before that. Basic indexing, so each block is a view."""
+    max_elements = max_elements or CHUNK_ELEMENTS
+    shape = tuple(shape)
+    axis, inner = len(shape), 1
+    while axis > 0 and inner * shape[axis - 1] <= max_elements:
+        axis -= 1
+        inner *= shape[axis]
+    if axis == 0:
+        yield ()
+        return
+    axis -= 1  # cut along this dimension
+    step = max(1, max_elements // inner)
+    for prefix in itertools.product(*(range(n) for n in shape[:axis])):
+        for start in range(0, shape[axis], step):
+            yield prefix + (slice(start, start + step),)
+
+
+def peak_bytes(numel: int, order: int, dtype: torch.dtype) -> int:
+    """An upper bound on one predictor's memory at any moment, transients included: the feature in
+    its kept dtype, ``order`` float32 factors and two float32 blocks (the block sum of ``predict``,
+    or on a CPU the float32 copy PyTorch makes of a 16-bit block in a mixed-dtype subtraction)."""
+    keep = dtype if dtype in (torch.float16, torch.bfloat16) else torch.float32
+    element = torch.empty((), dtype=keep).element_size()
+    return numel * (element + 4 * order) + 2 * 4 * min(numel, CHUNK_ELEMENTS)

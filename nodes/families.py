@@ -68,14 +68,23 @@ class Family:
             return img[:, : img.shape[1] - txt_len]
         return img
 
+    def prediction_output(self, args, txt_len: int):
+        """(out, image): a new tensor shaped like the last block's ``img`` input, in its dtype and on its
+        device, with the text tokens copied from it, and the view of ``out`` where the image tokens
+        (the prediction) go. New at every call: the model may modify what the block returns in place."""
+        x = args["img"]
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        if self.image_tokens == TXT_FIRST:
+            out[:, :txt_len] = x[:, :txt_len]
+        elif self.image_tokens == IMG_FIRST:
+            out[:, x.shape[1] - txt_len:] = x[:, x.shape[1] - txt_len:]
+        return out, self.cache_point(out, txt_len)
+
     def with_prediction(self, args, pred, txt_len: int) -> dict:
         """The last block's return value at a skipped evaluation: the prediction in place of the image tokens."""
-        x = args["img"]
-        if self.image_tokens == TXT_FIRST:
-            pred = torch.cat((x[:, :txt_len], pred), dim=1)
-        elif self.image_tokens == IMG_FIRST:
-            pred = torch.cat((pred, x[:, x.shape[1] - txt_len:]), dim=1)
-        return self.passthrough(args, pred)
+        out, image = self.prediction_output(args, txt_len)
+        image.copy_(pred)
+        return self.passthrough(args, out)
 
     def passthrough(self, args, img=None) -> dict:
         """A skipped block's return value: its inputs unchanged (``img`` replaced when given)."""

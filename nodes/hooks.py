@@ -210,10 +210,10 @@ class ApplyRun(RunState):
             for stream, feature in self.chunks(self.cache_point(out["img"])):
                 self.cache.update(stream, feature)
             return out
-        x = args["img"]
-        preds = [self.cache.predict(stream) for stream in self.streams]
-        pred = (preds[0] if len(preds) == 1 else torch.cat(preds)).to(device=x.device, dtype=x.dtype)
-        return self.spec.with_prediction(args, pred, self.txt_len)
+        out, image = self.spec.prediction_output(args, self.txt_len)  # new per call, in x's dtype and device
+        for stream, part in self.chunks(image):
+            self.cache.predict(stream, out=part)  # each stream straight into its slice
+        return self.spec.passthrough(args, out)
 
     @property
     def evaluations(self) -> int:

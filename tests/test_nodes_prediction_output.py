@@ -1,0 +1,50 @@
+"""At skipped evaluations the last block returns the prediction written straight into one new tensor
+in the model's dtype (issue 19 item 5): the same values as the float32 prediction cast afterwards,
+a fresh tensor at every call, the text tokens untouched."""
+import pytest
+import torch
+
+from dpcache_core import Schedule
+from nodes import families, hooks
+
+TXT, IMG, DIM = 3, 5, 4
+
+
+def call_args(spec, img, txt):
+    joined = {families.TXT_FIRST: torch.cat((txt, img), 1), families.IMG_FIRST: torch.cat((img, txt), 1)}.get(spec.image_tokens, img)
+    return {"img": joined, "txt": txt, "transformer_options": {"uuids": ["cond", "uncond"]}}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("name", [f.name for f in families.FAMILIES])
+def test_skipped_evaluation_returns_the_prediction_in_the_models_dtype(name, dtype):
+    spec = families.family(name)
+    run = hooks.ApplyRun(name, Schedule((0, 1, 2), 5, order=2, first_full_steps=1))
+    g = torch.Generator().manual_seed(0)
+    txt = torch.randn(4, TXT, DIM, generator=g).to(dtype)
+    keys = {}
+    for t in range(3):  # key evaluations: the (fake) last block doubles its input
+        run.start_evaluation()
+        img = torch.randn(4, IMG, DIM, generator=g).to(dtype)
+        args = call_args(spec, img, txt)
+        run.begin_call(args)
+        out = run.last_block(args, {"original_block": lambda a: {"img": a["img"] * 2, "txt": a["txt"]}}, None)
+        keys[t] = spec.cache_point(out["img"], TXT)
+    run.start_evaluation()
+    x = call_args(spec, torch.full((4, IMG, DIM), 9.0, dtype=dtype), txt)
+    run.begin_call(x)
+    assert not run.compute
+    first = run.last_block(x, {}, None)["img"]
+    again = run.last_block(x, {}, None)["img"]
+    # the float32 prediction per stream, concatenated and cast: what the code did before
+    expected = torch.cat([run.cache.predict(s) for s in run.streams]).to(dtype)
+    assert first.dtype == dtype and first.shape == x["img"].shape
+    assert torch.equal(spec.cache_point(first, TXT), expected)
+    assert not torch.equal(expected, spec.cache_point(x["img"], TXT))
+    assert torch.equal(first, again) and first.data_ptr() != again.data_ptr()  # a new tensor per call
+    assert first.data_ptr() != x["img"].data_ptr()
+    if spec.image_tokens != families.ALL_TOKENS:  # the text tokens come back as they went in
+        rest = first[:, :TXT] if spec.image_tokens == families.TXT_FIRST else first[:, IMG:]
+        assert torch.equal(rest, txt)
+    first.add_(1)  # the model may modify the block output in place: the cache is not affected
+    assert torch.equal(spec.cache_point(run.last_block(x, {}, None)["img"], TXT), expected)
