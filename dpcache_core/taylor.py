@@ -7,7 +7,8 @@ import math
 import torch
 
 SCHEMES = ("reference", "exact")
-CHUNK_ELEMENTS = 1 << 20  # elements per block of the in-place update and the prediction (4 MB in float32)
+CHUNK_ELEMENTS = 1 << 20  # the most elements in one block of the in-place update and the prediction (4 MiB in float32)
+MIN_CHUNK_ELEMENTS = 1 << 16  # the fewest (a block is 1/16 of the feature between the two)
 
 
 def check_scheme(scheme: str) -> str:
@@ -41,7 +42,7 @@ class TaylorPredictor:
     Memory: the feature is kept as a detached copy in its own dtype (16-bit features stay 16-bit,
     others become float32), each derivative factor in float32. ``update`` rewrites these buffers in
     place and ``predict`` sums in float32 straight into its output, both block by block
-    (``CHUNK_ELEMENTS``), so the peak is the factors plus at most a few float32 blocks
+    (``block_elements``), so the peak is the factors plus at most two float32 blocks
     (``peak_bytes``). Tensors passed in are never written to, and no output aliases a factor.
     """
 
@@ -89,7 +90,7 @@ class TaylorPredictor:
                 free = torch.empty(feature.shape, dtype=torch.float32, device=old[0].device)
             else:  # the oldest derivative is not needed any more
                 free = old[count - 1]
-            for index in element_blocks(feature.shape):
+            for index in element_blocks(feature.shape, block_elements(feature.numel())):
                 part = feature[index]
                 newer = free[index]
                 newer.copy_(part).sub_(old[0][index]).div_(spans[0])  # new D1 = (F - F_old) / span
@@ -125,7 +126,7 @@ class TaylorPredictor:
     def predict(self, step: float, out: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The predicted feature at ``step``, summed in float32 and written into ``out`` (any dtype and
         strides, e.g. a slice of the model's own tensor) or into a new tensor of ``dtype`` (default
-        float32). Returns ``out``. Only float32 blocks of ``CHUNK_ELEMENTS`` are allocated besides it.
+        float32). Returns ``out``. Only one float32 block (``block_elements``) is allocated besides it.
         """
         weights = self.coefficients(step)
         first = self.factors[0]
@@ -138,8 +139,9 @@ class TaylorPredictor:
             for w, factor in zip(weights[1:], self.factors[1:]):
                 out.add_(factor, alpha=w)
             return out
-        buffer = torch.empty(min(first.numel(), CHUNK_ELEMENTS), dtype=torch.float32, device=first.device)
-        for index in element_blocks(first.shape):
+        size = block_elements(first.numel())
+        buffer = torch.empty(size, dtype=torch.float32, device=first.device)
+        for index in element_blocks(first.shape, size):
             block = first[index]
             acc = buffer[: block.numel()].view(block.shape).copy_(block)
             for w, factor in zip(weights[1:], self.factors[1:]):
@@ -157,11 +159,16 @@ def copy_of(feature: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(feature.shape, dtype=dtype, device=feature.device).copy_(feature)
 
 
-def element_blocks(shape, max_elements: int | None = None):
-    """Index tuples that cut a tensor of ``shape`` into blocks of at most ``max_elements`` elements
-    (``CHUNK_ELEMENTS`` by default): whole trailing dimensions, slices of the one before, every index
-    of the ones before that. Basic indexing, so each block is a view."""
-    max_elements = max_elements or CHUNK_ELEMENTS
+def block_elements(numel: int) -> int:
+    """Elements per block for a feature of ``numel`` elements: 1/16 of it, kept within
+    [``MIN_CHUNK_ELEMENTS``, ``CHUNK_ELEMENTS``] (and at most ``numel``)."""
+    return max(1, min(numel, max(MIN_CHUNK_ELEMENTS, min(CHUNK_ELEMENTS, numel // 16))))
+
+
+def element_blocks(shape, max_elements: int):
+    """Index tuples that cut a tensor of ``shape`` into blocks of at most ``max_elements`` elements:
+    whole trailing dimensions, slices of the one before, every index of the ones before that.
+    Basic indexing, so each block is a view."""
     shape = tuple(shape)
     axis, inner = len(shape), 1
     while axis > 0 and inner * shape[axis - 1] <= max_elements:
@@ -180,7 +187,9 @@ def element_blocks(shape, max_elements: int | None = None):
 def peak_bytes(numel: int, order: int, dtype: torch.dtype) -> int:
     """An upper bound on one predictor's memory at any moment, transients included: the feature in
     its kept dtype, ``order`` float32 factors and two float32 blocks (the block sum of ``predict``,
-    or on a CPU the float32 copy PyTorch makes of a 16-bit block in a mixed-dtype subtraction)."""
+    or on a CPU the float32 copy PyTorch makes of a 16-bit block in a mixed-dtype subtraction).
+    The output ``predict`` writes into is the caller's (at a skipped evaluation: the block output
+    the model would have made anyway) and is not counted."""
     keep = dtype if dtype in (torch.float16, torch.bfloat16) else torch.float32
     element = torch.empty((), dtype=keep).element_size()
-    return numel * (element + 4 * order) + 2 * 4 * min(numel, CHUNK_ELEMENTS)
+    return numel * (element + 4 * order) + 2 * 4 * block_elements(numel)
