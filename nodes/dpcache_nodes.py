@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from . import hooks
+from . import hooks, memory
 
 try:
     from ..dpcache_core.windows import planning_view
@@ -322,6 +322,7 @@ class DPCacheApply:
             )
         m = model.clone()
         hooks.install(m, info, hooks.ApplyHook(schedule, info.family, unique_id), "Apply DPCache")
+        memory.reserve(m, memory.cache_bytes(m, schedule.order))  # ComfyUI's model loading keeps room for the cache
         log.info("Apply DPCache: %s; %s", info.detail, schedule.describe())
         return {"ui": {"dpcache_schedule": [schedule_ui(schedule)]}, "result": (m,)}
 
