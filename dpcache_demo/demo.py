@@ -62,7 +62,7 @@ def accelerated_sample(model, noise, cls, schedule: Schedule, shift):
             feature = model.run_blocks(state)
             run.update("cond", feature)
             return feature
-        return run.predict("cond").to(state_dtype(state))
+        return run.predict("cond", dtype=state_dtype(state))
 
     try:
         return toy_model.sample(model, noise, cls, schedule.num_evals, shift, feature_fn=feature_fn), run

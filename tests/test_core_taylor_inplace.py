@@ -115,3 +115,13 @@ def test_element_blocks_cover_every_element_once_within_the_limit(shape, limit):
         assert view.untyped_storage().data_ptr() == seen.untyped_storage().data_ptr()  # a view, not a copy
         view += 1
     assert (seen == 1).all()
+
+
+def test_a_feature_dtype_change_between_key_steps_matches_the_straightforward_code():
+    features = trajectory(range(5), (3, 8), torch.float32)
+    mine, ref = TaylorPredictor(2, "exact"), StraightforwardPredictor(2, "exact")
+    for step, dtype in enumerate([torch.float32, torch.float32, torch.bfloat16, torch.bfloat16, torch.float16]):
+        mine.update(step, features[step].to(dtype))
+        ref.update(step, features[step].to(dtype))
+        assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(mine.factors, ref.factors))
+        assert torch.equal(mine.predict(step + 1), ref.predict(step + 1))
