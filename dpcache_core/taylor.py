@@ -106,6 +106,7 @@ class TaylorPredictor:
             old[0].copy_(feature)
             self.factors = [old[0]]  # derivatives not refreshed: dropped, as the reference does
         else:
+            del old
             self.factors = []  # free the old buffers before the copy
             self.factors = [copy_of(feature, keep)]
         self.steps = ([step] + self.steps)[: self.order + 1]
