@@ -185,7 +185,7 @@ class ApplyRun(RunState):
             raise ScheduleMismatchError(
                 f"this sampling run ({self.sampler or 'a sampler'} whose evaluation count is only known while it "
                 f"samples) makes at least {num_evals + 1} model evaluations but the DPCache schedule was made for "
-                f"T={num_evals}: use a sampler whose count follows from its steps (listed in the README; its count "
+                f"T={num_evals}: use a sampler whose count follows from its steps (listed in docs/errors-and-samplers.md; its count "
                 f"is checked before sampling), or calibrate a PACT with this sampler and raise total_evaluations"
             ) from None
         if not key and self.force_all:
