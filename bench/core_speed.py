@@ -60,9 +60,10 @@ def main(argv=None) -> None:
     ap.add_argument("--dp-repeats", type=int, default=7)
     ap.add_argument("--pact-sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     ap.add_argument("--pact-repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (1 on a shared machine)")
     ap.add_argument("--case", type=int, help=argparse.SUPPRESS)  # internal: one PACT size, JSON out
     a = ap.parse_args(argv)
-    setup()
+    setup(a.threads)
     if a.case:
         print(json.dumps(pact_case(a.case, a.pact_repeats)))
         return
@@ -80,7 +81,7 @@ def main(argv=None) -> None:
     pact_rows = []
     for n in a.pact_sizes:
         out = subprocess.run([sys.executable, "-m", "bench.core_speed", "--case", str(n),
-                              "--pact-repeats", str(a.pact_repeats)],
+                              "--pact-repeats", str(a.pact_repeats), "--threads", str(a.threads)],
                              capture_output=True, text=True, check=True)
         r = json.loads(out.stdout.strip().splitlines()[-1])
         pact_rows.append([f"{n:.0e}", f"{r['seconds']:.2f} s", f"{r['peak_extra_bytes'] / 2**20:.0f} MiB",

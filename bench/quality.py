@@ -42,8 +42,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--calibration", type=int, nargs="+", default=[1, 2, 5, 10],
                     help="calibration-set sizes; the largest is used for the main table")
     ap.add_argument("--held-out", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (1 on a shared machine)")
     a = ap.parse_args(argv)
-    setup()
+    setup(a.threads)
     t_start = time.time()
     model = toy_model.load_builtin_model()
     calib = calibration_prompts(max(a.calibration))

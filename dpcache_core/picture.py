@@ -28,6 +28,9 @@ KEY = (255, 70, 120)  # key-step markers, computed cells
 PATH = (255, 255, 255)
 PREDICTED = (196, 200, 214)  # predicted (skipped) cells of the timeline
 LABEL_BOX = (14, 14, 16)
+# What a PACT cost is, under the heatmap: the sum over the predicted evaluations of a hop of the
+# mean absolute error of the predicted cache point (halved, as the reference does).
+COST_UNIT = "cost = sum over predicted evaluations of mean |error| / 2"
 
 # Viridis sampled at 9 points; interpolated linearly.
 _VIRIDIS = np.array(
@@ -273,7 +276,8 @@ def render_pact_path(cost, key_steps, title: str | None = None, width: int = 512
     right = gap * 2 + bar_w + gap + bar_label_w + pad  # gap, colour bar, its labels
     size = width - x0 - right
     y0 = pad + len(lines) * line + gap * 2
-    height = y0 + size + 2 * gap + line + line + gap + line + pad
+    unit_lines = wrap(fnt, COST_UNIT, width - 2 * pad)
+    height = y0 + size + 2 * gap + line + line + gap + line + len(unit_lines) * line + pad
     cv = Canvas(width, height, px)
     for k, (text, color) in enumerate(lines):
         cv.text(pad, pad + k * line, text, color)
@@ -307,7 +311,7 @@ def render_pact_path(cost, key_steps, title: str | None = None, width: int = 512
     bx = x0 + size + 2 * gap
     bar_top, bar_h = y0 + line + gap, size - line - gap
     if ticks and bar_h > 1:
-        cv.text(bx, y0, "cost")
+        cv.text(bx, y0, "cost")  # its unit is in the legend line: mean |error| per evaluation, summed
         strip = np.repeat(_colormap(np.linspace(1.0, 0.0, bar_h))[:, None, :], bar_w, axis=1)
         cv.image.paste(Image.fromarray(strip, "RGB"), (bx, bar_top))
         last_y = None
@@ -350,6 +354,8 @@ def render_pact_path(cost, key_steps, title: str | None = None, width: int = 512
 
     ly = y0 + size + 2 * gap + 2 * line
     _legend(cv, pad, ly, [(KEY, "key step", True), (UNDEFINED, "undefined (inf)", False)], line)
+    for k, text in enumerate(unit_lines):
+        cv.text(pad, ly + (k + 1) * line, text, MUTED)
     return cv.array()
 
 
@@ -401,26 +407,45 @@ def render_timeline(num_evals: int, key_steps, title: str | None = None, width: 
     return cv.array()
 
 
-def render_image_rows(rows, scale: int = 1, font_px: int = 14) -> np.ndarray:
-    """Rows of equal-size uint8 (h, w, 3) images, each row led by its label: [(label, [images])]."""
+def render_image_rows(rows, scale: int = 1, font_px: int = 14, columns=None, captions=None) -> np.ndarray:
+    """Rows of equal-size uint8 (h, w, 3) images, each row led by its label: [(label, [images])].
+
+    ``columns`` (optional): a label above each column. ``captions`` (optional): {row number: [one
+    text per image]} drawn under that row's images (e.g. the PSNR of each against the row above).
+    """
     if not rows or not all(images for _, images in rows):
         raise ValueError("render_image_rows needs at least one row with at least one image")
     images = [[_check_rgb(img) for img in imgs] for _, imgs in rows]
     h, w = images[0][0].shape[:2]
     if any(img.shape[:2] != (h, w) for imgs in images for img in imgs):
         raise ValueError("render_image_rows needs images of one size")
+    captions = dict(captions or {})
+    if any(not 0 <= r < len(rows) or len(texts) > len(images[r]) for r, texts in captions.items()):
+        raise ValueError("captions: {row number: [one text per image of that row]}")
     fnt = font(font_px)
     pad = max(2, font_px // 3)
+    line = round(font_px * 1.3)
     label_w = max(text_width(fnt, label) for label, _ in rows) + 2 * pad
     cols = max(len(imgs) for imgs in images)
-    cell_w, cell_h = w * scale + pad, h * scale + pad
-    cv = Canvas(label_w + cols * cell_w + pad, len(rows) * cell_h + pad, font_px)
+    column_texts = list(columns or [])[:cols]
+    texts = column_texts + [t for ts in captions.values() for t in ts]
+    cell_w = max([w * scale] + [text_width(fnt, t) for t in texts]) + pad
+    header = line + pad if column_texts else 0
+    heights = [h * scale + pad + (line if r in captions else 0) for r in range(len(rows))]
+    cv = Canvas(label_w + cols * cell_w + pad, header + sum(heights) + pad, font_px)
+    for q, text in enumerate(column_texts):
+        cv.text(label_w + q * cell_w + (w * scale - text_width(fnt, text)) // 2, pad, text, MUTED)
+    y = pad + header
     for r, ((label, _), imgs) in enumerate(zip(rows, images)):
-        y = pad + r * cell_h
         cv.text(pad, y + (h * scale - text_box(fnt, label)[1]) // 2, label)
         for q, img in enumerate(imgs):
+            x = label_w + q * cell_w
             big = Image.fromarray(img, "RGB").resize((w * scale, h * scale), Image.NEAREST)
-            cv.image.paste(big, (label_w + q * cell_w, y))
+            cv.image.paste(big, (x, y))
+            if q < len(captions.get(r, ())):
+                text = captions[r][q]
+                cv.text(x + (w * scale - text_width(fnt, text)) // 2, y + h * scale + pad // 2, text)
+        y += heights[r]
     return cv.array()
 
 

@@ -6,8 +6,11 @@ tensor, its positions, the budget rule and the first/last full steps. When a sam
 ``plan_run(schedule, RunShape(...))`` returns the schedule that run executes:
 
 - the run makes the schedule's own T evaluations over the whole trajectory: the schedule as it is;
-- another count: the PACT transferred to that count (``transfer.transfer_pact``) and solved for
-  the budget rule's K; (uniform) is re-spaced at the run's count; (manual) keeps its mismatch error;
+- another count, or the same count at other positions (another scheduler: its sigmas put the
+  evaluations elsewhere on the trajectory): the PACT transferred to the run's positions
+  (``transfer.transfer_pact``) and solved for the budget rule's K; (uniform) is re-spaced at the
+  run's count (``uniform_plan``: the hop cap holds, K raised when it needs more, and a partial run
+  gets one joint plan like a PACT's); (manual) keeps its mismatch error;
 - a partial run (a sampling call over a slice of the sigmas: KSamplerAdvanced start/end steps, e.g.
   Wan2.2 A14B's two experts, or denoise < 1): see ``joint_trajectory``.
 
@@ -21,12 +24,35 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from .runtime import ScheduleMismatchError, mismatch_message
+from .pact import default_max_gap
 from .schedule import Schedule, mandatory_steps, path_cost, solve_schedule, uniform_key_steps
 from .transfer import index_positions, transfer_pact
 
 BUDGET_RULES = ("same speed-up", "target speed-up", "fixed K")
 TRANSFERABLE = ("reference", "skip")  # objectives over the (T, T+1, T+1) tensor the transfer rebuilds
 EDGE = 1e-3  # positions closer than this to 0 or 1 count as the trajectory's start or end
+SAME_POSITIONS = 0.25  # positions within this many evaluation spacings (1/T) count as the same sigmas
+
+
+def starts_trajectory(positions) -> bool:
+    """True when evaluations at these normalised positions start the trajectory (not a window).
+
+    The first position is at 0 (within ``EDGE``), or it is less than one of the run's own steps from
+    0 on evenly spaced positions: ComfyUI's ddim_uniform takes every stride-th entry of the sigma
+    table counted from its low end, so its first sigma sits below sigma_max by less than a stride
+    (position 0.018 at 50 steps), yet no evaluation fits before it. A window of an evenly spaced
+    run (KSamplerAdvanced from step s >= 1) starts s whole steps in.
+    """
+    if not positions:
+        return True
+    p = np.asarray(positions[:6], dtype=np.float64)
+    if p[0] <= EDGE:
+        return True
+    if len(p) < 3:
+        return False
+    gaps = np.diff(p)
+    even = bool(np.all(gaps > 0)) and np.allclose(gaps, gaps[0], rtol=1e-3, atol=1e-7)
+    return even and p[0] < gaps[0] * (1 - 1e-4)
 
 
 @dataclass(frozen=True)
@@ -74,7 +100,8 @@ class RunShape:
     ``num_evals``: its model evaluations. ``positions``: the normalised trajectory position of each
     of them (0 = sigma_max, 1 = sigma 0; ``transfer.positions_from_sigmas``), or None when
     unknown. ``end``: the position where the run stops (its last sigma; 1.0 when it reaches 0).
-    A run with positions[0] > 0 or end < 1 is partial: it samples a window of the trajectory.
+    A run with positions[0] > 0 (``starts_trajectory``) or end < 1 is partial: it samples a window
+    of the trajectory.
     """
 
     num_evals: int
@@ -93,8 +120,13 @@ class RunShape:
         return self.positions[0] if self.positions else 0.0
 
     @property
+    def whole_start(self) -> bool:
+        """The run starts the trajectory (``starts_trajectory``)."""
+        return starts_trajectory(self.positions)
+
+    @property
     def partial(self) -> bool:
-        return self.start > EDGE or self.end < 1.0 - EDGE
+        return not self.whole_start or self.end < 1.0 - EDGE
 
 
 @dataclass(frozen=True)
@@ -129,7 +161,7 @@ def joint_trajectory(run: RunShape, first_full_steps: int, span: tuple[float, fl
     lo, hi = min(span[0], start), max(span[1], end)
     own = list(run.positions) if run.positions else list(start + (end - start) * np.arange(n) / n)
     density = n / max(end - start, 1e-9)
-    before = int(round((start - lo) * density)) if start - lo > EDGE else 0
+    before = int(round((start - lo) * density)) if start - lo > EDGE and not run.whole_start else 0
     after = int(round((hi - end) * density)) if hi - end > EDGE else 0
     positions = ([lo + (start - lo) * k / before for k in range(before)] + own
                  + [end + (hi - end) * k / after for k in range(after)] + [hi])
@@ -181,23 +213,33 @@ class Planner:
         """The part of the trajectory the PACT covers (a PACT recorded on a partial run covers its window)."""
         if self.positions is None:
             return (0.0, 1.0)
-        return (self.positions[0], self.positions[-1])
+        return (0.0 if starts_trajectory(self.positions[:-1]) else self.positions[0], self.positions[-1])
 
-    def cost_for(self, positions) -> np.ndarray:
+    def same_positions(self, positions, by_sigma: bool = True) -> bool:
+        """True when a trajectory at ``positions`` (T+1, the sentinel last) is the PACT's own: the same
+        count and, ``by_sigma``, each evaluation within a quarter of a step of the PACT's."""
+        if len(positions) - 1 != self.num_evals:
+            return False
+        if self.positions is None or not by_sigma:
+            return True
+        diff = np.abs(np.asarray(positions, dtype=np.float64) - np.asarray(self.positions, dtype=np.float64))
+        return float(diff.max()) <= SAME_POSITIONS / self.num_evals
+
+    def cost_for(self, positions, by_sigma: bool = True) -> np.ndarray:
         """The PACT for a trajectory at these absolute positions (len(positions) - 1 evaluations).
 
-        A PACT without recorded positions is read as evenly spaced over [0, 1]."""
-        num_evals = len(positions) - 1
-        if num_evals == self.num_evals:
+        A PACT without recorded positions is read as evenly spaced over [0, 1]. ``by_sigma`` False:
+        the positions are index / T (the run's sigmas are unknown), so only the count is compared."""
+        if self.same_positions(positions, by_sigma):
             return self.cost
-        return transfer_pact(self.cost, num_evals, self.order, self.positions, positions)
+        return transfer_pact(self.cost, len(positions) - 1, self.order, self.positions, positions)
 
-    def solve(self, positions, num_keys: int, required=(), convention: str = "reference"):
+    def solve(self, positions, num_keys: int, required=(), convention: str = "reference", by_sigma: bool = True):
         """(keys, path cost, K used) for a trajectory at ``positions``; K is raised to the smallest
         feasible one when the mandatory keys or the hop cap need more."""
         num_evals = len(positions) - 1
         mandatory = mandatory_steps(num_evals, self.first_full_steps, self.last_full_steps, required)
-        cost = self.cost_for(positions)
+        cost = self.cost_for(positions, by_sigma)
         extra = {} if convention == "reference" else {"convention": convention}
         for k in range(max(num_keys, len(mandatory)), num_evals + 1):
             try:
@@ -209,6 +251,33 @@ class Planner:
             f"no finite schedule for a run of {num_evals} evaluations from the {self.label}: calibrate a PACT at "
             f"this step count and sampler, or use a (uniform) schedule"
         )
+
+
+def uniform_plan(num_evals: int, num_keys: int, first_full_steps: int = 3, last_full_steps: int = 0,
+                 required=(), max_hop: int | None = None) -> tuple[list[int], int]:
+    """(keys, K used): the mandatory and ``required`` keys plus the others evenly spaced between them,
+    no hop (the last one to the sentinel T included) longer than the hop cap (default
+    max(int(0.3 T), 1)); K is raised to the fewest that allows it. Without ``required`` keys and
+    without a raise it is ``uniform_key_steps``.
+
+    Each stretch between two mandatory keys (or the last one and T) gets the extra keys its length
+    needs under the cap, then the rest go one by one to the stretch with the longest hops.
+    """
+    mandatory = mandatory_steps(num_evals, first_full_steps, last_full_steps, required)
+    cap = max_hop or default_max_gap(num_evals)
+    ends = mandatory + [num_evals]
+    stretches = [(a, b) for a, b in zip(ends, ends[1:]) if b - a > 1]
+    extra = [-(-(b - a) // cap) - 1 for a, b in stretches]  # ceil(length / cap) - 1 keys inside each
+    used = min(max(num_keys, len(mandatory) + sum(extra)), num_evals)
+    if not required and used == num_keys:
+        return uniform_key_steps(num_evals, used, first_full_steps, last_full_steps), used
+    for _ in range(used - len(mandatory) - sum(extra)):
+        n = max(range(len(stretches)), key=lambda m: (stretches[m][1] - stretches[m][0]) / (extra[m] + 1))
+        extra[n] += 1
+    keys = set(mandatory)
+    for (a, b), e in zip(stretches, extra):
+        keys.update(int(np.round(a + (b - a) * m / (e + 1))) for m in range(1, e + 1))
+    return sorted(keys), used
 
 
 def schedule_label(schedule: Schedule) -> str:
@@ -227,18 +296,23 @@ def plan_run(schedule: Schedule, run: RunShape) -> RunPlan:
     n = run.num_evals
     planner = schedule.planner
     full_span = planner is None or planner.cost is None or planner.span == (0.0, 1.0)
-    if n == schedule.num_evals and not run.partial and full_span:
+    by_sigma = run.positions is not None and planner is not None and planner.positions is not None
+    same = planner is None or planner.cost is None or not by_sigma or planner.same_positions(
+        tuple(run.positions) + (run.end,))
+    if n == schedule.num_evals and not run.partial and full_span and same:
         return RunPlan(schedule, "", schedule.key_steps, n, 0)
     if planner is None:
         raise ScheduleMismatchError(mismatch_message(n, schedule.num_evals))
     label = schedule_label(schedule)
     budget = planner.budget
     rule = budget.describe(planner.num_evals)
-    if planner.cost is None:  # (uniform): evenly spaced over this call's own evaluations
-        k = max(budget.keys_for(n, planner.num_evals), len(mandatory_steps(n, planner.first_full_steps, planner.last_full_steps)))
-        keys = uniform_key_steps(n, k, planner.first_full_steps, planner.last_full_steps)
-        text = f"{label}; planned for T={n}: {len(keys)} key evaluations ({rule}), keys {keys}"
-        return RunPlan(replace(schedule, key_steps=tuple(keys), num_evals=n, planner=None), text, tuple(keys), n, 0)
+    if planner.cost is None:  # (uniform): evenly spaced over the run, or over the joint trajectory of a partial run
+        joint = joint_trajectory(run, planner.first_full_steps) if run.partial else None
+        total = joint.total if joint else n
+        k = budget.keys_for(total, planner.num_evals)
+        keys, used = uniform_plan(total, k, planner.first_full_steps, planner.last_full_steps if joint is None else 0,
+                                  joint.required if joint else ())
+        return executed(schedule, label, rule, run, joint, keys, raised_note(k, used, total), None)
     convention = getattr(schedule, "convention", None) or "reference"
     if convention == "history":  # the history-exact tensor does not transfer: the skip-only reading does
         convention = "skip"
@@ -250,12 +324,29 @@ def plan_run(schedule: Schedule, run: RunShape) -> RunPlan:
         )
     joint = joint_trajectory(run, planner.first_full_steps, planner.span)
     positions = joint.positions
-    if run.positions is None or planner.positions is None:  # no sigmas on one side: index / T
+    if not by_sigma:  # no sigmas on one side: index / T
         positions = tuple(index_positions(joint.total))
     k = budget.keys_for(joint.total, planner.num_evals)
-    keys, cost, used = planner.solve(positions, k, joint.required, convention)
-    raised = "" if used == k else f" (raised from {k}: the fewest this run allows)"
-    if joint.total == n:
+    keys, cost, used = planner.solve(positions, k, joint.required, convention, by_sigma)
+    if joint.total != n or run.partial:
+        return executed(schedule, label, rule, run, joint, keys, raised_note(k, used, joint.total), None)
+    if n == planner.num_evals:  # the same count at other sigmas: the PACT re-mapped onto the run's positions
+        label += "; this run's sigmas put its evaluations elsewhere on the trajectory, so it is re-mapped by sigma"
+    return executed(schedule, label, rule, run, None, keys, raised_note(k, used, n), cost)
+
+
+def raised_note(asked: int, used: int, num_evals: int) -> str:
+    """" (raised from K: ...)" when the plan needed more keys than the budget asked for, else ""."""
+    if used == asked:
+        return ""
+    return (f" (raised from {asked}: the fewest the mandatory steps and the hop cap {default_max_gap(num_evals)} "
+            f"allow at T={num_evals})")
+
+
+def executed(schedule: Schedule, label: str, rule: str, run: RunShape, joint, keys, raised: str, cost) -> RunPlan:
+    """The RunPlan of a run: the whole plan, or this call's part of a joint plan (``joint``)."""
+    n = run.num_evals
+    if joint is None or joint.total == n and not run.partial:
         text = f"{label}; planned for T={n}: {len(keys)} key evaluations{raised} ({rule}), keys {keys}"
         sched = replace(schedule, key_steps=tuple(keys), num_evals=n, cost=cost, planner=None)
         return RunPlan(sched, text, tuple(keys), n, 0)

@@ -77,7 +77,7 @@ def pact_path(name: str) -> str:
     if path is None and folder_paths is None and name in pact_files():
         path = os.path.join(SHIPPED_DIR, name)
     if path is None:
-        raise ValueError(f"PACT {name!r} not found in models/{FOLDER}/ or the pack's cost_matrices/; run DPCache Calibrate first or pick another")
+        raise core.PactFileError(f"PACT {name!r} not found in models/{FOLDER}/ or the pack's cost_matrices/; run DPCache Calibrate first or pick another")
     return path
 
 
@@ -198,13 +198,16 @@ class DPCacheSchedule:
 
     def schedule(self, pact, key_steps, first_full_steps, last_full_steps, total_evaluations, manual_key_steps="",
                  budget=BUDGET_RULES[0], target_speedup=3.85, taylor_order=DEFAULT_ORDER, unique_id=None):
+        notes: list[str] = []
         sched, cost, hop_costs = make_schedule(pact, key_steps, first_full_steps, last_full_steps, total_evaluations,
-                                               manual_key_steps, budget, target_speedup, taylor_order)
+                                               manual_key_steps, budget, target_speedup, taylor_order, notes)
         where = "taylor_order" if pact in (UNIFORM, MANUAL) else "from the PACT"
         text = (
             f"key steps {list(sched.key_steps)}: {sched.num_keys} of {sched.num_evals} evaluations, "
             f"ideal speed-up {sched.ideal_speedup:.2f}x, Taylor order {sched.order} ({where})"
         )
+        if notes:
+            text += "; " + "; ".join(notes)
         if sched.convention:
             text += f"; planned with {core.schedule.PLANNING[sched.convention]}"
         if sched.planner is not None:
@@ -218,19 +221,24 @@ class DPCacheSchedule:
 
 
 def make_schedule(pact, key_steps, first_full_steps=3, last_full_steps=0, total_evaluations=50, manual_key_steps="",
-                  budget=BUDGET_RULES[0], target_speedup=3.85, taylor_order=DEFAULT_ORDER):
+                  budget=BUDGET_RULES[0], target_speedup=3.85, taylor_order=DEFAULT_ORDER, notes=None):
     """(Schedule, cost tensor as the plan read it or None, history-exact hop costs or None) for the
     node's inputs; ValueError with what to change.
 
     The schedule is planned at its own T (the PACT's, or total_evaluations); its ``planner``
-    re-plans runs of another evaluation count when sampling starts (``replan.plan_run``)."""
+    re-plans runs of another evaluation count when sampling starts (``replan.plan_run``). With
+    budget = target speed-up, a K the plan cannot meet is raised to the fewest that works, and a
+    line saying so (the target, and the most that T allows) is appended to ``notes``."""
+    notes = [] if notes is None else notes
     try:
         if pact in (UNIFORM, MANUAL) and not 1 <= int(taylor_order) <= 3:
             raise ValueError(f"taylor_order must be 1, 2 or 3, got {taylor_order}")
         rule = core.Budget(budget, key_steps, target_speedup)
         by_speedup = budget == "target speed-up"  # else K as typed at the schedule's own T
         if by_speedup and pact == UNIFORM:
-            key_steps = rule.keys_for(total_evaluations, total_evaluations)
+            asked = rule.keys_for(total_evaluations, total_evaluations)
+            _, key_steps = core.replan.uniform_plan(total_evaluations, asked, first_full_steps, last_full_steps)
+            notes += speedup_note(target_speedup, asked, key_steps, total_evaluations)
         if pact == MANUAL:
             keys = core.parse_key_steps(manual_key_steps, total_evaluations)
             return core.Schedule(tuple(keys), total_evaluations, order=int(taylor_order), source="manual",
@@ -243,26 +251,31 @@ def make_schedule(pact, key_steps, first_full_steps=3, last_full_steps=0, total_
                                  first_full_steps=first_full_steps, last_full_steps=last_full_steps, planner=planner), None, None
         acc, meta = core.load_pact(pact_path(pact))
         if acc.samples == 0 or not acc.counts.any():
-            raise ValueError(
+            raise core.PactFileError(
                 f"PACT {pact!r} holds no samples: queue at least one full sampling run through DPCache Calibrate "
                 "with this pact_name, or pick another PACT"
             )
         # a PACT of partial runs (e.g. Wan2.2 A14B's two experts) covers windows of one trajectory
         cost, positions, starts = planning_view(acc.mean(), meta)
         num_evals = cost.shape[0]
-        if by_speedup:
-            key_steps = rule.keys_for(num_evals, num_evals)
+        asked = key_steps = rule.keys_for(num_evals, num_evals) if by_speedup else key_steps
         required = [s + k for s in starts for k in range(max(first_full_steps, 1)) if s + k < num_evals]
         order, scheme = int(meta.get("order", 2)), meta.get("scheme", "reference")
         convention, hop_costs = planning_convention(meta, acc), None
         view = core.cost_for(cost, "reference" if convention == "reference" else "skip")
-        if convention == "history":  # whole runs only: windowed PACTs have no history tensor
-            history = acc.history_mean()
-            keys = core.solve_schedule_history(history, key_steps, first_full_steps, last_full_steps, scheme=scheme)
+        history = acc.history_mean() if convention == "history" else None  # whole runs only: windowed PACTs have none
+
+        def solve(k):
+            if history is not None:
+                return core.solve_schedule_history(history, k, first_full_steps, last_full_steps, scheme=scheme)
+            return core.solve_schedule(cost, k, first_full_steps, last_full_steps, required=required, convention=convention)
+
+        keys = fewest_feasible(solve, key_steps, num_evals, target_speedup) if by_speedup else solve(key_steps)
+        notes += speedup_note(target_speedup, asked, len(keys), num_evals) if by_speedup else []
+        if history is not None:
             hop_costs = core.hop_costs_history(history, keys, first_full_steps, scheme)
             total = sum(hop_costs)
         else:
-            keys = core.solve_schedule(cost, key_steps, first_full_steps, last_full_steps, required=required, convention=convention)
             total = core.path_cost(cost, keys, convention)
         label = f"PACT calibrated at T={num_evals}" + (f" (windows starting at {[0] + starts})" if starts else "")
         planner = core.Planner(num_evals, rule, first_full_steps, last_full_steps, cost=cost, positions=positions,
@@ -273,8 +286,36 @@ def make_schedule(pact, key_steps, first_full_steps=3, last_full_steps=0, total_
             convention=convention, planner=planner,
         )
         return sched, view, hop_costs
-    except ValueError as exc:
-        raise ValueError(f"DPCache Schedule: {exc}") from None
+    except ValueError as exc:  # the same error type (dpcache.PactFileError, ...), the node named
+        raise same_error(exc, f"DPCache Schedule: {exc}") from None
+
+
+def same_error(exc: ValueError, message: str) -> ValueError:
+    """``exc``'s own type (PactFileError, ScheduleMismatchError, ...) with ``message``; ValueError when
+    that type cannot be built from a message alone."""
+    try:
+        return type(exc)(message)
+    except Exception:  # noqa: BLE001 - e.g. UnicodeDecodeError needs five arguments
+        return ValueError(message)
+
+
+def fewest_feasible(solve, asked: int, num_evals: int, target: float):
+    """``solve(k)`` at the first k from ``asked`` up to T that has a schedule; the error names the target."""
+    for k in range(max(asked, 1), num_evals + 1):
+        try:
+            return solve(k)
+        except ValueError as exc:
+            error = exc
+    raise ValueError(f"target speed-up {target:g}x: no K from {asked} to T={num_evals} has a schedule on this PACT "
+                     f"({error})")
+
+
+def speedup_note(target: float, asked: int, used: int, num_evals: int) -> list[str]:
+    """The note when a target speed-up needed more key steps than T / target."""
+    if used == asked:
+        return []
+    return [f"target speed-up {target:g}x needs K={asked}, raised to K={used} (the fewest the mandatory steps and "
+            f"the hop cap allow): the most T={num_evals} allows is {num_evals / used:.3g}x"]
 
 
 def planning_convention(meta: dict, acc) -> str:
@@ -283,7 +324,7 @@ def planning_convention(meta: dict, acc) -> str:
     order >= 2 means the history-exact DP."""
     convention = meta.get("convention", "reference")
     if convention not in core.schedule.CONVENTIONS:
-        raise ValueError(f"the PACT records an unknown cost convention {convention!r}; calibrate it again")
+        raise core.PactFileError(f"the PACT records an unknown cost convention {convention!r}; calibrate it again")
     if convention == "skip" and int(meta.get("order", 2)) >= 2 and acc.history_sums is not None:
         return "history"
     return convention
@@ -316,7 +357,7 @@ class DPCacheApply:
         info = hooks.model_info(model)
         hooks.check_unpatched(model)
         if schedule.model_family not in (None, info.family):
-            raise ValueError(
+            raise core.ScheduleMismatchError(
                 f"the schedule was planned on a {schedule.model_family} PACT ({schedule.source}) but this MODEL is "
                 f"{info.detail}; calibrate a PACT for this model, or use a (uniform) or (manual) schedule"
             )

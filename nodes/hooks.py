@@ -185,7 +185,7 @@ class ApplyRun(RunState):
             raise ScheduleMismatchError(
                 f"this sampling run ({self.sampler or 'a sampler'} whose evaluation count is only known while it "
                 f"samples) makes at least {num_evals + 1} model evaluations but the DPCache schedule was made for "
-                f"T={num_evals}: use a sampler whose count follows from its steps (listed in the README; its count "
+                f"T={num_evals}: use a sampler whose count follows from its steps (listed in docs/errors-and-samplers.md; its count "
                 f"is checked before sampling), or calibrate a PACT with this sampler and raise total_evaluations"
             ) from None
         if not key and self.force_all:
@@ -240,8 +240,12 @@ class CalibrateRun(RunState):
         self.recorder = TrajectoryRecorder(storage_device=storage_device, sample_size=sample_size, seed=seed,
                                            expected_evals=expected_evals)
         self.sigmas: list[float] = []
+        self.announce = None  # called once with what the first evaluation kept (``sample_description``)
 
     def start_evaluation(self, sigma=None) -> None:
+        if self.announce is not None and self.recorder.num_evals == 1:  # the first evaluation is recorded
+            self.announce(self.recorder.sample_description())
+            self.announce = None
         self.recorder.start_evaluation()
         self.sigmas.append(float(sigma.reshape(-1)[0]) if sigma is not None else float("nan"))
 
@@ -570,6 +574,12 @@ def recorded_window(run) -> tuple | None:
     return run_window(RunShape(len(run.sigmas), tuple(spread_ties(positions[:-1])), float(positions[-1])))
 
 
+def kept_text(size) -> str:
+    """What calibration keeps of the cache point (``TrajectoryRecorder.sample_description``): a sample
+    of S elements, or all of them (sample_size 0, or S at least the cache point's size)."""
+    return "every cache-point element" if size == "all" else f"{size} sampled cache-point elements per stream"
+
+
 def automatic_pact_name(family: str, sampler: str | None, steps: int) -> str:
     """The PACT name when pact_name is left empty: model family, sampler and step count (wan_uni_pc_30)."""
     return f"{family}_{sampler or 'sampler'}_{steps}"
@@ -628,7 +638,7 @@ class CalibrateHook:
         except PactFileError as exc:
             if self.pending_reset[0]:
                 return None
-            raise ValueError(f"{exc} (or set reset on DPCache Calibrate to overwrite it)") from None
+            raise PactFileError(f"{exc} (or set reset on DPCache Calibrate to overwrite it)") from None
         if self.pending_reset[0]:
             if self.mismatch(path, meta, acc.num_evals if window is None else window[1]) or not meta.get("windows"):
                 return None
@@ -648,7 +658,7 @@ class CalibrateHook:
             count = window[1] if window else expected_evaluations(sampler, sigmas, is_rectified_flow(guider.model_patcher))
             problem = self.mismatch(path, existing[1], count)
             if problem:
-                raise ValueError(problem)
+                raise PactFileError(problem)
         expected = window[2] if window else expected_evaluations(sampler, sigmas, is_rectified_flow(guider.model_patcher))
         run = CalibrateRun(self.family, sample_size=self.sample_size, expected_evals=expected)
         run.path = path
@@ -665,8 +675,8 @@ class CalibrateHook:
             "steps": steps,
         }
         where = "" if window is None else f" (evaluations {window[0]}..{window[0] + window[2] - 1} of a T={window[1]} trajectory)"
-        kept = f"{self.sample_size} sampled elements of the cache point" if self.sample_size else "the whole cache point"
-        log.info("DPCache Calibrate: recording %s at every evaluation for %s%s", kept, os.path.basename(path), where)
+        log.info("DPCache Calibrate: recording the cache point at every evaluation for %s%s", os.path.basename(path), where)
+        run.announce = lambda size: log.info("DPCache Calibrate: keeping %s", kept_text(size))
         return run
 
     def finish(self, run: CalibrateRun, ok: bool) -> None:
@@ -685,7 +695,7 @@ class CalibrateHook:
         if existing is not None:
             problem = self.mismatch(run.path, existing[1], total)
             if problem:
-                raise ValueError(problem)
+                raise PactFileError(problem)
         log.info("DPCache Calibrate: building the PACT sample (%d evaluations)", num_evals)
         sample = run.recorder.build_sample(self.order, "reference", progress=progress_bar(num_evals, self.node_id),
                                            max_anchor_gap=default_max_gap(total))
@@ -697,7 +707,7 @@ class CalibrateHook:
         meta = dict(run.metadata, **trajectory_metadata(run))
         if window is not None:
             if existing is not None and not old_meta.get("windows"):
-                raise ValueError(
+                raise PactFileError(
                     f"PACT '{name}' was calibrated on whole sampling runs; this run samples only evaluations "
                     f"{window[0]}..{window[0] + num_evals - 1} of T={total} (a KSamplerAdvanced window). "
                     "Pick a new pact_name on DPCache Calibrate, or set reset"
@@ -707,7 +717,7 @@ class CalibrateHook:
             meta.pop("eval_sigmas", None)  # this window's only; positions below cover the whole trajectory
             meta["positions"] = windows.window_positions(old_meta.get("positions"), meta.get("positions"), window)
         elif old_meta.get("windows"):
-            raise ValueError(
+            raise PactFileError(
                 f"PACT '{name}' holds windows of partial sampling runs (e.g. two Wan2.2 experts); this run samples the "
                 "whole trajectory. Pick a new pact_name on DPCache Calibrate, or set reset"
             )
@@ -719,7 +729,7 @@ class CalibrateHook:
         meta.update(combine_sampling([old_meta, this]))
         meta = save_pact(run.path, acc, file_metadata(meta, existing, self.order, history is not None, window is None))
         self.pending_reset[0] = False
-        kept = "every cache-point element" if size == "all" else f"{size} sampled cache-point elements per stream"
+        kept = kept_text(size)
         if window is None:
             line = f"{name}: sample {meta['samples']} added ({num_evals} evaluations, {kept})"
         else:

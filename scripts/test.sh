@@ -12,7 +12,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh pytest
 PY="${DPCACHE_VENV:-.venv}/bin/python"
 status=0
-env -u COMFYUI_PATH "$PY" -m pytest -q "$@" || status=$?
+env -u COMFYUI_PATH "$PY" -m pytest -q -rs "$@" || status=$?
 if command -v node >/dev/null 2>&1; then
   node --test web/tests/ || status=$?
 else
@@ -23,7 +23,7 @@ if [ -n "${COMFYUI_PATH:-}" ]; then
     echo "[test] COMFYUI_PATH is set but COMFYUI_PYTHON is not: set it to the Python that runs that ComfyUI" >&2
     status=1
   else
-    "$COMFYUI_PYTHON" -m pytest -q -s tests/comfy tests/test_workflows.py tests/browser || status=$?
+    "$COMFYUI_PYTHON" -m pytest -q -rs -s tests/comfy tests/test_workflows.py tests/browser || status=$?
   fi
 fi
 exit $status

@@ -190,13 +190,14 @@ class FakeSampler:
 
 def sample(patcher, steps=10, cfg=2.0, batch=1, split=False, sampler="euler", evals_per_step=1,
            control=None, interrupt_at=None, context_handler=False, streams=None, img=IMG, window=None,
-           last_single=False):
+           last_single=False, sigmas=None):
     """A sampling run of the fake model; returns the list of model outputs (one per evaluation).
 
     ``window=(start, end)``: only steps start..end-1 of the ``steps``, like KSamplerAdvanced.
-    ``last_single``: the last step makes one evaluation (like heun's step to sigma 0)."""
+    ``last_single``: the last step makes one evaluation (like heun's step to sigma 0).
+    ``sigmas``: the run's sigmas (another scheduler); default ``steps`` evenly spaced from 1 to 0."""
     dm = patcher.dm
-    sigmas = torch.linspace(1.0, 0.0, steps + 1)
+    sigmas = torch.linspace(1.0, 0.0, steps + 1) if sigmas is None else torch.as_tensor(sigmas, dtype=torch.float32)
     if window is not None:
         sigmas = sigmas[window[0]:window[1] + 1]
     cond = {"uuid": uuid.uuid4(), "control": control}

@@ -60,7 +60,7 @@ def test_pact_shape_dtype_and_width():
         img = P.render_pact_path(c, [0, 1, 2, 5, 9, 13, 17], width=width)
         assert img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3
         assert img.shape[1] == width
-        assert 0.6 * width < img.shape[0] < 1.4 * width
+        assert 0.6 * width < img.shape[0] < 1.6 * width  # the cost's unit wraps to 3 lines at 160 px
 
 
 def test_pact_does_not_modify_input():

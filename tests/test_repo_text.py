@@ -3,13 +3,14 @@ outside it (no ../shared, no development-workspace kits)."""
 import glob
 import os
 import re
+import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUTSIDE = re.compile(r"\.\./shared|comfyui-host|development workspace")
 
 
 def repo_texts():
-    patterns = ["README.md", "BENCHMARKS.md", "cost_matrices/*.md", "web/docs/*.md", "tests/**/*.py", "tests/**/*.mjs",
+    patterns = ["README.md", "BENCHMARKS.md", "docs/*.md", "cost_matrices/*.md", "web/docs/*.md", "tests/**/*.py", "tests/**/*.mjs",
                 "scripts/*.sh"]
     for pattern in patterns:
         for path in glob.glob(os.path.join(ROOT, pattern), recursive=True):
@@ -27,8 +28,99 @@ def test_nothing_points_outside_the_repository():
     assert not found, "\n".join(found)
 
 
-def test_readme_describes_the_real_comfyui_tier_for_a_contributor():
+def read(path):
+    with open(os.path.join(ROOT, path), encoding="utf-8") as f:
+        return f.read()
+
+
+def test_the_docs_describe_the_real_comfyui_tier_for_a_contributor():
+    assert "point COMFYUI_PATH at a ComfyUI checkout and COMFYUI_PYTHON at its Python" in read("docs/development.md")
+    samplers = read("docs/errors-and-samplers.md")
+    assert "uni_pc" in samplers and "dpm_adaptive" in samplers  # which samplers are checked before sampling
+    readme = read("README.md")
+    assert "docs/development.md" in readme and "docs/errors-and-samplers.md" in readme
+
+
+COMMAND = re.compile(r"-m bench\.|bash scripts/|-m pytest")
+COMMIT = re.compile(r"\b(?=[0-9a-f]*[0-9])(?=[0-9a-f]*[a-f])[0-9a-f]{7,40}\b")
+FIGURE = re.compile(r"\d\s?(dB|x|%|ms|s|MiB|GiB|GB|MB)\b")
+LOOKBACK = 30  # lines above a table, not crossing a heading, where its command and commit must be named
+
+
+def tables(lines):
+    """(first line number, rows) of each markdown table."""
+    found, start = [], None
+    for n, line in enumerate(lines + [""]):
+        if line.startswith("|") and start is None:
+            start = n
+        elif not line.startswith("|") and start is not None:
+            found.append((start, lines[start:n]))
+            start = None
+    return found
+
+
+def names_command(line):
+    return bool(COMMAND.search(line) and COMMIT.search(line))
+
+
+def unnamed_tables(path, figures_only):
+    with open(os.path.join(ROOT, path), encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    bad = []
+    for start, rows in tables(lines):
+        if figures_only and not any(FIGURE.search(r) for r in rows[2:]):
+            continue
+        if all(names_command(r) for r in rows[2:]):  # a summary table names them in every row
+            continue
+        above = []
+        for line in reversed(lines[max(0, start - LOOKBACK):start]):
+            if line.startswith("#"):
+                break
+            above.append(line)
+        if not any(names_command(line) for line in above):
+            bad.append(f"{path}:{start + 1}: {rows[0][:80]}")
+    return bad
+
+
+def test_every_figure_table_names_its_command_and_commit():
+    """Issue 20: each table of measured figures says, just above it (or in every row), the command
+    that made it (python -m bench..., bash scripts/..., -m pytest ...) and the commit."""
+    bad = unnamed_tables("BENCHMARKS.md", figures_only=False) + unnamed_tables("README.md", figures_only=True)
+    assert not bad, "tables without a command and commit above them:\n" + "\n".join(bad)
+
+
+def test_the_table_check_catches_a_table_without_its_command(tmp_path, monkeypatch):
+    (tmp_path / "X.md").write_text("## A\n\nMade by `python -m bench.quality` at d0c5f39.\n\n| a | b |\n|---|---|\n| 1 | 2 dB |\n\n"
+                                   "## B\n\n| a | b |\n|---|---|\n| 1 | 2 dB |\n")
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", str(tmp_path))
+    assert unnamed_tables("X.md", figures_only=True) == ["X.md:11: | a | b |"]
+
+
+def test_readme_is_short():
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        assert len(f.read().splitlines()) <= 260
+
+
+def test_readme_links_resolve():
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
         text = f.read()
-    assert "point COMFYUI_PATH at a ComfyUI checkout and COMFYUI_PYTHON at its Python" in text
-    assert "uni_pc" in text and "dpm_adaptive" in text  # which samplers are checked before sampling
+    targets = set(re.findall(r"\]\(((?!https?:)[^)#]+)", text))
+    assert "docs/planning.md" in targets
+    missing = [t for t in sorted(targets) if not os.path.exists(os.path.join(ROOT, t))]
+    assert not missing, missing
+
+
+FAMILIES = ("FLUX.1", "Chroma", "HunyuanVideo", "Qwen-Image", "Wan2.1", "Wan2.2")
+
+
+def test_metadata_names_the_six_families():
+    import json
+
+    with open(os.path.join(ROOT, "pyproject.toml"), encoding="utf-8") as f:
+        description = re.search(r'^description = "(.*)"$', f.read(), re.M).group(1)
+    with open(os.path.join(ROOT, "node_list.json"), encoding="utf-8") as f:
+        node_list = json.load(f)
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        first = next(line for line in f if line.strip() and not line.startswith("#"))
+    for text in (description, node_list["DPCacheCalibrate"], node_list["DPCacheApply"], first):
+        assert all(name in text for name in FAMILIES), text
