@@ -49,6 +49,13 @@ FIRST_FULL_STEPS = 3  # DPCache Schedule's default
 # The budget
 
 
+def describe_budget(budget: core.Budget, own_num_evals: int) -> str:
+    """"target 3.85x (K=13 of 50, scaled to the run's count)" for the automatic mode's budget."""
+    if budget.rule == "same speed-up":
+        return f"target {own_num_evals / budget.keys:.2f}x (K={budget.keys} of {own_num_evals}, scaled to the run's count)"
+    return budget.describe(own_num_evals)
+
+
 def auto_budget(target_speedup: float = settings.DEFAULT_TARGET_SPEEDUP) -> core.Budget:
     """K = round(50 / target) of 50, scaled to the run's count by the "same speed-up" rule: the
     default 3.85x is DPCache Schedule's default, K = 13 of 50."""
@@ -69,7 +76,7 @@ class AutoSchedule:
     auto: bool = True
 
     def describe(self) -> str:
-        return f"automatic ({self.budget.describe(self.own_num_evals)})"
+        return f"automatic ({describe_budget(self.budget, self.own_num_evals)})"
 
 
 # --------------------------------------------------------------------------------------------
@@ -377,7 +384,7 @@ class AutoHook:
         wall = time.perf_counter() - t0
         line = (f"calibrated this setting (run {count}): {n} of {n} evaluations computed (the plain run), "
                 f"{os.path.basename(path)} now holds {written['samples']} sample(s); the next run at this setting "
-                f"is planned (target {self.budget.describe(self.own_num_evals)}). wall {wall:.2f} s")
+                f"is planned ({describe_budget(self.budget, self.own_num_evals)}). wall {wall:.2f} s")
         log.info("DPCache (auto): %s", line)
         report_event((self.node_id, self.schedule_node), range(n), n, n, 0, line, f"auto:{os.path.basename(path)}")
 

@@ -230,7 +230,7 @@ def auto_schedule(key_steps, first_full_steps, total_evaluations, budget, target
         rule, own = core.Budget(budget, key_steps, target_speedup), int(total_evaluations)
     sched = auto.AutoSchedule(rule, own, int(first_full_steps), None if unique_id is None else str(unique_id))
     text = (f"(auto): the first run at a new setting calibrates (computes every evaluation), later runs are planned "
-            f"from its PACT at {rule.describe(own)}. The plan that ran is shown here after each run")
+            f"from its PACT at {auto.describe_budget(rule, own)}. The plan that ran is shown here after each run")
     log.info("DPCache Schedule (auto): %s", text)
     hooks.send_text(text, unique_id)
     preview = core.to_comfy_image(core.render_timeline(own, list(range(min(first_full_steps, own))),
@@ -362,7 +362,7 @@ class DPCacheApply:
         hook = auto.AutoHook(info.family, calibration_folder(), budget, own, refine_every, unique_id, schedule_node, first)
         m = model.clone()
         hooks.install(m, info, hook, "Apply DPCache")
-        log.info("Apply DPCache: %s; automatic mode (%s), PACTs in %s", info.detail, budget.describe(own), hook.folder)
+        log.info("Apply DPCache: %s; automatic mode (%s), PACTs in %s", info.detail, auto.describe_budget(budget, own), hook.folder)
         return (m,)
 
 
