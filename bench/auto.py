@@ -148,63 +148,61 @@ def synthetic_lora(model, rank: int = 4, scale: float = 0.3, seed: int = 0):
     return lora
 
 
-def keys_of(folder: str, name: str, num_keys: int = K) -> list[int]:
+def keys_of(folder: str, num_keys: int = K) -> list[int]:
     core = comfy_env.boot()["core"]
+    (name,) = [f for f in os.listdir(folder) if f.startswith("auto_")]
     acc, meta = core.load_pact(os.path.join(folder, name))
     return core.solve_schedule(acc.mean(), num_keys, 3, 0, convention=meta.get("convention", "reference"))
 
 
-def plan_psnr(model, prompts, keys, runs, size):
-    """Mean PSNR (decoded image vs the plain run) of the schedule ``keys`` on ``runs`` at latent ``size``."""
-    core, nodes = comfy_env.boot()["core"], comfy_env.boot()["nodes"]
-    sched = core.Schedule(tuple(keys), STEPS, order=1, source="manual", convention="skip")
-    patched = nodes["DPCacheApply"]().apply(model, sched)["result"][0]
-    vals = []
-    for cls, seed in runs:
-        ref = decode(model, sample(model, prompts, cls, seed, size), prompts)
-        vals.append(psnr(decode(model, sample(patched, prompts, cls, seed, size), prompts), ref))
-    return statistics.fmean(vals)
-
-
 def setting(args) -> str:
+    """Each setting calibrated by the automatic mode (one run, its own folder) on two different
+    calibration prompts (A, B: the spread of a one-sample PACT), then every plan applied to the
+    held-out runs of every setting."""
     comfy_env.boot(cpu=True, extra_nodes=(flux_detect_fix_dir(),))
     torch.set_num_threads(args.threads)
     import folder_paths
+    core, nodes = comfy_env.boot()["core"], comfy_env.boot()["nodes"]
     prompts = load_prompts(args.weights)
     model = load_model(args.weights)
     lora = synthetic_lora(model)
-    calib = prompt_list(1, 1000, offset=2)[0]
+    calib = dict(zip("AB", prompt_list(2, 1000, offset=2)))
     runs = prompt_list(args.prompts, 9000, offset=0)
-    variants = {"128x128 px": (model, 16), "256x256 px": (model, 32), "128x128 px + LoRA": (lora, 16)}
-    keys = {}
-    with tempfile.TemporaryDirectory() as folder:
-        folder_paths.add_model_folder_path("dpcache", folder, is_default=True)
+    variants = {"128 px": (model, 16), "256 px": (model, 32), "128 px + LoRA": (lora, 16)}
+    plans = {}
+    with tempfile.TemporaryDirectory() as root:
         for name, (m, size) in variants.items():
-            before = set(os.listdir(folder))
-            sample(apply_auto(m), prompts, *calib, size)  # run 1 at this setting: the automatic calibration
-            new = sorted(set(os.listdir(folder)) - before)
-            keys[name] = keys_of(folder, new[0]) if new else None
-            print(f"{name}: {'wrote ' + new[0] if new else 'no new file (same setting)'}; keys {keys[name]}", flush=True)
+            for c in ("AB" if "LoRA" not in name else "A"):
+                folder = os.path.join(root, f"{len(plans)}")
+                os.makedirs(folder)
+                folder_paths.add_model_folder_path("dpcache", folder, is_default=True)
+                sample(apply_auto(m), prompts, *calib[c], size)  # run 1 at this setting: the automatic calibration
+                plans[f"{name}, prompt {c}"] = keys_of(folder)
+                print(f"{name} calibrated on prompt {c}: keys {plans[f'{name}, prompt {c}']}", flush=True)
         base_lora = sample(lora, prompts, *runs[0]) - sample(model, prompts, *runs[0])
         lora_effect = 10 * math.log10(1.0 / max(torch.mean(base_lora.double() ** 2).item(), 1e-30))
-        pairs = [("128x128 px", "256x256 px"), ("256x256 px", "128x128 px"), ("128x128 px", "128x128 px + LoRA"),
-                 ("128x128 px + LoRA", "128x128 px")]
-        lines = [
-            f"Automatic calibration (1 prompt, order 1, sampled) of each setting, then K = {K} of {STEPS} planned from "
-            f"it; each plan applied to {len(runs)} held-out prompts of the other setting (PSNR of the decoded image vs "
-            f"that setting's plain run). Synthetic LoRA: rank-4 diff patches on every qkv / linear1 weight (it moves the "
-            f"output latent to {lora_effect:.1f} dB of the base model's).",
-            "",
-            "| runs at | plan from | keys (K=13 of 50) | keys not shared | PSNR (dB) |",
-            "|---|---|---|---|---|",
-        ]
-        for target, source in [(a, a) for a in variants] + pairs:
-            m, size = variants[target]
-            ks = keys[source]
-            other = len(set(ks) - set(keys[target]))
-            db = plan_psnr(m, prompts, ks, runs, size)
-            lines.append(f"| {target} | {source} | {ks} | {other} | {db:.1f} |")
-            print(lines[-1], flush=True)
+        table = {}
+        for target, (m, size) in variants.items():
+            refs = [decode(model, sample(m, prompts, cls, seed, size), prompts) for cls, seed in runs]
+            for plan, keys in plans.items():
+                sched = core.Schedule(tuple(keys), STEPS, order=1, source="manual", convention="skip")
+                patched = nodes["DPCacheApply"]().apply(m, sched)["result"][0]
+                vals = [psnr(decode(model, sample(patched, prompts, cls, seed, size), prompts), ref)
+                        for (cls, seed), ref in zip(runs, refs)]
+                table[target, plan] = statistics.fmean(vals)
+            print(target, {p: round(table[target, p], 2) for p in plans}, flush=True)
+    lines = [
+        f"Each setting calibrated by the automatic mode (its run 1: one prompt, order 1, sampled) on two different "
+        f"calibration prompts A and B (the spread of a one-sample PACT), K = {K} of {STEPS} planned from each; every "
+        f"plan applied to {len(runs)} held-out prompts of every setting. Cell: mean PSNR (dB) of the decoded image "
+        f"against that setting's plain run. Synthetic LoRA: rank-4 diff patches on every qkv / linear1 weight (the "
+        f"output latent moves to {lora_effect:.1f} dB of the base model's).",
+        "",
+        "| plan from | keys (K=13 of 50) | " + " | ".join(f"runs at {t}" for t in variants) + " |",
+        "|---|---|" + "---|" * len(variants),
+    ]
+    for plan, keys in plans.items():
+        lines.append(f"| {plan} | {keys} | " + " | ".join(f"{table[t, plan]:.1f}" for t in variants) + " |")
     lines += ["", f"Machine: {machine_name()}."]
     return "\n".join(lines)
 
