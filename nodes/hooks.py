@@ -437,6 +437,9 @@ class ApplyHook:
         log.info(line)
         sched = run.cache.schedule
         line_plan = f"{line}; keys {list(sched.key_steps)}, T={sched.num_evals}, ideal {sched.ideal_speedup:.2f}x"
+        if sched.num_keys >= sched.num_evals:
+            line_plan += (f". {sched.num_evals} of {sched.num_evals} evaluations computed: the budget leaves no "
+                          "speed-up at this evaluation count")
         schedule_node = getattr(self.schedule, "ui_node", None)  # the DPCache Schedule that fed it: shows the plan that ran
         nodes = [str(n) for n in (self.node_id, schedule_node) if n is not None]
         for n in nodes:

@@ -13,7 +13,6 @@ from dpcache_core import load_pact
 from nodes import auto, hooks
 from nodes.dpcache_nodes import DPCacheApply, DPCacheCalibrate, DPCacheSchedule
 
-BLOCKS = 5  # the fake FLUX: 2 double + 3 single blocks
 
 
 def computed(model) -> int:
@@ -213,3 +212,11 @@ def test_calibrate_refuses_a_run_with_other_sigmas(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="other sigmas"):
         F.sample(calib, steps=20, shift=3.0)
     assert load_pact(str(tmp_path / "flux_euler_20.safetensors"))[0].samples == 2
+
+
+def test_explicit_schedule_says_when_the_budget_leaves_no_speed_up(events):
+    sched = DPCacheSchedule().schedule("(uniform)", 13, 3, 0, 50, unique_id="31")["result"][0]
+    (patched,) = DPCacheApply().apply(flux(), sched, unique_id="32")["result"]
+    F.sample(patched, steps=3, cfg=1.0)  # 3 evaluations, all mandatory
+    text = [t for n, t in events["text"] if n == "32"][-1]
+    assert "3 of 3 evaluations computed" in text and "no speed-up" in text
