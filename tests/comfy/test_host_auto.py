@@ -93,6 +93,20 @@ def test_other_scheduler_or_sampler_is_transferred_and_a_lora_is_a_new_setting(h
     assert len(auto_files(pact_dir)) == 2
 
 
+def test_schedule_auto_entry_drives_the_automatic_mode(host, pact_dir):
+    import nodes
+    out = nodes.NODE_CLASS_MAPPINGS["DPCacheSchedule"]().schedule("(auto)", 13, 3, 0, 50, unique_id="2")
+    marker, preview = out["result"]
+    assert marker.auto and preview.shape[-1] == 3
+    model = build_model("flux")
+    patched = apply_auto(model, schedule=marker, unique_id="4")
+    with BlockCounter(model) as c1:
+        sample(patched, "flux", steps=STEPS, seed=5)
+    with BlockCounter(model) as c2:
+        sample(patched, "flux", steps=STEPS, seed=6)
+    assert (c1.total, c2.total) == (STEPS * BLOCKS, 5 * BLOCKS)
+
+
 def test_interrupted_first_run_leaves_no_file(host, pact_dir):
     import comfy.model_management
     model = build_model("flux")
