@@ -188,31 +188,6 @@ def plan_keys(acc, meta: dict, shape, budget: core.Budget, own_num_evals: int, f
 # Runs
 
 
-class TimedApplyRun(hooks.ApplyRun):
-    """ApplyRun that times each evaluation, for the measured speed-up in the report."""
-
-    def __init__(self, *a, **kw):
-        super().__init__(*a, **kw)
-        self.marks: list[tuple[float, bool]] = []
-
-    def start_evaluation(self, sigma=None) -> None:
-        super().start_evaluation(sigma)
-        self.marks.append((time.perf_counter(), bool(self.cache.is_key)))
-
-    def measured_speedup(self) -> float | None:
-        """T x (mean time of a computed evaluation) / the run's time: the speed-up over computing all,
-        estimated from this run alone (first evaluation left out: it carries warm-up)."""
-        if len(self.marks) < 3:
-            return None
-        ends = [t for t, _ in self.marks[1:]] + [time.perf_counter()]
-        spans = [(e - s, key) for (s, key), e in zip(self.marks, ends)][1:]
-        keyed = [d for d, key in spans if key]
-        total = sum(d for d, _ in spans)
-        if not keyed or total <= 0:
-            return None
-        return len(spans) * (sum(keyed) / len(keyed)) / total
-
-
 class FullRun(hooks.RunState):
     """Every evaluation computed, nothing recorded (a damaged file, or a run the mode cannot plan)."""
 
@@ -341,7 +316,7 @@ class AutoHook:
                                  first_full_steps=self.first_full_steps,
                                  convention="skip" if found.meta.get("convention") == "skip" else "reference")
         force_all = hooks.uses_controlnet(guider)
-        run = TimedApplyRun(self.family, schedule, force_all, sampler_name(sampler), how)
+        run = hooks.ApplyRun(self.family, schedule, force_all, sampler_name(sampler), how)
         run.auto = ("plan", setting, found, asked)
         log.info("DPCache (auto): %s: keys %s (%d of %d)", how, list(keys), len(keys), n)
         return run

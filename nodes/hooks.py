@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import textwrap
+import time
 
 import torch
 
@@ -178,6 +179,7 @@ class ApplyRun(RunState):
         self.sampler = sampler
         self.plan_text = plan_text
         self.fallback_calls = 0
+        self.marks: list[tuple[float, bool]] = []  # (start time, key?) of every evaluation: the measured speed-up
 
     def start_evaluation(self, sigma=None) -> None:
         try:
@@ -192,6 +194,20 @@ class ApplyRun(RunState):
             ) from None
         if not key and self.force_all:
             self.cache.force_key()
+        self.marks.append((time.perf_counter(), bool(self.cache.is_key)))
+
+    def measured_speedup(self) -> float | None:
+        """T x (mean time of a computed evaluation) / the run's time: the speed-up over computing all,
+        estimated from this run alone (its first evaluation left out: it carries warm-up)."""
+        if len(self.marks) < 3:
+            return None
+        ends = [t for t, _ in self.marks[1:]] + [time.perf_counter()]
+        spans = [(e - s, key) for (s, key), e in zip(self.marks, ends)][1:]
+        keyed = [d for d, key in spans if key]
+        total = sum(d for d, _ in spans)
+        if not keyed or total <= 0:
+            return None
+        return len(spans) * (sum(keyed) / len(keyed)) / total
 
     def begin_call(self, args) -> None:
         super().begin_call(args)
@@ -436,7 +452,9 @@ class ApplyHook:
         line = run.summary()
         log.info(line)
         sched = run.cache.schedule
-        line_plan = f"{line}; keys {list(sched.key_steps)}, T={sched.num_evals}, ideal {sched.ideal_speedup:.2f}x"
+        measured = run.measured_speedup()
+        line_plan = (f"{line}; keys {list(sched.key_steps)}, T={sched.num_evals}, ideal {sched.ideal_speedup:.2f}x"
+                     + (f", measured {measured:.2f}x" if measured else ""))
         if sched.num_keys >= sched.num_evals:
             line_plan += (f". {sched.num_evals} of {sched.num_evals} evaluations computed: the budget leaves no "
                           "speed-up at this evaluation count")
@@ -448,6 +466,7 @@ class ApplyHook:
             send_event("dpcache.run", {"node": nodes[0], "nodes": nodes, "computed": run.cache.computed,
                                        "skipped": run.cache.skipped, "num_evals": run.evaluations, "summary": line_plan,
                                        "key_steps": list(sched.key_steps), "ideal_speedup": round(sched.ideal_speedup, 4),
+                                       "measured_speedup": None if measured is None else round(measured, 3),
                                        "source": sched.source})
         if run.evaluations != run.cache.schedule.num_evals:
             raise ScheduleMismatchError(mismatch_message(run.evaluations, run.cache.schedule.num_evals, run.sampler))

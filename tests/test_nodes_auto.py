@@ -195,6 +195,7 @@ def test_explicit_schedule_reports_the_plan_that_ran_to_its_schedule_node(events
     _, data = events["event"][-1]
     assert data["nodes"] == ["22", "21"] and data["num_evals"] == 20 and len(data["key_steps"]) == 5
     assert any(n == "21" and "T=20" in t for n, t in events["text"])
+    assert data["measured_speedup"] > 0 and "measured" in data["summary"]
 
 
 # ---- DPCache Calibrate with an explicit name: no silent mixing
