@@ -134,7 +134,7 @@ class DPCacheCalibrate:
         return {
             "required": {
                 "model": ("MODEL", {"tooltip": "A FLUX.1, Chroma, HunyuanVideo (T2V), Qwen-Image, Wan2.1 or Wan2.2 model (for Wan2.2 A14B: each expert). It is cloned; the input stays untouched."}),
-                "pact_name": ("STRING", {"default": "", "tooltip": "File name in models/dpcache/ (letters, digits, . _ -). Samples accumulate there across queued prompts. Empty: named after the model family, sampler and step count when sampling starts (e.g. wan_uni_pc_30)."}),
+                "pact_name": ("STRING", {"default": "", "tooltip": "File name in models/dpcache/ (letters, digits, . _ -). Samples accumulate there across queued prompts. Empty: named after the model family, sampler, scheduler and step count when sampling starts (e.g. wan_uni_pc_simple_30). A run with other sigmas than the file's (scheduler, shift, denoise) is refused, not mixed in."}),
                 "order": ("INT", {"default": 1, "min": 1, "max": 3, "tooltip": "Taylor order of the predictor the PACT is built for. 1 (default): planned on the exact cost of the skipped evaluations; the best or near-best schedule at most K in our benchmarks. 2 is the paper's choice: the file also stores the cost given the last three key steps the run really uses (history-exact), which DPCache Schedule then plans on. Must match the file's order."}),
                 "reset": ("BOOLEAN", {"default": False, "tooltip": "Start the file afresh on the next finished run (its old samples are dropped); later runs accumulate again."}),
             },
