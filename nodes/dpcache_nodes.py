@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from . import hooks, memory
+from . import auto, hooks, memory
 
 try:
     from ..dpcache_core.windows import planning_view
@@ -30,7 +30,7 @@ FOLDER = "dpcache"
 EXTENSIONS = {".safetensors"}
 PACK_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED_DIR = os.path.join(PACK_DIR, "cost_matrices")
-UNIFORM, MANUAL = "(uniform)", "(manual)"
+UNIFORM, MANUAL, AUTO = "(uniform)", "(manual)", "(auto)"
 BUDGET_RULES = core.BUDGET_RULES
 DEFAULT_ORDER = 2  # Taylor order of (uniform) / (manual) schedules: the better one for evenly spaced keys (BENCHMARKS.md)
 
@@ -134,7 +134,7 @@ class DPCacheCalibrate:
         return {
             "required": {
                 "model": ("MODEL", {"tooltip": "A FLUX.1, Chroma, HunyuanVideo (T2V), Qwen-Image, Wan2.1 or Wan2.2 model (for Wan2.2 A14B: each expert). It is cloned; the input stays untouched."}),
-                "pact_name": ("STRING", {"default": "", "tooltip": "File name in models/dpcache/ (letters, digits, . _ -). Samples accumulate there across queued prompts. Empty: named after the model family, sampler and step count when sampling starts (e.g. wan_uni_pc_30)."}),
+                "pact_name": ("STRING", {"default": "", "tooltip": "File name in models/dpcache/ (letters, digits, . _ -). Samples accumulate there across queued prompts. Empty: named after the model family, sampler, scheduler and step count when sampling starts (e.g. wan_uni_pc_simple_30). A run with other sigmas than the file's (scheduler, shift, denoise) is refused, not mixed in."}),
                 "order": ("INT", {"default": 1, "min": 1, "max": 3, "tooltip": "Taylor order of the predictor the PACT is built for. 1 (default): planned on the exact cost of the skipped evaluations; the best or near-best schedule at most K in our benchmarks. 2 is the paper's choice: the file also stores the cost given the last three key steps the run really uses (history-exact), which DPCache Schedule then plans on. Must match the file's order."}),
                 "reset": ("BOOLEAN", {"default": False, "tooltip": "Start the file afresh on the next finished run (its old samples are dropped); later runs accumulate again."}),
             },
@@ -171,7 +171,7 @@ class DPCacheSchedule:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "pact": ([UNIFORM, MANUAL] + pact_files(), {"tooltip": "A calibrated PACT (models/dpcache/ and the pack's cost_matrices/), or (uniform) / (manual) to schedule without one. The plan follows the file: PACTs from this version's DPCache Calibrate count only the evaluations that are skipped (history-exact at order 2 or more when the file holds that cost); older files and the paper authors' PACTs plan with the reference costs, as before. The text and picture say which."}),
+                "pact": ([UNIFORM, MANUAL] + pact_files() + [AUTO], {"tooltip": "(auto): Apply DPCache's automatic mode (calibrates on the first run at a new setting, plans every later one; budget from key_steps of total_evaluations or target_speedup). A calibrated PACT (models/dpcache/ and the pack's cost_matrices/), or (uniform) / (manual) to schedule without one. The plan follows the file: PACTs from this version's DPCache Calibrate count only the evaluations that are skipped (history-exact at order 2 or more when the file holds that cost); older files and the paper authors' PACTs plan with the reference costs, as before. The text and picture say which."}),
                 "key_steps": ("INT", {"default": 13, "min": 1, "max": 1000, "tooltip": "K: how many evaluations are computed in full, mandatory ones included. Ideal speed-up T/K. Ignored by (manual)."}),
                 "first_full_steps": ("INT", {"default": 3, "min": 1, "max": 1000, "tooltip": "The first evaluations are always computed (the picture changes fastest there)."}),
                 "last_full_steps": ("INT", {"default": 0, "min": 0, "max": 1000, "tooltip": "The last evaluations are always computed (fine detail)."}),
@@ -188,7 +188,7 @@ class DPCacheSchedule:
 
     @classmethod
     def IS_CHANGED(cls, pact, **kwargs):
-        if pact in (UNIFORM, MANUAL):
+        if pact in (UNIFORM, MANUAL, AUTO):
             return ""
         try:  # re-run when calibration added samples to the file
             st = os.stat(pact_path(pact))
@@ -198,6 +198,8 @@ class DPCacheSchedule:
 
     def schedule(self, pact, key_steps, first_full_steps, last_full_steps, total_evaluations, manual_key_steps="",
                  budget=BUDGET_RULES[0], target_speedup=3.85, taylor_order=DEFAULT_ORDER, unique_id=None):
+        if pact == AUTO:
+            return auto_schedule(key_steps, first_full_steps, total_evaluations, budget, target_speedup, unique_id)
         notes: list[str] = []
         sched, cost, hop_costs = make_schedule(pact, key_steps, first_full_steps, last_full_steps, total_evaluations,
                                                manual_key_steps, budget, target_speedup, taylor_order, notes)
@@ -215,9 +217,28 @@ class DPCacheSchedule:
                      f"starts ({sched.planner.budget.describe(sched.num_evals)})")
         else:
             text += f". Manual keys: runs must make exactly {sched.num_evals} evaluations"
+        if unique_id is not None:  # Apply DPCache reports the plan that ran back to this node
+            object.__setattr__(sched, "ui_node", str(unique_id))
         log.info("DPCache Schedule (%s): %s", sched.source, text)
         hooks.send_text(text, unique_id)
         return {"ui": {"text": [text], "dpcache_schedule": [schedule_ui(sched)]}, "result": (sched, render_preview(sched, cost, hop_costs))}
+
+
+def auto_schedule(key_steps, first_full_steps, total_evaluations, budget, target_speedup, unique_id=None) -> dict:
+    """DPCache Schedule's "(auto)": a marker for Apply DPCache's automatic mode; the plan is drawn after each run."""
+    if budget == "target speed-up":
+        rule = auto.auto_budget(target_speedup)
+        own = auto.settings.DEFAULT_OWN_EVALS
+    else:
+        rule, own = core.Budget(budget, key_steps, target_speedup), int(total_evaluations)
+    sched = auto.AutoSchedule(rule, own, int(first_full_steps), None if unique_id is None else str(unique_id))
+    text = (f"(auto): the first run at a new setting calibrates (computes every evaluation), later runs are planned "
+            f"from its PACT at {auto.describe_budget(rule, own)}. The plan that ran is shown here after each run")
+    log.info("DPCache Schedule (auto): %s", text)
+    hooks.send_text(text, unique_id)
+    preview = core.to_comfy_image(core.render_timeline(own, list(range(min(first_full_steps, own))),
+                                                       title="(auto): planned when sampling starts"))
+    return {"ui": {"text": [text]}, "result": (sched, preview)}
 
 
 def make_schedule(pact, key_steps, first_full_steps=3, last_full_steps=0, total_evaluations=50, manual_key_steps="",
@@ -347,12 +368,18 @@ class DPCacheApply:
         return {
             "required": {
                 "model": ("MODEL", {"tooltip": "A FLUX.1, Chroma, HunyuanVideo (T2V), Qwen-Image, Wan2.1 or Wan2.2 model (for Wan2.2 A14B: each expert). It is cloned; the input stays untouched."}),
-                "schedule": ("DPCACHE_SCHEDULE", {"tooltip": "From DPCache Schedule. A run with another number of model evaluations (steps, sampler, a KSamplerAdvanced slice) is re-planned from it when sampling starts; a (manual) schedule needs exactly its T."}),
+            },
+            "optional": {
+                "schedule": ("DPCACHE_SCHEDULE", {"tooltip": "From DPCache Schedule. Not connected (or Schedule's (auto)): automatic mode, the first run at a new setting calibrates and later runs are planned (docs/auto.md). A run with another number of model evaluations (steps, sampler, a KSamplerAdvanced slice) is re-planned from it when sampling starts; a (manual) schedule needs exactly its T."}),
+                "target_speedup": ("FLOAT", {"default": auto.settings.DEFAULT_TARGET_SPEEDUP, "min": 1.0, "max": 50.0, "step": 0.05, "tooltip": "Automatic mode only: the ideal speed-up T/K to plan for (3.85 = K 13 of 50, DPCache Schedule's default), scaled to the run's evaluation count."}),
+                "refine_every": ("INT", {"default": 0, "min": 0, "max": 10000, "tooltip": "Automatic mode only: every N-th run at a setting is a calibration run that adds a sample to its PACT (computes every evaluation). 0 = off: calibrate once."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
-    def apply(self, model, schedule, unique_id=None):
+    def apply(self, model, schedule=None, target_speedup=auto.settings.DEFAULT_TARGET_SPEEDUP, refine_every=0, unique_id=None):
+        if schedule is None or getattr(schedule, "auto", False):
+            return self.apply_auto(model, schedule, target_speedup, refine_every, unique_id)
         schedule = check_schedule(schedule)
         info = hooks.model_info(model)
         hooks.check_unpatched(model)
@@ -366,6 +393,20 @@ class DPCacheApply:
         memory.reserve(m, memory.cache_bytes(m, schedule.order))  # ComfyUI's model loading keeps room for the cache
         log.info("Apply DPCache: %s; %s", info.detail, schedule.describe())
         return {"ui": {"dpcache_schedule": [schedule_ui(schedule)]}, "result": (m,)}
+
+    def apply_auto(self, model, marker, target_speedup, refine_every, unique_id):
+        info = hooks.model_info(model)
+        hooks.check_unpatched(model)
+        if marker is None:
+            budget, own, first, schedule_node = auto.auto_budget(target_speedup), auto.settings.DEFAULT_OWN_EVALS, auto.FIRST_FULL_STEPS, None
+        else:
+            budget, own, first, schedule_node = marker.budget, marker.own_num_evals, marker.first_full_steps, marker.node_id
+        hook = auto.AutoHook(info.family, calibration_folder(), budget, own, refine_every, unique_id, schedule_node, first)
+        m = model.clone()
+        hooks.install(m, info, hook, "Apply DPCache")
+        memory.reserve(m, memory.cache_bytes(m, 1))  # the automatic mode plans at Taylor order 1
+        log.info("Apply DPCache: %s; automatic mode (%s), PACTs in %s", info.detail, auto.describe_budget(budget, own), hook.folder)
+        return (m,)
 
 
 register_folder()

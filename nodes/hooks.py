@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import textwrap
+import time
 
 import torch
 
@@ -29,6 +30,7 @@ try:  # inside ComfyUI the pack is a package; in the CPU tests the repo root is 
     from ..dpcache_core.runtime import DEFAULT_SAMPLE_SEED, DEFAULT_SAMPLE_SIZE, mismatch_message
     from ..dpcache_core.store import combine_sampling
     from ..dpcache_core.transfer import positions_from_sigmas, spread_ties
+    from ..dpcache_core.settings import distinct, sample_record, sigmas_hash as settings_sigmas_hash
 except ImportError:  # pragma: no cover - depends on how the pack is imported
     from dpcache_core import CacheRun, PactAccumulator, PactFileError, ScheduleMismatchError, TrajectoryRecorder, history_fits, load_pact, save_pact
     from dpcache_core import windows
@@ -37,6 +39,7 @@ except ImportError:  # pragma: no cover - depends on how the pack is imported
     from dpcache_core.runtime import DEFAULT_SAMPLE_SEED, DEFAULT_SAMPLE_SIZE, mismatch_message
     from dpcache_core.store import combine_sampling
     from dpcache_core.transfer import positions_from_sigmas, spread_ties
+    from dpcache_core.settings import distinct, sample_record, sigmas_hash as settings_sigmas_hash
 
 from . import families
 from .sampler_counts import expected_evaluations, is_rectified_flow, sampler_name
@@ -176,6 +179,7 @@ class ApplyRun(RunState):
         self.sampler = sampler
         self.plan_text = plan_text
         self.fallback_calls = 0
+        self.marks: list[tuple[float, bool]] = []  # (start time, key?) of every evaluation: the measured speed-up
 
     def start_evaluation(self, sigma=None) -> None:
         try:
@@ -190,6 +194,20 @@ class ApplyRun(RunState):
             ) from None
         if not key and self.force_all:
             self.cache.force_key()
+        self.marks.append((time.perf_counter(), bool(self.cache.is_key)))
+
+    def measured_speedup(self) -> float | None:
+        """T x (mean time of a computed evaluation) / the run's time: the speed-up over computing all,
+        estimated from this run alone (its first evaluation left out: it carries warm-up)."""
+        if len(self.marks) < 3:
+            return None
+        ends = [t for t, _ in self.marks[1:]] + [time.perf_counter()]
+        spans = [(e - s, key) for (s, key), e in zip(self.marks, ends)][1:]
+        keyed = [d for d, key in spans if key]
+        total = sum(d for d, _ in spans)
+        if not keyed or total <= 0:
+            return None
+        return len(spans) * (sum(keyed) / len(keyed)) / total
 
     def begin_call(self, args) -> None:
         super().begin_call(args)
@@ -437,11 +455,23 @@ class ApplyHook:
             return
         line = run.summary()
         log.info(line)
-        send_text(line, self.node_id)
-        if self.node_id is not None:
-            send_event("dpcache.run", {"node": str(self.node_id), "computed": run.cache.computed,
-                                       "skipped": run.cache.skipped, "num_evals": run.evaluations, "summary": line,
-                                       "key_steps": list(run.cache.schedule.key_steps)})
+        sched = run.cache.schedule
+        measured = run.measured_speedup()
+        line_plan = (f"{line}; keys {list(sched.key_steps)}, T={sched.num_evals}, ideal {sched.ideal_speedup:.2f}x"
+                     + (f", measured {measured:.2f}x" if measured else ""))
+        if sched.num_keys >= sched.num_evals:
+            line_plan += (f". {sched.num_evals} of {sched.num_evals} evaluations computed: the budget leaves no "
+                          "speed-up at this evaluation count")
+        schedule_node = getattr(self.schedule, "ui_node", None)  # the DPCache Schedule that fed it: shows the plan that ran
+        nodes = [str(n) for n in (self.node_id, schedule_node) if n is not None]
+        for n in nodes:
+            send_text(line_plan, n)
+        if nodes:
+            send_event("dpcache.run", {"node": nodes[0], "nodes": nodes, "computed": run.cache.computed,
+                                       "skipped": run.cache.skipped, "num_evals": run.evaluations, "summary": line_plan,
+                                       "key_steps": list(sched.key_steps), "ideal_speedup": round(sched.ideal_speedup, 4),
+                                       "measured_speedup": None if measured is None else round(measured, 3),
+                                       "source": sched.source})
         if run.evaluations != run.cache.schedule.num_evals:
             raise ScheduleMismatchError(mismatch_message(run.evaluations, run.cache.schedule.num_evals, run.sampler))
 
@@ -580,9 +610,29 @@ def kept_text(size) -> str:
     return "every cache-point element" if size == "all" else f"{size} sampled cache-point elements per stream"
 
 
-def automatic_pact_name(family: str, sampler: str | None, steps: int) -> str:
-    """The PACT name when pact_name is left empty: model family, sampler and step count (wan_uni_pc_30)."""
-    return f"{family}_{sampler or 'sampler'}_{steps}"
+
+def automatic_pact_name(family: str, sampler: str | None, steps: int, scheduler: str | None = None,
+                        sigmas_digest: str = "") -> str:
+    """The PACT name when pact_name is left empty: model family, sampler, scheduler and step count
+    (wan_uni_pc_simple_30); sigmas no named scheduler makes are named by their hash (flux_euler_sig1a2b3c_20)."""
+    sched = scheduler or f"sig{sigmas_digest[:6]}"
+    return f"{family}_{sampler or 'sampler'}_{sched}_{steps}"
+
+
+def sigmas_mismatch(name: str, meta: dict, digest: str | None, scheduler: str | None, count: int | None = None) -> str | None:
+    """Why a run must not add to a PACT of other sigmas (another scheduler, shift or denoise), or None.
+    Files of partial-run windows and files written before sigmas were recorded are not checked."""
+    if meta.get("windows") or digest is None:
+        return None
+    have = meta.get("sigmas_hash")
+    if have is None and meta.get("eval_sigmas") and len(meta["eval_sigmas"]) == count:  # one evaluation per step
+        have = settings_sigmas_hash(meta["eval_sigmas"])
+    if have is None or have == digest:
+        return None
+    return (f"PACT '{name}' was calibrated on other sigmas (scheduler {meta.get('scheduler') or 'unknown'}) than this "
+            f"run's (scheduler {scheduler or 'not a named one'}); adding this sample would mix the costs of two "
+            "trajectories. Pick a new pact_name on DPCache Calibrate (or leave it empty: automatic names include the "
+            "scheduler), or set reset to start the file afresh")
 
 
 class CalibrateHook:
@@ -651,12 +701,15 @@ class CalibrateHook:
             raise ValueError("DPCache Calibrate does not work with context windows; remove the context-window node")
         window = run_window(run_shape(guider, sampler, sigmas))
         steps = int(sigmas.shape[-1]) - 1 if window is None else window[1]
+        scheduler = guess_scheduler(guider, sigmas)
+        digest = settings_sigmas_hash(sigmas.detach().float().cpu().reshape(-1).tolist())
         path = self.path or os.path.join(
-            self.folder, pact_file_name(automatic_pact_name(self.family, sampler_name(sampler), steps)))
+            self.folder, pact_file_name(automatic_pact_name(self.family, sampler_name(sampler), steps, scheduler, digest)))
         existing = self.load_existing(path, window)
         if existing is not None:
             count = window[1] if window else expected_evaluations(sampler, sigmas, is_rectified_flow(guider.model_patcher))
-            problem = self.mismatch(path, existing[1], count)
+            problem = self.mismatch(path, existing[1], count) or sigmas_mismatch(
+                os.path.basename(path), existing[1], None if window else digest, scheduler, int(sigmas.numel()))
             if problem:
                 raise PactFileError(problem)
         expected = window[2] if window else expected_evaluations(sampler, sigmas, is_rectified_flow(guider.model_patcher))
@@ -670,10 +723,14 @@ class CalibrateHook:
             "order": self.order,
             "scheme": "reference",
             "sampler": sampler_name(sampler),
-            "scheduler": guess_scheduler(guider, sigmas),
+            "scheduler": scheduler,
             "resolution": resolution_of(args[1]),
             "steps": steps,
         }
+        if window is None:
+            run.metadata["sigmas_hash"] = digest
+        seed = args[7] if len(args) > 7 else None
+        run.record = sample_record(run.metadata["resolution"], seed, run.metadata["sampler"], scheduler)
         where = "" if window is None else f" (evaluations {window[0]}..{window[0] + window[2] - 1} of a T={window[1]} trajectory)"
         log.info("DPCache Calibrate: recording the cache point at every evaluation for %s%s", os.path.basename(path), where)
         run.announce = lambda size: log.info("DPCache Calibrate: keeping %s", kept_text(size))
@@ -693,7 +750,8 @@ class CalibrateHook:
         total = num_evals if window is None else window[1]
         existing = self.load_existing(run.path, window)
         if existing is not None:
-            problem = self.mismatch(run.path, existing[1], total)
+            problem = self.mismatch(run.path, existing[1], total) or sigmas_mismatch(
+                name, existing[1], run.metadata.get("sigmas_hash"), run.metadata.get("scheduler"), len(run.sigmas) + 1)
             if problem:
                 raise PactFileError(problem)
         log.info("DPCache Calibrate: building the PACT sample (%d evaluations)", num_evals)
@@ -727,6 +785,14 @@ class CalibrateHook:
         size = run.recorder.sample_description()
         this = {"samples": 1, "sample_size": size, "sample_seed": None if size == "all" else run.recorder.seed}
         meta.update(combine_sampling([old_meta, this]))
+        # per-sample metadata is kept as a list; "resolution" is the one value or the distinct ones
+        records = list(old_meta.get("sample_meta") or []) + [run.record]
+        meta["sample_meta"] = records
+        if old_meta and not old_meta.get("sample_meta") and old_meta.get("resolution"):
+            old_res = old_meta["resolution"]
+            meta["resolution"] = distinct((old_res if isinstance(old_res, list) else [old_res]) + [r["resolution"] for r in records])
+        else:
+            meta["resolution"] = distinct(r["resolution"] for r in records)
         meta = save_pact(run.path, acc, file_metadata(meta, existing, self.order, history is not None, window is None))
         self.pending_reset[0] = False
         kept = kept_text(size)

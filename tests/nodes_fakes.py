@@ -153,6 +153,8 @@ class FakePatcher:
         n.model = self.model
         n.model_options = copy.deepcopy(self.model_options)  # what ComfyUI 0.3.64 does
         n.wrappers = {k: list(v) for k, v in self.wrappers.items()}
+        if hasattr(self, "patches"):  # weight patches (LoRAs): copied per key like ModelPatcher.clone
+            n.patches = {k: list(v) for k, v in self.patches.items()}
         return n
 
     def set_model_patch_replace(self, patch, name, block_name, number):
@@ -190,14 +192,18 @@ class FakeSampler:
 
 def sample(patcher, steps=10, cfg=2.0, batch=1, split=False, sampler="euler", evals_per_step=1,
            control=None, interrupt_at=None, context_handler=False, streams=None, img=IMG, window=None,
-           last_single=False, sigmas=None):
+           last_single=False, sigmas=None, shift=None, seed=0):
     """A sampling run of the fake model; returns the list of model outputs (one per evaluation).
 
     ``window=(start, end)``: only steps start..end-1 of the ``steps``, like KSamplerAdvanced.
     ``last_single``: the last step makes one evaluation (like heun's step to sigma 0).
-    ``sigmas``: the run's sigmas (another scheduler); default ``steps`` evenly spaced from 1 to 0."""
+    ``sigmas``: the run's sigmas (another scheduler); default ``steps`` evenly spaced from 1 to 0.
+    ``shift``: shifted sigmas (another trajectory, like another scheduler); ``seed``: passed to the
+    OUTER_SAMPLE wrappers like ComfyUI's guider does."""
     dm = patcher.dm
     sigmas = torch.linspace(1.0, 0.0, steps + 1) if sigmas is None else torch.as_tensor(sigmas, dtype=torch.float32)
+    if shift is not None:  # other sigmas (like another scheduler or shift): s' = shift s / (1 + (shift - 1) s)
+        sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
     if window is not None:
         sigmas = sigmas[window[0]:window[1] + 1]
     cond = {"uuid": uuid.uuid4(), "control": control}
@@ -205,7 +211,7 @@ def sample(patcher, steps=10, cfg=2.0, batch=1, split=False, sampler="euler", ev
     chunks = [(1, uncond), (0, cond)] if cfg != 1.0 else [(0, cond)]
     if streams is not None:
         chunks = streams
-    guider = SimpleNamespace(model_patcher=patcher, conds={"positive": [cond], "negative": [uncond]})
+    guider = SimpleNamespace(model_patcher=patcher, conds={"positive": [cond], "negative": [uncond]}, cfg=cfg)
     guider.model_options = copy.deepcopy(patcher.model_options)
     if context_handler:
         guider.model_options["context_handler"] = object()
@@ -241,7 +247,7 @@ def sample(patcher, steps=10, cfg=2.0, batch=1, split=False, sampler="euler", ev
         return x
 
     Executor(outer_sample, guider, patcher.wrappers.get("outer_sample", []))(
-        x0, x0 * 0, FakeSampler(sampler, evals_per_step), sigmas, None, None, True, 0)
+        x0, x0 * 0, FakeSampler(sampler, evals_per_step), sigmas, None, None, True, seed)
     sample.last_guider = guider
     return outputs
 

@@ -176,10 +176,11 @@ def test_ddim_uniform_is_a_whole_run():
 def test_ddim_uniform_calibration_writes_a_whole_run_pact(folder, caplog):
     (calib,) = DPCacheCalibrate().calibrate(F.FakePatcher(F.Flux()), "", 1, False)
     F.sample(calib, sigmas=ddim_uniform_sigmas(TABLE, 20))
-    assert os.listdir(folder) == ["flux_euler_20.safetensors"]
-    acc, meta = load_pact(str(folder / "flux_euler_20.safetensors"))
+    (name,) = os.listdir(folder)  # named family_sampler_scheduler_T: 20 evaluations, not a window of 21
+    assert name.startswith("flux_euler_") and name.endswith("_20.safetensors")
+    acc, meta = load_pact(str(folder / name))
     assert acc.num_evals == 20 and "windows" not in meta and meta["convention"] == "skip"
-    sched, _, _ = make_schedule("flux_euler_20.safetensors", 8, first_full_steps=2)
+    sched, _, _ = make_schedule(name, 8, first_full_steps=2)
     patched = DPCacheApply().apply(F.FakePatcher(F.Flux()), sched)["result"][0]
     caplog.set_level(logging.INFO, logger="dpcache")
     F.sample(patched, sigmas=ddim_uniform_sigmas(TABLE, 20))  # the same run: the plan as it is

@@ -54,8 +54,11 @@ def test_contract_inputs_and_defaults():
     assert sch["pact"][0][:2] == ["(uniform)", "(manual)"]
     assert [sch[k][1]["default"] for k in ("key_steps", "first_full_steps", "last_full_steps", "total_evaluations", "manual_key_steps")] == [13, 3, 0, 50, ""]
     assert nd.DPCacheSchedule.RETURN_TYPES == ("DPCACHE_SCHEDULE", "IMAGE")
-    app = nd.DPCacheApply.INPUT_TYPES()["required"]
-    assert app["model"][0] == "MODEL" and app["schedule"][0] == "DPCACHE_SCHEDULE"
+    assert sch["pact"][0][-1] == "(auto)"  # offered, never the default entry
+    app = nd.DPCacheApply.INPUT_TYPES()
+    assert app["required"]["model"][0] == "MODEL" and app["optional"]["schedule"][0] == "DPCACHE_SCHEDULE"
+    assert "schedule" not in app["required"]  # nothing connected: the automatic mode
+    assert app["optional"]["target_speedup"][1]["default"] == 3.85 and app["optional"]["refine_every"][1]["default"] == 0
     assert nd.DPCacheApply.RETURN_TYPES == ("MODEL",) == nd.DPCacheCalibrate.RETURN_TYPES
 
 
@@ -105,7 +108,7 @@ def test_schedule_from_a_pact_file(shipped):
     acc.add(cost)
     save_pact(os.path.join(shipped, "w.safetensors"), acc, {"model_family": "wan", "order": 2, "scheme": "reference"})
     (shipped / "notes.txt").write_text("not a PACT")
-    assert nd.DPCacheSchedule.INPUT_TYPES()["required"]["pact"][0] == ["(uniform)", "(manual)", "w.safetensors"]
+    assert nd.DPCacheSchedule.INPUT_TYPES()["required"]["pact"][0] == ["(uniform)", "(manual)", "w.safetensors", "(auto)"]
     sched, image, text = run_schedule(pact="w.safetensors", key_steps=6)
     assert sched.num_evals == t and sched.num_keys == 6 and sched.model_family == "wan"
     assert sched.source == "pact:w.safetensors" and sched.cost is not None

@@ -241,7 +241,8 @@ def test_calibrate_rejects_unsafe_names(name):
 
 
 @pytest.mark.parametrize("blank", ["", " "])
-def test_empty_pact_name_is_named_after_family_sampler_and_steps_at_run_start(tmp_path, monkeypatch, blank):
+def test_empty_pact_name_is_named_after_family_sampler_scheduler_and_steps_at_run_start(tmp_path, monkeypatch, blank):
+    import re
     import nodes.dpcache_nodes as nd
     monkeypatch.setattr(nd, "calibration_folder", lambda: str(tmp_path))
     assert nd.DPCacheCalibrate.INPUT_TYPES()["required"]["pact_name"][1]["default"] == ""
@@ -249,13 +250,24 @@ def test_empty_pact_name_is_named_after_family_sampler_and_steps_at_run_start(tm
     F.sample(calib, steps=6, sampler="uni_pc")
     F.sample(calib, steps=8)  # the same node, another setting: another file
     F.sample(calib, steps=8)
-    assert sorted(os.listdir(tmp_path)) == ["wan_euler_8.safetensors", "wan_uni_pc_6.safetensors"]
-    acc, meta = load_pact(os.path.join(tmp_path, "wan_euler_8.safetensors"))
+    # the fakes' sigmas are no named ComfyUI scheduler's: the name carries their hash instead
+    names = sorted(os.listdir(tmp_path))
+    assert len(names) == 2 and re.fullmatch(r"wan_euler_sig[0-9a-f]{6}_8\.safetensors", names[0]), names
+    assert re.fullmatch(r"wan_uni_pc_sig[0-9a-f]{6}_6\.safetensors", names[1]), names
+    acc, meta = load_pact(os.path.join(tmp_path, names[0]))
     assert acc.samples == 2 and meta["sampler"] == "euler" and meta["steps"] == 8
+    assert [r["sampler"] for r in meta["sample_meta"]] == ["euler", "euler"]  # per-sample metadata kept as a list
     (calib_flux,) = DPCacheCalibrate().calibrate(flux(), blank, 1, False)
     F.sample(calib_flux, steps=6, sampler="heun", evals_per_step=2, last_single=True)
-    acc, meta = load_pact(os.path.join(tmp_path, "flux_heun_6.safetensors"))
-    assert acc.num_evals == 11 and meta["model_family"] == "flux"
+    (heun,) = [n for n in os.listdir(tmp_path) if n.startswith("flux_heun_")]
+    acc, meta = load_pact(os.path.join(tmp_path, heun))
+    assert acc.num_evals == 11 and meta["model_family"] == "flux" and heun.endswith("_6.safetensors")
+
+
+def test_automatic_names_include_the_scheduler():
+    from nodes.hooks import automatic_pact_name
+    assert automatic_pact_name("flux", "euler", 20, "beta") == "flux_euler_beta_20"
+    assert automatic_pact_name("flux", "euler", 20, "simple") != automatic_pact_name("flux", "euler", 20, "beta")
 
 
 def test_calibrate_records_separate_streams_and_builds_a_pact(tmp_path, monkeypatch):

@@ -7,9 +7,9 @@ used, settings that must agree (total_evaluations = sampler steps), and a Note i
 Real-host tier (COMFYUI_PATH set; see tests/browser/comfy_server.py): every node type is
 registered in a running ComfyUI and every workflow converts to an API prompt that the server
 accepts; with optional stand-in encoder nodes and tiny model files (not shipped here) each workflow
-also runs end to end: calibration twice, then FLUX text-to-image as shipped (on the shipped PACT), on
-the calibrated PACT and on "(uniform)", and the Wan2.1 text- and image-to-video workflows as shipped.
-"""
+also runs end to end: calibration twice; every FLUX, Wan and Qwen-Image workflow as shipped (the
+automatic mode: run 1 computes everything, run 2 is planned); FLUX text-to-image with a DPCache
+Schedule connected, on the calibrated PACT, the shipped PACT and "(uniform)"."""
 from __future__ import annotations
 
 import glob
@@ -184,6 +184,10 @@ def test_settings_agree(path):
         if n["type"] == "DPCacheCalibrate":
             assert re.fullmatch(r"[A-Za-z0-9._-]+", n["widgets_values"][0])
             assert all(m["type"] == "DPCacheCalibrate" for m in sources) and control == "randomize"
+        if n["type"] == "DPCacheApply":
+            target_speedup, refine_every = n["widgets_values"]
+            assert target_speedup >= 1.0 and refine_every == 0, "automatic mode: calibrate once, by default"
+            assert n in sources, "Apply DPCache feeds a sampler"
 
 
 def check_shipped_pact_fits(wf, pact):
@@ -199,22 +203,28 @@ def check_shipped_pact_fits(wf, pact):
     assert meta["model_family"] == family, f"{pact} is a {meta['model_family']} PACT but the workflow loads {unet}"
 
 
-def test_the_flux_and_wan_workflows_plan_on_the_shipped_pacts():
-    picks = {}
-    for name, path in zip(NAMES, WORKFLOWS):
-        for n in load(path)["nodes"]:
-            if n["type"] == "DPCacheSchedule":
-                picks[name] = n["widgets_values"][0]
-    assert picks == {"flux_t2i_dpcache": "flux1_dev_official_T50.safetensors",
-                     "wan21_t2v_dpcache": "wan21_i2v_14b_official_T50.safetensors",
-                     "wan21_i2v_dpcache": "wan21_i2v_14b_official_T50.safetensors",
-                     "wan22_i2v_dpcache": "wan21_i2v_14b_official_T50.safetensors",  # the experts' architecture
-                     "qwen_image_dpcache": "(uniform)"}  # no Qwen-Image PACT ships
-    del picks["qwen_image_dpcache"]
-    for name in picks:
-        note = next(n for n in load(os.path.join(ROOT, "workflows", name + ".json"))["nodes"] if n["type"] == "Note")
-        text = note["widgets_values"][0]
-        assert picks[name] in text and "CALIBRATE YOUR OWN" in text and "LoRA" in text, name
+AUTOMATIC = ("flux_t2i_dpcache", "wan21_t2v_dpcache", "wan21_i2v_dpcache", "wan22_i2v_dpcache", "qwen_image_dpcache")
+
+
+def test_the_flux_wan_and_qwen_workflows_use_the_automatic_mode():
+    """Apply DPCache with no schedule connected (issue 17); the Note says what happens on the first run
+    and how to use the shipped PACT instead."""
+    shipped = {"flux_t2i_dpcache": "flux1_dev_official_T50.safetensors", "wan21_t2v_dpcache": "wan21_i2v_14b_official_T50.safetensors",
+               "wan21_i2v_dpcache": "wan21_i2v_14b_official_T50.safetensors", "wan22_i2v_dpcache": "wan21_i2v_14b_official_T50.safetensors"}
+    for name in AUTOMATIC:
+        wf = load(os.path.join(ROOT, "workflows", name + ".json"))
+        assert not [n for n in wf["nodes"] if n["type"] == "DPCacheSchedule"], name
+        applies = [n for n in wf["nodes"] if n["type"] == "DPCacheApply"]
+        assert len(applies) == (2 if name.startswith("wan22") else 1), name
+        for n in applies:
+            slot = next(i for i in n["inputs"] if i["name"] == "schedule")
+            assert slot["link"] is None, f"{name}: Apply DPCache's schedule must be left unconnected (automatic mode)"
+        text = next(n for n in wf["nodes"] if n["type"] == "Note")["widgets_values"][0]
+        assert "AUTOMATIC MODE" in text and "calibrating this setting (run 1)" in text and "LoRA" in text, name
+        if name in shipped:
+            assert shipped[name] in text and os.path.isfile(os.path.join(SHIPPED_PACTS, shipped[name])), name
+    cal = load(os.path.join(ROOT, "workflows", "flux_calibrate.json"))
+    assert [n["type"] for n in cal["nodes"] if n["type"] in OUR_TYPES] == ["DPCacheCalibrate"]  # kept for sharing PACTs
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=NAMES)
@@ -240,12 +250,9 @@ def test_conversion_of_pack_nodes_without_comfyui():
     wf = load(os.path.join(ROOT, "workflows", "flux_t2i_dpcache.json"))
     keep = [n for n in wf["nodes"] if n["type"] in OUR_TYPES]
     api = ui_to_api({"nodes": keep, "links": wf["links"]}, defs)
-    sched = next(v for v in api.values() if v["class_type"] == "DPCacheSchedule")
-    assert sched["inputs"] == {"pact": "flux1_dev_official_T50.safetensors", "key_steps": 13, "first_full_steps": 3, "last_full_steps": 0,
-                               "total_evaluations": 50, "manual_key_steps": "",
-                               "budget": "same speed-up", "target_speedup": 3.85, "taylor_order": 2}
     apply = next(v for v in api.values() if v["class_type"] == "DPCacheApply")
-    assert set(apply["inputs"]) == {"model", "schedule"}
+    # automatic mode: no schedule input at all, the budget widgets as saved
+    assert {k: v for k, v in apply["inputs"].items() if k != "model"} == {"target_speedup": 3.85, "refine_every": 0}
 
 
 # ---------------------------------------------------------------- real-host tier ----
@@ -329,28 +336,55 @@ def test_real_host_runs_every_workflow(server, object_info):
         assert done == full, "calibration computes every evaluation"
     assert os.path.isfile(os.path.join(server.tmp, "dpcache", "wftest_flux.safetensors"))
 
-    # 2. FLUX text-to-image as shipped (the shipped PACT), on the calibrated PACT and on "(uniform)"
-    #    (the tiny model is sampled with the workflow's own 50 euler steps, the shipped PACT's T)
-    for pact in (None, "wftest_flux.safetensors", "(uniform)"):
-        t2i = to_harness(ui_to_api(wfs["flux_t2i_dpcache"], object_info), "flux_t2i")
-        for n in t2i.values():
-            if n["class_type"] == "DPCacheSchedule" and pact:
-                n["inputs"]["pact"] = pact
-        check_planned_run(server, t2i, "flux_t2i_dpcache", pact or "flux1_dev_official_T50.safetensors")
+    # 2. FLUX text-to-image as shipped: the automatic mode. The first run calibrates (every block
+    #    computed), the second is planned (13 of 50 key steps); then with a DPCache Schedule connected,
+    #    on the PACT calibrated above, on the shipped PACT and on "(uniform)"
+    t2i = to_harness(ui_to_api(wfs["flux_t2i_dpcache"], object_info), "flux_t2i")
+    check_automatic_runs(server, t2i, "flux_t2i_dpcache", planned_keys=13)
+    for pact in ("wftest_flux.safetensors", "flux1_dev_official_T50.safetensors", "(uniform)"):
+        check_planned_run(server, with_schedule(t2i, pact), "flux_t2i_dpcache", pact)
 
-    # 3. Wan2.1 text-to-video and image-to-video as shipped (the shipped Wan PACT)
-    for name in ("wan21_t2v_dpcache", "wan21_i2v_dpcache"):
+    # 3. Wan2.1 text-to-video and image-to-video, Qwen-Image, and Wan2.2 A14B (two experts, a block
+    #    counter on each, each expert its own automatic setting), as shipped
+    for name in ("wan21_t2v_dpcache", "wan21_i2v_dpcache", "qwen_image_dpcache", "wan22_i2v_dpcache"):
         prompt = to_harness(ui_to_api(wfs[name], object_info), name)
-        check_planned_run(server, prompt, name, "wan21_i2v_14b_official_T50.safetensors")
+        check_automatic_runs(server, prompt, name)
 
-    # 4. Qwen-Image, and Wan2.2 A14B: two experts, a block counter on each, one schedule for both
-    for name in ("qwen_image_dpcache", "wan22_i2v_dpcache"):
-        prompt = to_harness(ui_to_api(wfs[name], object_info), name)
-        _, stats = run_ok(server, prompt)
-        assert len(stats) == (2 if name.startswith("wan22") else 1)
-        calls = [block_calls([s]) for s in stats]
-        assert all(0 < done < full for done, full in calls), f"{name}: DPCache skipped nothing ({calls})"
-        print(f"\n[host] workflow {name}: block calls (computed, full) per sampler {calls}")
+
+def set_seed(prompt, seed):
+    for n in prompt.values():
+        for key in ("seed", "noise_seed"):
+            if key in n["inputs"] and not isinstance(n["inputs"][key], list):
+                n["inputs"][key] = seed
+
+
+def with_schedule(prompt, pact):
+    """The prompt with a DPCache Schedule (K 13 of 50) connected to its Apply DPCache."""
+    prompt = json.loads(json.dumps(prompt))
+    prompt["900"] = {"class_type": "DPCacheSchedule", "inputs": {
+        "pact": pact, "key_steps": 13, "first_full_steps": 3, "last_full_steps": 0, "total_evaluations": 50,
+        "manual_key_steps": "", "budget": "same speed-up", "target_speedup": 3.85, "taylor_order": 2}}
+    for n in prompt.values():
+        if n["class_type"] == "DPCacheApply":
+            n["inputs"]["schedule"] = ["900", 0]
+    set_seed(prompt, 7)
+    return prompt
+
+
+def check_automatic_runs(server, prompt, name, planned_keys=None):
+    """Run 1 at a new setting computes every block (calibration); run 2 (another seed) skips some."""
+    prompt = json.loads(json.dumps(prompt))
+    set_seed(prompt, 1)
+    _, stats = run_ok(server, prompt)
+    first = [block_calls([s]) for s in stats]
+    assert all(done == full for done, full in first), f"{name}: the first run must compute everything ({first})"
+    set_seed(prompt, 2)
+    _, stats = run_ok(server, prompt)
+    second = [block_calls([s]) for s in stats]
+    assert all(0 < done < full for done, full in second), f"{name}: the second run skipped nothing ({second})"
+    if planned_keys is not None:
+        assert all(done * 50 == full * planned_keys for done, full in second), f"{name}: {second}"
+    print(f"\n[host] workflow {name} (automatic): block calls (computed, full) run 1 {first}, run 2 {second}")
 
 
 def check_planned_run(server, prompt, name, pact):
@@ -358,7 +392,7 @@ def check_planned_run(server, prompt, name, pact):
     entry, stats = run_ok(server, prompt)
     done, full = block_calls(stats)
     assert 0 < done < full, f"{name}: DPCache skipped nothing ({done}/{full} block calls)"
-    sched_id = next(k for k, v in prompt.items() if v["class_type"] == "DPCacheSchedule")
+    sched_id = next(k for k, v in prompt.items() if v["class_type"] == "DPCacheSchedule")  # noqa: E501
     info = entry["outputs"][sched_id]["dpcache_schedule"][0]  # the web extension's input (web/dpcache_logic.js)
     source = "uniform" if pact == "(uniform)" else f"pact:{pact}"
     assert info["source"] == source and info["num_evals"] == 50 and len(info["key_steps"]) == 13

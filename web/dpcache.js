@@ -1,7 +1,8 @@
 // DPCache frontend extension (optional sugar; the nodes work without it).
 // After a DPCache Schedule or Apply DPCache node runs, it draws a compact timeline
 // of key (computed) and predicted evaluations plus a one-line summary under the
-// node's widgets. Canvas-only: in the Vue-rendered node mode the widget is skipped
+// node's widgets; after every sampling run it redraws both nodes for the plan
+// that ran (the "dpcache.run" event carries its keys and T). Canvas-only: in the Vue-rendered node mode the widget is skipped
 // (options.canvasOnly) and the node's preview image and help page remain.
 // Every frontend API is feature-checked; when one is missing the extension does nothing.
 import {
@@ -104,6 +105,7 @@ function setInfo(node, info) {
 }
 
 function setRun(node, run) {
+  if (run.plan) node.__dpcache = { info: run.plan, run: null }; // redraw for the plan that ran
   if (!node.__dpcache?.info) return;
   node.__dpcache.run = run;
   refresh(node);
@@ -141,8 +143,10 @@ async function main() {
       api.addEventListener(RUN_EVENT, (ev) => {
         const run = parseRunInfo(ev?.detail);
         if (!run) return;
-        const node = findNode(app, run.node);
-        if (node?.type === NODE_IDS.apply) setRun(node, run);
+        for (const id of run.nodes) {
+          const node = findNode(app, id);
+          if (OUR_NODES.has(node?.type)) setRun(node, run);
+        }
       });
     },
   });

@@ -73,7 +73,11 @@ export function parseScheduleInfo(output) {
   };
 }
 
-/** Normalise a RUN_EVENT detail: {node, computed, skipped, num_evals?, measured_speedup?, summary?}. */
+/**
+ * Normalise a RUN_EVENT detail: {node, nodes?, computed, skipped, num_evals?, key_steps?, ideal_speedup?,
+ * source?, measured_speedup?, summary?}. `nodes`: every node to update (Apply DPCache and the Schedule that
+ * fed it); `plan`: the plan that ran ({keySteps, numEvals, ...} as parseScheduleInfo) or null.
+ */
 export function parseRunInfo(detail) {
   if (detail == null || typeof detail !== "object") return null;
   if (detail.node == null) return null;
@@ -81,12 +85,17 @@ export function parseRunInfo(detail) {
   const skipped = toInt(detail.skipped);
   if (computed == null || skipped == null || computed < 0 || skipped < 0) return null;
   const sp = Number(detail.measured_speedup);
+  const node = String(detail.node);
+  const nodes = Array.isArray(detail.nodes) ? detail.nodes.filter((n) => n != null).map(String) : [];
+  if (!nodes.includes(node)) nodes.unshift(node);
   return {
-    node: String(detail.node),
+    node,
+    nodes,
     computed,
     skipped,
     measuredSpeedup: detail.measured_speedup != null && Number.isFinite(sp) && sp > 0 ? sp : null,
     summary: typeof detail.summary === "string" ? detail.summary : "",
+    plan: "key_steps" in detail ? parseScheduleInfo(detail) : null,
   };
 }
 
@@ -99,6 +108,7 @@ export function formatSpeedup(x) {
 export function sourceLabel(source) {
   if (!source) return "";
   if (source.startsWith("pact:")) return "PACT " + source.slice(5);
+  if (source.startsWith("auto:")) return "auto " + source.slice(5).replace(/\.safetensors$/, "");
   return source;
 }
 

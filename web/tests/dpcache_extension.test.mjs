@@ -110,6 +110,24 @@ test("registers, wraps onExecuted, draws a non-serialized canvas-only widget", a
   const ctx2 = fakeCtx();
   apply.widgets.find((x) => x.name === "dpcache_timeline").draw(ctx2, apply, 300, 0, 20);
   assert.ok(ctx2.calls.texts.some((t) => t.startsWith("last run: 4 computed")));
+
+  // the plan that ran (another T, from the automatic mode) redraws Apply and the Schedule that fed it,
+  // even a Schedule that never showed a plan ((auto) has none before the first run)
+  const sched = new FakeNode("DPCacheSchedule");
+  f.nodes.set(2, sched);
+  for (const cb of f.listeners["dpcache.run"]) {
+    cb({ detail: { node: "5", nodes: ["5", "2"], computed: 5, skipped: 15, num_evals: 20, key_steps: [0, 1, 2, 9, 15],
+                   ideal_speedup: 4, source: "auto:auto_flux.safetensors", summary: "planned" } });
+  }
+  for (const n of [apply, sched]) {
+    assert.equal(n.__dpcache.info.numEvals, 20);
+    assert.deepEqual(n.__dpcache.info.keySteps, [0, 1, 2, 9, 15]);
+    const c = fakeCtx();
+    n.widgets.find((x) => x.name === "dpcache_timeline").draw(c, n, 300, 0, 20);
+    assert.equal(c.calls.rects, 20);
+    assert.ok(c.calls.texts[0].startsWith("5/20 key"));
+    assert.ok(c.calls.texts.some((t) => t.startsWith("last run: 5 computed, 15 predicted")));
+  }
 });
 
 test("degrades quietly: no comfyAPI, no app.js", async () => {

@@ -71,11 +71,21 @@ test("parseScheduleInfo ignores a non-positive speed-up and recomputes T/K", () 
 test("parseRunInfo", () => {
   assert.deepEqual(parseRunInfo({ node: 7, computed: 13, skipped: 37, measured_speedup: 3.41, summary: "s" }), {
     node: "7",
+    nodes: ["7"],
     computed: 13,
     skipped: 37,
     measuredSpeedup: 3.41,
     summary: "s",
+    plan: null,
   });
+  const run = parseRunInfo({ node: 4, nodes: ["4", "2"], computed: 5, skipped: 15, num_evals: 20,
+    key_steps: [0, 1, 2, 9, 15], ideal_speedup: 4, source: "auto:auto_flux.safetensors" });
+  assert.deepEqual(run.nodes, ["4", "2"]);
+  assert.deepEqual(run.plan.keySteps, [0, 1, 2, 9, 15]);
+  assert.equal(run.plan.numEvals, 20);
+  assert.equal(run.plan.source, "auto:auto_flux.safetensors");
+  assert.equal(sourceLabel(run.plan.source), "auto auto_flux");
+  assert.equal(parseRunInfo({ node: 1, computed: 1, skipped: 0, key_steps: [5], num_evals: 2 }).plan, null);
   assert.equal(parseRunInfo({ node: "7", computed: 1, skipped: 2 }).measuredSpeedup, null);
   assert.equal(parseRunInfo({ computed: 1, skipped: 2 }), null);
   assert.equal(parseRunInfo({ node: "1", computed: -1, skipped: 2 }), null);

@@ -1,0 +1,386 @@
+"""Apply DPCache's automatic mode (no schedule connected, or DPCache Schedule's "(auto)").
+
+At the start of every sampling run the run's setting is worked out (``dpcache_core.settings``):
+
+- a PACT file of that setting exists in models/dpcache/: the run is planned by the DP from it at the
+  budget (the target speed-up, K = 13 of 50 by default, scaled to the run's evaluation count);
+- none, but one of the same model (another sampler, scheduler or step count): the run is planned
+  from the nearest such file by the transfer (``dpcache_core.transfer``), and the report says so;
+- none at all: the run computes every evaluation (its output is the plain run's, bit for bit),
+  records a sampled PACT sample and, when it finishes, saves it atomically under a lock file; an
+  interrupted run writes nothing;
+- a damaged file of that setting: refused with the file named; the run computes in full.
+
+``refine_every`` = N > 0 makes every N-th run of a setting (counted per node) a calibration run that
+adds a sample to the file. After every run the node (and the DPCache Schedule that fed it) shows the
+plan that ran: keys, count, T, ideal and measured speed-up, and the frontend redraws its timeline.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+try:  # inside ComfyUI the pack is a package; in the CPU tests the repo root is on sys.path
+    from .. import dpcache_core as core
+    from ..dpcache_core import settings
+    from ..dpcache_core.pact import default_max_gap
+    from ..dpcache_core.transfer import index_positions
+except ImportError:  # pragma: no cover - depends on how the pack is imported
+    import dpcache_core as core
+    from dpcache_core import settings
+    from dpcache_core.pact import default_max_gap
+    from dpcache_core.transfer import index_positions
+
+from . import hooks
+from .sampler_counts import sampler_name
+
+log = logging.getLogger("dpcache")
+
+AUTO_ORDER = 1  # calibrated at order 1: the sampled sample costs ~6 % of a run (BENCHMARKS.md §9)
+FIRST_FULL_STEPS = 3  # DPCache Schedule's default
+
+
+# --------------------------------------------------------------------------------------------
+# The budget
+
+
+def describe_budget(budget: core.Budget, own_num_evals: int) -> str:
+    """"target 3.85x (K=13 of 50, scaled to the run's count)" for the automatic mode's budget."""
+    if budget.rule == "same speed-up":
+        return f"target {own_num_evals / budget.keys:.2f}x (K={budget.keys} of {own_num_evals}, scaled to the run's count)"
+    return budget.describe(own_num_evals)
+
+
+def auto_budget(target_speedup: float = settings.DEFAULT_TARGET_SPEEDUP) -> core.Budget:
+    """K = round(50 / target) of 50, scaled to the run's count by the "same speed-up" rule: the
+    default 3.85x is DPCache Schedule's default, K = 13 of 50."""
+    if not target_speedup >= 1.0:
+        raise ValueError(f"target_speedup must be at least 1.0, got {target_speedup}")
+    keys = max(1, int(round(settings.DEFAULT_OWN_EVALS / float(target_speedup))))
+    return core.Budget("same speed-up", keys)
+
+
+@dataclass(frozen=True)
+class AutoSchedule:
+    """DPCache Schedule's "(auto)" output: a marker Apply DPCache honours with the automatic mode."""
+
+    budget: core.Budget
+    own_num_evals: int = settings.DEFAULT_OWN_EVALS
+    first_full_steps: int = FIRST_FULL_STEPS
+    node_id: str | None = None
+    auto: bool = True
+
+    def describe(self) -> str:
+        return f"automatic ({describe_budget(self.budget, self.own_num_evals)})"
+
+
+# --------------------------------------------------------------------------------------------
+# What the run is
+
+
+def param_slices(model_patcher, count: int = 4, length: int = 64) -> tuple[dict, list]:
+    """({name: first ``length`` values} of ``count`` parameters at fixed places in the sorted list,
+    [(name, shape)] of all): reads a few hundred numbers, never the whole model. A weight a patch
+    changed in place is read from the patcher's backup (the weight as loaded)."""
+    dm = model_patcher.get_model_object("diffusion_model")
+    params = sorted(dm.named_parameters(), key=lambda kv: kv[0])
+    shapes = [(name, tuple(p.shape)) for name, p in params]
+    backup = getattr(model_patcher, "backup", None) or {}
+    picks = sorted({round(i * (len(params) - 1) / max(count - 1, 1)) for i in range(count)}) if params else []
+    slices = {}
+    for i in picks:
+        name, p = params[i]
+        saved = backup.get("diffusion_model." + name)
+        t = getattr(saved, "weight", saved) if saved is not None else p
+        try:
+            slices[name] = t.detach().reshape(-1)[:length].float().cpu().numpy()
+        except Exception:  # a quantised or meta tensor: its shape is in ``shapes``
+            pass
+    return slices, shapes
+
+
+def first_tensor(obj, depth: int = 0):
+    if isinstance(obj, torch.Tensor):
+        return obj
+    if depth > 3:
+        return None
+    items = obj if isinstance(obj, (list, tuple)) else getattr(obj, "weights", None)
+    for item in items if isinstance(items, (list, tuple)) else ():
+        t = first_tensor(item, depth + 1)
+        if t is not None:
+            return t
+    return None
+
+
+def patch_list(model_patcher, tensors: int = 16) -> list:
+    """[(key, strengths, digest)] of every weight patch (LoRAs and the like): the keys and
+    strengths of all, and the first values of the data of the first ``tensors`` keys."""
+    patches = getattr(model_patcher, "patches", None) or {}
+    out = []
+    for n, key in enumerate(sorted(patches)):
+        entries = []
+        for entry in patches[key]:
+            strength = [e for e in entry[:1] + entry[2:3]] if isinstance(entry, tuple) else []
+            data = entry[1] if isinstance(entry, tuple) and len(entry) > 1 else entry
+            values = None
+            if n < tensors:
+                t = first_tensor(data)
+                if t is not None:
+                    values = [round(float(v), 6) for v in t.detach().reshape(-1)[:8].float().cpu()]
+            entries.append((type(data).__name__, [float(s) if isinstance(s, (int, float)) else str(s) for s in strength], values))
+        out.append((str(key), entries))
+    return out
+
+
+def conditionings_per_evaluation(guider) -> int:
+    """2 when the sampler evaluates cond and uncond (cfg != 1), else 1 (ComfyUI skips uncond at cfg 1)."""
+    conds = getattr(guider, "conds", None) or {}
+    if not conds.get("negative"):
+        return 1
+    cfg = getattr(guider, "cfg", None)
+    disabled = guider.model_options.get("disable_cfg1_optimization", False)
+    return 1 if cfg is not None and float(cfg) == 1.0 and not disabled else 2
+
+
+def run_setting(guider, family: str, sampler, sigmas, latent, shape) -> settings.Setting:
+    slices, shapes = param_slices(guider.model_patcher)
+    window = f"{shape.start:.2f}-{shape.end:.2f}" if shape.partial else ""
+    bucket = settings.resolution_bucket(int(np.prod(latent.shape[2:]))) if settings.RESOLUTION_KEYED else ""
+    return settings.Setting(
+        family=family,
+        weights=settings.weights_fingerprint(slices, shapes, patch_list(guider.model_patcher)),
+        sampler=sampler_name(sampler) or "sampler",
+        scheduler=hooks.guess_scheduler(guider, sigmas) or "custom",
+        sigmas=settings.sigmas_hash(sigmas.detach().float().cpu().reshape(-1).tolist()),
+        num_evals=shape.num_evals,
+        conds=conditionings_per_evaluation(guider),
+        window=window,
+        bucket=bucket,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Planning from a file
+
+
+def plan_keys(acc, meta: dict, shape, budget: core.Budget, own_num_evals: int, first_full_steps: int):
+    """(keys, K asked for) for a run of ``shape`` from a PACT (its own T, or transferred)."""
+    n = shape.num_evals
+    cost = acc.mean()
+    file_positions = meta.get("positions")
+    run_positions = (list(shape.positions) + [shape.end]) if shape.positions else None
+    if file_positions is None or run_positions is None:
+        file_positions, run_positions = None, index_positions(n)
+    planner = core.Planner(cost.shape[0], budget, first_full_steps, 0, cost=cost, positions=file_positions,
+                           order=int(meta.get("order", AUTO_ORDER)))
+    k = budget.keys_for(n, own_num_evals)
+    convention = meta.get("convention", "reference")
+    keys, _, _ = planner.solve(run_positions, k, (), "skip" if convention == "skip" else "reference")
+    return keys, k
+
+
+# --------------------------------------------------------------------------------------------
+# Runs
+
+
+class FullRun(hooks.RunState):
+    """Every evaluation computed, nothing recorded (a damaged file, or a run the mode cannot plan)."""
+
+    def __init__(self, family: str):
+        super().__init__(family)
+        self.evaluations = 0
+
+    def start_evaluation(self, sigma=None) -> None:
+        self.evaluations += 1
+
+    def last_block(self, args, extra, prev):
+        return hooks.call_block(prev, args, extra)
+
+    def close(self) -> None:
+        pass
+
+
+def report_event(node_ids, key_steps, num_evals: int, computed: int, skipped: int, summary: str, source: str,
+                 measured: float | None = None) -> None:
+    """Text on each node that fed the run, and the websocket event the frontend draws the plan from."""
+    nodes = [str(n) for n in node_ids if n is not None]
+    for n in nodes:
+        hooks.send_text(summary, n)
+    if nodes:
+        keys = list(key_steps)
+        hooks.send_event("dpcache.run", {
+            "node": nodes[0], "nodes": nodes, "computed": computed, "skipped": skipped, "num_evals": num_evals,
+            "key_steps": keys, "ideal_speedup": round(num_evals / max(len(keys), 1), 4), "source": source,
+            "measured_speedup": None if measured is None else round(measured, 3), "summary": summary})
+
+
+class AutoHook:
+    """Per-node config of the automatic mode; decides at every sampling start (see the module docstring)."""
+
+    def __init__(self, family: str, folder: str, budget: core.Budget | None = None,
+                 own_num_evals: int = settings.DEFAULT_OWN_EVALS, refine_every: int = 0, node_id=None,
+                 schedule_node=None, first_full_steps: int = FIRST_FULL_STEPS,
+                 sample_size: int = hooks.DEFAULT_SAMPLE_SIZE):
+        if refine_every < 0:
+            raise ValueError(f"refine_every must be 0 (off) or a positive number of runs, got {refine_every}")
+        self.family = family
+        self.folder = folder
+        self.budget = budget or auto_budget()
+        self.own_num_evals = int(own_num_evals)
+        self.refine_every = int(refine_every)
+        self.node_id = node_id
+        self.schedule_node = schedule_node
+        self.first_full_steps = int(first_full_steps)
+        self.sample_size = int(sample_size)
+        self.runs: dict[str, int] = {}  # runs per setting key, for refine_every (shared by every run of this node output)
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def say(self, text: str) -> None:
+        log.info("DPCache (auto): %s", text)
+        for n in (self.node_id, self.schedule_node):
+            hooks.send_text(text, n)
+
+    # ---- start
+
+    def start(self, guider, args):
+        sampler, sigmas, latent = args[2], args[3], args[1]
+        if guider.model_options.get("context_handler") is not None:
+            raise ValueError("Apply DPCache does not work with context windows; remove the context-window node or Apply DPCache")
+        shape = hooks.run_shape(guider, sampler, sigmas)
+        if shape is None:
+            self.say(f"the evaluation count of sampler {sampler_name(sampler)} is only known while it samples: the "
+                     "automatic mode cannot key or plan this run, so every evaluation is computed. Use a sampler "
+                     "whose count follows from its steps, or DPCache Calibrate + DPCache Schedule")
+            return self.full_run("unknown count")
+        setting = run_setting(guider, self.family, sampler, sigmas, latent, shape)
+        count = self.runs[setting.key] = self.runs.get(setting.key, 0) + 1
+        path = os.path.join(self.folder, setting.file_name())
+        found = None
+        if os.path.exists(path):
+            try:
+                acc, meta = core.load_pact(path)
+                found = settings.Found(path, meta, True)
+            except core.PactFileError as exc:
+                self.say(f"{exc}. This run computes every evaluation and records nothing; delete or move {path} "
+                         "to calibrate this setting again")
+                return self.full_run("damaged file")
+        else:
+            found = settings.nearest(self.folder, setting)
+            if found is not None:
+                try:
+                    acc, meta = core.load_pact(found.path)
+                except core.PactFileError:
+                    found = None
+        refine = found is not None and found.exact and self.refine_every and count % self.refine_every == 0
+        if found is None or refine:
+            return self.calibration_run(guider, args, setting, path, shape, count, refine)
+        return self.planned_run(guider, sampler, setting, shape, found, acc)
+
+    def full_run(self, why: str):
+        run = FullRun(self.family)
+        run.auto = ("full", why)
+        return run
+
+    def calibration_run(self, guider, args, setting, path, shape, count, refine):
+        sampler, sigmas = args[2], args[3]
+        run = hooks.CalibrateRun(self.family, sample_size=self.sample_size, expected_evals=shape.num_evals)
+        run.sigma_table = hooks.sigma_table(guider)
+        run.final_sigma = float(sigmas.reshape(-1)[-1])
+        seed = args[7] if len(args) > 7 else None
+        run.auto = ("calibrate", setting, path, count, refine, seed, hooks.resolution_of(args[1]), time.perf_counter())
+        why = f"refining this setting (run {count}, every {self.refine_every})" if refine else f"calibrating this setting (run {count})"
+        self.say(f"{why}: every evaluation is computed (the plain run's output) and a PACT sample is recorded into "
+                 f"{os.path.basename(path)}; setting {setting.describe()}")
+        return run
+
+    def planned_run(self, guider, sampler, setting, shape, found, acc):
+        n = shape.num_evals
+        try:
+            keys, asked = plan_keys(acc, found.meta, shape, self.budget, self.own_num_evals, self.first_full_steps)
+        except ValueError as exc:
+            self.say(f"{found.name} cannot plan this run ({exc}); every evaluation is computed")
+            return self.full_run("no plan")
+        T = found.meta.get("num_evals")
+        how = (f"planned from {found.name} ({found.meta.get('samples', '?')} sample(s), calibrated at this setting)"
+               if found.exact else f"transferred from {found.name} (T={T}, {found.meta.get('sampler')}/"
+               f"{(found.meta.get('setting') or {}).get('scheduler')}) to T={n}")
+        schedule = core.Schedule(tuple(keys), n, model_family=self.family, order=int(found.meta.get("order", AUTO_ORDER)),
+                                 scheme=found.meta.get("scheme", "reference"), source=f"auto:{found.name}",
+                                 first_full_steps=self.first_full_steps,
+                                 convention="skip" if found.meta.get("convention") == "skip" else "reference")
+        force_all = hooks.uses_controlnet(guider)
+        run = hooks.ApplyRun(self.family, schedule, force_all, sampler_name(sampler), how)
+        run.auto = ("plan", setting, found, asked)
+        log.info("DPCache (auto): %s: keys %s (%d of %d)", how, list(keys), len(keys), n)
+        return run
+
+    # ---- finish
+
+    def finish(self, run, ok: bool) -> None:
+        kind = run.auto[0]
+        if not ok:
+            what = "nothing written" if kind == "calibrate" else "its cache is freed"
+            self.say(f"run stopped after {run.evaluations} evaluations; {what}")
+            return
+        if kind == "full":
+            n = run.evaluations
+            report_event((self.node_id, self.schedule_node), range(n), n, n, 0,
+                         f"{n} of {n} evaluations computed ({run.auto[1]})", "auto")
+        elif kind == "calibrate":
+            self.finish_calibration(run)
+        else:
+            self.finish_planned(run)
+
+    def finish_calibration(self, run) -> None:
+        _, setting, path, count, refine, seed, resolution, t0 = run.auto
+        n = run.evaluations
+        if n != setting.num_evals or n < AUTO_ORDER + 1:
+            self.say(f"this run made {n} evaluations, not the {setting.num_evals} expected; nothing written")
+            return
+        sample = run.recorder.build_sample(AUTO_ORDER, "reference", max_anchor_gap=default_max_gap(n))
+        size = run.recorder.sample_description()
+        meta = {"model_family": self.family, "order": AUTO_ORDER, "scheme": "reference", "convention": "skip",
+                "sampler": setting.sampler, "scheduler": setting.scheduler, "steps": n, "sample_size": size,
+                "sample_seed": None if size == "all" else run.recorder.seed, "automatic": True}
+        meta.update(hooks.trajectory_metadata(run))
+        record = settings.sample_record(resolution, seed, setting.sampler, setting.scheduler)
+        try:
+            written = settings.add_sample(path, setting, sample, meta, record)
+        except (core.PactFileError, TimeoutError) as exc:
+            self.say(f"the sample was not saved: {exc}")
+            return
+        wall = time.perf_counter() - t0
+        line = (f"calibrated this setting (run {count}): {n} of {n} evaluations computed (the plain run), "
+                f"{os.path.basename(path)} now holds {written['samples']} sample(s); the next run at this setting "
+                f"is planned ({describe_budget(self.budget, self.own_num_evals)}). wall {wall:.2f} s")
+        log.info("DPCache (auto): %s", line)
+        report_event((self.node_id, self.schedule_node), range(n), n, n, 0, line, f"auto:{os.path.basename(path)}")
+
+    def finish_planned(self, run) -> None:
+        _, setting, found, asked = run.auto
+        sched = run.cache.schedule
+        keys, n = list(sched.key_steps), sched.num_evals
+        measured = run.measured_speedup()
+        m = f", measured {measured:.2f}x" if measured else ""
+        line = (f"{run.plan_text}: keys {keys}: {run.cache.computed} of {run.evaluations} evaluations computed, "
+                f"T={n}, ideal {n / len(keys):.2f}x{m}")
+        if len(keys) >= n:
+            line += (f". The budget leaves no speed-up at T={n} (K={asked} asked, at least {min(self.first_full_steps, n)} "
+                     "first evaluations are always computed): use more steps")
+        elif len(keys) > asked:
+            line += f" (K raised from {asked}: the fewest this run allows)"
+        if run.fallback_calls:
+            line += f"; {run.fallback_calls} model calls computed in full at skipped evaluations"
+        log.info("DPCache (auto): %s", line)
+        report_event((self.node_id, self.schedule_node), keys, n, run.cache.computed, run.cache.skipped, line,
+                     f"auto:{found.name}", measured)
+
+    def outer_sample(self, executor, *args, **kwargs):
+        return hooks.sample_with_run(executor, args, kwargs, self.start, self.finish)
