@@ -23,7 +23,7 @@ def test_ddim_uniform_is_a_whole_run(host, pact_dir, caplog):
     steps = len(sigmas) - 1
     (calib,) = nodes.NODE_CLASS_MAPPINGS["DPCacheCalibrate"]().calibrate(model, "", 1, True)
     sample(calib, "flux", steps=20, scheduler="ddim_uniform")
-    name = f"flux_euler_{steps}.safetensors"
+    name = f"flux_euler_ddim_uniform_{steps}.safetensors"  # family_sampler_scheduler_T
     assert name in os.listdir(pact_dir), os.listdir(pact_dir)
     acc, meta = core.load_pact(str(pact_dir / name))
     assert acc.num_evals == steps and "windows" not in meta and meta["scheduler"] == "ddim_uniform"
