@@ -45,6 +45,7 @@ from .families import UnsupportedModelError  # noqa: F401  (re-exported: the nod
 log = logging.getLogger("dpcache")
 
 RUN_KEY = "dpcache_run"  # transformer_options key of the per-run state (set only during a run)
+CALL_KEY = "dpcache_call"  # transformer_options key of the state of one model call (set only for that call)
 PATCH_KEY = "dpcache"  # transformer_options marker of a patched model, and our wrapper key
 
 
@@ -93,41 +94,130 @@ def make_block_patch(key: tuple[str, int], first: bool, last: bool, prev=None):
     """The replacement for one block. Kept tiny: it runs for every block at every evaluation."""
 
     def dpcache_block(args, extra):
-        run = args["transformer_options"].get(RUN_KEY)
-        if run is None:  # sampled outside our OUTER_SAMPLE wrapper: behave like the plain model
+        to = args["transformer_options"]
+        call = to.get(CALL_KEY)
+        if call is None or call.inside:  # not a call of a DPCache run, or inside another node's replacement
+            if call is None and first and to.get(RUN_KEY) is not None:
+                to[RUN_KEY].unseen_calls += 1  # a model call that bypassed apply_model: computed as is
             return call_block(prev, args, extra)
         if first:
-            run.begin_call(args)
+            call.run.begin_call(call, args)
         if last:
-            return run.last_block(args, extra, prev)
-        if run.compute:
+            call.finished = True
+            return call.run.last_block(call, args, extra, prev)
+        if call.compute:
             return call_block(prev, args, extra)
-        return run.spec.passthrough(args)
+        return call.run.spec.passthrough(args)
 
     dpcache_block.dpcache_key = key
     return dpcache_block
 
 
-def install_block_patches(model, info: ModelInfo) -> None:
-    """Patch every block of ``model`` (a clone), wrapping what was already there."""
-    existing = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
-    for n, (kind, i) in enumerate(info.blocks):
-        prev = existing.get((kind, i))
-        if prev is not None:
-            log.info("DPCache: wrapping an existing replacement of %s %d", kind, i)
-        patch = make_block_patch((kind, i), n == 0, n == len(info.blocks) - 1, prev)
-        model.set_model_patch_replace(patch, "dit", kind, i)
+def around_other(fn):
+    """Another node's block replacement, called by ours: while it runs, a DPCache block patch it
+    calls in turn (one it wrapped when it was added after Apply) only runs the block."""
+    if fn is None:
+        return None
+
+    def other_block(args, extra):
+        call = args["transformer_options"][CALL_KEY]
+        call.inside = True
+        try:
+            return fn(args, extra)
+        finally:
+            call.inside = False
+
+    return other_block
+
+
+def patch_owner(fn) -> str:
+    """Who made a patch, for messages: the node class of a closure (SkipLayerGuidanceDiT), or the patch's class."""
+    name = getattr(fn, "__qualname__", None)
+    if name is None:
+        return type(fn).__name__
+    return name.split(".<locals>")[0].rsplit(".", 1)[0] if ".<locals>" in name else name
+
+
+class BlockPatches:
+    """The block patches one DPCache node installed, and what each model call of a run gets.
+
+    Another node may put its own replacement on one of our blocks after Apply, for every call
+    (a node on the model line) or for one call only (Skip Layer Guidance edits the options of its
+    extra call). ``for_call`` puts ours back around it, for that call only: at computed calls
+    the other node's replacement runs in place of the block, at skipped ones nothing runs. The
+    call then belongs to a *variant* of its stream with its own cache, so a positive call with
+    layers skipped is never given the plain positive call's prediction.
+    """
+
+    def __init__(self, info: ModelInfo):
+        self.keys = list(info.blocks)
+        self.first, self.last = self.keys[0], self.keys[-1]
+        self.installed: dict = {}
+        self.composed: dict = {}  # (key, id(other)) -> (other, our patch around it): the same function every call
+
+    def install(self, model) -> None:
+        """Patch every block of ``model`` (a clone), wrapping what was already there."""
+        existing = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
+        for n, key in enumerate(self.keys):
+            prev = existing.get(key)
+            if prev is not None:
+                log.info("DPCache: wrapping an existing replacement of %s %d", *key)
+            patch = make_block_patch(key, n == 0, n == len(self.keys) - 1, prev)
+            self.installed[key] = patch
+            model.set_model_patch_replace(patch, "dit", *key)
+
+    def around(self, key, other):
+        entry = self.composed.get((key, id(other)))
+        if entry is None or entry[0] is not other:
+            if len(self.composed) > 256:
+                self.composed.clear()
+            entry = (other, make_block_patch(key, key == self.first, key == self.last, around_other(other)))
+            self.composed[(key, id(other))] = entry
+        return entry[1]
+
+    def for_call(self, to: dict) -> tuple[dict, tuple]:
+        """The block replacements a call should run with, and its variant: ((key, other node's
+        replacement), ...) for our blocks another node replaced; () when every block is ours."""
+        dit = to.get("patches_replace", {}).get("dit", {})
+        variant = tuple((key, dit.get(key)) for key, mine in self.installed.items() if dit.get(key) is not mine)
+        if not variant:
+            return dit, ()
+        dit = dict(dit)
+        for key, other in variant:
+            dit[key] = self.around(key, other)
+        return dit, variant
+
+    def __deepcopy__(self, memo):  # shared by the clones of a patched model, like the hooks
+        return self
+
+
+def describe_variant(variant) -> str:
+    """"double_block 1, single_block 2 replaced by SkipLayerGuidanceDiT" for messages."""
+    by_owner: dict[str, list] = {}
+    for (kind, i), other in variant:
+        by_owner.setdefault("the original block" if other is None else patch_owner(other), []).append(f"{kind} {i}")
+    return "; ".join(f"{', '.join(keys)} replaced by {owner}" for owner, keys in by_owner.items())
+
+
+BLOCK_PATCH_NAMES = ("double_block", "single_block")  # per-block patches: residuals added between blocks
+
+
+def block_patch_owners(to: dict) -> tuple[str, ...]:
+    """Who added per-block ``patches`` entries (e.g. the Qwen-Image DiffSynth ControlNet patch); () if none."""
+    patches = to.get("patches") or {}
+    return tuple(dict.fromkeys(patch_owner(p) for name in BLOCK_PATCH_NAMES for p in patches.get(name) or ()))
 
 
 # --------------------------------------------------------------------------------------------
 # Per-run state
 
 
-def split_streams(args) -> tuple[list, int]:
+def split_streams(args, variant=()) -> tuple[list, int]:
     """One stream per batch chunk (cond / uncond / extra conds): (stream keys, rows per chunk).
 
-    A stream is (uuid, feature shape of one chunk), so a cache is only ever used for the same
-    conditioning at the same resolution and batch size.
+    A stream is (uuid, feature shape of one chunk), plus the call's variant (the blocks another
+    node replaced for it) when there is one, so a cache is only ever used for the same
+    conditioning, at the same resolution and batch size, through the same blocks.
     """
     x = args["img"]
     uuids = list(args["transformer_options"].get("uuids") or [None])
@@ -137,33 +227,97 @@ def split_streams(args) -> tuple[list, int]:
     else:
         chunk = rows // len(uuids)
     shape = (chunk, *x.shape[1:])
-    return [(u, shape) for u in uuids], chunk
+    tail = (variant,) if variant else ()
+    return [(u, shape, *tail) for u in uuids], chunk
 
 
-class RunState:
-    """What every run shares: the family entry, the stream split of the current model call and its text length."""
+class Call:
+    """One model call inside a sampler evaluation, made by the APPLY_MODEL wrapper and read by
+    every block of that call: what it is (its position in the evaluation, the streams of its
+    batch, the blocks another node replaced for it) and what the blocks do (compute or not)."""
 
-    compute = True
-
-    def __init__(self, family: str):
-        self.family = family
-        self.spec = families.family(family)
-        self.txt_len = 0
+    def __init__(self, run, position: int, variant=(), block_patches=(), control=False, last=(None, None)):
+        self.run = run
+        self.position = position
+        self.variant = variant
+        self.block_patches = block_patches
+        self.control = control
+        self.last_key, self.last_patch = last  # our last block, and what it must be when the first runs
+        self.inside = False  # another node's replacement of one of our blocks is running
+        self.begun = False  # our first block ran
+        self.finished = False  # our last block ran
+        self.compute = True  # until the first block decides: every block runs
+        self.update: tuple = ()  # streams whose cache this call feeds (its last block)
         self.streams: list = []
         self.chunk = 0
-
-    def begin_call(self, args) -> None:
-        txt = args.get("txt")
-        self.txt_len = txt.shape[1] if txt is not None else 0  # text tokens beside the image in single blocks
-        self.streams, self.chunk = split_streams(args)
-
-    def cache_point(self, out_img):
-        """The cache point in the last block's output: its image tokens (families.Family.cache_point)."""
-        return self.spec.cache_point(out_img, self.txt_len)
+        self.txt_len = 0
 
     def chunks(self, feature):
         for n, stream in enumerate(self.streams):
             yield stream, feature[n * self.chunk:(n + 1) * self.chunk]
+
+
+def last_block_replaced(call: Call, args) -> bool:
+    """Our last block is not what this call will run (another node replaced it inside the call)."""
+    dit = args["transformer_options"].get("patches_replace", {}).get("dit", {})
+    return call.last_patch is not None and dit.get(call.last_key) is not call.last_patch
+
+
+class RunState:
+    """What every run shares: the family entry, the evaluation's calls, and the calls' report."""
+
+    def __init__(self, family: str):
+        self.family = family
+        self.spec = families.family(family)
+        self.calls_in_evaluation = 0
+        self.fed: set = set()  # streams whose cache took this evaluation's feature already
+        self.unseen_calls = 0  # model calls our APPLY_MODEL wrapper did not see (run as they are)
+        self.full_calls: dict[str, int] = {}  # why calls were computed in full where the plan would predict them
+        self.variants: dict = {}  # call variants seen: variant -> description
+
+    def new_evaluation(self) -> None:
+        self.calls_in_evaluation = 0
+        self.fed = set()
+
+    def open_call(self, variant, block_patches, control, last) -> Call:
+        call = Call(self, self.calls_in_evaluation, variant, block_patches, control, last)
+        self.calls_in_evaluation += 1
+        if variant and variant not in self.variants:
+            self.variants[variant] = describe_variant(variant)
+        return call
+
+    def close_call(self, call: Call) -> None:
+        if call.begun and not call.compute and not call.finished:
+            raise RuntimeError("DPCache skipped the blocks of a model call whose last block it did not see; "
+                               "another node replaced its last block inside the model call. Remove that node or Apply DPCache")
+        if not call.begun or not call.finished:
+            self.note_full("our first or last block did not run (another node replaced it inside the model call)")
+
+    def note_full(self, reason: str) -> None:
+        self.full_calls[reason] = self.full_calls.get(reason, 0) + 1
+
+    def begin_call(self, call: Call, args) -> None:
+        call.begun = True
+        txt = args.get("txt")
+        call.txt_len = txt.shape[1] if txt is not None else 0  # text tokens beside the image in single blocks
+        call.streams, call.chunk = split_streams(args, call.variant)
+
+    def cache_point(self, call: Call, out_img):
+        """The cache point in the last block's output: its image tokens (families.Family.cache_point)."""
+        return self.spec.cache_point(out_img, call.txt_len)
+
+    def report(self) -> str:
+        """What the calls did besides the plan, for the run's one-line report ("" when nothing)."""
+        parts = []
+        if self.variants:
+            parts.append("separate caches for calls whose blocks another node replaced ("
+                         + "; ".join(sorted(set(self.variants.values()))) + ")")
+        if self.full_calls:
+            parts.append(f"{sum(self.full_calls.values())} model calls computed in full, not predicted ("
+                         + "; ".join(f"{n}: {why}" for why, n in self.full_calls.items()) + ")")
+        if self.unseen_calls:
+            parts.append(f"{self.unseen_calls} model calls made around apply_model, computed as they are")
+        return "; ".join(parts)
 
 
 class ApplyRun(RunState):
@@ -175,7 +329,6 @@ class ApplyRun(RunState):
         self.force_all = force_all
         self.sampler = sampler
         self.plan_text = plan_text
-        self.fallback_calls = 0
 
     def start_evaluation(self, sigma=None) -> None:
         try:
@@ -190,30 +343,42 @@ class ApplyRun(RunState):
             ) from None
         if not key and self.force_all:
             self.cache.force_key()
+        self.new_evaluation()
 
-    def begin_call(self, args) -> None:
-        super().begin_call(args)
-        self.compute = self.cache.is_key
-        if not self.compute:
-            to = args["transformer_options"]
-            patches = to.get("patches") or {}
-            if patches.get("double_block") or patches.get("single_block"):
-                self.compute = True  # per-block patches add residuals between blocks: not predictable
-            elif not all(self.cache.has_stream(s) for s in self.streams):
-                self.compute = True  # a conditioning not seen at a key evaluation yet
-            if self.compute:
-                self.fallback_calls += 1
+    def begin_call(self, call: Call, args) -> None:
+        """Decide, at the call's first block, whether its blocks compute and which caches it feeds."""
+        super().begin_call(call, args)
+        new = tuple(s for s in call.streams if s not in self.fed)
+        if last_block_replaced(call, args):
+            call.compute, call.update = True, ()
+            self.note_full("its last block was replaced by another node inside the model call")
+        elif call.block_patches:  # residuals added between blocks: never predicted, never cached
+            call.compute, call.update = True, ()
+            self.note_full(f"per-block patches of {', '.join(call.block_patches)}")
+        elif self.cache.is_key:
+            call.compute, call.update = True, new
+        elif call.control:
+            call.compute, call.update = True, ()
+            self.note_full("ControlNet residuals")
+        elif all(self.cache.has_stream(s) for s in call.streams):
+            call.compute, call.update = False, ()
+        else:
+            call.compute, call.update = True, new
+            self.note_full("a conditioning or call variant not seen at a key evaluation yet")
+        self.fed.update(call.update)
 
-    def last_block(self, args, extra, prev):
-        if self.compute:
+    def last_block(self, call: Call, args, extra, prev):
+        if call.compute:
             out = call_block(prev, args, extra)
-            for stream, feature in self.chunks(self.cache_point(out["img"])):
-                self.cache.update(stream, feature)
+            if call.update:
+                for stream, feature in call.chunks(self.cache_point(call, out["img"])):
+                    if stream in call.update:
+                        self.cache.update(stream, feature)
             return out
         x = args["img"]
-        preds = [self.cache.predict(stream) for stream in self.streams]
+        preds = [self.cache.predict(stream) for stream in call.streams]
         pred = (preds[0] if len(preds) == 1 else torch.cat(preds)).to(device=x.device, dtype=x.dtype)
-        return self.spec.with_prediction(args, pred, self.txt_len)
+        return self.spec.with_prediction(args, pred, call.txt_len)
 
     @property
     def evaluations(self) -> int:
@@ -223,9 +388,8 @@ class ApplyRun(RunState):
         line = self.cache.summary()
         if self.plan_text:
             line = f"{self.plan_text}. {line}"
-        if self.fallback_calls:
-            line += f"; {self.fallback_calls} model calls computed in full at skipped evaluations (new conditioning or block patches)"
-        return line
+        extra = self.report()
+        return f"{line}; {extra}" if extra else line
 
     def close(self) -> None:
         self.cache.close()
@@ -240,16 +404,59 @@ class CalibrateRun(RunState):
         self.recorder = TrajectoryRecorder(storage_device=storage_device, sample_size=sample_size, seed=seed,
                                            expected_evals=expected_evals)
         self.sigmas: list[float] = []
+        self.names: dict = {}  # recorder key -> stream
 
     def start_evaluation(self, sigma=None) -> None:
         self.recorder.start_evaluation()
         self.sigmas.append(float(sigma.reshape(-1)[0]) if sigma is not None else float("nan"))
+        self.new_evaluation()
 
-    def last_block(self, args, extra, prev):
+    def begin_call(self, call: Call, args) -> None:
+        """Every block computes; the call records the streams it is the first to bring this evaluation."""
+        super().begin_call(call, args)
+        if last_block_replaced(call, args):
+            self.note_full("its last block was replaced by another node inside the model call")
+            return
+        call.update = tuple(s for s in call.streams if s not in self.fed)
+        self.fed.update(call.update)
+
+    @staticmethod
+    def recorder_key(stream):
+        """The recorder's stream name: the conditioning's uuid, with the call's variant if any."""
+        return stream[0] if len(stream) == 2 else (stream[0], stream[2])
+
+    def last_block(self, call: Call, args, extra, prev):
         out = call_block(prev, args, extra)
-        for (uuid, _shape), feature in self.chunks(self.cache_point(out["img"])):
-            self.recorder.record(uuid, feature)
+        for stream, feature in call.chunks(self.cache_point(call, out["img"])):
+            if stream in call.update:
+                self.recorder.record(self.recorder_key(stream), feature)
+                self.names.setdefault(self.recorder_key(stream), stream)
         return out
+
+    def dropped(self) -> list[str]:
+        """The streams left out of the PACT (not recorded at every evaluation), described."""
+        complete = set(self.recorder.complete_streams())
+        out = []
+        for key, n in self.recorder.lengths.items():
+            if key in complete:
+                continue
+            stream = self.names.get(key, (key,))
+            what = f"a call variant ({self.variants.get(stream[2], 'blocks replaced')})" if len(stream) > 2 else "a conditioning"
+            out.append(f"{what}, recorded at {n} of {self.recorder.num_evals} evaluations")
+        return out
+
+    def report(self) -> str:
+        parts = [f"{n} model calls not recorded: {why}" for why, n in self.full_calls.items()]
+        if self.unseen_calls:
+            parts.append(f"{self.unseen_calls} model calls made around apply_model, not recorded")
+        return "; ".join(parts)
+
+    def streams_text(self) -> str:
+        """How many streams the PACT sample averages, naming the call variants among them."""
+        complete = self.recorder.complete_streams()
+        variants = sorted({self.variants[k[1]] for k in complete if isinstance(k, tuple) and k[1] in self.variants})
+        text = f"{len(complete)} streams averaged"
+        return text + (f" (with calls whose {'; '.join(variants)})" if variants else "")
 
     @property
     def evaluations(self) -> int:
@@ -366,6 +573,35 @@ def run_from(executor, args) -> RunState | None:
     return options.get("transformer_options", {}).get(RUN_KEY)
 
 
+def make_apply_model_wrapper(patches: BlockPatches):
+    """The APPLY_MODEL wrapper: once per model call, before any block, make the call's state (the
+    ``Call`` its blocks read from ``transformer_options``) and put our blocks back around any
+    replacement another node made for this call."""
+
+    def dpcache_apply_model(executor, *args, **kwargs):
+        named = "transformer_options" in kwargs
+        to = kwargs["transformer_options"] if named else (args[5] if len(args) > 5 else None)
+        run = to.get(RUN_KEY) if isinstance(to, dict) else None
+        if run is None:
+            return executor(*args, **kwargs)
+        dit, variant = patches.for_call(to)
+        to = dict(to)
+        if variant:
+            to["patches_replace"] = dict(to.get("patches_replace", {}), dit=dit)
+        control = kwargs.get("control", args[4] if len(args) > 4 else None)
+        call = run.open_call(variant, block_patch_owners(to), control is not None, (patches.last, dit.get(patches.last)))
+        to[CALL_KEY] = call
+        if named:
+            kwargs["transformer_options"] = to
+        else:
+            args = (*args[:5], to, *args[6:])
+        out = executor(*args, **kwargs)
+        run.close_call(call)
+        return out
+
+    return dpcache_apply_model
+
+
 def predict_noise_wrapper(executor, *args, **kwargs):
     """Once per sampler evaluation: advance the run's counter (key or skip for every stream)."""
     run = run_from(executor, args)
@@ -453,13 +689,15 @@ def install(model, info: ModelInfo, hook, label: str) -> None:
     try:
         from comfy.patcher_extension import WrappersMP
 
-        outer, predict = WrappersMP.OUTER_SAMPLE, WrappersMP.PREDICT_NOISE
+        outer, predict, apply_model = WrappersMP.OUTER_SAMPLE, WrappersMP.PREDICT_NOISE, WrappersMP.APPLY_MODEL
     except ImportError:  # CPU tests (the same names ComfyUI uses)
-        outer, predict = "outer_sample", "predict_noise"
-    install_block_patches(model, info)
+        outer, predict, apply_model = "outer_sample", "predict_noise", "apply_model"
+    patches = BlockPatches(info)
+    patches.install(model)
     model.model_options["transformer_options"][PATCH_KEY] = label
     model.add_wrapper_with_key(outer, PATCH_KEY, hook.outer_sample)
     model.add_wrapper_with_key(predict, PATCH_KEY, predict_noise_wrapper)
+    model.add_wrapper_with_key(apply_model, PATCH_KEY, make_apply_model_wrapper(patches))
 
 
 # --------------------------------------------------------------------------------------------
@@ -726,6 +964,12 @@ class CalibrateHook:
             got = ", ".join(f"{w[0]}..{w[0] + w[1] - 1}: {w[2]}" for w in meta["windows"])
             line = (f"{name}: evaluations {window[0]}..{window[0] + num_evals - 1} of T={total} added "
                     f"(samples per window {got}; {kept})")
+        line += f"; {run.streams_text()}"
+        dropped = run.dropped()
+        if dropped:
+            line += f"; left out (not recorded at every evaluation): {'; '.join(dropped)}"
+        if run.report():
+            line += f"; {run.report()}"
         log.info("DPCache Calibrate: %s", line)
         send_text(line, self.node_id)
 
