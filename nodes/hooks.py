@@ -274,6 +274,8 @@ class RunState:
         self.unseen_calls = 0  # model calls our APPLY_MODEL wrapper did not see (run as they are)
         self.full_calls: dict[str, int] = {}  # why calls were computed in full where the plan would predict them
         self.variants: dict = {}  # call variants seen: variant -> description
+        self.computed_calls = 0  # model calls whose blocks ran
+        self.predicted_calls = 0  # model calls whose last block returned a prediction
 
     def new_evaluation(self) -> None:
         self.calls_in_evaluation = 0
@@ -292,9 +294,19 @@ class RunState:
                                "another node replaced its last block inside the model call. Remove that node or Apply DPCache")
         if not call.begun or not call.finished:
             self.note_full("our first or last block did not run (another node replaced it inside the model call)")
+        if call.compute:
+            self.computed_calls += 1
+        else:
+            self.predicted_calls += 1
 
     def note_full(self, reason: str) -> None:
+        if reason not in self.full_calls:
+            log.info("DPCache: computing a model call in full: %s", reason)
         self.full_calls[reason] = self.full_calls.get(reason, 0) + 1
+
+    def calls_expected(self) -> int:
+        """Model calls one per evaluation would make (more: split cond/uncond, or extra calls of other nodes)."""
+        return self.evaluations
 
     def begin_call(self, call: Call, args) -> None:
         call.begun = True
@@ -309,6 +321,9 @@ class RunState:
     def report(self) -> str:
         """What the calls did besides the plan, for the run's one-line report ("" when nothing)."""
         parts = []
+        if self.computed_calls + self.predicted_calls > self.calls_expected():
+            parts.append(f"{self.computed_calls + self.predicted_calls} model calls: {self.computed_calls} computed, "
+                         f"{self.predicted_calls} predicted")
         if self.variants:
             parts.append("separate caches for calls whose blocks another node replaced ("
                          + "; ".join(sorted(set(self.variants.values()))) + ")")
