@@ -91,23 +91,23 @@ def call_block(prev, args, extra):
 
 
 def make_block_patch(key: tuple[str, int], first: bool, last: bool, prev=None):
-    """The replacement for one block. Kept tiny: it runs for every block at every evaluation."""
+    """The replacement for one block. Kept tiny: it runs for every block at every evaluation.
+
+    It only reads the call's decision (made before the model runs, by the APPLY_MODEL wrapper)
+    and touches no run state, so that torch.compile can trace it without a graph break.
+    """
 
     def dpcache_block(args, extra):
-        to = args["transformer_options"]
-        call = to.get(CALL_KEY)
+        call = args["transformer_options"].get(CALL_KEY)
         if call is None or call.inside:  # not a call of a DPCache run, or inside another node's replacement
-            if call is None and first and to.get(RUN_KEY) is not None:
-                to[RUN_KEY].unseen_calls += 1  # a model call that bypassed apply_model: computed as is
             return call_block(prev, args, extra)
         if first:
-            call.run.begin_call(call, args)
+            call.start(args)
         if last:
-            call.finished = True
-            return call.run.last_block(call, args, extra, prev)
+            return call.last_block(args, extra, prev)
         if call.compute:
             return call_block(prev, args, extra)
-        return call.run.spec.passthrough(args)
+        return call.spec.passthrough(args)
 
     dpcache_block.dpcache_key = key
     return dpcache_block
@@ -212,15 +212,15 @@ def block_patch_owners(to: dict) -> tuple[str, ...]:
 # Per-run state
 
 
-def split_streams(args, variant=()) -> tuple[list, int]:
-    """One stream per batch chunk (cond / uncond / extra conds): (stream keys, rows per chunk).
+def split_streams(to: dict, x, variant=()) -> tuple[list, int]:
+    """One stream per batch chunk (cond / uncond / extra conds) of a model call with input ``x``:
+    (stream keys, rows per chunk).
 
-    A stream is (uuid, feature shape of one chunk), plus the call's variant (the blocks another
+    A stream is (uuid, input shape of one chunk), plus the call's variant (the blocks another
     node replaced for it) when there is one, so a cache is only ever used for the same
     conditioning, at the same resolution and batch size, through the same blocks.
     """
-    x = args["img"]
-    uuids = list(args["transformer_options"].get("uuids") or [None])
+    uuids = list(to.get("uuids") or [None])
     rows = x.shape[0]
     if rows % len(uuids):
         uuids, chunk = [tuple(uuids)], rows
@@ -232,35 +232,51 @@ def split_streams(args, variant=()) -> tuple[list, int]:
 
 
 class Call:
-    """One model call inside a sampler evaluation, made by the APPLY_MODEL wrapper and read by
-    every block of that call: what it is (its position in the evaluation, the streams of its
-    batch, the blocks another node replaced for it) and what the blocks do (compute or not)."""
+    """One model call inside a sampler evaluation. The APPLY_MODEL wrapper makes it before the
+    model runs, with the run's decision for the call (compute or predict, the prediction, which
+    caches it feeds); the blocks read it from ``transformer_options`` and only write back what
+    they saw (the text length, that the first and last blocks ran, the cache-point feature).
+    Its fields are plain values and tensors: torch.compile guards on ``compute`` alone."""
 
-    def __init__(self, run, position: int, variant=(), block_patches=(), control=False, last=(None, None)):
-        self.run = run
-        self.position = position
-        self.variant = variant
-        self.block_patches = block_patches
-        self.control = control
+    def __init__(self, spec, position: int, variant=(), streams=(), chunk=0, last=(None, None)):
+        self.spec = spec
+        self.position = position  # the call's place in its evaluation
+        self.variant = variant  # ((block key, other node's replacement), ...), () when every block is ours
+        self.streams, self.chunk = list(streams), chunk
         self.last_key, self.last_patch = last  # our last block, and what it must be when the first runs
+        self.compute = True  # whether the blocks run (False: skip them, the last returns ``prediction``)
+        self.record = False  # keep the last block's cache point in ``feature``
+        self.update: tuple = ()  # streams whose cache ``feature`` feeds
+        self.prediction = None  # the cache point of a skipped call, in the model's dtype
         self.inside = False  # another node's replacement of one of our blocks is running
         self.begun = False  # our first block ran
         self.finished = False  # our last block ran
-        self.compute = True  # until the first block decides: every block runs
-        self.update: tuple = ()  # streams whose cache this call feeds (its last block)
-        self.streams: list = []
-        self.chunk = 0
+        self.replaced_under_us = False  # our last block was not in this call's patches when the first ran
         self.txt_len = 0
+        self.feature = None
+
+    def start(self, args) -> None:
+        """At the first block: the text length, and a check that our last block will run."""
+        self.begun = True
+        txt = args.get("txt")
+        self.txt_len = txt.shape[1] if txt is not None else 0  # text tokens beside the image in single blocks
+        dit = args["transformer_options"].get("patches_replace", {}).get("dit", {})
+        if dit.get(self.last_key) is not self.last_patch:  # replaced inside the call: compute it all, keep nothing
+            self.replaced_under_us = True
+            self.compute, self.record = True, False
+
+    def last_block(self, args, extra, prev):
+        self.finished = True
+        if self.compute:
+            out = call_block(prev, args, extra)
+            if self.record:
+                self.feature = self.spec.cache_point(out["img"], self.txt_len)
+            return out
+        return self.spec.with_prediction(args, self.prediction, self.txt_len)
 
     def chunks(self, feature):
         for n, stream in enumerate(self.streams):
             yield stream, feature[n * self.chunk:(n + 1) * self.chunk]
-
-
-def last_block_replaced(call: Call, args) -> bool:
-    """Our last block is not what this call will run (another node replaced it inside the call)."""
-    dit = args["transformer_options"].get("patches_replace", {}).get("dit", {})
-    return call.last_patch is not None and dit.get(call.last_key) is not call.last_patch
 
 
 class RunState:
@@ -271,7 +287,6 @@ class RunState:
         self.spec = families.family(family)
         self.calls_in_evaluation = 0
         self.fed: set = set()  # streams whose cache took this evaluation's feature already
-        self.unseen_calls = 0  # model calls our APPLY_MODEL wrapper did not see (run as they are)
         self.full_calls: dict[str, int] = {}  # why calls were computed in full where the plan would predict them
         self.variants: dict = {}  # call variants seen: variant -> description
         self.computed_calls = 0  # model calls whose blocks ran
@@ -281,23 +296,41 @@ class RunState:
         self.calls_in_evaluation = 0
         self.fed = set()
 
-    def open_call(self, variant, block_patches, control, last) -> Call:
-        call = Call(self, self.calls_in_evaluation, variant, block_patches, control, last)
+    def open_call(self, to: dict, x, variant=(), block_patches=(), control=False, last=(None, None), dtype=None) -> Call:
+        """The state of a model call about to run (input ``x``, options ``to``), with the run's decision."""
+        streams, chunk = split_streams(to, x, variant)
+        call = Call(self.spec, self.calls_in_evaluation, variant, streams, chunk, last)
         self.calls_in_evaluation += 1
         if variant and variant not in self.variants:
             self.variants[variant] = describe_variant(variant)
+        self.decide(call, block_patches, control, x.device, dtype or x.dtype)
+        self.fed.update(call.update)
         return call
 
+    def decide(self, call: Call, block_patches, control, device, dtype) -> None:
+        raise NotImplementedError
+
     def close_call(self, call: Call) -> None:
-        if call.begun and not call.compute and not call.finished:
-            raise RuntimeError("DPCache skipped the blocks of a model call whose last block it did not see; "
-                               "another node replaced its last block inside the model call. Remove that node or Apply DPCache")
-        if not call.begun or not call.finished:
+        """After the model call: check what its blocks saw, and feed the caches."""
+        if not call.compute and not call.finished:
+            raise RuntimeError("DPCache skipped the blocks of a model call whose last block did not run; another "
+                               "node replaced the model's blocks inside the call. Remove that node or Apply DPCache")
+        if call.replaced_under_us:
+            self.note_full("its last block was replaced by another node inside the model call")
+        elif not call.begun or not call.finished:
             self.note_full("our first or last block did not run (another node replaced it inside the model call)")
         if call.compute:
             self.computed_calls += 1
         else:
             self.predicted_calls += 1
+        if call.feature is not None:
+            for stream, feature in call.chunks(call.feature):
+                if stream in call.update:
+                    self.feed(stream, feature)
+            call.feature = None
+
+    def feed(self, stream, feature) -> None:
+        raise NotImplementedError
 
     def note_full(self, reason: str) -> None:
         if reason not in self.full_calls:
@@ -307,16 +340,6 @@ class RunState:
     def calls_expected(self) -> int:
         """Model calls one per evaluation would make (more: split cond/uncond, or extra calls of other nodes)."""
         return self.evaluations
-
-    def begin_call(self, call: Call, args) -> None:
-        call.begun = True
-        txt = args.get("txt")
-        call.txt_len = txt.shape[1] if txt is not None else 0  # text tokens beside the image in single blocks
-        call.streams, call.chunk = split_streams(args, call.variant)
-
-    def cache_point(self, call: Call, out_img):
-        """The cache point in the last block's output: its image tokens (families.Family.cache_point)."""
-        return self.spec.cache_point(out_img, call.txt_len)
 
     def report(self) -> str:
         """What the calls did besides the plan, for the run's one-line report ("" when nothing)."""
@@ -330,8 +353,6 @@ class RunState:
         if self.full_calls:
             parts.append(f"{sum(self.full_calls.values())} model calls computed in full, not predicted ("
                          + "; ".join(f"{n}: {why}" for why, n in self.full_calls.items()) + ")")
-        if self.unseen_calls:
-            parts.append(f"{self.unseen_calls} model calls made around apply_model, computed as they are")
         return "; ".join(parts)
 
 
@@ -360,40 +381,36 @@ class ApplyRun(RunState):
             self.cache.force_key()
         self.new_evaluation()
 
-    def begin_call(self, call: Call, args) -> None:
-        """Decide, at the call's first block, whether its blocks compute and which caches it feeds."""
-        super().begin_call(call, args)
+    def decide(self, call: Call, block_patches, control, device, dtype) -> None:
+        """Whether the call's blocks compute and which caches it feeds (once per call, before it runs).
+
+        A repeated call for a stream already fed at this evaluation computes without feeding it
+        again (key evaluations) or gets the same prediction (skipped ones)."""
         new = tuple(s for s in call.streams if s not in self.fed)
-        if last_block_replaced(call, args):
-            call.compute, call.update = True, ()
-            self.note_full("its last block was replaced by another node inside the model call")
-        elif call.block_patches:  # residuals added between blocks: never predicted, never cached
-            call.compute, call.update = True, ()
-            self.note_full(f"per-block patches of {', '.join(call.block_patches)}")
+        predict = False
+        if block_patches:  # residuals added between blocks: never predicted, never cached
+            self.note_full(f"per-block patches of {', '.join(block_patches)}")
         elif self.cache.is_key:
-            call.compute, call.update = True, new
-        elif call.control:
-            call.compute, call.update = True, ()
+            call.update = new
+        elif control:
             self.note_full("ControlNet residuals")
         elif all(self.cache.has_stream(s) for s in call.streams):
-            call.compute, call.update = False, ()
+            predict = True
         else:
-            call.compute, call.update = True, new
+            call.update = new
             self.note_full("a conditioning or call variant not seen at a key evaluation yet")
-        self.fed.update(call.update)
+        call.record = bool(call.update)
+        if predict:
+            call.compute = False
+            call.prediction = self.prediction(call.streams, device, dtype)
 
-    def last_block(self, call: Call, args, extra, prev):
-        if call.compute:
-            out = call_block(prev, args, extra)
-            if call.update:
-                for stream, feature in call.chunks(self.cache_point(call, out["img"])):
-                    if stream in call.update:
-                        self.cache.update(stream, feature)
-            return out
-        x = args["img"]
-        preds = [self.cache.predict(stream) for stream in call.streams]
-        pred = (preds[0] if len(preds) == 1 else torch.cat(preds)).to(device=x.device, dtype=x.dtype)
-        return self.spec.with_prediction(args, pred, call.txt_len)
+    def prediction(self, streams, device, dtype):
+        """The predicted cache point of a skipped call: its streams' predictions, stacked, in the model's dtype."""
+        preds = [self.cache.predict(stream) for stream in streams]
+        return (preds[0] if len(preds) == 1 else torch.cat(preds)).to(device=device, dtype=dtype)
+
+    def feed(self, stream, feature) -> None:
+        self.cache.update(stream, feature)
 
     @property
     def evaluations(self) -> int:
@@ -426,27 +443,19 @@ class CalibrateRun(RunState):
         self.sigmas.append(float(sigma.reshape(-1)[0]) if sigma is not None else float("nan"))
         self.new_evaluation()
 
-    def begin_call(self, call: Call, args) -> None:
+    def decide(self, call: Call, block_patches, control, device, dtype) -> None:
         """Every block computes; the call records the streams it is the first to bring this evaluation."""
-        super().begin_call(call, args)
-        if last_block_replaced(call, args):
-            self.note_full("its last block was replaced by another node inside the model call")
-            return
         call.update = tuple(s for s in call.streams if s not in self.fed)
-        self.fed.update(call.update)
+        call.record = bool(call.update)
 
     @staticmethod
     def recorder_key(stream):
         """The recorder's stream name: the conditioning's uuid, with the call's variant if any."""
         return stream[0] if len(stream) == 2 else (stream[0], stream[2])
 
-    def last_block(self, call: Call, args, extra, prev):
-        out = call_block(prev, args, extra)
-        for stream, feature in call.chunks(self.cache_point(call, out["img"])):
-            if stream in call.update:
-                self.recorder.record(self.recorder_key(stream), feature)
-                self.names.setdefault(self.recorder_key(stream), stream)
-        return out
+    def feed(self, stream, feature) -> None:
+        self.recorder.record(self.recorder_key(stream), feature)
+        self.names.setdefault(self.recorder_key(stream), stream)
 
     def dropped(self) -> list[str]:
         """The streams left out of the PACT (not recorded at every evaluation), described."""
@@ -461,10 +470,7 @@ class CalibrateRun(RunState):
         return out
 
     def report(self) -> str:
-        parts = [f"{n} model calls not recorded: {why}" for why, n in self.full_calls.items()]
-        if self.unseen_calls:
-            parts.append(f"{self.unseen_calls} model calls made around apply_model, not recorded")
-        return "; ".join(parts)
+        return "; ".join(f"{n} model calls not recorded: {why}" for why, n in self.full_calls.items())
 
     def streams_text(self) -> str:
         """How many streams the PACT sample averages, naming the call variants among them."""
@@ -588,10 +594,18 @@ def run_from(executor, args) -> RunState | None:
     return options.get("transformer_options", {}).get(RUN_KEY)
 
 
+def compute_dtype(base, x):
+    """The dtype the diffusion model computes in (what BaseModel._apply_model casts its input to)."""
+    try:
+        return base.manual_cast_dtype or base.get_dtype()
+    except AttributeError:  # CPU fakes
+        return x.dtype
+
+
 def make_apply_model_wrapper(patches: BlockPatches):
     """The APPLY_MODEL wrapper: once per model call, before any block, make the call's state (the
-    ``Call`` its blocks read from ``transformer_options``) and put our blocks back around any
-    replacement another node made for this call."""
+    ``Call`` its blocks read from ``transformer_options``) with the run's decision, and put our
+    blocks back around any replacement another node made for this call; after it, feed the caches."""
 
     def dpcache_apply_model(executor, *args, **kwargs):
         named = "transformer_options" in kwargs
@@ -604,7 +618,9 @@ def make_apply_model_wrapper(patches: BlockPatches):
         if variant:
             to["patches_replace"] = dict(to.get("patches_replace", {}), dit=dit)
         control = kwargs.get("control", args[4] if len(args) > 4 else None)
-        call = run.open_call(variant, block_patch_owners(to), control is not None, (patches.last, dit.get(patches.last)))
+        x = args[0]
+        call = run.open_call(to, x, variant, block_patch_owners(to), control is not None,
+                             (patches.last, dit.get(patches.last)), compute_dtype(executor.class_obj, x))
         to[CALL_KEY] = call
         if named:
             kwargs["transformer_options"] = to

@@ -172,19 +172,19 @@ def test_new_conditioning_at_a_skipped_step_is_computed():
     patched = apply(model, uniform(3))
     late = {"uuid": uuidlib.uuid4(), "control": None}
     runs = []
-    original = hooks.ApplyRun.begin_call
+    original = hooks.ApplyRun.open_call
 
-    def begin_call(self, call, args):
-        if self.cache.index == 5 and late["uuid"] not in args["transformer_options"]["uuids"]:
-            args["transformer_options"] = dict(args["transformer_options"], uuids=[late["uuid"]])
-        original(self, call, args)
+    def open_call(self, to, x, *rest):
+        if self.cache.index == 5 and late["uuid"] not in to["uuids"]:
+            to["uuids"] = [late["uuid"]]
         runs.append(self)
+        return original(self, to, x, *rest)
 
-    hooks.ApplyRun.begin_call = begin_call
+    hooks.ApplyRun.open_call = open_call
     try:
         F.sample(patched, cfg=1.0)
     finally:
-        hooks.ApplyRun.begin_call = original
+        hooks.ApplyRun.open_call = original
     assert sum(runs[-1].full_calls.values()) == 1
     assert "1 model calls computed in full, not predicted (1: a conditioning" in runs[-1].summary()
 
