@@ -23,6 +23,17 @@ import torch
 ALL_TOKENS, TXT_FIRST, IMG_FIRST = "all", "txt_first", "img_first"
 
 
+def not_compiled(fn):
+    """Leave ``fn``'s own frame out of torch.compile (TorchCompileModel); what it calls (a block) is
+    still compiled. The hooks read per-call state that would otherwise become guards of compiled
+    graphs; leaving them out keeps the compiled graphs those of the model alone, so nothing
+    recompiles per step or per run."""
+    try:
+        return torch.compiler.disable(fn, recursive=False)
+    except Exception:  # pragma: no cover - a torch without torch.compiler
+        return fn
+
+
 class UnsupportedModelError(ValueError):
     """The MODEL is not one DPCache knows how to hook."""
 
@@ -60,6 +71,7 @@ class Family:
 
     # ---- the cache point and the prediction, given the text length seen at the first block
 
+    @not_compiled
     def cache_point(self, img, txt_len: int):
         """The image tokens of the last block's output ``img`` (what reaches the final layer)."""
         if self.image_tokens == TXT_FIRST:
@@ -68,6 +80,7 @@ class Family:
             return img[:, : img.shape[1] - txt_len]
         return img
 
+    @not_compiled
     def with_prediction(self, args, pred, txt_len: int) -> dict:
         """The last block's return value at a skipped evaluation: the prediction in place of the image tokens."""
         x = args["img"]
@@ -77,6 +90,7 @@ class Family:
             pred = torch.cat((pred, x[:, x.shape[1] - txt_len:]), dim=1)
         return self.passthrough(args, pred)
 
+    @not_compiled
     def passthrough(self, args, img=None) -> dict:
         """A skipped block's return value: its inputs unchanged (``img`` replaced when given)."""
         out = {"img": args["img"] if img is None else img}

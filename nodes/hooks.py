@@ -83,6 +83,7 @@ def check_unpatched(model) -> None:
 # Block replacements
 
 
+@families.not_compiled
 def call_block(prev, args, extra):
     """Run the block: through the replacement another node registered before us, if any."""
     if prev is not None:
@@ -94,9 +95,11 @@ def make_block_patch(key: tuple[str, int], first: bool, last: bool, prev=None):
     """The replacement for one block. Kept tiny: it runs for every block at every evaluation.
 
     It only reads the call's decision (made before the model runs, by the APPLY_MODEL wrapper)
-    and touches no run state, so that torch.compile can trace it without a graph break.
+    and touches no run state; torch.compile leaves it out (``families.not_compiled``) and compiles
+    the block it calls.
     """
 
+    @families.not_compiled
     def dpcache_block(args, extra):
         call = args["transformer_options"].get(CALL_KEY)
         if call is None or call.inside:  # not a call of a DPCache run, or inside another node's replacement
@@ -119,6 +122,7 @@ def around_other(fn):
     if fn is None:
         return None
 
+    @families.not_compiled
     def other_block(args, extra):
         call = args["transformer_options"][CALL_KEY]
         call.inside = True
@@ -255,6 +259,7 @@ class Call:
         self.txt_len = 0
         self.feature = None
 
+    @families.not_compiled
     def start(self, args) -> None:
         """At the first block: the text length, and a check that our last block will run."""
         self.begun = True
@@ -265,6 +270,7 @@ class Call:
             self.replaced_under_us = True
             self.compute, self.record = True, False
 
+    @families.not_compiled
     def last_block(self, args, extra, prev):
         self.finished = True
         if self.compute:

@@ -27,10 +27,10 @@ def schedule(host, keys, num_evals=STEPS):
     return host["core"].Schedule(tuple(keys), num_evals)
 
 
-def dpcache(host, keys):
+def dpcache(host, keys, num_evals=STEPS):
     def add(model):
         import nodes
-        (patched,) = nodes.NODE_CLASS_MAPPINGS["DPCacheApply"]().apply(model, schedule(host, keys))["result"]
+        (patched,) = nodes.NODE_CLASS_MAPPINGS["DPCacheApply"]().apply(model, schedule(host, keys, num_evals))["result"]
         return patched
     return add
 
@@ -320,3 +320,97 @@ def test_flux_controlnet(host, runs, monkeypatch):
     monkeypatch.setattr(comfy_host, "conditioning", with_control)
     run_case(host, runs, "ControlNet (FLUX, ControlNetApplyAdvanced)", "flux", "conditioning", lambda m: m,
              expect_full="forced by injected residuals")
+
+
+# --------------------------------------------------------------------------------------------
+# torch.compile (TorchCompileModel): no recompile per step or per run, K = T as without DPCache
+
+INDUCTOR_REASON = ("the inductor backend compiles even the tiny FLUX for about 2 minutes per graph set on a shared "
+                   "2-core CPU; set DPCACHE_TEST_INDUCTOR=1 to run it (the eager backend below runs the same "
+                   "TorchCompileModel wrapper and dynamo guards, so it counts the same recompiles)")
+
+
+def compiled_graphs():
+    from torch._dynamo.utils import counters
+    return counters["stats"]["unique_graphs"]
+
+
+class RecompileLog:
+    """Counts dynamo's "Recompiling function" messages (torch._logging's recompiles artifact)."""
+
+    def __enter__(self):
+        import logging
+        import torch._logging
+        self.lines = []
+        outer = self
+
+        class Catch(logging.Handler):
+            def emit(self, record):
+                if "Recompiling function" in record.getMessage():
+                    outer.lines.append(record.getMessage().split("\n")[0])
+
+        self.handler = Catch()
+        torch._logging.set_logs(recompiles=True)
+        self.logger = logging.getLogger("torch._dynamo.guards.__recompiles")  # the artifact logger; it does not propagate
+        self.logger.addHandler(self.handler)
+        return self
+
+    def __exit__(self, *exc):
+        import logging
+        import torch._logging
+        torch._logging.set_logs()
+        self.logger.removeHandler(self.handler)
+
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("backend", ["eager", "inductor"])
+def test_torch_compile_model(host, runs, backend, order):
+    import os
+    import torch
+    import torch._dynamo
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
+    from comfy_extras.nodes_torch_compile import TorchCompileModel
+    if backend == "inductor" and os.environ.get("DPCACHE_TEST_INDUCTOR") != "1":
+        pytest.skip(INDUCTOR_REASON)
+    key, steps = "flux", 6
+    torch._dynamo.reset()
+    model = build_model(key)
+
+    def compile_node(m):
+        if backend == "inductor":
+            return result(TorchCompileModel.execute(m, backend))
+        m = m.clone()
+        set_torch_compile_wrapper(m, backend=backend)  # what TorchCompileModel does, with dynamo's eager backend
+        return m
+
+    def graph(keys):
+        apply_ = dpcache(host, keys, steps)
+        return apply_(compile_node(model)) if order == "before" else compile_node(apply_(model))
+
+    kw = dict(steps=steps, cfg=CFG)
+    ref = sample(compile_node(model), key, **kw)  # compiled, without DPCache
+    plain_graphs = compiled_graphs()
+    with RecompileLog() as log:
+        exact = sample(graph(range(steps)), key, **kw)
+        after_first = compiled_graphs()
+        first_lines = list(log.lines)
+        outs = []
+        for keys in ([0, 2, 5], [0, 1, 3, 5], [0, 2, 5]):  # other key/skip patterns, and a repeated run
+            outs.append(sample(graph(keys), key, **kw))
+        fast_report = runs[-1].summary().split("; wall")[0].replace("DPCache: ", "")
+        exact_again = sample(graph(range(steps)), key, **kw)
+    diff = (exact - ref).abs().max().item()
+    later = log.lines[len(first_lines):]
+    print(f"\n[compose] TorchCompileModel ({backend}) | {key} | {order} | "
+          f"{'bit-identical' if diff == 0 else 'max abs diff'} {diff:.0e} | K=3,4/T={steps}: {len(later)} recompiles and "
+          f"{compiled_graphs() - after_first} new graphs in 4 runs after the first DPCache run (which made "
+          f"{after_first - plain_graphs} graphs beyond the plain compiled model's, {len(first_lines)} recompiles) | "
+          f"K=3 run: {fast_report}")
+    assert later == [], later
+    assert compiled_graphs() == after_first
+    assert (exact_again - exact).abs().max().item() == 0.0
+    assert all(torch.isfinite(o).all() for o in outs) and (outs[0] - outs[2]).abs().max().item() == 0.0
+    if backend == "eager":
+        assert diff == 0.0
+    else:  # inductor fuses the blocks DPCache calls through its hook into other kernels than the plain graph's
+        assert diff < 1e-4, diff
