@@ -278,7 +278,10 @@ class Call:
             if self.record:
                 self.feature = self.spec.cache_point(out["img"], self.txt_len)
             return out
-        return self.spec.with_prediction(args, self.prediction, self.txt_len)
+        pred = self.prediction
+        if pred.dtype != args["img"].dtype:  # a model whose blocks carry another dtype than its compute dtype
+            pred = pred.to(args["img"].dtype)
+        return self.spec.with_prediction(args, pred, self.txt_len)
 
     def chunks(self, feature):
         for n, stream in enumerate(self.streams):
