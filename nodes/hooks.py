@@ -446,6 +446,7 @@ class CalibrateRun(RunState):
                                            expected_evals=expected_evals)
         self.sigmas: list[float] = []
         self.names: dict = {}  # recorder key -> stream
+        self.seen: dict = {}  # recorder key -> evaluations it came at
 
     def start_evaluation(self, sigma=None) -> None:
         self.recorder.start_evaluation()
@@ -463,19 +464,21 @@ class CalibrateRun(RunState):
         return stream[0] if len(stream) == 2 else (stream[0], stream[2])
 
     def feed(self, stream, feature) -> None:
-        self.recorder.record(self.recorder_key(stream), feature)
-        self.names.setdefault(self.recorder_key(stream), stream)
+        key = self.recorder_key(stream)
+        self.recorder.record(key, feature)
+        self.names.setdefault(key, stream)
+        self.seen[key] = self.seen.get(key, 0) + 1
 
     def dropped(self) -> list[str]:
-        """The streams left out of the PACT (not recorded at every evaluation), described."""
+        """The streams left out of the PACT (not seen at every evaluation, or changing shape), described."""
         complete = set(self.recorder.complete_streams())
         out = []
-        for key, n in self.recorder.lengths.items():
+        for key, n in self.seen.items():
             if key in complete:
                 continue
-            stream = self.names.get(key, (key,))
+            stream = self.names[key]
             what = f"a call variant ({self.variants.get(stream[2], 'blocks replaced')})" if len(stream) > 2 else "a conditioning"
-            out.append(f"{what}, recorded at {n} of {self.recorder.num_evals} evaluations")
+            out.append(f"{what}, seen at {n} of {self.recorder.num_evals} evaluations")
         return out
 
     def report(self) -> str:

@@ -484,7 +484,7 @@ def test_calibrate_records_what_it_can_with_skip_layer_guidance(tmp_path, monkey
     with caplog.at_level(logging.INFO, logger="dpcache"):
         F.sample(calib, cfg=2.0, slg="dit", slg_sigmas=(0.55, 1.0))
     assert ("2 streams averaged; left out (not recorded at every evaluation): a call variant "
-            "(double_block 1 replaced by skip_block), recorded at 5 of 10 evaluations") in caplog.text
+            "(double_block 1 replaced by skip_block), seen at 5 of 10 evaluations") in caplog.text
     # SLG at every evaluation: its call is a stream of its own, recorded in full
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="dpcache"):

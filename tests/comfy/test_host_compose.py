@@ -221,7 +221,7 @@ def run_case(host, runs, node, key, order, other, sample_kw=None, expect_full=No
         assert c_fast.total < c_ref.total and run.predicted_calls > 0, run.summary()
     report = run.summary().split("; wall")[0].replace("DPCache: ", "") + "".join(
         "; " + p for p in run.summary().split("; ")[1:] if not p.startswith("wall"))
-    print(f"\n[compose] {node} | {key} | {order} | bit-identical (max|diff| {diff:.0e}) | "
+    print(f"\n[compose] {node} | {key} | {order} | bit-identical (max abs diff {diff:.0e}) | "
           f"K={K}/T={STEPS}: {c_fast.total}/{c_ref.total}, PSNR {db:.1f} dB | {report}")
     return run
 
@@ -411,3 +411,28 @@ def test_torch_compile_model(host, runs, backend, order):
     assert (exact_again - exact).abs().max().item() == 0.0
     assert all(torch.isfinite(o).all() for o in outs) and (outs[0] - outs[2]).abs().max().item() == 0.0
     assert diff == 0.0, diff  # the same compiled graphs as the model without DPCache
+
+
+# --------------------------------------------------------------------------------------------
+# DPCache Calibrate beside Skip Layer Guidance
+
+
+@pytest.mark.parametrize("window", [(0.0, 1.0), (0.01, 0.15)])
+def test_calibrate_with_skip_layer_guidance(host, pact_dir, caplog, window):
+    """Calibrate records the positive and negative streams (the old hooks dropped the positive one,
+    called twice per evaluation), the SLG call as a stream of its own when it comes at every
+    evaluation, and names it as left out when it comes at some only."""
+    import logging
+    import nodes
+    model = slg_dit("1")(build_model("wan_t2v")) if window == (0.0, 1.0) else slg_dit("1", "", *window)(build_model("wan_t2v"))
+    (calib,) = nodes.NODE_CLASS_MAPPINGS["DPCacheCalibrate"]().calibrate(model, "slg", 1, True)
+    with caplog.at_level(logging.INFO, logger="dpcache"):
+        sample(calib, "wan_t2v", steps=STEPS, cfg=CFG)
+    (line,) = [r.getMessage() for r in caplog.records if "sample 1 added" in r.getMessage()]
+    print(f"\n[compose-calibrate] SLG window {window}: {line}")
+    if window == (0.0, 1.0):
+        assert "3 streams averaged (with calls whose double_block 1 replaced by SkipLayerGuidanceDiT)" in line
+        assert "left out" not in line
+    else:
+        assert "2 streams averaged; left out (not recorded at every evaluation): a call variant " \
+               "(double_block 1 replaced by SkipLayerGuidanceDiT), seen at 1 of 12 evaluations" in line
