@@ -491,3 +491,27 @@ def test_calibrate_records_what_it_can_with_skip_layer_guidance(tmp_path, monkey
         F.sample(calib, cfg=2.0, slg="dit")
     assert "sample 2 added (10 evaluations, every cache-point element); 3 streams averaged (with calls whose double_block 1 replaced by skip_block)" in caplog.text
     assert "left out" not in caplog.text
+
+
+def test_last_block_replaced_inside_the_call_is_computed_in_full():
+    """A wrapper that runs inside ours (after Apply) puts its own function on our last block for the
+    call: DPCache cannot predict through it, so the call is computed in full and reported."""
+    model = wan()
+    last = FIRST_LAST["wan"][1]
+
+    def counting(args, extra):
+        return extra["original_block"](args)
+
+    def inner(executor, *args, **kwargs):
+        return executor(*args[:5], F.with_replacements({"transformer_options": args[5]}, [last], counting)["transformer_options"])
+
+    def add(m):
+        m = m.clone()
+        m.add_wrapper_with_key("apply_model", "other", inner)
+        return m
+
+    ref = F.sample(add(model), cfg=2.0)
+    runs = track_runs()
+    fast = F.sample(add(apply(model, uniform(4))), cfg=2.0)
+    assert all(torch.equal(a, b) for a, b in zip(ref, fast))
+    assert "10 model calls computed in full, not predicted (10: its last block was replaced by another node inside the model call)" in runs[-1].summary()
