@@ -197,9 +197,10 @@ class FullRun(hooks.RunState):
 
     def start_evaluation(self, sigma=None) -> None:
         self.evaluations += 1
+        self.new_evaluation()
 
-    def last_block(self, args, extra, prev):
-        return hooks.call_block(prev, args, extra)
+    def decide(self, call, block_patches, control, device, dtype) -> None:
+        """Every block computes; nothing is cached or recorded."""
 
     def close(self) -> None:
         pass
@@ -376,8 +377,9 @@ class AutoHook:
                      "first evaluations are always computed): use more steps")
         elif len(keys) > asked:
             line += f" (K raised from {asked}: the fewest this run allows)"
-        if run.fallback_calls:
-            line += f"; {run.fallback_calls} model calls computed in full at skipped evaluations"
+        extra = run.report()  # calls computed in full, extra calls of other nodes (e.g. Skip Layer Guidance)
+        if extra:
+            line += f"; {extra}"
         log.info("DPCache (auto): %s", line)
         report_event((self.node_id, self.schedule_node), keys, n, run.cache.computed, run.cache.skipped, line,
                      f"auto:{found.name}", measured)

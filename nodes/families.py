@@ -23,6 +23,17 @@ import torch
 ALL_TOKENS, TXT_FIRST, IMG_FIRST = "all", "txt_first", "img_first"
 
 
+def not_compiled(fn):
+    """Leave ``fn``'s own frame out of torch.compile (TorchCompileModel); what it calls (a block) is
+    still compiled. The hooks read per-call state that would otherwise become guards of compiled
+    graphs; leaving them out keeps the compiled graphs those of the model alone, so nothing
+    recompiles per step or per run."""
+    try:
+        return torch.compiler.disable(fn, recursive=False)
+    except Exception:  # pragma: no cover - a torch without torch.compiler
+        return fn
+
+
 class UnsupportedModelError(ValueError):
     """The MODEL is not one DPCache knows how to hook."""
 
@@ -60,6 +71,7 @@ class Family:
 
     # ---- the cache point and the prediction, given the text length seen at the first block
 
+    @not_compiled
     def cache_point(self, img, txt_len: int):
         """The image tokens of the last block's output ``img`` (what reaches the final layer)."""
         if self.image_tokens == TXT_FIRST:
@@ -68,6 +80,7 @@ class Family:
             return img[:, : img.shape[1] - txt_len]
         return img
 
+    @not_compiled
     def prediction_output(self, args, txt_len: int):
         """(out, image): a new tensor shaped like the last block's ``img`` input, in its dtype and on its
         device, with the text tokens copied from it, and the view of ``out`` where the image tokens
@@ -80,12 +93,14 @@ class Family:
             out[:, x.shape[1] - txt_len:] = x[:, x.shape[1] - txt_len:]
         return out, self.cache_point(out, txt_len)
 
+    @not_compiled
     def with_prediction(self, args, pred, txt_len: int) -> dict:
         """The last block's return value at a skipped evaluation: the prediction in place of the image tokens."""
         out, image = self.prediction_output(args, txt_len)
         image.copy_(pred)
         return self.passthrough(args, out)
 
+    @not_compiled
     def passthrough(self, args, img=None) -> dict:
         """A skipped block's return value: its inputs unchanged (``img`` replaced when given)."""
         out = {"img": args["img"] if img is None else img}

@@ -48,6 +48,7 @@ from .families import UnsupportedModelError  # noqa: F401  (re-exported: the nod
 log = logging.getLogger("dpcache")
 
 RUN_KEY = "dpcache_run"  # transformer_options key of the per-run state (set only during a run)
+CALL_KEY = "dpcache_call"  # transformer_options key of the state of one model call (set only for that call)
 PATCH_KEY = "dpcache"  # transformer_options marker of a patched model, and our wrapper key
 
 
@@ -85,6 +86,7 @@ def check_unpatched(model) -> None:
 # Block replacements
 
 
+@families.not_compiled
 def call_block(prev, args, extra):
     """Run the block: through the replacement another node registered before us, if any."""
     if prev is not None:
@@ -93,80 +95,277 @@ def call_block(prev, args, extra):
 
 
 def make_block_patch(key: tuple[str, int], first: bool, last: bool, prev=None):
-    """The replacement for one block. Kept tiny: it runs for every block at every evaluation."""
+    """The replacement for one block. Kept tiny: it runs for every block at every evaluation.
 
+    It only reads the call's decision (made before the model runs, by the APPLY_MODEL wrapper)
+    and touches no run state; torch.compile leaves it out (``families.not_compiled``) and compiles
+    the block it calls.
+    """
+
+    @families.not_compiled
     def dpcache_block(args, extra):
-        run = args["transformer_options"].get(RUN_KEY)
-        if run is None:  # sampled outside our OUTER_SAMPLE wrapper: behave like the plain model
+        call = args["transformer_options"].get(CALL_KEY)
+        if call is None or call.inside:  # not a call of a DPCache run, or inside another node's replacement
             return call_block(prev, args, extra)
         if first:
-            run.begin_call(args)
+            call.start(args)
         if last:
-            return run.last_block(args, extra, prev)
-        if run.compute:
+            return call.last_block(args, extra, prev)
+        if call.compute:
             return call_block(prev, args, extra)
-        return run.spec.passthrough(args)
+        return call.spec.passthrough(args)
 
     dpcache_block.dpcache_key = key
     return dpcache_block
 
 
-def install_block_patches(model, info: ModelInfo) -> None:
-    """Patch every block of ``model`` (a clone), wrapping what was already there."""
-    existing = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
-    for n, (kind, i) in enumerate(info.blocks):
-        prev = existing.get((kind, i))
-        if prev is not None:
-            log.info("DPCache: wrapping an existing replacement of %s %d", kind, i)
-        patch = make_block_patch((kind, i), n == 0, n == len(info.blocks) - 1, prev)
-        model.set_model_patch_replace(patch, "dit", kind, i)
+def around_other(fn):
+    """Another node's block replacement, called by ours: while it runs, a DPCache block patch it
+    calls in turn (one it wrapped when it was added after Apply) only runs the block."""
+    if fn is None:
+        return None
+
+    @families.not_compiled
+    def other_block(args, extra):
+        call = args["transformer_options"][CALL_KEY]
+        call.inside = True
+        try:
+            return fn(args, extra)
+        finally:
+            call.inside = False
+
+    return other_block
+
+
+def patch_owner(fn) -> str:
+    """Who made a patch, for messages: the node class of a closure (SkipLayerGuidanceDiT), or the patch's class."""
+    name = getattr(fn, "__qualname__", None)
+    if name is None:
+        return type(fn).__name__
+    return name.split(".<locals>")[0].rsplit(".", 1)[0] if ".<locals>" in name else name
+
+
+class BlockPatches:
+    """The block patches one DPCache node installed, and what each model call of a run gets.
+
+    Another node may put its own replacement on one of our blocks after Apply, for every call
+    (a node on the model line) or for one call only (Skip Layer Guidance edits the options of its
+    extra call). ``for_call`` puts ours back around it, for that call only: at computed calls
+    the other node's replacement runs in place of the block, at skipped ones nothing runs. The
+    call then belongs to a *variant* of its stream with its own cache, so a positive call with
+    layers skipped is never given the plain positive call's prediction.
+    """
+
+    def __init__(self, info: ModelInfo):
+        self.keys = list(info.blocks)
+        self.first, self.last = self.keys[0], self.keys[-1]
+        self.installed: dict = {}
+        self.composed: dict = {}  # (key, id(other)) -> (other, our patch around it): the same function every call
+
+    def install(self, model) -> None:
+        """Patch every block of ``model`` (a clone), wrapping what was already there."""
+        existing = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
+        for n, key in enumerate(self.keys):
+            prev = existing.get(key)
+            if prev is not None:
+                log.info("DPCache: wrapping an existing replacement of %s %d", *key)
+            patch = make_block_patch(key, n == 0, n == len(self.keys) - 1, prev)
+            self.installed[key] = patch
+            model.set_model_patch_replace(patch, "dit", *key)
+
+    def around(self, key, other):
+        entry = self.composed.get((key, id(other)))
+        if entry is None or entry[0] is not other:
+            if len(self.composed) > 256:
+                self.composed.clear()
+            entry = (other, make_block_patch(key, key == self.first, key == self.last, around_other(other)))
+            self.composed[(key, id(other))] = entry
+        return entry[1]
+
+    def for_call(self, to: dict) -> tuple[dict, tuple]:
+        """The block replacements a call should run with, and its variant: ((key, other node's
+        replacement), ...) for our blocks another node replaced; () when every block is ours."""
+        dit = to.get("patches_replace", {}).get("dit", {})
+        variant = tuple((key, dit.get(key)) for key, mine in self.installed.items() if dit.get(key) is not mine)
+        if not variant:
+            return dit, ()
+        dit = dict(dit)
+        for key, other in variant:
+            dit[key] = self.around(key, other)
+        return dit, variant
+
+    def __deepcopy__(self, memo):  # shared by the clones of a patched model, like the hooks
+        return self
+
+
+def describe_variant(variant) -> str:
+    """"double_block 1, single_block 2 replaced by SkipLayerGuidanceDiT" for messages."""
+    by_owner: dict[str, list] = {}
+    for (kind, i), other in variant:
+        by_owner.setdefault("the original block" if other is None else patch_owner(other), []).append(f"{kind} {i}")
+    return "; ".join(f"{', '.join(keys)} replaced by {owner}" for owner, keys in by_owner.items())
+
+
+BLOCK_PATCH_NAMES = ("double_block", "single_block")  # per-block patches: residuals added between blocks
+
+
+def block_patch_owners(to: dict) -> tuple[str, ...]:
+    """Who added per-block ``patches`` entries (e.g. the Qwen-Image DiffSynth ControlNet patch); () if none."""
+    patches = to.get("patches") or {}
+    return tuple(dict.fromkeys(patch_owner(p) for name in BLOCK_PATCH_NAMES for p in patches.get(name) or ()))
 
 
 # --------------------------------------------------------------------------------------------
 # Per-run state
 
 
-def split_streams(args) -> tuple[list, int]:
-    """One stream per batch chunk (cond / uncond / extra conds): (stream keys, rows per chunk).
+def split_streams(to: dict, x, variant=()) -> tuple[list, int]:
+    """One stream per batch chunk (cond / uncond / extra conds) of a model call with input ``x``:
+    (stream keys, rows per chunk).
 
-    A stream is (uuid, feature shape of one chunk), so a cache is only ever used for the same
-    conditioning at the same resolution and batch size.
+    A stream is (uuid, input shape of one chunk), plus the call's variant (the blocks another
+    node replaced for it) when there is one, so a cache is only ever used for the same
+    conditioning, at the same resolution and batch size, through the same blocks.
     """
-    x = args["img"]
-    uuids = list(args["transformer_options"].get("uuids") or [None])
+    uuids = list(to.get("uuids") or [None])
     rows = x.shape[0]
     if rows % len(uuids):
         uuids, chunk = [tuple(uuids)], rows
     else:
         chunk = rows // len(uuids)
     shape = (chunk, *x.shape[1:])
-    return [(u, shape) for u in uuids], chunk
+    tail = (variant,) if variant else ()
+    return [(u, shape, *tail) for u in uuids], chunk
 
 
-class RunState:
-    """What every run shares: the family entry, the stream split of the current model call and its text length."""
+class Call:
+    """One model call inside a sampler evaluation. The APPLY_MODEL wrapper makes it before the
+    model runs, with the run's decision for the call (compute or predict, the prediction, which
+    caches it feeds); the blocks read it from ``transformer_options`` and only write back what
+    they saw (the text length, that the first and last blocks ran, the cache-point feature).
+    Its fields are plain values and tensors: torch.compile guards on ``compute`` alone."""
 
-    compute = True
-
-    def __init__(self, family: str):
-        self.family = family
-        self.spec = families.family(family)
+    def __init__(self, spec, position: int, variant=(), streams=(), chunk=0, last=(None, None)):
+        self.spec = spec
+        self.position = position  # the call's place in its evaluation
+        self.variant = variant  # ((block key, other node's replacement), ...), () when every block is ours
+        self.streams, self.chunk = list(streams), chunk
+        self.last_key, self.last_patch = last  # our last block, and what it must be when the first runs
+        self.compute = True  # whether the blocks run (False: skip them, the last returns ``prediction``)
+        self.record = False  # keep the last block's cache point in ``feature``
+        self.update: tuple = ()  # streams whose cache ``feature`` feeds
+        self.predict = None  # a skipped call's predictor: predict(stream, out=...) writes its cache point
+        self.inside = False  # another node's replacement of one of our blocks is running
+        self.begun = False  # our first block ran
+        self.finished = False  # our last block ran
+        self.replaced_under_us = False  # our last block was not in this call's patches when the first ran
         self.txt_len = 0
-        self.streams: list = []
-        self.chunk = 0
+        self.feature = None
 
-    def begin_call(self, args) -> None:
+    @families.not_compiled
+    def start(self, args) -> None:
+        """At the first block: the text length, and a check that our last block will run."""
+        self.begun = True
         txt = args.get("txt")
         self.txt_len = txt.shape[1] if txt is not None else 0  # text tokens beside the image in single blocks
-        self.streams, self.chunk = split_streams(args)
+        dit = args["transformer_options"].get("patches_replace", {}).get("dit", {})
+        if dit.get(self.last_key) is not self.last_patch:  # replaced inside the call: compute it all, keep nothing
+            self.replaced_under_us = True
+            self.compute, self.record = True, False
 
-    def cache_point(self, out_img):
-        """The cache point in the last block's output: its image tokens (families.Family.cache_point)."""
-        return self.spec.cache_point(out_img, self.txt_len)
+    @families.not_compiled
+    def last_block(self, args, extra, prev):
+        self.finished = True
+        if self.compute:
+            out = call_block(prev, args, extra)
+            if self.record:
+                self.feature = self.spec.cache_point(out["img"], self.txt_len)
+            return out
+        out, image = self.spec.prediction_output(args, self.txt_len)  # new per call, in the blocks' dtype and device
+        for stream, part in self.chunks(image):
+            self.predict(stream, out=part)  # each stream's prediction straight into its slice
+        return self.spec.passthrough(args, out)
 
     def chunks(self, feature):
         for n, stream in enumerate(self.streams):
             yield stream, feature[n * self.chunk:(n + 1) * self.chunk]
+
+
+class RunState:
+    """What every run shares: the family entry, the evaluation's calls, and the calls' report."""
+
+    def __init__(self, family: str):
+        self.family = family
+        self.spec = families.family(family)
+        self.calls_in_evaluation = 0
+        self.fed: set = set()  # streams whose cache took this evaluation's feature already
+        self.full_calls: dict[str, int] = {}  # why calls were computed in full where the plan would predict them
+        self.variants: dict = {}  # call variants seen: variant -> description
+        self.computed_calls = 0  # model calls whose blocks ran
+        self.predicted_calls = 0  # model calls whose last block returned a prediction
+
+    def new_evaluation(self) -> None:
+        self.calls_in_evaluation = 0
+        self.fed = set()
+
+    def open_call(self, to: dict, x, variant=(), block_patches=(), control=False, last=(None, None), dtype=None) -> Call:
+        """The state of a model call about to run (input ``x``, options ``to``), with the run's decision."""
+        streams, chunk = split_streams(to, x, variant)
+        call = Call(self.spec, self.calls_in_evaluation, variant, streams, chunk, last)
+        self.calls_in_evaluation += 1
+        if variant and variant not in self.variants:
+            self.variants[variant] = describe_variant(variant)
+        self.decide(call, block_patches, control, x.device, dtype or x.dtype)
+        self.fed.update(call.update)
+        return call
+
+    def decide(self, call: Call, block_patches, control, device, dtype) -> None:
+        raise NotImplementedError
+
+    def close_call(self, call: Call) -> None:
+        """After the model call: check what its blocks saw, and feed the caches."""
+        if not call.compute and not call.finished:
+            raise RuntimeError("DPCache skipped the blocks of a model call whose last block did not run; another "
+                               "node replaced the model's blocks inside the call. Remove that node or Apply DPCache")
+        if call.replaced_under_us:
+            self.note_full("its last block was replaced by another node inside the model call")
+        elif not call.begun or not call.finished:
+            self.note_full("our first or last block did not run (another node replaced it inside the model call)")
+        if call.compute:
+            self.computed_calls += 1
+        else:
+            self.predicted_calls += 1
+        if call.feature is not None:
+            for stream, feature in call.chunks(call.feature):
+                if stream in call.update:
+                    self.feed(stream, feature)
+            call.feature = None
+
+    def feed(self, stream, feature) -> None:
+        raise NotImplementedError
+
+    def note_full(self, reason: str) -> None:
+        if reason not in self.full_calls:
+            log.info("DPCache: computing a model call in full: %s", reason)
+        self.full_calls[reason] = self.full_calls.get(reason, 0) + 1
+
+    def calls_expected(self) -> int:
+        """Model calls one per evaluation would make (more: split cond/uncond, or extra calls of other nodes)."""
+        return self.evaluations
+
+    def report(self) -> str:
+        """What the calls did besides the plan, for the run's one-line report ("" when nothing)."""
+        parts = []
+        if self.computed_calls + self.predicted_calls > self.calls_expected():
+            parts.append(f"{self.computed_calls + self.predicted_calls} model calls: {self.computed_calls} computed, "
+                         f"{self.predicted_calls} predicted")
+        if self.variants:
+            parts.append("separate caches for calls whose blocks another node replaced ("
+                         + "; ".join(sorted(set(self.variants.values()))) + ")")
+        if self.full_calls:
+            parts.append(f"{sum(self.full_calls.values())} model calls computed in full, not predicted ("
+                         + "; ".join(f"{n}: {why}" for why, n in self.full_calls.items()) + ")")
+        return "; ".join(parts)
 
 
 class ApplyRun(RunState):
@@ -178,7 +377,6 @@ class ApplyRun(RunState):
         self.force_all = force_all
         self.sampler = sampler
         self.plan_text = plan_text
-        self.fallback_calls = 0
         self.marks: list[tuple[float, bool]] = []  # (start time, key?) of every evaluation: the measured speed-up
 
     def start_evaluation(self, sigma=None) -> None:
@@ -195,6 +393,7 @@ class ApplyRun(RunState):
         if not key and self.force_all:
             self.cache.force_key()
         self.marks.append((time.perf_counter(), bool(self.cache.is_key)))
+        self.new_evaluation()
 
     def measured_speedup(self) -> float | None:
         """T x (mean time of a computed evaluation) / the run's time: the speed-up over computing all,
@@ -209,29 +408,31 @@ class ApplyRun(RunState):
             return None
         return len(spans) * (sum(keyed) / len(keyed)) / total
 
-    def begin_call(self, args) -> None:
-        super().begin_call(args)
-        self.compute = self.cache.is_key
-        if not self.compute:
-            to = args["transformer_options"]
-            patches = to.get("patches") or {}
-            if patches.get("double_block") or patches.get("single_block"):
-                self.compute = True  # per-block patches add residuals between blocks: not predictable
-            elif not all(self.cache.has_stream(s) for s in self.streams):
-                self.compute = True  # a conditioning not seen at a key evaluation yet
-            if self.compute:
-                self.fallback_calls += 1
+    def decide(self, call: Call, block_patches, control, device, dtype) -> None:
+        """Whether the call's blocks compute and which caches it feeds (once per call, before it runs).
 
-    def last_block(self, args, extra, prev):
-        if self.compute:
-            out = call_block(prev, args, extra)
-            for stream, feature in self.chunks(self.cache_point(out["img"])):
-                self.cache.update(stream, feature)
-            return out
-        out, image = self.spec.prediction_output(args, self.txt_len)  # new per call, in x's dtype and device
-        for stream, part in self.chunks(image):
-            self.cache.predict(stream, out=part)  # each stream straight into its slice
-        return self.spec.passthrough(args, out)
+        A repeated call for a stream already fed at this evaluation computes without feeding it
+        again (key evaluations) or gets the same prediction (skipped ones)."""
+        new = tuple(s for s in call.streams if s not in self.fed)
+        predict = False
+        if block_patches:  # residuals added between blocks: never predicted, never cached
+            self.note_full(f"per-block patches of {', '.join(block_patches)}")
+        elif self.cache.is_key:
+            call.update = new
+        elif control:
+            self.note_full("ControlNet residuals")
+        elif all(self.cache.has_stream(s) for s in call.streams):
+            predict = True
+        else:
+            call.update = new
+            self.note_full("a conditioning or call variant not seen at a key evaluation yet")
+        call.record = bool(call.update)
+        if predict:
+            call.compute = False
+            call.predict = self.cache.predict  # at the last block, into the output it returns (no extra copy)
+
+    def feed(self, stream, feature) -> None:
+        self.cache.update(stream, feature)
 
     @property
     def evaluations(self) -> int:
@@ -241,9 +442,8 @@ class ApplyRun(RunState):
         line = self.cache.summary()
         if self.plan_text:
             line = f"{self.plan_text}. {line}"
-        if self.fallback_calls:
-            line += f"; {self.fallback_calls} model calls computed in full at skipped evaluations (new conditioning or block patches)"
-        return line
+        extra = self.report()
+        return f"{line}; {extra}" if extra else line
 
     def close(self) -> None:
         self.cache.close()
@@ -259,6 +459,8 @@ class CalibrateRun(RunState):
                                            expected_evals=expected_evals)
         self.sigmas: list[float] = []
         self.announce = None  # called once with what the first evaluation kept (``sample_description``)
+        self.names: dict = {}  # recorder key -> stream
+        self.seen: dict = {}  # recorder key -> evaluations it came at
 
     def start_evaluation(self, sigma=None) -> None:
         if self.announce is not None and self.recorder.num_evals == 1:  # the first evaluation is recorded
@@ -266,12 +468,45 @@ class CalibrateRun(RunState):
             self.announce = None
         self.recorder.start_evaluation()
         self.sigmas.append(float(sigma.reshape(-1)[0]) if sigma is not None else float("nan"))
+        self.new_evaluation()
 
-    def last_block(self, args, extra, prev):
-        out = call_block(prev, args, extra)
-        for (uuid, _shape), feature in self.chunks(self.cache_point(out["img"])):
-            self.recorder.record(uuid, feature)
+    def decide(self, call: Call, block_patches, control, device, dtype) -> None:
+        """Every block computes; the call records the streams it is the first to bring this evaluation."""
+        call.update = tuple(s for s in call.streams if s not in self.fed)
+        call.record = bool(call.update)
+
+    @staticmethod
+    def recorder_key(stream):
+        """The recorder's stream name: the conditioning's uuid, with the call's variant if any."""
+        return stream[0] if len(stream) == 2 else (stream[0], stream[2])
+
+    def feed(self, stream, feature) -> None:
+        key = self.recorder_key(stream)
+        self.recorder.record(key, feature)
+        self.names.setdefault(key, stream)
+        self.seen[key] = self.seen.get(key, 0) + 1
+
+    def dropped(self) -> list[str]:
+        """The streams left out of the PACT (not seen at every evaluation, or changing shape), described."""
+        complete = set(self.recorder.complete_streams())
+        out = []
+        for key, n in self.seen.items():
+            if key in complete:
+                continue
+            stream = self.names[key]
+            what = f"a call variant ({self.variants.get(stream[2], 'blocks replaced')})" if len(stream) > 2 else "a conditioning"
+            out.append(f"{what}, seen at {n} of {self.recorder.num_evals} evaluations")
         return out
+
+    def report(self) -> str:
+        return "; ".join(f"{n} model calls not recorded: {why}" for why, n in self.full_calls.items())
+
+    def streams_text(self) -> str:
+        """How many streams the PACT sample averages, naming the call variants among them."""
+        complete = self.recorder.complete_streams()
+        variants = sorted({self.variants[k[1]] for k in complete if isinstance(k, tuple) and k[1] in self.variants})
+        text = f"{len(complete)} streams averaged"
+        return text + (f" (with calls whose {'; '.join(variants)})" if variants else "")
 
     @property
     def evaluations(self) -> int:
@@ -388,6 +623,45 @@ def run_from(executor, args) -> RunState | None:
     return options.get("transformer_options", {}).get(RUN_KEY)
 
 
+def compute_dtype(base, x):
+    """The dtype the diffusion model computes in (what BaseModel._apply_model casts its input to)."""
+    try:
+        return base.manual_cast_dtype or base.get_dtype()
+    except AttributeError:  # CPU fakes
+        return x.dtype
+
+
+def make_apply_model_wrapper(patches: BlockPatches):
+    """The APPLY_MODEL wrapper: once per model call, before any block, make the call's state (the
+    ``Call`` its blocks read from ``transformer_options``) with the run's decision, and put our
+    blocks back around any replacement another node made for this call; after it, feed the caches."""
+
+    def dpcache_apply_model(executor, *args, **kwargs):
+        named = "transformer_options" in kwargs
+        to = kwargs["transformer_options"] if named else (args[5] if len(args) > 5 else None)
+        run = to.get(RUN_KEY) if isinstance(to, dict) else None
+        if run is None:
+            return executor(*args, **kwargs)
+        dit, variant = patches.for_call(to)
+        to = dict(to)
+        if variant:
+            to["patches_replace"] = dict(to.get("patches_replace", {}), dit=dit)
+        control = kwargs.get("control", args[4] if len(args) > 4 else None)
+        x = args[0]
+        call = run.open_call(to, x, variant, block_patch_owners(to), control is not None,
+                             (patches.last, dit.get(patches.last)), compute_dtype(executor.class_obj, x))
+        to[CALL_KEY] = call
+        if named:
+            kwargs["transformer_options"] = to
+        else:
+            args = (*args[:5], to, *args[6:])
+        out = executor(*args, **kwargs)
+        run.close_call(call)
+        return out
+
+    return dpcache_apply_model
+
+
 def predict_noise_wrapper(executor, *args, **kwargs):
     """Once per sampler evaluation: advance the run's counter (key or skip for every stream)."""
     run = run_from(executor, args)
@@ -487,13 +761,15 @@ def install(model, info: ModelInfo, hook, label: str) -> None:
     try:
         from comfy.patcher_extension import WrappersMP
 
-        outer, predict = WrappersMP.OUTER_SAMPLE, WrappersMP.PREDICT_NOISE
+        outer, predict, apply_model = WrappersMP.OUTER_SAMPLE, WrappersMP.PREDICT_NOISE, WrappersMP.APPLY_MODEL
     except ImportError:  # CPU tests (the same names ComfyUI uses)
-        outer, predict = "outer_sample", "predict_noise"
-    install_block_patches(model, info)
+        outer, predict, apply_model = "outer_sample", "predict_noise", "apply_model"
+    patches = BlockPatches(info)
+    patches.install(model)
     model.model_options["transformer_options"][PATCH_KEY] = label
     model.add_wrapper_with_key(outer, PATCH_KEY, hook.outer_sample)
     model.add_wrapper_with_key(predict, PATCH_KEY, predict_noise_wrapper)
+    model.add_wrapper_with_key(apply_model, PATCH_KEY, make_apply_model_wrapper(patches))
 
 
 # --------------------------------------------------------------------------------------------
@@ -802,6 +1078,12 @@ class CalibrateHook:
             got = ", ".join(f"{w[0]}..{w[0] + w[1] - 1}: {w[2]}" for w in meta["windows"])
             line = (f"{name}: evaluations {window[0]}..{window[0] + num_evals - 1} of T={total} added "
                     f"(samples per window {got}; {kept})")
+        line += f"; {run.streams_text()}"
+        dropped = run.dropped()
+        if dropped:
+            line += f"; left out (not recorded at every evaluation): {'; '.join(dropped)}"
+        if run.report():
+            line += f"; {run.report()}"
         log.info("DPCache Calibrate: %s", line)
         send_text(line, self.node_id)
 

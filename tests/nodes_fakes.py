@@ -6,7 +6,11 @@
   args / extra / return contract as comfy/ldm/flux/model.py and comfy/ldm/wan/model.py, with blocks
   that (like FLUX's) modify their inputs in place;
 - a sampler loop: OUTER_SAMPLE wrappers around a run that calls the PREDICT_NOISE wrappers once per
-  evaluation, then the model once (cond and uncond batched) or once per conditioning (split).
+  evaluation, then the model once (cond and uncond batched) or once per conditioning (split), each
+  model call through the APPLY_MODEL wrappers (as comfy/model_base.py calls them);
+- the two Skip Layer Guidance patterns of comfy_extras/nodes_slg.py: a second call for the positive
+  conditioning in the same evaluation with some blocks replaced by a skip ("dit"), or the negative
+  call made separately with some blocks skipped ("simple").
 """
 from __future__ import annotations
 
@@ -164,6 +168,13 @@ class FakePatcher:
         to["patches_replace"][name][(block_name, number)] = patch
         self.model_options["transformer_options"] = to
 
+    def set_model_patch(self, patch, name):
+        """A per-block patch (``patches[name]``), like ModelPatcher.set_model_double_block_patch."""
+        to = dict(self.model_options["transformer_options"])
+        to["patches"] = dict(to.get("patches", {}))
+        to["patches"][name] = to["patches"].get(name, []) + [patch]
+        self.model_options["transformer_options"] = to
+
     def add_wrapper_with_key(self, wrapper_type, key, fn):
         self.wrappers.setdefault(wrapper_type, []).append(fn)
 
@@ -190,16 +201,39 @@ class FakeSampler:
         self.sampler_function = fn
 
 
+def skip_block(args, extra):
+    """SkipLayerGuidance's replacement: the block's inputs, unchanged."""
+    return args
+
+
+def with_replacements(model_options, keys, fn=skip_block):
+    """A copy of ``model_options`` with ``fn`` at the dit block ``keys`` (set_model_options_patch_replace)."""
+    options = dict(model_options)
+    to = dict(options["transformer_options"])
+    to["patches_replace"] = dict(to.get("patches_replace", {}))
+    to["patches_replace"]["dit"] = dict(to["patches_replace"].get("dit", {}))
+    for key in keys:
+        to["patches_replace"]["dit"][key] = fn
+    options["transformer_options"] = to
+    return options
+
+
 def sample(patcher, steps=10, cfg=2.0, batch=1, split=False, sampler="euler", evals_per_step=1,
            control=None, interrupt_at=None, context_handler=False, streams=None, img=IMG, window=None,
-           last_single=False, sigmas=None, shift=None, seed=0):
+           last_single=False, sigmas=None, shift=None, seed=0, slg=None, slg_blocks=(("double_block", 1),),
+           slg_sigmas=(0.0, 1.0)):
     """A sampling run of the fake model; returns the list of model outputs (one per evaluation).
 
     ``window=(start, end)``: only steps start..end-1 of the ``steps``, like KSamplerAdvanced.
     ``last_single``: the last step makes one evaluation (like heun's step to sigma 0).
     ``sigmas``: the run's sigmas (another scheduler); default ``steps`` evenly spaced from 1 to 0.
     ``shift``: shifted sigmas (another trajectory, like another scheduler); ``seed``: passed to the
-    OUTER_SAMPLE wrappers like ComfyUI's guider does."""
+    OUTER_SAMPLE wrappers like ComfyUI's guider does.
+
+    ``slg="dit"``: after the normal call(s), the positive conditioning is called again with
+    ``slg_blocks`` skipped (SkipLayerGuidanceDiT; that output is appended to the evaluation's);
+    ``slg="simple"``: cond and uncond are called separately, uncond with ``slg_blocks`` skipped
+    (SkipLayerGuidanceDiTSimple). Either only while the sigma is within ``slg_sigmas``."""
     dm = patcher.dm
     sigmas = torch.linspace(1.0, 0.0, steps + 1) if sigmas is None else torch.as_tensor(sigmas, dtype=torch.float32)
     if shift is not None:  # other sigmas (like another scheduler or shift): s' = shift s / (1 + (shift - 1) s)
@@ -220,16 +254,28 @@ def sample(patcher, steps=10, cfg=2.0, batch=1, split=False, sampler="euler", ev
     txt = torch.randn(batch, TXT, HIDDEN, generator=g)
     outputs = []
 
+    def apply_model(x, t, c_concat, c_crossattn, control, transformer_options):
+        return dm(x, c_crossattn, t, transformer_options, control)
+
     def model_call(x, sigma, model_options, parts):
         to = dict(model_options["transformer_options"])
         to.update(cond_or_uncond=[c for c, _ in parts], uuids=[p["uuid"] for _, p in parts], sigmas=sigma)
         n = len(parts)
-        return dm(x.repeat(n, 1, 1), txt.repeat(n, 1, 1), sigma.repeat(n * batch), to, control)
+        wrappers = patcher.wrappers.get("apply_model", [])
+        return Executor(apply_model, dm, wrappers)(x.repeat(n, 1, 1), sigma.repeat(n * batch), None, txt.repeat(n, 1, 1), control, to)
 
     def predict_noise(x, sigma, model_options, seed):
+        active = slg_sigmas[0] <= float(sigma[0]) <= slg_sigmas[1]
+        if slg == "simple" and active:
+            skipped = with_replacements(model_options, slg_blocks)
+            return torch.cat([model_call(x, sigma, model_options if c == 0 else skipped, [(c, p)]) for c, p in chunks])
         if split:
-            return torch.cat([model_call(x, sigma, model_options, [p]) for p in chunks])
-        return model_call(x, sigma, model_options, chunks)
+            out = torch.cat([model_call(x, sigma, model_options, [p]) for p in chunks])
+        else:
+            out = model_call(x, sigma, model_options, chunks)
+        if slg == "dit" and active:
+            out = torch.cat([out, model_call(x, sigma, with_replacements(model_options, slg_blocks), [(0, cond)])])
+        return out
 
     def outer_sample(noise, latent, sampler_obj, sigmas, *rest):
         options = guider.model_options

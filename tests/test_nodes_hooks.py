@@ -172,20 +172,21 @@ def test_new_conditioning_at_a_skipped_step_is_computed():
     patched = apply(model, uniform(3))
     late = {"uuid": uuidlib.uuid4(), "control": None}
     runs = []
-    original = hooks.ApplyRun.begin_call
+    original = hooks.ApplyRun.open_call
 
-    def begin_call(self, args):
-        if self.cache.index == 5 and late["uuid"] not in args["transformer_options"]["uuids"]:
-            args["transformer_options"] = dict(args["transformer_options"], uuids=[late["uuid"]])
-        original(self, args)
+    def open_call(self, to, x, *rest):
+        if self.cache.index == 5 and late["uuid"] not in to["uuids"]:
+            to["uuids"] = [late["uuid"]]
         runs.append(self)
+        return original(self, to, x, *rest)
 
-    hooks.ApplyRun.begin_call = begin_call
+    hooks.ApplyRun.open_call = open_call
     try:
         F.sample(patched, cfg=1.0)
     finally:
-        hooks.ApplyRun.begin_call = original
-    assert runs[-1].fallback_calls == 1
+        hooks.ApplyRun.open_call = original
+    assert sum(runs[-1].full_calls.values()) == 1
+    assert "1 model calls computed in full, not predicted (1: a conditioning" in runs[-1].summary()
 
 
 def test_existing_block_replacement_is_chained():
@@ -311,3 +312,218 @@ def test_calibrate_keeps_an_older_files_convention(tmp_path, monkeypatch):
     F.sample(calib, cfg=1.0)
     acc, meta = load_pact(path)
     assert acc.samples == 2 and "convention" not in meta
+
+
+# --------------------------------------------------------------------------------------------
+# Other nodes on the same model (issue 19): repeated calls, replaced blocks, per-block patches
+
+FIRST_LAST = {"flux": (("double_block", 0), ("single_block", 2)), "wan": (("double_block", 0), ("double_block", 2))}
+BLOCK_NAME = {"double_block": {"flux": "double_blocks", "wan": "blocks"}, "single_block": {"flux": "single_blocks"}}
+
+
+def all_keys(t=STEPS):
+    return Schedule(tuple(range(t)), t)
+
+
+def expected_calls(model, name, keys, calls, skipped):
+    """Calls of one fake block: ``calls`` model calls at each of ``keys`` key evaluations, minus the
+    calls that skip this block; a fake FLUX double block runs twice per call (img and txt)."""
+    per_call = 2 if name.startswith("double_blocks") else 1
+    return keys * per_call * (calls - skipped.get(name, 0))
+
+
+@pytest.mark.parametrize("family", ["flux", "wan"])
+@pytest.mark.parametrize("split", [False, True])
+def test_skip_layer_guidance_second_positive_call(family, split):
+    """SkipLayerGuidanceDiT calls the positive conditioning again, with a layer skipped, in the same
+    evaluation: at K = T exact (the old hooks raised 'key steps must increase'); at K < T that call
+    is predicted from its own cache, never given the plain positive call's prediction."""
+    model = flux() if family == "flux" else wan()
+    kw = dict(cfg=2.0, split=split, slg="dit", slg_blocks=(("double_block", 1),))
+    ref = F.sample(model, **kw)
+    exact = F.sample(apply(model, all_keys()), **kw)
+    assert all(torch.equal(a, b) for a, b in zip(ref, exact))
+    reset_calls(model)
+    patched = apply(model, uniform(5))
+    runs = track_runs()
+    fast = F.sample(patched, **kw)
+    calls = (3 if split else 2)
+    skipped_name = f"{BLOCK_NAME['double_block'][family]}.1"
+    assert block_calls(model) == {n: expected_calls(model, n, 5, calls, {skipped_name: 1}) for n in block_calls(model)}
+    keys = set(uniform(5).key_steps)
+    for t, out in enumerate(fast):
+        assert torch.isfinite(out).all()
+        if t not in keys:  # rows: uncond, cond, the SLG call for cond
+            assert not torch.allclose(out[1], out[2]), f"evaluation {t}: the SLG call got the positive prediction"
+    assert max((a - b).abs().max().item() for a, b in zip(ref, fast)) < 0.5
+    assert "separate caches for calls whose blocks another node replaced (double_block 1 replaced by skip_block)" in runs[-1].summary()
+
+
+def test_repeated_identical_call_is_consistent():
+    """A repeated call for the same conditioning through the same blocks (SLG naming a layer the model
+    does not have): computed again at key evaluations without feeding the cache twice, and given the
+    same prediction as the first call at skipped ones."""
+    model = wan()
+    kw = dict(cfg=2.0, slg="dit", slg_blocks=(("double_block", 7),))
+    ref = F.sample(model, **kw)
+    assert all(torch.equal(a, b) for a, b in zip(ref, F.sample(apply(model, all_keys()), **kw)))
+    fast = F.sample(apply(model, uniform(5)), **kw)
+    assert all(torch.allclose(out[1], out[2], atol=1e-6) for out in fast)
+    assert max((a - b).abs().max().item() for a, b in zip(ref, fast)) < 0.5
+
+
+def track_runs():
+    """Every ApplyRun / CalibrateRun made from now on (the test's own monkeypatching)."""
+    made = []
+    for cls in (hooks.ApplyRun, hooks.CalibrateRun):
+        original = cls.__init__
+
+        def tracked(self, *a, _original=original, **k):
+            _original(self, *a, **k)
+            made.append(self)
+
+        tracked.original = original
+        cls.__init__ = tracked
+    track_runs.undo.append(lambda: [setattr(c, "__init__", c.__init__.original) for c in (hooks.ApplyRun, hooks.CalibrateRun)])
+    return made
+
+
+track_runs.undo = []
+
+
+@pytest.fixture(autouse=True)
+def _untrack_runs():
+    yield
+    while track_runs.undo:
+        track_runs.undo.pop()()
+
+
+@pytest.mark.parametrize("family", ["flux", "wan"])
+@pytest.mark.parametrize("which", [0, 1])
+def test_skip_layer_guidance_simple_on_the_first_or_last_block(family, which):
+    """SkipLayerGuidanceDiTSimple calls uncond separately with our first (or last) block replaced by a
+    skip: the old hooks, set up by the first block only, gave uncond the cond call's state."""
+    model = flux() if family == "flux" else wan()
+    key = FIRST_LAST[family][which]
+    kw = dict(cfg=2.0, slg="simple", slg_blocks=(key,))
+    ref = F.sample(model, **kw)
+    assert all(torch.equal(a, b) for a, b in zip(ref, F.sample(apply(model, all_keys()), **kw)))
+    reset_calls(model)
+    fast = F.sample(apply(model, uniform(5)), **kw)
+    name = f"{BLOCK_NAME[key[0]][family]}.{key[1]}"
+    assert block_calls(model) == {n: expected_calls(model, n, 5, 2, {name: 1}) for n in block_calls(model)}
+    keys = set(uniform(5).key_steps)
+    for t, out in enumerate(fast):  # rows: uncond (block skipped), cond
+        assert torch.isfinite(out).all()
+        if t not in keys:
+            assert not torch.allclose(out[0], out[1]), f"evaluation {t}: uncond got the cond prediction"
+    assert max((a - b).abs().max().item() for a, b in zip(ref, fast)) < 0.5
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_replacement_added_after_apply_is_composed(which):
+    """Another node replaces our first or last block on the patched MODEL (after Apply): its
+    replacement runs at key evaluations only, and skipped ones are still predicted."""
+    model = flux()
+    key = FIRST_LAST["flux"][which]
+    seen = []
+
+    def counting(args, extra):
+        seen.append(1)
+        return extra["original_block"](args)
+
+    def add(m):
+        m = m.clone()
+        m.set_model_patch_replace(counting, "dit", *key)
+        return m
+
+    ref = F.sample(add(model), cfg=2.0)
+    assert all(torch.equal(a, b) for a, b in zip(ref, F.sample(add(apply(model, all_keys())), cfg=2.0)))
+    seen.clear()
+    runs = track_runs()
+    fast = F.sample(add(apply(model, uniform(4))), cfg=2.0)
+    assert len(seen) == 4  # the old hooks ran it at every evaluation
+    assert 0 < max((a - b).abs().max().item() for a, b in zip(ref, fast)) < 0.5
+    assert runs[-1].cache.skipped == STEPS - 4 and "replaced by test_replacement_added_after_apply_is_composed" in runs[-1].summary()
+
+
+def test_replacement_that_chains_to_ours_runs_our_logic_once():
+    """A node added after Apply that wraps the replacement it found (ours) and calls it."""
+    model = wan()
+    patched = apply(model, uniform(4)).clone()
+    ours = patched.model_options["transformer_options"]["patches_replace"]["dit"][("double_block", 0)]
+    seen = []
+
+    def chained(args, extra):
+        seen.append(1)
+        return ours(args, extra)
+
+    patched.set_model_patch_replace(chained, "dit", "double_block", 0)
+    reset_calls(model)
+    out = F.sample(patched, cfg=1.0)
+    assert len(seen) == 4 and set(block_calls(model).values()) == {4}
+    assert all(torch.isfinite(o).all() for o in out)
+
+
+@pytest.mark.parametrize("after", [False, True])
+def test_per_block_patches_compute_those_calls_in_full(after):
+    """Per-block ``patches`` (Qwen-Image's DiffSynth ControlNet patch) add residuals between blocks:
+    calls carrying them are computed in full, before or after Apply, and the report names them."""
+    model = qwen_image()
+
+    def residual_patch(d):
+        return {"img": d["img"] + 0.01 * d["x"], "txt": d["txt"]}
+
+    def add(m):
+        m = m.clone()
+        m.set_model_patch(residual_patch, "double_block")
+        return m
+
+    ref = F.sample(add(model), cfg=2.0)
+    runs = track_runs()
+    fast = F.sample(add(apply(model, uniform(4))) if after else apply(add(model), uniform(4)), cfg=2.0)
+    assert all(torch.equal(a, b) for a, b in zip(ref, fast))
+    assert "10 model calls computed in full, not predicted (10: per-block patches of test_per_block_patches_compute_those_calls_in_full)" in runs[-1].summary()
+
+
+def test_calibrate_records_what_it_can_with_skip_layer_guidance(tmp_path, monkeypatch, caplog):
+    """SLG's second positive call, made at some evaluations only, is left out and reported; the plain
+    positive and negative streams are recorded (the old hooks dropped the positive one silently)."""
+    import logging
+    import nodes.dpcache_nodes as nd
+    monkeypatch.setattr(nd, "calibration_folder", lambda: str(tmp_path))
+    (calib,) = DPCacheCalibrate().calibrate(wan(), "slg", 1, False)
+    with caplog.at_level(logging.INFO, logger="dpcache"):
+        F.sample(calib, cfg=2.0, slg="dit", slg_sigmas=(0.55, 1.0))
+    assert ("2 streams averaged; left out (not recorded at every evaluation): a call variant "
+            "(double_block 1 replaced by skip_block), seen at 5 of 10 evaluations") in caplog.text
+    # SLG at every evaluation: its call is a stream of its own, recorded in full
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="dpcache"):
+        F.sample(calib, cfg=2.0, slg="dit")
+    assert "sample 2 added (10 evaluations, every cache-point element); 3 streams averaged (with calls whose double_block 1 replaced by skip_block)" in caplog.text
+    assert "left out" not in caplog.text
+
+
+def test_last_block_replaced_inside_the_call_is_computed_in_full():
+    """A wrapper that runs inside ours (after Apply) puts its own function on our last block for the
+    call: DPCache cannot predict through it, so the call is computed in full and reported."""
+    model = wan()
+    last = FIRST_LAST["wan"][1]
+
+    def counting(args, extra):
+        return extra["original_block"](args)
+
+    def inner(executor, *args, **kwargs):
+        return executor(*args[:5], F.with_replacements({"transformer_options": args[5]}, [last], counting)["transformer_options"])
+
+    def add(m):
+        m = m.clone()
+        m.add_wrapper_with_key("apply_model", "other", inner)
+        return m
+
+    ref = F.sample(add(model), cfg=2.0)
+    runs = track_runs()
+    fast = F.sample(add(apply(model, uniform(4))), cfg=2.0)
+    assert all(torch.equal(a, b) for a, b in zip(ref, fast))
+    assert "10 model calls computed in full, not predicted (10: its last block was replaced by another node inside the model call)" in runs[-1].summary()

@@ -10,6 +10,13 @@ from nodes import families, hooks
 TXT, IMG, DIM = 3, 5, 4
 
 
+def open_call(run, args):
+    """A model call of the run (hooks.RunState.open_call), its first block started."""
+    call = run.open_call(args["transformer_options"], args["img"])
+    call.start(args)
+    return call
+
+
 def call_args(spec, img, txt):
     joined = {families.TXT_FIRST: torch.cat((txt, img), 1), families.IMG_FIRST: torch.cat((img, txt), 1)}.get(spec.image_tokens, img)
     return {"img": joined, "txt": txt, "transformer_options": {"uuids": ["cond", "uncond"]}}
@@ -27,17 +34,18 @@ def test_skipped_evaluation_returns_the_prediction_in_the_models_dtype(name, dty
         run.start_evaluation()
         img = torch.randn(4, IMG, DIM, generator=g).to(dtype)
         args = call_args(spec, img, txt)
-        run.begin_call(args)
-        out = run.last_block(args, {"original_block": lambda a: {"img": a["img"] * 2, "txt": a["txt"]}}, None)
+        call = open_call(run, args)
+        out = call.last_block(args, {"original_block": lambda a: {"img": a["img"] * 2, "txt": a["txt"]}}, None)
+        run.close_call(call)  # feeds the caches
         keys[t] = spec.cache_point(out["img"], TXT)
     run.start_evaluation()
     x = call_args(spec, torch.full((4, IMG, DIM), 9.0, dtype=dtype), txt)
-    run.begin_call(x)
-    assert not run.compute
-    first = run.last_block(x, {}, None)["img"]
-    again = run.last_block(x, {}, None)["img"]
+    call = open_call(run, x)
+    assert not call.compute
+    first = call.last_block(x, {}, None)["img"]
+    again = call.last_block(x, {}, None)["img"]
     # the float32 prediction per stream, concatenated and cast: what the code did before
-    expected = torch.cat([run.cache.predict(s) for s in run.streams]).to(dtype)
+    expected = torch.cat([run.cache.predict(s) for s in call.streams]).to(dtype)
     assert first.dtype == dtype and first.shape == x["img"].shape
     assert torch.equal(spec.cache_point(first, TXT), expected)
     assert not torch.equal(expected, spec.cache_point(x["img"], TXT))
@@ -47,4 +55,4 @@ def test_skipped_evaluation_returns_the_prediction_in_the_models_dtype(name, dty
         rest = first[:, :TXT] if spec.image_tokens == families.TXT_FIRST else first[:, IMG:]
         assert torch.equal(rest, txt)
     first.add_(1)  # the model may modify the block output in place: the cache is not affected
-    assert torch.equal(spec.cache_point(run.last_block(x, {}, None)["img"], TXT), expected)
+    assert torch.equal(spec.cache_point(call.last_block(x, {}, None)["img"], TXT), expected)
