@@ -20,6 +20,7 @@ from .schedule import (
     solve_schedule_reference,
     uniform_key_steps,
 )
+from .spectral import SpectralPredictor, spectrum_key_steps
 from .store import PACK_VERSION, PactFileError, import_reference, import_reference_pkl, load_pact, save_pact
 from .taylor import TaylorPredictor
 from .transfer import index_positions, positions_from_sigmas, transfer_pact
@@ -40,6 +41,7 @@ __all__ = [
     "PactAccumulator",
     "PactFileError",
     "Schedule",
+    "SpectralPredictor",
     "ScheduleMismatchError",
     "TaylorPredictor",
     "TrajectoryRecorder",
@@ -63,6 +65,7 @@ __all__ = [
     "solve_schedule",
     "solve_schedule_history",
     "solve_schedule_reference",
+    "spectrum_key_steps",
     "to_comfy_image",
     "uniform_key_steps",
     "write_png",
