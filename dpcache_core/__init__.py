@@ -5,6 +5,7 @@ Plain torch + numpy; no ComfyUI import, so it runs and is tested anywhere.
 from .history import build_history, history_fits
 from .pact import PactAccumulator, build_pact, default_max_gap
 from .picture import render_image_rows, render_pact_path, render_timeline, to_comfy_image, write_png
+from .prior import prior_cost
 from .replan import BUDGET_RULES, Budget, Planner, RunPlan, RunShape, joint_trajectory, plan_run
 from .runtime import CacheRun, ScheduleMismatchError, TrajectoryRecorder
 from .schedule import (
@@ -35,6 +36,7 @@ __all__ = [
     "index_positions",
     "joint_trajectory",
     "plan_run",
+    "prior_cost",
     "positions_from_sigmas",
     "transfer_pact",
     "CacheRun",
