@@ -22,7 +22,6 @@ Results: bench/results/forecasters.md (also printed).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import os
 import statistics
@@ -52,7 +51,39 @@ def keyed(keys, order: int = 2, predictor: str = "taylor"):
                          first_full_steps=min(3, len(keys)), predictor=predictor)
 
 
-def methods_for(k: int, pacts: dict, which: set) -> dict:
+def record_trajectories(model, prompts, calib) -> list:
+    """The cache-point feature at every evaluation of full runs of ``calib`` (cond stream), one
+    (T, S) tensor per prompt: Apply DPCache with every evaluation a key, CacheRun.update observed."""
+    boot = comfy_env.boot()
+    core = boot["core"]
+    full = core.Schedule(tuple(range(cc.STEPS)), cc.STEPS, first_full_steps=3)
+    patched = boot["nodes"]["DPCacheApply"]().apply(model, full)["result"][0]
+    seen, original = [], core.runtime.CacheRun.update
+
+    def update(self, stream, feature):
+        seen.append(feature.detach().reshape(-1).float().clone())
+        return original(self, stream, feature)
+
+    out = []
+    core.runtime.CacheRun.update = update
+    try:
+        for c, s in calib:
+            seen.clear()
+            cc.sample(patched, prompts, c, s)
+            out.append(torch.stack(seen))
+    finally:
+        core.runtime.CacheRun.update = original
+    return out
+
+
+def spectral_plan(history, k: int):
+    """DP on the spectral history cost (the last ``memory`` gaps), spectral forecaster."""
+    core = comfy_env.boot()["core"]
+    keys = core.schedule.solve_schedule_history(history, k, 3, 0, scheme="exact")
+    return keyed(keys, predictor="spectral")
+
+
+def methods_for(k: int, pacts: dict, which: set, spectral_costs: dict | None = None) -> dict:
     core = comfy_env.boot()["core"]
     spectrum = core.spectrum_key_steps(cc.STEPS, k)
     out = {}
@@ -67,14 +98,20 @@ def methods_for(k: int, pacts: dict, which: set) -> dict:
     add("Spectrum", lambda: keyed(spectrum, predictor="spectral"))
     add("Spectrum keys o1", lambda: keyed(spectrum, 1))
     add("Spectrum keys o2", lambda: keyed(spectrum, 2))
-    add("(uniform) o1", lambda: node_schedule("(uniform)", k, 1))
-    add("(uniform) o2", lambda: node_schedule("(uniform)", k, 2))
-    add("calibrated o1", lambda: node_schedule(pacts[1], k))
-    add("calibrated o2", lambda: node_schedule(pacts[2], k))
-    add("calibrated o1 keys + spectral", lambda: dataclasses.replace(node_schedule(pacts[1], k), predictor="spectral"))
-    add("calibrated o2 keys + spectral", lambda: dataclasses.replace(node_schedule(pacts[2], k), predictor="spectral"))
+    add("(uniform) o1", lambda: node_schedule("(uniform)", k, 1, "taylor"))
+    add("(uniform) o2", lambda: node_schedule("(uniform)", k, 2, "taylor"))
+    add("(uniform) spectral", lambda: node_schedule("(uniform)", k, 2, "spectral"))
+    add("calibrated o1", lambda: node_schedule(pacts[1], k, forecaster="taylor"))
+    add("calibrated o2", lambda: node_schedule(pacts[2], k, forecaster="taylor"))
+    add("calibrated o1 keys + spectral", lambda: node_schedule(pacts[1], k, forecaster="spectral"))
+    add("calibrated o2 keys + spectral", lambda: node_schedule(pacts[2], k, forecaster="spectral"))
+    for memory, history in (spectral_costs or {}).items():
+        add(f"calibrated sp m{memory}", lambda history=history: spectral_plan(history, k))
     for name in PRIOR_ENTRIES:
-        add(name, lambda name=name: node_schedule(name, k))
+        add(f"{name} auto = the default", lambda name=name: node_schedule(name, k))
+        add(f"{name} spectral", lambda name=name: node_schedule(name, k, forecaster="spectral"))
+        add(f"{name} o2", lambda name=name: node_schedule(name, k, 2, forecaster="taylor"))
+        add(f"{name} o1", lambda name=name: node_schedule(name, k, 1, forecaster="taylor"))
     return out
 
 
@@ -100,12 +137,20 @@ def run(args) -> tuple[list[dict], list]:
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         pacts = {o: cc.calibrate(model, prompts, calib, o, folder) for o in (1, 2)}
+        spectral_costs = {}
+        if not args.only or any(w.startswith("calibrated sp") for w in args.only):
+            trajectories = record_trajectories(model, prompts, calib)
+            for memory in args.memory:
+                t0 = time.perf_counter()
+                spectral_costs[memory] = sum(boot["core"].spectral.build_spectral_history(t, memory)
+                                             for t in trajectories) / len(trajectories)
+                print(f"spectral history cost m={memory}: {time.perf_counter() - t0:.0f} s", flush=True)
         plain = [cc.sample(model, prompts, c, s) for c, s in held_out]
         ref_img = cc.decode(model, torch.cat(plain), prompts)
         apply = boot["nodes"]["DPCacheApply"]()
         for k in args.keys:
             t0 = time.perf_counter()
-            for name, sched in methods_for(k, pacts, set(args.only)).items():
+            for name, sched in methods_for(k, pacts, set(args.only), spectral_costs).items():
                 patched = apply.apply(model, sched)["result"][0]
                 img_db, lat_db, calls = [], [], []
                 for i, (c, s) in enumerate(held_out):
@@ -153,6 +198,7 @@ def main(argv=None) -> None:
     ap.add_argument("--prompts", type=int, default=8, help="held-out prompts")
     ap.add_argument("--calib", type=int, default=4, help="calibration prompts (DPCache Calibrate)")
     ap.add_argument("--only", nargs="*", default=[], help="method name prefixes to run (default: all)")
+    ap.add_argument("--memory", type=int, nargs="*", default=[2], help="spectral history costs: gaps remembered")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--weights", default=cc.WEIGHTS)
     ap.add_argument("--out", default=os.path.join(RESULTS, "forecasters.md"))

@@ -34,8 +34,12 @@ SHIPPED_DIR = os.path.join(PACK_DIR, "cost_matrices")
 UNIFORM, MANUAL = "(uniform)", "(manual)"
 PRIOR = "(prior: no calibration)"  # the default: DP on the cost prior from the shipped PACTs (dpcache_core.prior)
 NO_FILE = (PRIOR, UNIFORM, MANUAL)  # pact entries that are not files
-FORECASTERS = ("spectral", "taylor")
-DEFAULT_FORECASTER = "spectral"  # measured best at every K on the trained benchmark models (BENCHMARKS.md)
+FORECASTERS = ("auto", "spectral", "taylor")
+DEFAULT_FORECASTER = "auto"
+# auto: spectral from this ideal speed-up T/K up (K <= 17 of 50), Taylor below, where the spectral
+# fit lost to Taylor on the trained FLUX benchmark (BENCHMARKS.md, "Forecasters and a calibration-free default")
+AUTO_SPECTRAL_SPEEDUP = 2.9
+PRIOR_TAYLOR_ORDER = 1  # auto's Taylor order with (prior): order 1 beat order 2 there at K = 20 and 25 of 50
 BUDGET_RULES = core.BUDGET_RULES
 DEFAULT_ORDER = 2  # Taylor order of (uniform) / (manual) schedules: the better one for evenly spaced keys (BENCHMARKS.md)
 
@@ -187,7 +191,7 @@ class DPCacheSchedule:
                 "budget": (list(BUDGET_RULES), {"default": BUDGET_RULES[0], "tooltip": "How many key evaluations a run gets. A run whose evaluation count differs from T (other steps or sampler) is re-planned when sampling starts, from the PACT transferred to its count. same speed-up: key_steps at T, scaled to the run's count; target speed-up: count / target_speedup; fixed K: key_steps whatever the count. Not used by (manual)."}),
                 "target_speedup": ("FLOAT", {"default": 3.85, "min": 1.0, "max": 100.0, "step": 0.05, "tooltip": "For budget = target speed-up: the ideal speed-up T/K to plan for."}),
                 "taylor_order": ("INT", {"default": DEFAULT_ORDER, "min": 1, "max": 3, "tooltip": "Taylor order of the prediction for (prior), (uniform) and (manual) schedules with forecaster = taylor. 2 was the better order for evenly spaced key steps in our benchmark (BENCHMARKS.md). A PACT brings its own order (DPCache Calibrate's), so this is ignored with one."}),
-                "forecaster": (list(FORECASTERS), {"default": DEFAULT_FORECASTER, "tooltip": "How skipped evaluations are predicted. spectral (default): a Chebyshev fit by ridge regression over the key evaluations so far, blended with a linear extrapolation (Spectrum, CVPR 2026); holds on long hops; keeps up to 16 features per stream (FLUX 1024x1024 bf16: 16 x 25 MB). taylor: the Taylor expansion of the PACT's (or taylor_order's) order from the last order+1 key evaluations; order+1 features per stream. Both planned on the same costs (docs/forecasters.md)."}),
+                "forecaster": (list(FORECASTERS), {"default": DEFAULT_FORECASTER, "tooltip": "How skipped evaluations are predicted. auto (default): spectral at ideal speed-ups T/K of 2.9x and more (K <= 17 of 50), taylor below (order 1 with (prior)), the better one in our benchmark. spectral: a Chebyshev fit by ridge regression over the key evaluations so far, blended with a linear extrapolation (Spectrum, CVPR 2026); holds on long hops; keeps up to 16 features per stream (FLUX 1024x1024 bf16: 16 x 25 MB). taylor: the Taylor expansion of the PACT's (or taylor_order's) order from the last order+1 key evaluations; order+1 features per stream. Both planned on the same costs (docs/forecasters.md)."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -210,7 +214,7 @@ class DPCacheSchedule:
         if sched.predictor == "spectral":
             how = f"spectral forecaster (keeps up to {core.spectral.DEFAULT_MAX_HISTORY} features per stream)"
         else:
-            where = "taylor_order" if pact in NO_FILE else "from the PACT"
+            where = "from the PACT" if pact not in NO_FILE else "auto" if forecaster == "auto" and pact == PRIOR else "taylor_order"
             how = f"Taylor order {sched.order} ({where}; keeps {sched.order + 1} features per stream)"
         text = (
             f"key steps {list(sched.key_steps)}: {sched.num_keys} of {sched.num_evals} evaluations, "
@@ -240,6 +244,12 @@ def make_schedule(pact, key_steps, first_full_steps=3, last_full_steps=0, total_
             raise ValueError(f"unknown forecaster {forecaster!r}: use one of {', '.join(FORECASTERS)}")
         sched, cost, hop_costs = plan_entry(pact, key_steps, first_full_steps, last_full_steps, total_evaluations,
                                             manual_key_steps, budget, target_speedup, taylor_order)
+        if forecaster == "auto":
+            if sched.ideal_speedup >= AUTO_SPECTRAL_SPEEDUP:
+                return dataclasses.replace(sched, predictor="spectral"), cost, hop_costs
+            if pact == PRIOR:
+                sched = dataclasses.replace(sched, order=PRIOR_TAYLOR_ORDER)
+            forecaster = "taylor"
         return dataclasses.replace(sched, predictor=forecaster), cost, hop_costs
     except ValueError as exc:
         raise ValueError(f"DPCache Schedule: {exc}") from None

@@ -14,14 +14,24 @@ def run_schedule(**kw):
     return out["result"][0], out["ui"]["text"][0]
 
 
-def test_prior_is_the_first_and_default_entry_and_spectral_the_default_forecaster():
+def test_prior_is_the_first_and_default_entry_and_auto_the_default_forecaster():
     spec = nd.DPCacheSchedule.INPUT_TYPES()
     pact = spec["required"]["pact"]
     assert pact[0][0] == nd.PRIOR and pact[1]["default"] == nd.PRIOR and "(uniform)" in pact[0]
     forecaster = spec["optional"]["forecaster"]
-    assert forecaster[0] == ["spectral", "taylor"] and forecaster[1]["default"] == "spectral"
+    assert forecaster[0] == ["auto", "spectral", "taylor"] and forecaster[1]["default"] == "auto"
     assert "Spectrum" in forecaster[1]["tooltip"] and "no calibration" in pact[1]["tooltip"]
     assert nd.DPCacheSchedule.IS_CHANGED(nd.PRIOR) == ""
+
+
+@pytest.mark.parametrize("pact, k, predictor, order", [
+    (nd.PRIOR, 7, "spectral", 2), (nd.PRIOR, 17, "spectral", 2), (nd.PRIOR, 18, "taylor", 1), (nd.PRIOR, 25, "taylor", 1),
+    ("(uniform)", 13, "spectral", 2), ("(uniform)", 20, "taylor", 2),
+])
+def test_auto_forecaster_is_spectral_at_high_speed_ups_and_taylor_below(pact, k, predictor, order):
+    sched, text = run_schedule(pact=pact, key_steps=k)
+    assert sched.predictor == predictor and (predictor == "spectral" or sched.order == order)
+    assert ("spectral forecaster" in text) == (predictor == "spectral")
 
 
 def test_prior_schedule_is_the_dp_on_the_prior_with_the_chosen_forecaster():

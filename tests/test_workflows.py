@@ -176,7 +176,7 @@ def test_settings_agree(path):
         if n["type"] == "DPCacheSchedule":
             pact, k, first, last, total, manual, budget, speedup, taylor_order, forecaster = n["widgets_values"]
             assert taylor_order == 2, "taylor_order keeps its default (used by (uniform)/(manual) only)"
-            assert forecaster == "spectral", "forecaster keeps its default"
+            assert forecaster == "auto", "forecaster keeps its default"
             assert total == steps, "total_evaluations must equal the sampler's evaluations (one per step here)"
             assert len(samplers) * first + last <= k <= total
             assert all(m["type"] == "DPCacheApply" for m in sources), "Apply DPCache must feed every sampler"
@@ -245,7 +245,7 @@ def test_conversion_of_pack_nodes_without_comfyui():
     assert sched["inputs"] == {"pact": "flux1_dev_official_T50.safetensors", "key_steps": 13, "first_full_steps": 3, "last_full_steps": 0,
                                "total_evaluations": 50, "manual_key_steps": "",
                                "budget": "same speed-up", "target_speedup": 3.85, "taylor_order": 2,
-                               "forecaster": "spectral"}
+                               "forecaster": "auto"}
     apply = next(v for v in api.values() if v["class_type"] == "DPCacheApply")
     assert set(apply["inputs"]) == {"model", "schedule"}
 
