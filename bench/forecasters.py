@@ -9,7 +9,8 @@ DPCache Apply doing the skipping. PSNR of the decoded image against the plain ru
 comfy_compare), mean and worst over the held-out prompts, and PSNR of the final latent (peak = the
 plain latent's range). Methods, each at K full evaluations of 50:
 
-  Spectrum            Spectrum's own key steps (``spectrum_key_steps``) and the spectral forecaster
+  Spectrum            Spectrum's own key steps (``spectrum_key_steps``) and its forecaster (the spectral
+                      one fitted on every key so far)
   Spectrum keys o1/o2 the same keys, Taylor order 1 / 2
   (uniform) o1/o2     evenly spaced keys after 3 full steps, Taylor order 1 / 2
   calibrated o1       DP on an order-1 PACT from DPCache Calibrate (skip-only costs), Taylor 1
@@ -22,6 +23,7 @@ Results: bench/results/forecasters.md (also printed).
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import statistics
@@ -35,6 +37,9 @@ from bench import comfy_env
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 KS = (7, 9, 10, 13, 17, 20, 25)
+# Spectrum's own forecaster fits all the features computed so far (the paper; the ComfyUI ports keep
+# up to 128); this pack's spectral forecaster keeps the last 8 (dpcache_core.spectral).
+SPECTRUM_FORECASTER = {"max_history": cc.STEPS}
 
 
 def node_schedule(pact: str, k: int, order: int = 2, forecaster: str | None = None):
@@ -152,6 +157,9 @@ def run(args) -> tuple[list[dict], list]:
             t0 = time.perf_counter()
             for name, sched in methods_for(k, pacts, set(args.only), spectral_costs).items():
                 patched = apply.apply(model, sched)["result"][0]
+                own = boot["core"].runtime.SpectralPredictor
+                if name == "Spectrum":  # built when sampling starts: swap the class for this method only
+                    boot["core"].runtime.SpectralPredictor = functools.partial(own, **SPECTRUM_FORECASTER)
                 img_db, lat_db, calls = [], [], []
                 for i, (c, s) in enumerate(held_out):
                     with cc.BlockCounter(model) as counter:
@@ -159,6 +167,7 @@ def run(args) -> tuple[list[dict], list]:
                     calls.append(counter.calls)
                     img_db.append(cc.psnr(cc.decode(model, out, prompts)[0], ref_img[i]))
                     lat_db.append(latent_psnr(out, plain[i]))
+                boot["core"].runtime.SpectralPredictor = own
                 full = statistics.fmean(calls) / (len(counter.blocks))
                 rows.append(dict(k=k, method=name, keys=list(sched.key_steps), full=full,
                                  psnr=statistics.fmean(img_db), worst=min(img_db), latent=statistics.fmean(lat_db)))
@@ -166,6 +175,60 @@ def run(args) -> tuple[list[dict], list]:
                       f"{rows[-1]['worst']:6.2f}, latent {rows[-1]['latent']:6.2f})  keys {rows[-1]['keys']}", flush=True)
             print(f"K={k}: {time.perf_counter() - t0:.0f} s", flush=True)
     return rows, held_out
+
+
+def paid_cost(core, trajectory, keys, max_history: int = 16) -> float:
+    """What a run with the spectral forecaster pays on a recorded trajectory (its true features at
+    the keys): sum of mean|pred - F_t| / 2 over the skipped t, plus the sentinel term at T."""
+    from dpcache_core.pact import sentinel_target
+    num_evals = trajectory.shape[0]
+    predictor = core.SpectralPredictor(max_history=max_history)
+    total = 0.0
+    for t in range(num_evals):
+        if t in keys:
+            predictor.update(t / num_evals, trajectory[t])
+        else:
+            total += float((predictor.predict(t / num_evals) - trajectory[t]).abs().mean()) / 2
+    target = sentinel_target(trajectory, 1, "reference")
+    return total + float((predictor.predict(1.0) - target).abs().mean()) / 2
+
+
+def check_costs(args) -> str:
+    """How well planning costs predict what the spectral forecaster pays (teacher-forced on the
+    calibration trajectories): Spearman rank correlation over random key sets, per K."""
+    import numpy as np
+    boot = comfy_env.boot(cpu=True, extra_nodes=(cc.flux_detect_fix_dir(),))
+    core = boot["core"]
+    torch.set_num_threads(args.threads)
+    prompts = cc.load_prompts(args.weights)
+    model = cc.load_model(args.weights)
+    trajectories = record_trajectories(model, prompts, cc.prompt_list(args.calib, 1000, offset=2))
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    o1 = mean([core.build_pact(list(t), order=1) for t in trajectories])
+    sp = {m: mean([core.spectral.build_spectral_history(t, m) for t in trajectories]) for m in args.memory}
+    prior = core.prior_cost(cc.STEPS)
+    rng = np.random.default_rng(0)
+    cap = core.default_max_gap(cc.STEPS)
+    lines = ["| K | key sets | o1 skip-only PACT | (prior) | " + " | ".join(f"spectral history m={m}" for m in sp)
+             + " | paid / m=" + str(args.memory[0]) + " cost |", "|---|---|---|---|" + "---|" * len(sp) + "---|"]
+
+    def spearman(a, b):
+        ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+        return float(np.corrcoef(ra, rb)[0, 1])
+    for k in args.keys:
+        sets = []
+        while len(sets) < args.key_sets:
+            keys = sorted({0, 1, 2} | set(rng.choice(np.arange(3, cc.STEPS), k - 3, replace=False).tolist()))
+            if all(b - a <= cap for a, b in zip(keys, keys[1:] + [cc.STEPS])):
+                sets.append(keys)
+        paid = [mean([paid_cost(core, t, set(keys)) for t in trajectories]) for keys in sets]
+        cols = [spearman([core.path_cost(o1, keys, "skip") for keys in sets], paid),
+                spearman([core.path_cost(prior, keys, "skip") for keys in sets], paid)]
+        planned = {m: [core.path_cost_history(h, keys, 1, "exact") for keys in sets] for m, h in sp.items()}
+        cols += [spearman(planned[m], paid) for m in sp]
+        ratio = np.median(np.array(paid) / np.array(planned[args.memory[0]]))
+        lines.append(f"| {k} | {len(sets)} | " + " | ".join(f"{c:.2f}" for c in cols) + f" | {ratio:.2f} |")
+    return "\n".join(lines)
 
 
 def report(rows, held_out, args) -> str:
@@ -202,8 +265,15 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--weights", default=cc.WEIGHTS)
     ap.add_argument("--out", default=os.path.join(RESULTS, "forecasters.md"))
+    ap.add_argument("--check-costs", action="store_true",
+                    help="only compare planning costs with what the spectral forecaster pays (rank correlation)")
+    ap.add_argument("--key-sets", type=int, default=60, help="random key sets per K for --check-costs")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
+    if args.check_costs:
+        text = check_costs(args)
+        print(text + f"\n\nWall time: {time.perf_counter() - t0:.0f} s")
+        return
     rows, held_out = run(args)
     text = report(rows, held_out, args) + f"\n\nWall time: {time.perf_counter() - t0:.0f} s, machine: {cc.machine_name()}."
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -24,7 +24,7 @@ import torch
 DEFAULT_DEGREE = 4  # Chebyshev T_0 .. T_4 (the paper's m = 4)
 DEFAULT_RIDGE = 0.1  # the paper's lambda
 DEFAULT_BLEND = 0.5  # weight of the spectral fit; 1 - blend goes to the local linear extrapolation
-DEFAULT_MAX_HISTORY = 16  # features kept per stream (a ring); memory = max_history x one feature
+DEFAULT_MAX_HISTORY = 8  # features kept per stream (a ring): memory = 8 x one feature; 8 measured as good as 16 (BENCHMARKS.md)
 
 
 def chebyshev_basis(tau, degree: int) -> np.ndarray:

@@ -41,7 +41,7 @@ def test_prior_schedule_is_the_dp_on_the_prior_with_the_chosen_forecaster():
     assert want != core.uniform_key_steps(50, 13, 3)  # a plan, not even spacing
     assert sched.source == "prior" and sched.convention == "skip" and sched.model_family is None
     assert sched.predictor == "spectral" and sched.planner.prior
-    assert "spectral forecaster (keeps up to 16 features per stream)" in text and "(prior) made for T=50" in text
+    assert "spectral forecaster (keeps up to 8 features per stream)" in text and "(prior) made for T=50" in text
     taylor, text = run_schedule(forecaster="taylor", taylor_order=1)
     assert taylor.predictor == "taylor" and taylor.order == 1 and taylor.key_steps == sched.key_steps
     assert "Taylor order 1 (taylor_order; keeps 2 features per stream)" in text
