@@ -231,6 +231,56 @@ def check_costs(args) -> str:
     return "\n".join(lines)
 
 
+def run_toy(args) -> tuple[list[dict], list]:
+    """The same comparison on the built-in toy model (dpcache_demo, no ComfyUI; bench/common.py's
+    prompts): calibrated DP on an order-1 PACT (skip-only costs), no history-exact order 2."""
+    import dataclasses
+
+    import dpcache_core as core
+    from dpcache_demo import toy_model
+    from dpcache_demo.demo import accelerated_sample
+
+    from . import common
+    common.setup(args.threads)
+    model = toy_model.load_builtin_model()
+    held_out = common.held_out_prompts(args.prompts)
+    _, samples = common.full_runs(model, common.calibration_prompts(args.calib), cc.STEPS, orders=(1,))
+    pact = common.mean_pact(samples[1])
+    noise, cond = common.batch_inputs(model, held_out)
+    reference = toy_model.sample(model, noise, cond, cc.STEPS, common.SHIFT)
+    prior = core.prior_cost(cc.STEPS)
+    rows = []
+    for k in args.keys:
+        def sched(keys, order=2, predictor="taylor"):
+            return core.Schedule(tuple(keys), cc.STEPS, order=order, predictor=predictor, first_full_steps=3)
+        cal = core.solve_schedule(pact, k, 3, convention="skip")
+        pri = core.solve_schedule(prior, k, 3, convention="skip")
+        auto = "spectral" if cc.STEPS / k >= 2.9 else "taylor"
+        methods = {
+            "Spectrum": sched(core.spectrum_key_steps(cc.STEPS, k), predictor="spectral"),
+            "(uniform) o2": sched(core.uniform_key_steps(cc.STEPS, k, 3)),
+            "calibrated o1": sched(cal, 1),
+            "calibrated o1 keys + spectral": sched(cal, predictor="spectral"),
+            "(prior) auto = the default": sched(pri, 1, auto),
+            "(prior) spectral": sched(pri, predictor="spectral"),
+            "(prior) o1": sched(pri, 1),
+            "(prior) o2": sched(pri, 2),
+        }
+        for name, schedule in methods.items():
+            own = core.runtime.SpectralPredictor
+            if name == "Spectrum":
+                core.runtime.SpectralPredictor = functools.partial(own, **SPECTRUM_FORECASTER)
+            try:
+                out, _ = accelerated_sample(model, noise, cond, dataclasses.replace(schedule), common.SHIFT)
+            finally:
+                core.runtime.SpectralPredictor = own
+            db = common.psnr(out, reference)
+            rows.append(dict(k=k, method=name, keys=list(schedule.key_steps), full=float(k), psnr=float(db.mean()),
+                             worst=float(db.min()), latent=float(db.mean())))
+            print(f"K={k:2d} {name:32s} PSNR {rows[-1]['psnr']:6.2f} dB (worst {rows[-1]['worst']:6.2f})", flush=True)
+    return rows, held_out
+
+
 def report(rows, held_out, args) -> str:
     ks = sorted({r["k"] for r in rows})
     names = list(dict.fromkeys(r["method"] for r in rows))
@@ -238,16 +288,25 @@ def report(rows, held_out, args) -> str:
 
     def fmt(r):
         return "" if r is None else f"{r['psnr']:.1f} ({r['worst']:.1f})"
+    if args.toy:
+        intro = (f"Built-in toy model (dpcache_demo, trained), {cc.STEPS} Euler evaluations, shift 3, {len(held_out)} "
+                 f"held-out (class, seed) pairs, order-1 PACT from {args.calib} calibration prompts. Mean (worst) PSNR in "
+                 "dB of the output against the full run, at K full evaluations of 50:")
+    else:
+        intro = (f"Trained FLUX-architecture model of bench/comfy_compare.py in real ComfyUI 0.3.64 (euler, {cc.STEPS} "
+                 f"steps, simple, cfg 1), {len(held_out)} held-out prompts, PACTs from DPCache Calibrate on {args.calib} "
+                 "other prompts. Mean (worst) PSNR in dB of the decoded image against the plain run, at K full "
+                 "evaluations of 50:")
     lines = [
-        f"Trained FLUX-architecture model of bench/comfy_compare.py in real ComfyUI 0.3.64 (euler, {cc.STEPS} steps, "
-        f"simple, cfg 1), {len(held_out)} held-out prompts, PACTs from DPCache Calibrate on {args.calib} other prompts. "
-        "Mean (worst) PSNR in dB of the decoded image against the plain run, at K full evaluations of 50:",
+        intro,
         "",
         "| method | " + " | ".join(f"K={k}" for k in ks) + " |",
         "|---|" + "---|" * len(ks),
     ]
     for n in names:
         lines.append(f"| {n} | " + " | ".join(fmt(cell.get((n, k))) for k in ks) + " |")
+    if args.toy:
+        return "\n".join(lines)
     lines += ["", "Mean PSNR of the final latent (dB, peak = the plain latent's range):", "",
               "| method | " + " | ".join(f"K={k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
     for n in names:
@@ -265,6 +324,7 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--weights", default=cc.WEIGHTS)
     ap.add_argument("--out", default=os.path.join(RESULTS, "forecasters.md"))
+    ap.add_argument("--toy", action="store_true", help="the built-in toy model instead (no ComfyUI; quick)")
     ap.add_argument("--check-costs", action="store_true",
                     help="only compare planning costs with what the spectral forecaster pays (rank correlation)")
     ap.add_argument("--key-sets", type=int, default=60, help="random key sets per K for --check-costs")
@@ -274,7 +334,7 @@ def main(argv=None) -> None:
         text = check_costs(args)
         print(text + f"\n\nWall time: {time.perf_counter() - t0:.0f} s")
         return
-    rows, held_out = run(args)
+    rows, held_out = run_toy(args) if args.toy else run(args)
     text = report(rows, held_out, args) + f"\n\nWall time: {time.perf_counter() - t0:.0f} s, machine: {cc.machine_name()}."
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
