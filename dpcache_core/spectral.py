@@ -21,6 +21,9 @@ from collections import deque
 import numpy as np
 import torch
 
+from .history import histories, history_shape
+from .pact import default_max_gap, sentinel_target
+
 DEFAULT_DEGREE = 4  # Chebyshev T_0 .. T_4 (the paper's m = 4)
 DEFAULT_RIDGE = 0.1  # the paper's lambda
 DEFAULT_BLEND = 0.5  # weight of the spectral fit; 1 - blend goes to the local linear extrapolation
@@ -231,9 +234,6 @@ def build_spectral_history(trajectory, memory: int = 2, max_gap: int | None = No
     default ring of 16 keys it is the cost given the last keys only (older keys also weigh in the
     run's fit). ``trajectory``: (T, S), row t the feature at evaluation t; the hop to T is scored
     against the same synthetic sentinel as a PACT of order 1."""
-    from .history import histories, history_shape
-    from .pact import default_max_gap, sentinel_target
-
     traj = torch.as_tensor(trajectory).detach().to(torch.float32)
     if traj.ndim != 2:
         raise ValueError(f"the trajectory must be a (T, S) matrix, got shape {tuple(traj.shape)}")

@@ -85,3 +85,14 @@ def test_prior_and_forecaster_errors_are_clear(tmp_path):
         prior.prior_cost(2)
     with pytest.raises(ValueError, match="K=60 key steps is more than the T=50"):
         run_schedule(key_steps=60)
+
+
+def test_prior_plans_a_partial_run_on_the_joint_trajectory():
+    """A KSamplerAdvanced slice (e.g. Wan2.2 A14B's second expert): the joint plan on the prior."""
+    sched, _ = run_schedule(key_steps=8, total_evaluations=20)
+    plan = core.plan_run(sched, core.RunShape(10, positions=tuple(0.5 + 0.05 * np.arange(10)), end=1.0))
+    assert plan.joint_num_evals == 20 and plan.offset == 10
+    want = core.solve_schedule(prior.prior_cost(20, core.index_positions(20)), 8, 3, 0, required=[10, 11, 12],
+                               convention="skip")
+    assert list(plan.joint_keys) == want
+    assert list(plan.schedule.key_steps) == [k - 10 for k in want if k >= 10] and plan.schedule.key_steps[:3] == (0, 1, 2)
