@@ -239,82 +239,82 @@ def make_schedule(pact, key_steps, first_full_steps=3, last_full_steps=0, total_
 
     The schedule is planned at its own T (the PACT's, or total_evaluations); its ``planner``
     re-plans runs of another evaluation count when sampling starts (``replan.plan_run``)."""
+    if forecaster not in FORECASTERS:
+        raise ValueError(f"DPCache Schedule: unknown forecaster {forecaster!r}: use one of {', '.join(FORECASTERS)}")
+    sched, cost, hop_costs = plan_entry(pact, key_steps, first_full_steps, last_full_steps, total_evaluations,
+                                        manual_key_steps, budget, target_speedup, taylor_order)
+    if forecaster == "auto":
+        if sched.ideal_speedup >= AUTO_SPECTRAL_SPEEDUP:
+            return dataclasses.replace(sched, predictor="spectral"), cost, hop_costs
+        if pact == PRIOR:
+            sched = dataclasses.replace(sched, order=PRIOR_TAYLOR_ORDER)
+        forecaster = "taylor"
+    return dataclasses.replace(sched, predictor=forecaster), cost, hop_costs
+
+
+def plan_entry(pact, key_steps, first_full_steps=3, last_full_steps=0, total_evaluations=50, manual_key_steps="",
+               budget=BUDGET_RULES[0], target_speedup=3.85, taylor_order=DEFAULT_ORDER):
+    """``make_schedule`` before the forecaster is chosen: the entry's Taylor schedule."""
     try:
-        if forecaster not in FORECASTERS:
-            raise ValueError(f"unknown forecaster {forecaster!r}: use one of {', '.join(FORECASTERS)}")
-        sched, cost, hop_costs = plan_entry(pact, key_steps, first_full_steps, last_full_steps, total_evaluations,
-                                            manual_key_steps, budget, target_speedup, taylor_order)
-        if forecaster == "auto":
-            if sched.ideal_speedup >= AUTO_SPECTRAL_SPEEDUP:
-                return dataclasses.replace(sched, predictor="spectral"), cost, hop_costs
-            if pact == PRIOR:
-                sched = dataclasses.replace(sched, order=PRIOR_TAYLOR_ORDER)
-            forecaster = "taylor"
-        return dataclasses.replace(sched, predictor=forecaster), cost, hop_costs
+        if pact in NO_FILE and not 1 <= int(taylor_order) <= 3:
+            raise ValueError(f"taylor_order must be 1, 2 or 3, got {taylor_order}")
+        rule = core.Budget(budget, key_steps, target_speedup)
+        by_speedup = budget == "target speed-up"  # else K as typed at the schedule's own T
+        if by_speedup and pact in (UNIFORM, PRIOR):
+            key_steps = rule.keys_for(total_evaluations, total_evaluations)
+        if pact == MANUAL:
+            keys = core.parse_key_steps(manual_key_steps, total_evaluations)
+            return core.Schedule(tuple(keys), total_evaluations, order=int(taylor_order), source="manual",
+                                 first_full_steps=first_full_steps, last_full_steps=last_full_steps), None, None
+        if pact == PRIOR:
+            cost = core.prior_cost(total_evaluations)
+            keys = core.solve_schedule(cost, key_steps, first_full_steps, last_full_steps, convention="skip")
+            planner = core.Planner(total_evaluations, rule, first_full_steps, last_full_steps, cost=cost,
+                                   order=core.prior.PRIOR_ORDER, label=f"(prior) made for T={total_evaluations}", prior=True)
+            return core.Schedule(tuple(keys), total_evaluations, order=int(taylor_order), source="prior",
+                                 cost=core.path_cost(cost, keys, "skip"), first_full_steps=first_full_steps,
+                                 last_full_steps=last_full_steps, convention="skip", planner=planner), \
+                core.cost_for(cost, "skip"), None
+        if pact == UNIFORM:
+            keys = core.uniform_key_steps(total_evaluations, key_steps, first_full_steps, last_full_steps)
+            planner = core.Planner(total_evaluations, rule, first_full_steps, last_full_steps, order=int(taylor_order),
+                                   label=f"(uniform) made for T={total_evaluations}")
+            return core.Schedule(tuple(keys), total_evaluations, order=int(taylor_order), source="uniform",
+                                 first_full_steps=first_full_steps, last_full_steps=last_full_steps, planner=planner), None, None
+        acc, meta = core.load_pact(pact_path(pact))
+        if acc.samples == 0 or not acc.counts.any():
+            raise ValueError(
+                f"PACT {pact!r} holds no samples: queue at least one full sampling run through DPCache Calibrate "
+                "with this pact_name, or pick another PACT"
+            )
+        # a PACT of partial runs (e.g. Wan2.2 A14B's two experts) covers windows of one trajectory
+        cost, positions, starts = planning_view(acc.mean(), meta)
+        num_evals = cost.shape[0]
+        if by_speedup:
+            key_steps = rule.keys_for(num_evals, num_evals)
+        required = [s + k for s in starts for k in range(max(first_full_steps, 1)) if s + k < num_evals]
+        order, scheme = int(meta.get("order", 2)), meta.get("scheme", "reference")
+        convention, hop_costs = planning_convention(meta, acc), None
+        view = core.cost_for(cost, "reference" if convention == "reference" else "skip")
+        if convention == "history":  # whole runs only: windowed PACTs have no history tensor
+            history = acc.history_mean()
+            keys = core.solve_schedule_history(history, key_steps, first_full_steps, last_full_steps, scheme=scheme)
+            hop_costs = core.hop_costs_history(history, keys, first_full_steps, scheme)
+            total = sum(hop_costs)
+        else:
+            keys = core.solve_schedule(cost, key_steps, first_full_steps, last_full_steps, required=required, convention=convention)
+            total = core.path_cost(cost, keys, convention)
+        label = f"PACT calibrated at T={num_evals}" + (f" (windows starting at {[0] + starts})" if starts else "")
+        planner = core.Planner(num_evals, rule, first_full_steps, last_full_steps, cost=cost, positions=positions,
+                               order=order, label=label)
+        sched = core.Schedule(
+            tuple(keys), num_evals, model_family=meta.get("model_family"), order=order, scheme=scheme,
+            source=f"pact:{pact}", cost=total, first_full_steps=first_full_steps, last_full_steps=last_full_steps,
+            convention=convention, planner=planner,
+        )
+        return sched, view, hop_costs
     except ValueError as exc:
         raise ValueError(f"DPCache Schedule: {exc}") from None
-
-
-def plan_entry(pact, key_steps, first_full_steps, last_full_steps, total_evaluations, manual_key_steps, budget,
-               target_speedup, taylor_order):
-    """``make_schedule`` before the forecaster is set (Taylor of the entry's order)."""
-    if pact in NO_FILE and not 1 <= int(taylor_order) <= 3:
-        raise ValueError(f"taylor_order must be 1, 2 or 3, got {taylor_order}")
-    rule = core.Budget(budget, key_steps, target_speedup)
-    by_speedup = budget == "target speed-up"  # else K as typed at the schedule's own T
-    if by_speedup and pact in (UNIFORM, PRIOR):
-        key_steps = rule.keys_for(total_evaluations, total_evaluations)
-    if pact == MANUAL:
-        keys = core.parse_key_steps(manual_key_steps, total_evaluations)
-        return core.Schedule(tuple(keys), total_evaluations, order=int(taylor_order), source="manual",
-                             first_full_steps=first_full_steps, last_full_steps=last_full_steps), None, None
-    if pact == PRIOR:
-        cost = core.prior_cost(total_evaluations) if total_evaluations != core.prior.PRIOR_EVALS else core.prior_cost()
-        keys = core.solve_schedule(cost, key_steps, first_full_steps, last_full_steps, convention="skip")
-        planner = core.Planner(total_evaluations, rule, first_full_steps, last_full_steps, cost=cost,
-                               order=core.prior.PRIOR_ORDER, label=f"(prior) made for T={total_evaluations}", prior=True)
-        return core.Schedule(tuple(keys), total_evaluations, order=int(taylor_order), source="prior",
-                             cost=core.path_cost(cost, keys, "skip"), first_full_steps=first_full_steps,
-                             last_full_steps=last_full_steps, convention="skip", planner=planner), \
-            core.cost_for(cost, "skip"), None
-    if pact == UNIFORM:
-        keys = core.uniform_key_steps(total_evaluations, key_steps, first_full_steps, last_full_steps)
-        planner = core.Planner(total_evaluations, rule, first_full_steps, last_full_steps, order=int(taylor_order),
-                               label=f"(uniform) made for T={total_evaluations}")
-        return core.Schedule(tuple(keys), total_evaluations, order=int(taylor_order), source="uniform",
-                             first_full_steps=first_full_steps, last_full_steps=last_full_steps, planner=planner), None, None
-    acc, meta = core.load_pact(pact_path(pact))
-    if acc.samples == 0 or not acc.counts.any():
-        raise ValueError(
-            f"PACT {pact!r} holds no samples: queue at least one full sampling run through DPCache Calibrate "
-            "with this pact_name, or pick another PACT"
-        )
-    # a PACT of partial runs (e.g. Wan2.2 A14B's two experts) covers windows of one trajectory
-    cost, positions, starts = planning_view(acc.mean(), meta)
-    num_evals = cost.shape[0]
-    if by_speedup:
-        key_steps = rule.keys_for(num_evals, num_evals)
-    required = [s + k for s in starts for k in range(max(first_full_steps, 1)) if s + k < num_evals]
-    order, scheme = int(meta.get("order", 2)), meta.get("scheme", "reference")
-    convention, hop_costs = planning_convention(meta, acc), None
-    view = core.cost_for(cost, "reference" if convention == "reference" else "skip")
-    if convention == "history":  # whole runs only: windowed PACTs have no history tensor
-        history = acc.history_mean()
-        keys = core.solve_schedule_history(history, key_steps, first_full_steps, last_full_steps, scheme=scheme)
-        hop_costs = core.hop_costs_history(history, keys, first_full_steps, scheme)
-        total = sum(hop_costs)
-    else:
-        keys = core.solve_schedule(cost, key_steps, first_full_steps, last_full_steps, required=required, convention=convention)
-        total = core.path_cost(cost, keys, convention)
-    label = f"PACT calibrated at T={num_evals}" + (f" (windows starting at {[0] + starts})" if starts else "")
-    planner = core.Planner(num_evals, rule, first_full_steps, last_full_steps, cost=cost, positions=positions,
-                           order=order, label=label)
-    sched = core.Schedule(
-        tuple(keys), num_evals, model_family=meta.get("model_family"), order=order, scheme=scheme,
-        source=f"pact:{pact}", cost=total, first_full_steps=first_full_steps, last_full_steps=last_full_steps,
-        convention=convention, planner=planner,
-    )
-    return sched, view, hop_costs
 
 
 def planning_convention(meta: dict, acc) -> str:
