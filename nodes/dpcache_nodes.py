@@ -1,6 +1,7 @@
 """The three DPCache nodes (classic V1 node API): Calibrate, Schedule, Apply."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 
@@ -31,6 +32,14 @@ EXTENSIONS = {".safetensors"}
 PACK_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED_DIR = os.path.join(PACK_DIR, "cost_matrices")
 UNIFORM, MANUAL, AUTO = "(uniform)", "(manual)", "(auto)"
+PRIOR = "(prior: no calibration)"  # the default: DP on the cost prior from the shipped PACTs (dpcache_core.prior)
+NO_FILE = (PRIOR, UNIFORM, MANUAL)  # pact entries that are not files
+FORECASTERS = ("auto", "spectral", "taylor")
+DEFAULT_FORECASTER = "auto"
+# auto: spectral from this ideal speed-up T/K up (K <= 17 of 50), Taylor below, where the spectral
+# fit lost to Taylor on the trained FLUX benchmark (BENCHMARKS.md, "Forecasters and a calibration-free default")
+AUTO_SPECTRAL_SPEEDUP = 2.9
+PRIOR_TAYLOR_ORDER = 1  # auto's Taylor order with (prior): order 1 beat order 2 there at K = 20 and 25 of 50
 BUDGET_RULES = core.BUDGET_RULES
 DEFAULT_ORDER = 2  # Taylor order of (uniform) / (manual) schedules: the better one for evenly spaced keys (BENCHMARKS.md)
 
@@ -171,7 +180,7 @@ class DPCacheSchedule:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "pact": ([UNIFORM, MANUAL] + pact_files() + [AUTO], {"tooltip": "(auto): Apply DPCache's automatic mode (calibrates on the first run at a new setting, plans every later one; budget from key_steps of total_evaluations or target_speedup). A calibrated PACT (models/dpcache/ and the pack's cost_matrices/), or (uniform) / (manual) to schedule without one. The plan follows the file: PACTs from this version's DPCache Calibrate count only the evaluations that are skipped (history-exact at order 2 or more when the file holds that cost); older files and the paper authors' PACTs plan with the reference costs, as before. The text and picture say which."}),
+                "pact": ([PRIOR, UNIFORM, MANUAL] + pact_files() + [AUTO], {"default": PRIOR, "tooltip": "(prior: no calibration), the default: dynamic programming on a cost prior averaged from the shipped FLUX and Wan PACTs, for any model and step count, no calibration needed. A calibrated PACT (models/dpcache/ and the pack's cost_matrices/) plans for your own model and sampler. (uniform) spaces the key steps evenly, (manual) takes your list. (auto): Apply DPCache's automatic mode (calibrates on the first run at a new setting, plans every later one; budget from key_steps of total_evaluations or target_speedup). The plan follows the file: PACTs from this version's DPCache Calibrate count only the evaluations that are skipped (history-exact at order 2 or more when the file holds that cost); older files and the paper authors' PACTs plan with the reference costs, as before. The text and picture say which."}),
                 "key_steps": ("INT", {"default": 13, "min": 1, "max": 1000, "tooltip": "K: how many evaluations are computed in full, mandatory ones included. Ideal speed-up T/K. Ignored by (manual)."}),
                 "first_full_steps": ("INT", {"default": 3, "min": 1, "max": 1000, "tooltip": "The first evaluations are always computed (the picture changes fastest there)."}),
                 "last_full_steps": ("INT", {"default": 0, "min": 0, "max": 1000, "tooltip": "The last evaluations are always computed (fine detail)."}),
@@ -181,14 +190,15 @@ class DPCacheSchedule:
             "optional": {  # optional so that API prompts written before they existed still validate
                 "budget": (list(BUDGET_RULES), {"default": BUDGET_RULES[0], "tooltip": "How many key evaluations a run gets. A run whose evaluation count differs from T (other steps or sampler) is re-planned when sampling starts, from the PACT transferred to its count. same speed-up: key_steps at T, scaled to the run's count; target speed-up: count / target_speedup; fixed K: key_steps whatever the count. Not used by (manual)."}),
                 "target_speedup": ("FLOAT", {"default": 3.85, "min": 1.0, "max": 100.0, "step": 0.05, "tooltip": "For budget = target speed-up: the ideal speed-up T/K to plan for."}),
-                "taylor_order": ("INT", {"default": DEFAULT_ORDER, "min": 1, "max": 3, "tooltip": "Taylor order of the prediction for (uniform) and (manual) schedules. 2 was the better order for evenly spaced key steps in our benchmark (BENCHMARKS.md). A PACT brings its own order (DPCache Calibrate's), so this is ignored with one."}),
+                "taylor_order": ("INT", {"default": DEFAULT_ORDER, "min": 1, "max": 3, "tooltip": "Taylor order of the prediction for (prior), (uniform) and (manual) schedules with forecaster = taylor. 2 was the better order for evenly spaced key steps in our benchmark (BENCHMARKS.md). A PACT brings its own order (DPCache Calibrate's), so this is ignored with one."}),
+                "forecaster": (list(FORECASTERS), {"default": DEFAULT_FORECASTER, "tooltip": "How skipped evaluations are predicted. auto (default): spectral at ideal speed-ups T/K of 2.9x and more (K <= 17 of 50), taylor below (order 1 with (prior)), the better one in our benchmark. spectral: a Chebyshev fit by ridge regression over the key evaluations so far, blended with a linear extrapolation (Spectrum, CVPR 2026); holds on long hops; keeps up to 8 features per stream (FLUX 1024x1024 bf16: 8 x 25 MB). taylor: the Taylor expansion of the PACT's (or taylor_order's) order from the last order+1 key evaluations; order+1 features per stream. Both planned on the same costs (docs/forecasters.md)."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
     @classmethod
     def IS_CHANGED(cls, pact, **kwargs):
-        if pact in (UNIFORM, MANUAL, AUTO):
+        if pact in NO_FILE or pact == AUTO:
             return ""
         try:  # re-run when calibration added samples to the file
             st = os.stat(pact_path(pact))
@@ -197,16 +207,21 @@ class DPCacheSchedule:
             return ""
 
     def schedule(self, pact, key_steps, first_full_steps, last_full_steps, total_evaluations, manual_key_steps="",
-                 budget=BUDGET_RULES[0], target_speedup=3.85, taylor_order=DEFAULT_ORDER, unique_id=None):
+                 budget=BUDGET_RULES[0], target_speedup=3.85, taylor_order=DEFAULT_ORDER, forecaster=DEFAULT_FORECASTER,
+                 unique_id=None):
         if pact == AUTO:
             return auto_schedule(key_steps, first_full_steps, total_evaluations, budget, target_speedup, unique_id)
         notes: list[str] = []
         sched, cost, hop_costs = make_schedule(pact, key_steps, first_full_steps, last_full_steps, total_evaluations,
-                                               manual_key_steps, budget, target_speedup, taylor_order, notes)
-        where = "taylor_order" if pact in (UNIFORM, MANUAL) else "from the PACT"
+                                               manual_key_steps, budget, target_speedup, taylor_order, forecaster, notes)
+        if sched.predictor == "spectral":
+            how = f"spectral forecaster (keeps up to {core.spectral.DEFAULT_MAX_HISTORY} features per stream)"
+        else:
+            where = "from the PACT" if pact not in NO_FILE else "auto" if forecaster == "auto" and pact == PRIOR else "taylor_order"
+            how = f"Taylor order {sched.order} ({where}; keeps {sched.order + 1} features per stream)"
         text = (
             f"key steps {list(sched.key_steps)}: {sched.num_keys} of {sched.num_evals} evaluations, "
-            f"ideal speed-up {sched.ideal_speedup:.2f}x, Taylor order {sched.order} ({where})"
+            f"ideal speed-up {sched.ideal_speedup:.2f}x, {how}"
         )
         if notes:
             text += "; " + "; ".join(notes)
@@ -242,7 +257,8 @@ def auto_schedule(key_steps, first_full_steps, total_evaluations, budget, target
 
 
 def make_schedule(pact, key_steps, first_full_steps=3, last_full_steps=0, total_evaluations=50, manual_key_steps="",
-                  budget=BUDGET_RULES[0], target_speedup=3.85, taylor_order=DEFAULT_ORDER, notes=None):
+                  budget=BUDGET_RULES[0], target_speedup=3.85, taylor_order=DEFAULT_ORDER, forecaster=DEFAULT_FORECASTER,
+                  notes=None):
     """(Schedule, cost tensor as the plan read it or None, history-exact hop costs or None) for the
     node's inputs; ValueError with what to change.
 
@@ -250,9 +266,25 @@ def make_schedule(pact, key_steps, first_full_steps=3, last_full_steps=0, total_
     re-plans runs of another evaluation count when sampling starts (``replan.plan_run``). With
     budget = target speed-up, a K the plan cannot meet is raised to the fewest that works, and a
     line saying so (the target, and the most that T allows) is appended to ``notes``."""
+    if forecaster not in FORECASTERS:
+        raise ValueError(f"DPCache Schedule: unknown forecaster {forecaster!r}: use one of {', '.join(FORECASTERS)}")
+    sched, cost, hop_costs = plan_entry(pact, key_steps, first_full_steps, last_full_steps, total_evaluations,
+                                        manual_key_steps, budget, target_speedup, taylor_order, notes)
+    if forecaster == "auto":
+        if sched.ideal_speedup >= AUTO_SPECTRAL_SPEEDUP:
+            return dataclasses.replace(sched, predictor="spectral"), cost, hop_costs
+        if pact == PRIOR:
+            sched = dataclasses.replace(sched, order=PRIOR_TAYLOR_ORDER)
+        forecaster = "taylor"
+    return dataclasses.replace(sched, predictor=forecaster), cost, hop_costs
+
+
+def plan_entry(pact, key_steps, first_full_steps=3, last_full_steps=0, total_evaluations=50, manual_key_steps="",
+               budget=BUDGET_RULES[0], target_speedup=3.85, taylor_order=DEFAULT_ORDER, notes=None):
+    """``make_schedule`` before the forecaster is chosen: the entry's Taylor schedule."""
     notes = [] if notes is None else notes
     try:
-        if pact in (UNIFORM, MANUAL) and not 1 <= int(taylor_order) <= 3:
+        if pact in NO_FILE and not 1 <= int(taylor_order) <= 3:
             raise ValueError(f"taylor_order must be 1, 2 or 3, got {taylor_order}")
         rule = core.Budget(budget, key_steps, target_speedup)
         by_speedup = budget == "target speed-up"  # else K as typed at the schedule's own T
@@ -260,10 +292,26 @@ def make_schedule(pact, key_steps, first_full_steps=3, last_full_steps=0, total_
             asked = rule.keys_for(total_evaluations, total_evaluations)
             _, key_steps = core.replan.uniform_plan(total_evaluations, asked, first_full_steps, last_full_steps)
             notes += speedup_note(target_speedup, asked, key_steps, total_evaluations)
+        if by_speedup and pact == PRIOR:
+            key_steps = rule.keys_for(total_evaluations, total_evaluations)
         if pact == MANUAL:
             keys = core.parse_key_steps(manual_key_steps, total_evaluations)
             return core.Schedule(tuple(keys), total_evaluations, order=int(taylor_order), source="manual",
                                  first_full_steps=first_full_steps, last_full_steps=last_full_steps), None, None
+        if pact == PRIOR:
+            cost = core.prior_cost(total_evaluations)
+
+            def solve_prior(k):
+                return core.solve_schedule(cost, k, first_full_steps, last_full_steps, convention="skip")
+
+            keys = fewest_feasible(solve_prior, key_steps, total_evaluations, target_speedup) if by_speedup else solve_prior(key_steps)
+            notes += speedup_note(target_speedup, key_steps, len(keys), total_evaluations) if by_speedup else []
+            planner = core.Planner(total_evaluations, rule, first_full_steps, last_full_steps, cost=cost,
+                                   order=core.prior.PRIOR_ORDER, label=f"(prior) made for T={total_evaluations}", prior=True)
+            return core.Schedule(tuple(keys), total_evaluations, order=int(taylor_order), source="prior",
+                                 cost=core.path_cost(cost, keys, "skip"), first_full_steps=first_full_steps,
+                                 last_full_steps=last_full_steps, convention="skip", planner=planner), \
+                core.cost_for(cost, "skip"), None
         if pact == UNIFORM:
             keys = core.uniform_key_steps(total_evaluations, key_steps, first_full_steps, last_full_steps)
             planner = core.Planner(total_evaluations, rule, first_full_steps, last_full_steps, order=int(taylor_order),
