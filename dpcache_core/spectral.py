@@ -29,6 +29,14 @@ DEFAULT_DEGREE = 4  # Chebyshev T_0 .. T_4 (the paper's m = 4)
 DEFAULT_RIDGE = 0.1  # the paper's lambda
 DEFAULT_BLEND = 0.5  # weight of the spectral fit; 1 - blend goes to the local linear extrapolation
 DEFAULT_MAX_HISTORY = 8  # features kept per stream (a ring): memory = 8 x one feature; 8 measured as good as 16 (BENCHMARKS.md)
+# forecaster "auto": spectral from this ideal speed-up T/K up (K <= 17 of 50), Taylor below, where the
+# spectral fit lost to Taylor on the trained FLUX benchmark (BENCHMARKS.md, "Forecasters and a calibration-free default")
+AUTO_SPECTRAL_SPEEDUP = 2.9
+
+
+def auto_forecaster(ideal_speedup: float) -> str:
+    """The forecaster "auto" picks for a plan of ideal speed-up T/K: "spectral" on long hops, else "taylor"."""
+    return "spectral" if ideal_speedup >= AUTO_SPECTRAL_SPEEDUP else "taylor"
 
 
 def chebyshev_basis(tau, degree: int) -> np.ndarray:

@@ -315,7 +315,8 @@ class AutoHook:
         schedule = core.Schedule(tuple(keys), n, model_family=self.family, order=int(found.meta.get("order", AUTO_ORDER)),
                                  scheme=found.meta.get("scheme", "reference"), source=f"auto:{found.name}",
                                  first_full_steps=self.first_full_steps,
-                                 convention="skip" if found.meta.get("convention") == "skip" else "reference")
+                                 convention="skip" if found.meta.get("convention") == "skip" else "reference",
+                                 predictor=core.spectral.auto_forecaster(n / len(keys)))  # as DPCache Schedule's "auto"
         force_all = hooks.uses_controlnet(guider)
         run = hooks.ApplyRun(self.family, schedule, force_all, sampler_name(sampler), how)
         run.auto = ("plan", setting, found, asked)
@@ -371,7 +372,7 @@ class AutoHook:
         measured = run.measured_speedup()
         m = f", measured {measured:.2f}x" if measured else ""
         line = (f"{run.plan_text}: keys {keys}: {run.cache.computed} of {run.evaluations} evaluations computed, "
-                f"T={n}, ideal {n / len(keys):.2f}x{m}")
+                f"T={n}, ideal {n / len(keys):.2f}x{m}, {sched.predictor} forecaster")
         if len(keys) >= n:
             line += (f". The budget leaves no speed-up at T={n} (K={asked} asked, at least {min(self.first_full_steps, n)} "
                      "first evaluations are always computed): use more steps")

@@ -36,9 +36,6 @@ PRIOR = "(prior: no calibration)"  # the default: DP on the cost prior from the 
 NO_FILE = (PRIOR, UNIFORM, MANUAL)  # pact entries that are not files
 FORECASTERS = ("auto", "spectral", "taylor")
 DEFAULT_FORECASTER = "auto"
-# auto: spectral from this ideal speed-up T/K up (K <= 17 of 50), Taylor below, where the spectral
-# fit lost to Taylor on the trained FLUX benchmark (BENCHMARKS.md, "Forecasters and a calibration-free default")
-AUTO_SPECTRAL_SPEEDUP = 2.9
 PRIOR_TAYLOR_ORDER = 1  # auto's Taylor order with (prior): order 1 beat order 2 there at K = 20 and 25 of 50
 BUDGET_RULES = core.BUDGET_RULES
 DEFAULT_ORDER = 2  # Taylor order of (uniform) / (manual) schedules: the better one for evenly spaced keys (BENCHMARKS.md)
@@ -271,7 +268,7 @@ def make_schedule(pact, key_steps, first_full_steps=3, last_full_steps=0, total_
     sched, cost, hop_costs = plan_entry(pact, key_steps, first_full_steps, last_full_steps, total_evaluations,
                                         manual_key_steps, budget, target_speedup, taylor_order, notes)
     if forecaster == "auto":
-        if sched.ideal_speedup >= AUTO_SPECTRAL_SPEEDUP:
+        if core.spectral.auto_forecaster(sched.ideal_speedup) == "spectral":
             return dataclasses.replace(sched, predictor="spectral"), cost, hop_costs
         if pact == PRIOR:
             sched = dataclasses.replace(sched, order=PRIOR_TAYLOR_ORDER)

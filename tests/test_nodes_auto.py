@@ -221,3 +221,14 @@ def test_explicit_schedule_says_when_the_budget_leaves_no_speed_up(events):
     F.sample(patched, steps=3, cfg=1.0)  # 3 evaluations, all mandatory
     text = [t for n, t in events["text"] if n == "32"][-1]
     assert "3 of 3 evaluations computed" in text and "no speed-up" in text
+
+
+@pytest.mark.parametrize("target, forecaster", [(3.85, "spectral"), (2.0, "taylor")])
+def test_planned_runs_pick_the_forecaster_like_schedule_auto(folder, events, target, forecaster):
+    """Planned runs use DPCache Schedule's forecaster "auto" rule: spectral from T/K = 2.9 up, Taylor below."""
+    model = flux()
+    (patched,) = DPCacheApply().apply(model, target_speedup=target, unique_id="7")
+    F.sample(patched, steps=20, cfg=1.0)  # calibrates
+    F.sample(patched, steps=20, cfg=1.0)  # planned
+    text = [t for n, t in events["text"] if n == "7"][-1]
+    assert f"{forecaster} forecaster" in text, text
