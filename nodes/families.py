@@ -34,6 +34,15 @@ def not_compiled(fn):
         return fn
 
 
+def never_compiled(fn):
+    """Leave ``fn`` and everything it calls out of torch.compile: for the cache's own tensor work,
+    which reads the run's evaluation index (a guard that would change at every step)."""
+    try:
+        return torch.compiler.disable(fn, recursive=True)
+    except Exception:  # pragma: no cover - a torch without torch.compiler
+        return fn
+
+
 class UnsupportedModelError(ValueError):
     """The MODEL is not one DPCache knows how to hook."""
 

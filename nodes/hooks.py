@@ -282,9 +282,14 @@ class Call:
                 self.feature = self.spec.cache_point(out["img"], self.txt_len)
             return out
         out, image = self.spec.prediction_output(args, self.txt_len)  # new per call, in the blocks' dtype and device
-        for stream, part in self.chunks(image):
-            self.predict(stream, out=part)  # each stream's prediction straight into its slice
+        self.predict_into(image)
         return self.spec.passthrough(args, out)
+
+    @families.never_compiled
+    def predict_into(self, image) -> None:
+        """Each stream's prediction straight into its slice of ``image`` (no extra copy)."""
+        for stream, part in self.chunks(image):
+            self.predict(stream, out=part)
 
     def chunks(self, feature):
         for n, stream in enumerate(self.streams):
