@@ -5,6 +5,7 @@ Plain torch + numpy; no ComfyUI import, so it runs and is tested anywhere.
 from .history import build_history, history_fits
 from .pact import PactAccumulator, build_pact, default_max_gap
 from .picture import render_image_rows, render_pact_path, render_timeline, to_comfy_image, write_png
+from .prior import prior_cost
 from .replan import BUDGET_RULES, Budget, Planner, RunPlan, RunShape, joint_trajectory, plan_run
 from .runtime import CacheRun, ScheduleMismatchError, TrajectoryRecorder
 from .schedule import (
@@ -20,6 +21,7 @@ from .schedule import (
     solve_schedule_reference,
     uniform_key_steps,
 )
+from .spectral import SpectralPredictor, spectrum_key_steps
 from .store import PACK_VERSION, PactFileError, import_reference, import_reference_pkl, load_pact, save_pact
 from .taylor import TaylorPredictor
 from .transfer import index_positions, positions_from_sigmas, transfer_pact
@@ -34,12 +36,14 @@ __all__ = [
     "index_positions",
     "joint_trajectory",
     "plan_run",
+    "prior_cost",
     "positions_from_sigmas",
     "transfer_pact",
     "CacheRun",
     "PactAccumulator",
     "PactFileError",
     "Schedule",
+    "SpectralPredictor",
     "ScheduleMismatchError",
     "TaylorPredictor",
     "TrajectoryRecorder",
@@ -63,6 +67,7 @@ __all__ = [
     "solve_schedule",
     "solve_schedule_history",
     "solve_schedule_reference",
+    "spectrum_key_steps",
     "to_comfy_image",
     "uniform_key_steps",
     "write_png",

@@ -23,6 +23,7 @@ import numpy as np
 from .runtime import ScheduleMismatchError, mismatch_message
 from .schedule import Schedule, mandatory_steps, path_cost, solve_schedule, uniform_key_steps
 from .transfer import index_positions, transfer_pact
+from . import prior as cost_prior
 
 BUDGET_RULES = ("same speed-up", "target speed-up", "fixed K")
 TRANSFERABLE = ("reference", "skip")  # objectives over the (T, T+1, T+1) tensor the transfer rebuilds
@@ -167,6 +168,9 @@ class Planner:
     positions: tuple | None = None
     order: int = 2
     label: str = ""
+    #: (prior): ``cost`` is the calibration-free cost prior at T; other counts are planned on the
+    #: prior made afresh from its source (``prior.prior_cost``), not on a transfer of ``cost``.
+    prior: bool = False
 
     def __post_init__(self):
         if self.cost is not None:
@@ -188,6 +192,8 @@ class Planner:
 
         A PACT without recorded positions is read as evenly spaced over [0, 1]."""
         num_evals = len(positions) - 1
+        if self.prior:  # the prior is made at its own T from the shipped PACTs: transfer once from there
+            return cost_prior.prior_cost(num_evals, positions)
         if num_evals == self.num_evals:
             return self.cost
         return transfer_pact(self.cost, num_evals, self.order, self.positions, positions)

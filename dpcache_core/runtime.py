@@ -10,6 +10,7 @@ import torch
 from .history import build_history
 from .pact import PactAccumulator, build_pact
 from .schedule import Schedule
+from .spectral import SpectralPredictor
 from .taylor import TaylorPredictor, derivatives_after_for
 
 
@@ -66,6 +67,19 @@ class CacheRun:
             self.computed += 1
             self.forced += 1
 
+    def new_predictor(self):
+        """The schedule's forecaster for a new stream: Taylor of its order, or spectral."""
+        if self.schedule.predictor == "spectral":
+            return SpectralPredictor()
+        return TaylorPredictor(self.schedule.order, self.schedule.scheme, self.derivatives_after)
+
+    def time(self) -> float:
+        """The predictor's time coordinate of this evaluation: the index for Taylor, the position
+        index / T in [0, 1) for the spectral forecaster (dpcache_core.spectral)."""
+        if self.schedule.predictor == "spectral":
+            return self.index / self.schedule.num_evals
+        return self.index
+
     def has_stream(self, stream: Hashable) -> bool:
         return stream in self.predictors
 
@@ -73,17 +87,15 @@ class CacheRun:
         """Feed the fully computed cache-point ``feature`` of ``stream`` at this (key) evaluation."""
         predictor = self.predictors.get(stream)
         if predictor is None:
-            predictor = self.predictors[stream] = TaylorPredictor(
-                self.schedule.order, self.schedule.scheme, self.derivatives_after
-            )
-        predictor.update(self.index, feature)
+            predictor = self.predictors[stream] = self.new_predictor()
+        predictor.update(self.time(), feature)
 
     def predict(self, stream: Hashable) -> torch.Tensor:
         """The predicted cache-point feature of ``stream`` at this (skipped) evaluation, float32."""
         predictor = self.predictors.get(stream)
         if predictor is None:
             raise RuntimeError(f"DPCache has no key evaluation for stream {stream!r} to predict from")
-        return predictor.predict(self.index)
+        return predictor.predict(self.time())
 
     def nbytes(self) -> int:
         """Bytes the cache holds now, over all streams."""

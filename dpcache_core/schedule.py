@@ -340,6 +340,10 @@ def parse_key_steps(text: str, num_evals: int) -> list[int]:
     return check_key_steps(sorted(keys | {0}), num_evals)
 
 
+# Forecasters a Schedule can ask for at skipped evaluations (runtime.CacheRun builds them).
+PREDICTORS = ("taylor", "spectral")
+
+
 # Planning conventions a Schedule records, in words ("history": skip-only, history-exact order >= 2).
 PLANNING = {
     "reference": "reference costs",
@@ -362,6 +366,7 @@ class Schedule:
     first_full_steps: int = 3
     last_full_steps: int = 0
     convention: str | None = None  # the cost that planned it: "reference", "skip", "history"; None without a PACT
+    predictor: str = "taylor"  # the forecaster at skipped evaluations: "taylor" (of ``order``) or "spectral"
     #: How to plan a run with another evaluation count (``replan.Planner``); None: this T only.
     planner: object = field(default=None, repr=False, compare=False)
     key_set: frozenset = field(init=False, repr=False, compare=False)
@@ -370,6 +375,8 @@ class Schedule:
         object.__setattr__(self, "key_steps", tuple(check_key_steps(self.key_steps, self.num_evals)))
         object.__setattr__(self, "key_set", frozenset(self.key_steps))
         check_scheme(self.scheme)
+        if self.predictor not in PREDICTORS:
+            raise ValueError(f"unknown forecaster {self.predictor!r}: use one of {', '.join(PREDICTORS)}")
         if self.convention not in (None, *PLANNING):
             raise ValueError(f"unknown planning convention {self.convention!r}: use one of {', '.join(PLANNING)}")
 
@@ -396,4 +403,5 @@ class Schedule:
         return (
             f"{self.num_keys} key of {self.num_evals} evaluations (ideal {self.ideal_speedup:.2f}x), "
             f"keys {list(self.key_steps)}" + (f", planned with {PLANNING[self.convention]}" if self.convention else "")
+            + (", spectral forecaster" if self.predictor == "spectral" else "")
         )

@@ -1,6 +1,7 @@
 """The three DPCache nodes (classic V1 node API): Calibrate, Schedule, Apply."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 
@@ -31,6 +32,10 @@ EXTENSIONS = {".safetensors"}
 PACK_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED_DIR = os.path.join(PACK_DIR, "cost_matrices")
 UNIFORM, MANUAL = "(uniform)", "(manual)"
+PRIOR = "(prior: no calibration)"  # the default: DP on the cost prior from the shipped PACTs (dpcache_core.prior)
+NO_FILE = (PRIOR, UNIFORM, MANUAL)  # pact entries that are not files
+FORECASTERS = ("spectral", "taylor")
+DEFAULT_FORECASTER = "spectral"  # measured best at every K on the trained benchmark models (BENCHMARKS.md)
 BUDGET_RULES = core.BUDGET_RULES
 DEFAULT_ORDER = 2  # Taylor order of (uniform) / (manual) schedules: the better one for evenly spaced keys (BENCHMARKS.md)
 
@@ -171,7 +176,7 @@ class DPCacheSchedule:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "pact": ([UNIFORM, MANUAL] + pact_files(), {"tooltip": "A calibrated PACT (models/dpcache/ and the pack's cost_matrices/), or (uniform) / (manual) to schedule without one. The plan follows the file: PACTs from this version's DPCache Calibrate count only the evaluations that are skipped (history-exact at order 2 or more when the file holds that cost); older files and the paper authors' PACTs plan with the reference costs, as before. The text and picture say which."}),
+                "pact": ([PRIOR, UNIFORM, MANUAL] + pact_files(), {"default": PRIOR, "tooltip": "(prior: no calibration), the default: dynamic programming on a cost prior averaged from the shipped FLUX and Wan PACTs, for any model and step count, no calibration needed. A calibrated PACT (models/dpcache/ and the pack's cost_matrices/) plans for your own model and sampler. (uniform) spaces the key steps evenly, (manual) takes your list. The plan follows the file: PACTs from this version's DPCache Calibrate count only the evaluations that are skipped (history-exact at order 2 or more when the file holds that cost); older files and the paper authors' PACTs plan with the reference costs, as before. The text and picture say which."}),
                 "key_steps": ("INT", {"default": 13, "min": 1, "max": 1000, "tooltip": "K: how many evaluations are computed in full, mandatory ones included. Ideal speed-up T/K. Ignored by (manual)."}),
                 "first_full_steps": ("INT", {"default": 3, "min": 1, "max": 1000, "tooltip": "The first evaluations are always computed (the picture changes fastest there)."}),
                 "last_full_steps": ("INT", {"default": 0, "min": 0, "max": 1000, "tooltip": "The last evaluations are always computed (fine detail)."}),
@@ -181,14 +186,15 @@ class DPCacheSchedule:
             "optional": {  # optional so that API prompts written before they existed still validate
                 "budget": (list(BUDGET_RULES), {"default": BUDGET_RULES[0], "tooltip": "How many key evaluations a run gets. A run whose evaluation count differs from T (other steps or sampler) is re-planned when sampling starts, from the PACT transferred to its count. same speed-up: key_steps at T, scaled to the run's count; target speed-up: count / target_speedup; fixed K: key_steps whatever the count. Not used by (manual)."}),
                 "target_speedup": ("FLOAT", {"default": 3.85, "min": 1.0, "max": 100.0, "step": 0.05, "tooltip": "For budget = target speed-up: the ideal speed-up T/K to plan for."}),
-                "taylor_order": ("INT", {"default": DEFAULT_ORDER, "min": 1, "max": 3, "tooltip": "Taylor order of the prediction for (uniform) and (manual) schedules. 2 was the better order for evenly spaced key steps in our benchmark (BENCHMARKS.md). A PACT brings its own order (DPCache Calibrate's), so this is ignored with one."}),
+                "taylor_order": ("INT", {"default": DEFAULT_ORDER, "min": 1, "max": 3, "tooltip": "Taylor order of the prediction for (prior), (uniform) and (manual) schedules with forecaster = taylor. 2 was the better order for evenly spaced key steps in our benchmark (BENCHMARKS.md). A PACT brings its own order (DPCache Calibrate's), so this is ignored with one."}),
+                "forecaster": (list(FORECASTERS), {"default": DEFAULT_FORECASTER, "tooltip": "How skipped evaluations are predicted. spectral (default): a Chebyshev fit by ridge regression over the key evaluations so far, blended with a linear extrapolation (Spectrum, CVPR 2026); holds on long hops; keeps up to 16 features per stream (FLUX 1024x1024 bf16: 16 x 25 MB). taylor: the Taylor expansion of the PACT's (or taylor_order's) order from the last order+1 key evaluations; order+1 features per stream. Both planned on the same costs (docs/forecasters.md)."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
     @classmethod
     def IS_CHANGED(cls, pact, **kwargs):
-        if pact in (UNIFORM, MANUAL):
+        if pact in NO_FILE:
             return ""
         try:  # re-run when calibration added samples to the file
             st = os.stat(pact_path(pact))
@@ -197,13 +203,18 @@ class DPCacheSchedule:
             return ""
 
     def schedule(self, pact, key_steps, first_full_steps, last_full_steps, total_evaluations, manual_key_steps="",
-                 budget=BUDGET_RULES[0], target_speedup=3.85, taylor_order=DEFAULT_ORDER, unique_id=None):
+                 budget=BUDGET_RULES[0], target_speedup=3.85, taylor_order=DEFAULT_ORDER, forecaster=DEFAULT_FORECASTER,
+                 unique_id=None):
         sched, cost, hop_costs = make_schedule(pact, key_steps, first_full_steps, last_full_steps, total_evaluations,
-                                               manual_key_steps, budget, target_speedup, taylor_order)
-        where = "taylor_order" if pact in (UNIFORM, MANUAL) else "from the PACT"
+                                               manual_key_steps, budget, target_speedup, taylor_order, forecaster)
+        if sched.predictor == "spectral":
+            how = f"spectral forecaster (keeps up to {core.spectral.DEFAULT_MAX_HISTORY} features per stream)"
+        else:
+            where = "taylor_order" if pact in NO_FILE else "from the PACT"
+            how = f"Taylor order {sched.order} ({where}; keeps {sched.order + 1} features per stream)"
         text = (
             f"key steps {list(sched.key_steps)}: {sched.num_keys} of {sched.num_evals} evaluations, "
-            f"ideal speed-up {sched.ideal_speedup:.2f}x, Taylor order {sched.order} ({where})"
+            f"ideal speed-up {sched.ideal_speedup:.2f}x, {how}"
         )
         if sched.convention:
             text += f"; planned with {core.schedule.PLANNING[sched.convention]}"
@@ -218,63 +229,82 @@ class DPCacheSchedule:
 
 
 def make_schedule(pact, key_steps, first_full_steps=3, last_full_steps=0, total_evaluations=50, manual_key_steps="",
-                  budget=BUDGET_RULES[0], target_speedup=3.85, taylor_order=DEFAULT_ORDER):
+                  budget=BUDGET_RULES[0], target_speedup=3.85, taylor_order=DEFAULT_ORDER, forecaster=DEFAULT_FORECASTER):
     """(Schedule, cost tensor as the plan read it or None, history-exact hop costs or None) for the
     node's inputs; ValueError with what to change.
 
     The schedule is planned at its own T (the PACT's, or total_evaluations); its ``planner``
     re-plans runs of another evaluation count when sampling starts (``replan.plan_run``)."""
     try:
-        if pact in (UNIFORM, MANUAL) and not 1 <= int(taylor_order) <= 3:
-            raise ValueError(f"taylor_order must be 1, 2 or 3, got {taylor_order}")
-        rule = core.Budget(budget, key_steps, target_speedup)
-        by_speedup = budget == "target speed-up"  # else K as typed at the schedule's own T
-        if by_speedup and pact == UNIFORM:
-            key_steps = rule.keys_for(total_evaluations, total_evaluations)
-        if pact == MANUAL:
-            keys = core.parse_key_steps(manual_key_steps, total_evaluations)
-            return core.Schedule(tuple(keys), total_evaluations, order=int(taylor_order), source="manual",
-                                 first_full_steps=first_full_steps, last_full_steps=last_full_steps), None, None
-        if pact == UNIFORM:
-            keys = core.uniform_key_steps(total_evaluations, key_steps, first_full_steps, last_full_steps)
-            planner = core.Planner(total_evaluations, rule, first_full_steps, last_full_steps, order=int(taylor_order),
-                                   label=f"(uniform) made for T={total_evaluations}")
-            return core.Schedule(tuple(keys), total_evaluations, order=int(taylor_order), source="uniform",
-                                 first_full_steps=first_full_steps, last_full_steps=last_full_steps, planner=planner), None, None
-        acc, meta = core.load_pact(pact_path(pact))
-        if acc.samples == 0 or not acc.counts.any():
-            raise ValueError(
-                f"PACT {pact!r} holds no samples: queue at least one full sampling run through DPCache Calibrate "
-                "with this pact_name, or pick another PACT"
-            )
-        # a PACT of partial runs (e.g. Wan2.2 A14B's two experts) covers windows of one trajectory
-        cost, positions, starts = planning_view(acc.mean(), meta)
-        num_evals = cost.shape[0]
-        if by_speedup:
-            key_steps = rule.keys_for(num_evals, num_evals)
-        required = [s + k for s in starts for k in range(max(first_full_steps, 1)) if s + k < num_evals]
-        order, scheme = int(meta.get("order", 2)), meta.get("scheme", "reference")
-        convention, hop_costs = planning_convention(meta, acc), None
-        view = core.cost_for(cost, "reference" if convention == "reference" else "skip")
-        if convention == "history":  # whole runs only: windowed PACTs have no history tensor
-            history = acc.history_mean()
-            keys = core.solve_schedule_history(history, key_steps, first_full_steps, last_full_steps, scheme=scheme)
-            hop_costs = core.hop_costs_history(history, keys, first_full_steps, scheme)
-            total = sum(hop_costs)
-        else:
-            keys = core.solve_schedule(cost, key_steps, first_full_steps, last_full_steps, required=required, convention=convention)
-            total = core.path_cost(cost, keys, convention)
-        label = f"PACT calibrated at T={num_evals}" + (f" (windows starting at {[0] + starts})" if starts else "")
-        planner = core.Planner(num_evals, rule, first_full_steps, last_full_steps, cost=cost, positions=positions,
-                               order=order, label=label)
-        sched = core.Schedule(
-            tuple(keys), num_evals, model_family=meta.get("model_family"), order=order, scheme=scheme,
-            source=f"pact:{pact}", cost=total, first_full_steps=first_full_steps, last_full_steps=last_full_steps,
-            convention=convention, planner=planner,
-        )
-        return sched, view, hop_costs
+        if forecaster not in FORECASTERS:
+            raise ValueError(f"unknown forecaster {forecaster!r}: use one of {', '.join(FORECASTERS)}")
+        sched, cost, hop_costs = plan_entry(pact, key_steps, first_full_steps, last_full_steps, total_evaluations,
+                                            manual_key_steps, budget, target_speedup, taylor_order)
+        return dataclasses.replace(sched, predictor=forecaster), cost, hop_costs
     except ValueError as exc:
         raise ValueError(f"DPCache Schedule: {exc}") from None
+
+
+def plan_entry(pact, key_steps, first_full_steps, last_full_steps, total_evaluations, manual_key_steps, budget,
+               target_speedup, taylor_order):
+    """``make_schedule`` before the forecaster is set (Taylor of the entry's order)."""
+    if pact in NO_FILE and not 1 <= int(taylor_order) <= 3:
+        raise ValueError(f"taylor_order must be 1, 2 or 3, got {taylor_order}")
+    rule = core.Budget(budget, key_steps, target_speedup)
+    by_speedup = budget == "target speed-up"  # else K as typed at the schedule's own T
+    if by_speedup and pact in (UNIFORM, PRIOR):
+        key_steps = rule.keys_for(total_evaluations, total_evaluations)
+    if pact == MANUAL:
+        keys = core.parse_key_steps(manual_key_steps, total_evaluations)
+        return core.Schedule(tuple(keys), total_evaluations, order=int(taylor_order), source="manual",
+                             first_full_steps=first_full_steps, last_full_steps=last_full_steps), None, None
+    if pact == PRIOR:
+        cost = core.prior_cost(total_evaluations) if total_evaluations != core.prior.PRIOR_EVALS else core.prior_cost()
+        keys = core.solve_schedule(cost, key_steps, first_full_steps, last_full_steps, convention="skip")
+        planner = core.Planner(total_evaluations, rule, first_full_steps, last_full_steps, cost=cost,
+                               order=core.prior.PRIOR_ORDER, label=f"(prior) made for T={total_evaluations}", prior=True)
+        return core.Schedule(tuple(keys), total_evaluations, order=int(taylor_order), source="prior",
+                             cost=core.path_cost(cost, keys, "skip"), first_full_steps=first_full_steps,
+                             last_full_steps=last_full_steps, convention="skip", planner=planner), \
+            core.cost_for(cost, "skip"), None
+    if pact == UNIFORM:
+        keys = core.uniform_key_steps(total_evaluations, key_steps, first_full_steps, last_full_steps)
+        planner = core.Planner(total_evaluations, rule, first_full_steps, last_full_steps, order=int(taylor_order),
+                               label=f"(uniform) made for T={total_evaluations}")
+        return core.Schedule(tuple(keys), total_evaluations, order=int(taylor_order), source="uniform",
+                             first_full_steps=first_full_steps, last_full_steps=last_full_steps, planner=planner), None, None
+    acc, meta = core.load_pact(pact_path(pact))
+    if acc.samples == 0 or not acc.counts.any():
+        raise ValueError(
+            f"PACT {pact!r} holds no samples: queue at least one full sampling run through DPCache Calibrate "
+            "with this pact_name, or pick another PACT"
+        )
+    # a PACT of partial runs (e.g. Wan2.2 A14B's two experts) covers windows of one trajectory
+    cost, positions, starts = planning_view(acc.mean(), meta)
+    num_evals = cost.shape[0]
+    if by_speedup:
+        key_steps = rule.keys_for(num_evals, num_evals)
+    required = [s + k for s in starts for k in range(max(first_full_steps, 1)) if s + k < num_evals]
+    order, scheme = int(meta.get("order", 2)), meta.get("scheme", "reference")
+    convention, hop_costs = planning_convention(meta, acc), None
+    view = core.cost_for(cost, "reference" if convention == "reference" else "skip")
+    if convention == "history":  # whole runs only: windowed PACTs have no history tensor
+        history = acc.history_mean()
+        keys = core.solve_schedule_history(history, key_steps, first_full_steps, last_full_steps, scheme=scheme)
+        hop_costs = core.hop_costs_history(history, keys, first_full_steps, scheme)
+        total = sum(hop_costs)
+    else:
+        keys = core.solve_schedule(cost, key_steps, first_full_steps, last_full_steps, required=required, convention=convention)
+        total = core.path_cost(cost, keys, convention)
+    label = f"PACT calibrated at T={num_evals}" + (f" (windows starting at {[0] + starts})" if starts else "")
+    planner = core.Planner(num_evals, rule, first_full_steps, last_full_steps, cost=cost, positions=positions,
+                           order=order, label=label)
+    sched = core.Schedule(
+        tuple(keys), num_evals, model_family=meta.get("model_family"), order=order, scheme=scheme,
+        source=f"pact:{pact}", cost=total, first_full_steps=first_full_steps, last_full_steps=last_full_steps,
+        convention=convention, planner=planner,
+    )
+    return sched, view, hop_costs
 
 
 def planning_convention(meta: dict, acc) -> str:

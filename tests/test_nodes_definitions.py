@@ -51,7 +51,7 @@ def test_contract_inputs_and_defaults():
     assert (cal["order"][1]["default"], cal["order"][1]["min"], cal["order"][1]["max"]) == (1, 1, 3)
     assert cal["reset"][0] == "BOOLEAN" and cal["reset"][1]["default"] is False
     sch = nd.DPCacheSchedule.INPUT_TYPES()["required"]
-    assert sch["pact"][0][:2] == ["(uniform)", "(manual)"]
+    assert sch["pact"][0][:3] == [nd.PRIOR, "(uniform)", "(manual)"] and sch["pact"][1]["default"] == nd.PRIOR
     assert [sch[k][1]["default"] for k in ("key_steps", "first_full_steps", "last_full_steps", "total_evaluations", "manual_key_steps")] == [13, 3, 0, 50, ""]
     assert nd.DPCacheSchedule.RETURN_TYPES == ("DPCACHE_SCHEDULE", "IMAGE")
     app = nd.DPCacheApply.INPUT_TYPES()["required"]
@@ -105,7 +105,7 @@ def test_schedule_from_a_pact_file(shipped):
     acc.add(cost)
     save_pact(os.path.join(shipped, "w.safetensors"), acc, {"model_family": "wan", "order": 2, "scheme": "reference"})
     (shipped / "notes.txt").write_text("not a PACT")
-    assert nd.DPCacheSchedule.INPUT_TYPES()["required"]["pact"][0] == ["(uniform)", "(manual)", "w.safetensors"]
+    assert nd.DPCacheSchedule.INPUT_TYPES()["required"]["pact"][0] == [nd.PRIOR, "(uniform)", "(manual)", "w.safetensors"]
     sched, image, text = run_schedule(pact="w.safetensors", key_steps=6)
     assert sched.num_evals == t and sched.num_keys == 6 and sched.model_family == "wan"
     assert sched.source == "pact:w.safetensors" and sched.cost is not None
@@ -121,20 +121,20 @@ def test_schedule_from_a_pact_file(shipped):
 def test_uniform_and_manual_run_the_taylor_order_given_and_say_which(shipped):
     spec = nd.DPCacheSchedule.INPUT_TYPES()["optional"]["taylor_order"]
     assert spec[0] == "INT" and (spec[1]["default"], spec[1]["min"], spec[1]["max"]) == (2, 1, 3) and spec[1]["tooltip"]
-    sched, _, text = run_schedule()
-    assert sched.order == 2 and "Taylor order 2 (taylor_order)" in text
+    sched, _, text = run_schedule(forecaster="taylor")
+    assert sched.order == 2 and "Taylor order 2 (taylor_order;" in text
     for order in (1, 3):
-        sched, _, text = run_schedule(taylor_order=order)
-        assert sched.order == order and f"Taylor order {order} (taylor_order)" in text
-        sched, _, text = run_schedule(pact="(manual)", manual_key_steps="0, 1, 2, 9, 20", taylor_order=order)
+        sched, _, text = run_schedule(taylor_order=order, forecaster="taylor")
+        assert sched.order == order and f"Taylor order {order} (taylor_order;" in text
+        sched, _, text = run_schedule(pact="(manual)", manual_key_steps="0, 1, 2, 9, 20", taylor_order=order, forecaster="taylor")
         assert sched.order == order and f"Taylor order {order}" in text
     with pytest.raises(ValueError, match="taylor_order must be 1, 2 or 3, got 0"):
         run_schedule(taylor_order=0)
     acc = PactAccumulator(12)
     acc.add(np.random.default_rng(0).random((12, 13, 13)))
     save_pact(os.path.join(shipped, "o1.safetensors"), acc, {"model_family": "flux", "order": 1})
-    sched, _, text = run_schedule(pact="o1.safetensors", key_steps=8, taylor_order=3)  # the PACT's order wins
-    assert sched.order == 1 and "Taylor order 1 (from the PACT)" in text
+    sched, _, text = run_schedule(pact="o1.safetensors", key_steps=8, taylor_order=3, forecaster="taylor")  # the PACT's order wins
+    assert sched.order == 1 and "Taylor order 1 (from the PACT;" in text
 
 
 def test_a_pact_without_samples_says_so(shipped):

@@ -174,12 +174,13 @@ def test_settings_agree(path):
     sources = [model_source(wf, k) for k in samplers]
     for n in wf["nodes"]:
         if n["type"] == "DPCacheSchedule":
-            pact, k, first, last, total, manual, budget, speedup, taylor_order = n["widgets_values"]
+            pact, k, first, last, total, manual, budget, speedup, taylor_order, forecaster = n["widgets_values"]
             assert taylor_order == 2, "taylor_order keeps its default (used by (uniform)/(manual) only)"
+            assert forecaster == "spectral", "forecaster keeps its default"
             assert total == steps, "total_evaluations must equal the sampler's evaluations (one per step here)"
             assert len(samplers) * first + last <= k <= total
             assert all(m["type"] == "DPCacheApply" for m in sources), "Apply DPCache must feed every sampler"
-            if pact not in ("(uniform)", "(manual)"):
+            if not pact.startswith("("):
                 check_shipped_pact_fits(wf, pact)
         if n["type"] == "DPCacheCalibrate":
             assert re.fullmatch(r"[A-Za-z0-9._-]+", n["widgets_values"][0])
@@ -243,7 +244,8 @@ def test_conversion_of_pack_nodes_without_comfyui():
     sched = next(v for v in api.values() if v["class_type"] == "DPCacheSchedule")
     assert sched["inputs"] == {"pact": "flux1_dev_official_T50.safetensors", "key_steps": 13, "first_full_steps": 3, "last_full_steps": 0,
                                "total_evaluations": 50, "manual_key_steps": "",
-                               "budget": "same speed-up", "target_speedup": 3.85, "taylor_order": 2}
+                               "budget": "same speed-up", "target_speedup": 3.85, "taylor_order": 2,
+                               "forecaster": "spectral"}
     apply = next(v for v in api.values() if v["class_type"] == "DPCacheApply")
     assert set(apply["inputs"]) == {"model", "schedule"}
 

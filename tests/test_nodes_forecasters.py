@@ -1,0 +1,77 @@
+"""DPCache Schedule's forecaster input and its calibration-free default entry, (prior: no calibration)."""
+import numpy as np
+import pytest
+
+import dpcache_core as core
+from dpcache_core import prior
+from nodes import dpcache_nodes as nd
+
+
+def run_schedule(**kw):
+    args = dict(pact=nd.PRIOR, key_steps=13, first_full_steps=3, last_full_steps=0, total_evaluations=50)
+    args.update(kw)
+    out = nd.DPCacheSchedule().schedule(**args)
+    return out["result"][0], out["ui"]["text"][0]
+
+
+def test_prior_is_the_first_and_default_entry_and_spectral_the_default_forecaster():
+    spec = nd.DPCacheSchedule.INPUT_TYPES()
+    pact = spec["required"]["pact"]
+    assert pact[0][0] == nd.PRIOR and pact[1]["default"] == nd.PRIOR and "(uniform)" in pact[0]
+    forecaster = spec["optional"]["forecaster"]
+    assert forecaster[0] == ["spectral", "taylor"] and forecaster[1]["default"] == "spectral"
+    assert "Spectrum" in forecaster[1]["tooltip"] and "no calibration" in pact[1]["tooltip"]
+    assert nd.DPCacheSchedule.IS_CHANGED(nd.PRIOR) == ""
+
+
+def test_prior_schedule_is_the_dp_on_the_prior_with_the_chosen_forecaster():
+    sched, text = run_schedule()
+    want = core.solve_schedule(prior.prior_cost(50), 13, 3, 0, convention="skip")
+    assert list(sched.key_steps) == want and sched.num_keys == 13
+    assert want != core.uniform_key_steps(50, 13, 3)  # a plan, not even spacing
+    assert sched.source == "prior" and sched.convention == "skip" and sched.model_family is None
+    assert sched.predictor == "spectral" and sched.planner.prior
+    assert "spectral forecaster (keeps up to 16 features per stream)" in text and "(prior) made for T=50" in text
+    taylor, text = run_schedule(forecaster="taylor", taylor_order=1)
+    assert taylor.predictor == "taylor" and taylor.order == 1 and taylor.key_steps == sched.key_steps
+    assert "Taylor order 1 (taylor_order; keeps 2 features per stream)" in text
+    uniform, _ = run_schedule(pact="(uniform)", forecaster="taylor")
+    assert uniform.predictor == "taylor" and list(uniform.key_steps) == core.uniform_key_steps(50, 13, 3)
+
+
+@pytest.mark.parametrize("total, run_evals", [(50, 30), (50, 100), (28, 50), (20, 20)])
+def test_prior_replans_for_any_step_count(total, run_evals):
+    sched, _ = run_schedule(key_steps=max(4, round(13 * total / 50)), total_evaluations=total)
+    plan = core.plan_run(sched, core.RunShape(run_evals))
+    k = max(1, round(sched.num_keys * run_evals / total))
+    if run_evals == total:
+        assert plan.schedule is sched
+    else:
+        want = core.solve_schedule(prior.prior_cost(run_evals), k, 3, 0, convention="skip")
+        assert list(plan.schedule.key_steps) == want and plan.schedule.num_evals == run_evals
+        assert plan.schedule.predictor == "spectral"
+        assert f"(prior) made for T={total}; planned for T={run_evals}" in plan.text
+
+
+def test_prior_cost_is_the_normalised_mean_of_the_shipped_pacts():
+    base = prior.prior_cost()
+    assert base.shape == (50, 51, 51) and not base.flags.writeable
+    parts = []
+    for name in prior.PRIOR_SOURCES:
+        acc, meta = core.load_pact(f"{prior.SHIPPED_DIR}/{name}")
+        moved = core.transfer_pact(acc.mean(), 50, 2, meta["positions"], core.index_positions(50))
+        parts.append(moved / prior.one_skip_scale(moved))
+    finite = np.isfinite(parts[0]) & np.isfinite(parts[1])
+    np.testing.assert_allclose(base[finite], (parts[0][finite] + parts[1][finite]) / 2)
+    assert prior.one_skip_scale(base) == pytest.approx(1.0, rel=0.2)  # both weigh about the same
+
+
+def test_prior_and_forecaster_errors_are_clear(tmp_path):
+    with pytest.raises(ValueError, match="unknown forecaster 'fourier'"):
+        run_schedule(forecaster="fourier")
+    with pytest.raises(ValueError, match="needs the shipped PACTs .* reinstall the pack, or use \\(uniform\\)"):
+        prior.prior_cost(50, folder=str(tmp_path))
+    with pytest.raises(ValueError, match="at least 3 evaluations"):
+        prior.prior_cost(2)
+    with pytest.raises(ValueError, match="K=60 key steps is more than the T=50"):
+        run_schedule(key_steps=60)
