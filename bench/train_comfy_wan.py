@@ -1,16 +1,16 @@
 """Train a small model in ComfyUI's own Wan2.1 (t2v) architecture on procedural clips of moving shapes.
 
-    COMFYUI_PATH=<ComfyUI> <its python> -m bench.train_comfy_wan            # default steps, 1 thread (see the log)
+    COMFYUI_PATH=<ComfyUI> <its python> -m bench.train_comfy_wan            # 1200 steps, 1 thread: ~10 min idle
     ... -m bench.train_comfy_wan --steps 20 --out out/smoke.safetensors     # smoke run
-    ... -m bench.train_comfy_wan --evaluate                                 # sample 30 steps, nearest-class accuracy
+    ... -m bench.train_comfy_wan --evaluate --grid out/wan_samples.png      # sample 30 steps at cfg 5, score by class
 
 The model is `comfy.ldm.wan.model.WanModel` itself (imported from COMFYUI_PATH at run time, never
 copied): dim 128, 1 head (stock detection reads num_heads = dim // 128), FFN 512, 4 blocks, patch
 (1, 2, 2), text dim 4096, 16 latent channels. Saved as a diffusion-model safetensors (float16,
 ~3.5 MB); stock ComfyUI detects it as WAN21_T2V and loads it with the stock UNETLoader, no fix needed.
 
-Data (nothing downloaded): clips of FRAMES latent frames at LATENT_SIZE x LATENT_SIZE (a 9-frame,
-128x128 video for ComfyUI's EmptyHunyuanLatentVideo), one shape (circle, square, triangle, cross) in
+Data (nothing downloaded): clips of FRAMES = 2 latent frames at 16 x 16 (what a 5-frame 128x128
+video is in ComfyUI's Wan latent), one shape (circle, square, triangle, cross) in
 one colour (red, green, blue, yellow) moving in a straight line over a dull background: 16 classes.
 RGB frames are mapped into the 16-channel model-space latent by a fixed seeded linear map
 (`prompts["rgb_to_latent"]`; its pseudo-inverse decodes). A "prompt" is a class: fixed random text
@@ -163,9 +163,13 @@ def clip_classifier(steps: int = 1000, batch: int = 64, seed: int = 777):
 
 
 @torch.no_grad()
-def class_accuracy(net, rgb: torch.Tensor, labels: torch.Tensor) -> float:
-    """Share of clips [B, 3, F, H, W] the classifier puts in their class."""
-    return (net(rgb.flatten(1, 2)).argmax(1) == labels).double().mean().item()
+def class_accuracy(net, rgb: torch.Tensor, labels: torch.Tensor, part: str = "class") -> float:
+    """Share of clips [B, 3, F, H, W] the classifier puts in their class (``part``: "class", or only
+    its "colour" or "shape")."""
+    pred = net(rgb.flatten(1, 2)).argmax(1)
+    n = len(COLOURS)
+    pick = {"class": lambda c: c, "colour": lambda c: c % n, "shape": lambda c: c // n}[part]
+    return (pick(pred) == pick(labels)).double().mean().item()
 
 
 @torch.no_grad()
@@ -197,6 +201,8 @@ def evaluate(model, prompts, n: int = 32, steps: int = 30, cfg: float = 5.0, see
     real, real_labels = draw_clips(np.random.default_rng(31337), 512)
     samples = latent_to_rgb(out, prompts)
     return {"generated": class_accuracy(net, samples, labels),
+            "colour": class_accuracy(net, samples, labels, "colour"),
+            "shape": class_accuracy(net, samples, labels, "shape"),
             "generated cfg 1": class_accuracy(net, latent_to_rgb(out1, prompts), labels),
             "real": class_accuracy(net, real, real_labels),
             "noise": class_accuracy(net, latent_to_rgb(noise, prompts), labels),
@@ -286,7 +292,8 @@ def main() -> None:
     if a.evaluate:
         torch.set_num_threads(a.threads)
         res = evaluate(load_trained(a.out), load_prompts(a.out))
-        print(f"class accuracy (a CNN trained on real clips): generated at cfg 5 {res['generated']:.0%}, at cfg 1 "
+        print(f"class accuracy (a CNN trained on real clips): generated at cfg 5 {res['generated']:.0%} (colour "
+              f"{res['colour']:.0%}, shape {res['shape']:.0%}), at cfg 1 "
               f"{res['generated cfg 1']:.0%}; real clips {res['real']:.0%}; the starting noise {res['noise']:.0%} "
               f"({NUM_CLASSES} classes: chance {1 / NUM_CLASSES:.0%})")
         if a.grid:
