@@ -209,13 +209,16 @@ def evaluate(model, prompts, n: int = 32, steps: int = 30, cfg: float = 5.0, see
             "samples": samples}
 
 
-def train(steps: int, batch: int, lr: float, seed: int, out: str, threads: int, cond_drop: float) -> None:
+def train(steps: int, batch: int, lr: float, seed: int, out: str, threads: int, cond_drop: float,
+          init: str = "") -> None:
     import_comfy(cpu=True)
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     torch.set_flush_denormal(True)
     prompts = make_prompts()
     model = build_wan().train()
+    if init:  # continue from saved (EMA) weights: a second stage
+        model.load_state_dict({k: v.float() for k, v in load_file(init).items()})
     ema = build_wan()
     ema.load_state_dict(model.state_dict())
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
@@ -251,8 +254,10 @@ def train(steps: int, batch: int, lr: float, seed: int, out: str, threads: int, 
     elapsed = time.time() - t0
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     state = {k: v.detach().half().contiguous() for k, v in ema.state_dict().items()}
+    before = safe_open_metadata(init) if init else {}
     meta = {"config": str(CONFIG), "trained": str(dict(steps=steps, batch=batch, lr=lr, seed=seed, cond_drop=cond_drop,
                                                           seconds=round(elapsed), final_loss=round(running, 4))),
+            "initialised_from": str({"file": os.path.basename(init), "trained": before.get("trained", "")}) if init else "",
             "loss_curve": str(curve[:: max(1, len(curve) // 16)] + curve[-1:]),
             "dataset": f"bench.train_comfy_wan.draw_clips at {FRAMES}x{LATENT_SIZE}x{LATENT_SIZE}, rgb_to_latent"}
     tmp = out + ".tmp"
@@ -268,6 +273,12 @@ def clip_rows(rgb: torch.Tensor) -> list[tuple[str, list[np.ndarray]]]:
     """Rows for render_image_rows: one per frame, the clips [B, 3, F, H, W] in [-1, 1] side by side."""
     frames = ((rgb.clamp(-1, 1) + 1) * 127.5 + 0.5).to(torch.uint8).permute(2, 0, 3, 4, 1).numpy()
     return [(f"frame {f}", list(frames[f])) for f in range(frames.shape[0])]
+
+
+def safe_open_metadata(path: str) -> dict:
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:
+        return dict(f.metadata() or {})
 
 
 def load_trained(weights: str = WEIGHTS):
@@ -286,6 +297,7 @@ def main() -> None:
     ap.add_argument("--cond-drop", type=float, default=0.15, help="share of samples trained on the negative prompt")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=WEIGHTS)
+    ap.add_argument("--init", default="", help="continue from these weights (a second training stage)")
     ap.add_argument("--evaluate", action="store_true", help="sample the saved weights (30 steps, cfg 5) and score them")
     ap.add_argument("--grid", default="", help="with --evaluate: write the samples' frames to this PNG")
     a = ap.parse_args()
@@ -300,7 +312,7 @@ def main() -> None:
             write_png(a.grid, render_image_rows(clip_rows(res["samples"][:16]), scale=4))
             print(f"wrote {a.grid}")
         return
-    train(a.steps, a.batch, a.lr, a.seed, a.out, a.threads, a.cond_drop)
+    train(a.steps, a.batch, a.lr, a.seed, a.out, a.threads, a.cond_drop, a.init)
 
 
 if __name__ == "__main__":
