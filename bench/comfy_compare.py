@@ -1,7 +1,17 @@
-"""DPCache against ComfyUI's own EasyCache and LazyCache, side by side inside a real ComfyUI.
+"""DPCache against ComfyUI's own EasyCache and LazyCache, and against Spectrum, inside a real ComfyUI.
 
-    COMFYUI_PATH=<ComfyUI> <its python> -m bench.comfy_compare            # ~10 min on 2 CPU cores
+    COMFYUI_PATH=<ComfyUI> <its python> -m bench.comfy_compare            # the classic table (BENCHMARKS §7)
     ... -m bench.comfy_compare --prompts 2 --rounds 1 --quick --out-dir out/compare_smoke   # smoke run
+    ... -m bench.comfy_compare --compare --model wan --steps 30 --prompts 8   # the K sweep against Spectrum
+
+--compare (issue 18) runs one trained model (--model flux: euler, cfg 1; --model wan: the trained Wan2.1
+of bench/train_comfy_wan.py with uni_pc, scheduler simple, ModelSamplingSD3 shift 8, cfg 5 against a
+negative prompt) at --steps, and compares at equal full evaluations K (7..25 of 50, scaled to other
+step counts): Spectrum (its own key steps, ``spectrum_key_steps``, and the spectral forecaster, run by
+Apply DPCache as a (manual) schedule), DPCache Schedule's (uniform) and default entries, calibrated
+DPCache with Taylor 1, Taylor 2 and the spectral forecaster, and EasyCache / LazyCache at several
+thresholds; writes bench/results/comfy_compare_<model>_<steps>.md and a sample grid. The rest of this
+docstring describes the classic table:
 
 Every method runs through ComfyUI's own sampler (comfy.sample.sample: KSampler's path, euler, 50
 steps, scheduler simple, cfg 1) on a small model in ComfyUI's FLUX architecture trained on coloured
