@@ -218,13 +218,41 @@ def copy_model_input(executor, x, *args, **kwargs):
     return executor(x.clone(), *args, **kwargs)
 
 
-def easycache(threshold: float, copy_input: bool):
+def add_cache_diff_per_half(holder, x, uuids):
+    """EasyCache's cached-output step with each batch half getting only its own cached difference
+    (ComfyUI 0.3.64's ``apply_cache_diff`` adds every half's difference to the whole batch when cond
+    and uncond share one batch). Bench-only, for the "(cond/uncond fix)" rows."""
+    if holder.first_cond_uuid in uuids:
+        holder.total_steps_skipped += 1
+    rows = x.shape[0] // len(uuids)
+    for i, uuid in enumerate(uuids):
+        x[i * rows:(i + 1) * rows] += holder.uuid_cache_diffs[uuid].to(x.device)
+    return x
+
+
+def per_half_cache_diff(executor, *args, **kwargs):
+    """OUTER_SAMPLE wrapper: EasyCache's holder class uses ``add_cache_diff_per_half`` while this
+    model samples (restored afterwards)."""
+    import sys
+    easy = sys.modules[comfy_env.boot()["nodes"]["EasyCache"].__module__]  # the module ComfyUI loaded
+    saved = easy.EasyCacheHolder.apply_cache_diff
+    easy.EasyCacheHolder.apply_cache_diff = add_cache_diff_per_half
+    try:
+        return executor(*args, **kwargs)
+    finally:
+        easy.EasyCacheHolder.apply_cache_diff = saved
+
+
+def easycache(threshold: float, copy_input: bool, per_half: bool = False):
     def patch(model):
         nodes = comfy_env.boot()["nodes"]
-        if copy_input:  # registered first: the outermost wrapper, EasyCache then writes into the copy
-            import comfy.patcher_extension as pe
+        import comfy.patcher_extension as pe
+        if copy_input or per_half:
             model = model.clone()
+        if copy_input:  # registered first: the outermost wrapper, EasyCache then writes into the copy
             model.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, "bench_copy_input", copy_model_input)
+        if per_half:
+            model.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, "bench_per_half", per_half_cache_diff)
         return nodes["EasyCache"].execute(model, threshold, 0.15, 0.95, False).result[0]
     return patch
 
@@ -514,6 +542,8 @@ def run_compare(args) -> dict:
         methods = [("plain", None, None, None)]
         for thr in args.thresholds:
             methods.append((f"EasyCache {thr:g}", "EasyCache", None, easycache(thr, True)))
+            if bench.cfg != 1.0:  # cond and uncond in one batch: also EasyCache with its per-half bug fixed
+                methods.append((f"EasyCache {thr:g} (cond/uncond fix)", "EasyCache", None, easycache(thr, True, True)))
             methods.append((f"LazyCache {thr:g}", "LazyCache", None, lazycache(thr)))
         for k in ks:
             for name, sched in sweep_schedules(k, num_evals, pacts).items():

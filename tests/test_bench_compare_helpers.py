@@ -63,3 +63,17 @@ def test_models_are_sampled_as_their_workflows():
     assert cond[0][1] == {} and torch.equal(cond[0][0][0], prompts["context"][3])
     flux = {"context": torch.zeros(2, 8, 64), "pooled": torch.ones(2, 32)}
     assert cc.conditioning(flux, 1)[0][1]["pooled_output"].shape == (1, 32)
+
+
+def test_easycache_per_half_fix_adds_each_halfs_own_difference():
+    from types import SimpleNamespace
+    cond, uncond = object(), object()
+    holder = SimpleNamespace(first_cond_uuid=cond, total_steps_skipped=0,
+                             uuid_cache_diffs={cond: torch.full((1, 2), 1.0), uncond: torch.full((1, 2), 10.0)})
+    x = torch.zeros(2, 2)
+    out = cc.add_cache_diff_per_half(holder, x, [cond, uncond])
+    assert out.tolist() == [[1.0, 1.0], [10.0, 10.0]]  # ComfyUI 0.3.64's own step gives 11 in both rows
+    assert holder.total_steps_skipped == 1
+    x2 = torch.zeros(4, 2)  # two rows per half
+    cc.add_cache_diff_per_half(holder, x2, [uncond, cond])
+    assert x2[:2].eq(10.0).all() and x2[2:].eq(1.0).all() and holder.total_steps_skipped == 2
