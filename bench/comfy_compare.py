@@ -1,7 +1,17 @@
-"""DPCache against ComfyUI's own EasyCache and LazyCache, side by side inside a real ComfyUI.
+"""DPCache against ComfyUI's own EasyCache and LazyCache, and against Spectrum, inside a real ComfyUI.
 
-    COMFYUI_PATH=<ComfyUI> <its python> -m bench.comfy_compare            # ~10 min on 2 CPU cores
+    COMFYUI_PATH=<ComfyUI> <its python> -m bench.comfy_compare            # the classic table (BENCHMARKS §7)
     ... -m bench.comfy_compare --prompts 2 --rounds 1 --quick --out-dir out/compare_smoke   # smoke run
+    ... -m bench.comfy_compare --compare --model wan --steps 30 --prompts 8   # the K sweep against Spectrum
+
+--compare (issue 18) runs one trained model (--model flux: euler, cfg 1; --model wan: the trained Wan2.1
+of bench/train_comfy_wan.py with uni_pc, scheduler simple, ModelSamplingSD3 shift 8, cfg 5 against a
+negative prompt) at --steps, and compares at equal full evaluations K (7..25 of 50, scaled to other
+step counts): Spectrum (its own key steps, ``spectrum_key_steps``, and the spectral forecaster, run by
+Apply DPCache as a (manual) schedule), DPCache Schedule's (uniform) and default entries, calibrated
+DPCache with Taylor 1, Taylor 2 and the spectral forecaster, and EasyCache / LazyCache at several
+thresholds; writes bench/results/comfy_compare_<model>_<steps>.md and a sample grid. The rest of this
+docstring describes the classic table:
 
 Every method runs through ComfyUI's own sampler (comfy.sample.sample: KSampler's path, euler, 50
 steps, scheduler simple, cfg 1) on a small model in ComfyUI's FLUX architecture trained on coloured
@@ -38,8 +48,9 @@ import torch
 import torch.nn.functional as F
 
 from bench import comfy_env
+from bench import train_comfy_flux, train_comfy_wan
 from dpcache_core.picture import font, render_image_rows, text_width, write_png
-from bench.train_comfy_flux import LATENT_SIZE, WEIGHTS, latent_to_rgb, load_prompts
+from bench.train_comfy_flux import LATENT_SIZE, WEIGHTS, load_prompts
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 STEPS = 50
@@ -47,6 +58,35 @@ SAMPLER, SCHEDULER = "euler", "simple"
 THRESHOLDS = (0.05, 0.1, 0.2, 0.4)
 KS = (9, 13, 20)
 QUICK_THRESHOLDS, QUICK_KS = (0.2,), (13,)
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchModel:
+    """A trained benchmark model and how it is sampled (as its ComfyUI workflows sample it)."""
+    name: str
+    weights: str
+    sampler: str
+    scheduler: str
+    cfg: float
+    shift: float | None     # ModelSamplingSD3 shift put on the loaded model; None: the file's own sampling
+    latent_shape: tuple     # the empty latent [1, 16, (frames,) H, W]
+    trainer: object         # the module that trained it: load_prompts, latent_to_rgb
+    negative: int | None    # row of prompts["context"] that is the negative prompt (cfg > 1)
+    text: str
+
+
+FLUX = BenchModel(
+    "flux", WEIGHTS, "euler", "simple", 1.0, None, (1, 16, LATENT_SIZE, LATENT_SIZE), train_comfy_flux, None,
+    "ComfyUI's Flux class (hidden 128, 2 double + 3 single blocks) trained on coloured shapes "
+    "(bench/train_comfy_flux.py); latent 16x16 (128x128 px), euler, scheduler simple, cfg 1")
+WAN = BenchModel(
+    "wan", train_comfy_wan.WEIGHTS, "uni_pc", "simple", 5.0, 8.0,
+    (1, 16, train_comfy_wan.FRAMES, train_comfy_wan.LATENT_SIZE, train_comfy_wan.LATENT_SIZE), train_comfy_wan,
+    train_comfy_wan.NEGATIVE,
+    "ComfyUI's WanModel (Wan2.1 t2v: dim 128, 4 blocks) trained on moving-shape clips (bench/train_comfy_wan.py); "
+    f"latent {train_comfy_wan.FRAMES}x16x16 (a 5-frame 128x128 clip), uni_pc, scheduler simple, ModelSamplingSD3 "
+    "shift 8, cfg 5 with the class prompt against a negative prompt")
+MODELS = {m.name: m for m in (FLUX, WAN)}
 
 
 # ----------------------------------------------------------------------------------- setup
@@ -61,12 +101,16 @@ def flux_detect_fix_dir() -> str:
     return path
 
 
-def load_model(weights: str):
-    """The stock UNETLoader on the bench weights (their folder added to diffusion_models)."""
+def load_model(weights: str, bench: BenchModel = FLUX):
+    """The stock UNETLoader on the bench weights (their folder added to diffusion_models), then
+    ComfyUI's ModelSamplingSD3 node when the model is sampled with a shift (Wan: 8)."""
     import folder_paths
     folder_paths.add_model_folder_path("diffusion_models", os.path.dirname(os.path.abspath(weights)))
     nodes = comfy_env.boot()["nodes"]
     (model,) = nodes["UNETLoader"]().load_unet(os.path.basename(weights), "default")
+    if bench.shift is not None:
+        from comfy_extras.nodes_model_advanced import ModelSamplingSD3
+        (model,) = ModelSamplingSD3().patch(model, bench.shift)
     return model
 
 
@@ -76,24 +120,33 @@ def prompt_list(n: int, first_seed: int, offset: int = 0) -> list[tuple[int, int
 
 
 def conditioning(prompts: dict, cls: int):
-    return [[prompts["context"][cls][None].clone(), {"pooled_output": prompts["pooled"][cls][None].clone()}]]
+    """ComfyUI conditioning for prompt row ``cls`` (FLUX: text tokens and pooled vector; Wan: tokens)."""
+    extra = {"pooled_output": prompts["pooled"][cls][None].clone()} if "pooled" in prompts else {}
+    return [[prompts["context"][cls][None].clone(), extra]]
 
 
-def sample(model, prompts: dict, cls: int, seed: int) -> torch.Tensor:
-    """KSampler's path: comfy.sample.sample under inference mode, euler 50 steps, cfg 1; returns the output latent."""
+def sample(model, prompts: dict, cls: int, seed: int, steps: int = STEPS, bench: BenchModel = FLUX) -> torch.Tensor:
+    """KSampler's path: comfy.sample.sample under inference mode with the model's sampler, scheduler
+    and cfg (FLUX: euler, cfg 1; Wan: uni_pc, cfg 5 against the negative prompt); returns the output latent."""
     import comfy.sample
-    latent = torch.zeros(1, 16, LATENT_SIZE, LATENT_SIZE)
+    latent = torch.zeros(bench.latent_shape)
     noise = comfy.sample.prepare_noise(latent, seed)
     cond = conditioning(prompts, cls)
+    negative = cond if bench.negative is None else conditioning(prompts, bench.negative)
     with torch.inference_mode():  # as ComfyUI's executor runs every node
-        return comfy.sample.sample(model, noise, STEPS, 1.0, SAMPLER, SCHEDULER, cond, cond, latent, seed=seed,
-                                   disable_pbar=True)
+        return comfy.sample.sample(model, noise, steps, bench.cfg, bench.sampler, bench.scheduler, cond, negative, latent,
+                                   seed=seed, disable_pbar=True)
 
 
-def decode(model, latent: torch.Tensor, prompts: dict) -> torch.Tensor:
-    """Output latent -> RGB [B, 3, H, W] in [0, 1] (the training map's inverse)."""
+def decode(model, latent: torch.Tensor, prompts: dict, bench: BenchModel = FLUX) -> torch.Tensor:
+    """Output latent -> RGB [B, 3, H, W] (FLUX) or [B, 3, F, H, W] (Wan) in [0, 1] (the training map's inverse)."""
     z = model.model.latent_format.process_in(latent.float())
-    return (latent_to_rgb(z, prompts) + 1) / 2
+    return (bench.trainer.latent_to_rgb(z, prompts) + 1) / 2
+
+
+def frames_side_by_side(rgb: torch.Tensor) -> torch.Tensor:
+    """[B, 3, H, W] as is; clips [B, 3, F, H, W] as [B, 3, H, F * W] (the frames left to right)."""
+    return rgb if rgb.ndim == 4 else rgb.permute(0, 1, 3, 2, 4).flatten(3, 4)
 
 
 class BlockCounter:
@@ -102,7 +155,7 @@ class BlockCounter:
 
     def __init__(self, model):
         dm = model.model.diffusion_model
-        self.blocks = list(dm.double_blocks) + list(dm.single_blocks)
+        self.blocks = [b for name in ("double_blocks", "single_blocks", "blocks") for b in getattr(dm, name, [])]
         self.calls = 0
         self.seconds = 0.0
 
@@ -165,13 +218,41 @@ def copy_model_input(executor, x, *args, **kwargs):
     return executor(x.clone(), *args, **kwargs)
 
 
-def easycache(threshold: float, copy_input: bool):
+def add_cache_diff_per_half(holder, x, uuids):
+    """EasyCache's cached-output step with each batch half getting only its own cached difference
+    (ComfyUI 0.3.64's ``apply_cache_diff`` adds every half's difference to the whole batch when cond
+    and uncond share one batch). Bench-only, for the "(cond/uncond fix)" rows."""
+    if holder.first_cond_uuid in uuids:
+        holder.total_steps_skipped += 1
+    rows = x.shape[0] // len(uuids)
+    for i, uuid in enumerate(uuids):
+        x[i * rows:(i + 1) * rows] += holder.uuid_cache_diffs[uuid].to(x.device)
+    return x
+
+
+def per_half_cache_diff(executor, *args, **kwargs):
+    """OUTER_SAMPLE wrapper: EasyCache's holder class uses ``add_cache_diff_per_half`` while this
+    model samples (restored afterwards)."""
+    import sys
+    easy = sys.modules[comfy_env.boot()["nodes"]["EasyCache"].__module__]  # the module ComfyUI loaded
+    saved = easy.EasyCacheHolder.apply_cache_diff
+    easy.EasyCacheHolder.apply_cache_diff = add_cache_diff_per_half
+    try:
+        return executor(*args, **kwargs)
+    finally:
+        easy.EasyCacheHolder.apply_cache_diff = saved
+
+
+def easycache(threshold: float, copy_input: bool, per_half: bool = False):
     def patch(model):
         nodes = comfy_env.boot()["nodes"]
-        if copy_input:  # registered first: the outermost wrapper, EasyCache then writes into the copy
-            import comfy.patcher_extension as pe
+        import comfy.patcher_extension as pe
+        if copy_input or per_half:
             model = model.clone()
+        if copy_input:  # registered first: the outermost wrapper, EasyCache then writes into the copy
             model.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, "bench_copy_input", copy_model_input)
+        if per_half:
+            model.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, "bench_per_half", per_half_cache_diff)
         return nodes["EasyCache"].execute(model, threshold, 0.15, 0.95, False).result[0]
     return patch
 
@@ -183,24 +264,25 @@ def lazycache(threshold: float):
 
 
 def dpcache(pact: str, k: int, order: int):
+    """Apply DPCache with DPCache Schedule's plan for ``pact`` at K = ``k``, Taylor forecaster of
+    ``order`` ((uniform) takes it as its taylor_order; a PACT brings its own)."""
     def patch(model):
         nodes = comfy_env.boot()["nodes"]
-        sched = nodes["DPCacheSchedule"]().schedule(pact, k, 3, 0, STEPS)["result"][0]
-        if sched.order != order:  # (uniform) has no file to take the order from
-            sched = dataclasses.replace(sched, order=order)
+        sched = nodes["DPCacheSchedule"]().schedule(pact, k, 3, 0, STEPS, taylor_order=order, forecaster="taylor")["result"][0]
         return nodes["DPCacheApply"]().apply(model, sched)["result"][0]
     return patch
 
 
-def calibrate(model, prompts: dict, calib: list[tuple[int, int]], order: int, folder: str) -> str:
+def calibrate(model, prompts: dict, calib: list[tuple[int, int]], order: int, folder: str, steps: int = STEPS,
+              bench: BenchModel = FLUX) -> str:
     """DPCache Calibrate on ``calib`` prompts (one sample each); returns the PACT's file name."""
     import folder_paths
     folder_paths.add_model_folder_path("dpcache", folder, is_default=True)
     nodes = comfy_env.boot()["nodes"]
-    name = f"bench_compare_o{order}"
+    name = f"bench_compare_{bench.name}_{steps}_o{order}"
     (recording,) = nodes["DPCacheCalibrate"]().calibrate(model, name, order, True)
     for cls, seed in calib:
-        sample(recording, prompts, cls, seed)
+        sample(recording, prompts, cls, seed, steps, bench)
     return name + ".safetensors"
 
 
@@ -372,6 +454,177 @@ def report(rows, held_out, calib, full_calls, block_share, args, machine: str) -
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------------- against Spectrum (issue 18)
+
+COMPARE_KS = {50: (7, 9, 10, 13, 17, 20, 25), 30: (4, 5, 6, 8, 10, 12, 15)}  # at 30: the 50-step K x 3/5
+COMPARE_THRESHOLDS = (0.05, 0.1, 0.2, 0.4)
+SPECTRUM, UNIFORM_ENTRY, DEFAULT_ENTRY = "Spectrum", "(uniform)", "default (no calibration)"
+CAL_O1, CAL_O2, CAL_SPECTRAL = "calibrated, Taylor 1", "calibrated, Taylor 2", "calibrated, spectral"
+SWEEP = (SPECTRUM, UNIFORM_ENTRY, DEFAULT_ENTRY, CAL_O1, CAL_O2, CAL_SPECTRAL)
+
+
+def compare_ks(steps: int) -> tuple[int, ...]:
+    """The K sweep at ``steps``: 7..25 of 50, or those scaled to another step count."""
+    return COMPARE_KS.get(steps) or tuple(sorted({max(1, round(k * steps / 50)) for k in COMPARE_KS[50]}))
+
+
+def schedule_defaults() -> dict:
+    """DPCache Schedule's defaults as a user gets them: its first pact entry and its forecaster."""
+    spec = comfy_env.boot()["nodes"]["DPCacheSchedule"].INPUT_TYPES()
+    entries, options = spec["required"]["pact"]
+    forecaster = spec["optional"]["forecaster"][1]["default"] if "forecaster" in spec["optional"] else "taylor"
+    return {"pact": options.get("default", entries[0]), "forecaster": forecaster}
+
+
+def node_schedule(pact: str, k: int, num_evals: int, **options):
+    """DPCache Schedule's own plan for a pact entry at K = ``k`` (T = ``num_evals`` for the entries
+    without a file); ``options``: its optional inputs (taylor_order, forecaster)."""
+    nodes = comfy_env.boot()["nodes"]
+    return nodes["DPCacheSchedule"]().schedule(pact, k, 3, 0, num_evals, **options)["result"][0]
+
+
+def spectrum_schedule(num_evals: int, k: int):
+    """Spectrum as a DPCache schedule: its own key steps (``spectrum_key_steps``: warm-up, growing
+    windows, tail) run by Apply DPCache with the spectral forecaster (a (manual) schedule)."""
+    core = comfy_env.boot()["core"]
+    keys = core.spectrum_key_steps(num_evals, k)
+    return core.Schedule(tuple(keys), num_evals, order=2, source="manual", first_full_steps=1, predictor="spectral")
+
+
+def sweep_schedules(k: int, num_evals: int, pacts: dict) -> dict:
+    """{method: DPCache schedule} of the K sweep at K = ``k`` (a method without a finite plan at
+    this K is left out, with a printed reason)."""
+    defaults = schedule_defaults()
+    plans = {
+        SPECTRUM: lambda: spectrum_schedule(num_evals, k),
+        UNIFORM_ENTRY: lambda: node_schedule("(uniform)", k, num_evals, forecaster=defaults["forecaster"]),
+        DEFAULT_ENTRY: lambda: node_schedule(defaults["pact"], k, num_evals),
+        CAL_O1: lambda: node_schedule(pacts[1], k, num_evals, forecaster="taylor"),
+        CAL_O2: lambda: node_schedule(pacts[2], k, num_evals, forecaster="taylor"),
+        CAL_SPECTRAL: lambda: node_schedule(pacts[2], k, num_evals, forecaster="spectral"),
+    }
+    out = {}
+    for name, plan in plans.items():
+        try:
+            out[name] = plan()
+        except ValueError as exc:
+            print(f"K={k} {name}: no schedule ({exc})", flush=True)
+    return out
+
+
+def count_evaluations(model, prompts, bench: BenchModel, steps: int) -> int:
+    """Model evaluations of one plain run (block calls / blocks: cond and uncond run as one batch)."""
+    with BlockCounter(model) as counter:
+        sample(model, prompts, 0, 0, steps, bench)
+    return counter.calls // len(counter.blocks)
+
+
+def run_compare(args) -> dict:
+    """The equal-full-evaluation comparison on one model at one step count. Returns the rows and context."""
+    bench = MODELS[args.model]
+    extra = (flux_detect_fix_dir(),) if bench is FLUX else ()
+    comfy_env.boot(cpu=True, extra_nodes=extra)
+    torch.set_num_threads(args.threads)
+    weights = args.weights or bench.weights
+    prompts = bench.trainer.load_prompts(weights)
+    model = load_model(weights, bench)
+    held_out = prompt_list(args.prompts, 9000, offset=0)
+    calib = prompt_list(args.calib, 1000, offset=2)
+    num_evals = count_evaluations(model, prompts, bench, args.steps)
+    ks = tuple(args.ks) if args.ks else compare_ks(args.steps)
+    defaults = schedule_defaults()
+    print(f"{bench.name}: {args.steps} steps = {num_evals} evaluations; K sweep {ks}; defaults {defaults}", flush=True)
+    apply = comfy_env.boot()["nodes"]["DPCacheApply"]()
+    with tempfile.TemporaryDirectory() as folder:
+        t0 = time.perf_counter()
+        pacts = {o: calibrate(model, prompts, calib, o, folder, args.steps, bench) for o in (1, 2)}
+        print(f"calibrated orders 1 and 2 on {len(calib)} prompts in {time.perf_counter() - t0:.0f}s", flush=True)
+        methods = [("plain", None, None, None)]
+        for thr in args.thresholds:
+            methods.append((f"EasyCache {thr:g}", "EasyCache", None, easycache(thr, True)))
+            if bench.cfg != 1.0:  # cond and uncond in one batch: also EasyCache with its per-half bug fixed
+                methods.append((f"EasyCache {thr:g} (cond/uncond fix)", "EasyCache", None, easycache(thr, True, True)))
+            methods.append((f"LazyCache {thr:g}", "LazyCache", None, lazycache(thr)))
+        for k in ks:
+            for name, sched in sweep_schedules(k, num_evals, pacts).items():
+                methods.append((name, name, (k, sched), lambda m, sched=sched: apply.apply(m, sched)["result"][0]))
+        plain_latents, rows = [], []
+        for name, series, planned, patch in methods:
+            t_method = time.perf_counter()
+            patched = model if patch is None else patch(model)
+            latents, calls = [], []
+            for cls, seed in held_out:
+                with BlockCounter(model) as counter:
+                    latents.append(sample(patched, prompts, cls, seed, args.steps, bench))
+                calls.append(counter.calls / len(counter.blocks))
+            if patch is None:
+                plain_latents = latents
+            img = decode(model, torch.cat(latents), prompts, bench)
+            ref = decode(model, torch.cat(plain_latents), prompts, bench)
+            ps = [psnr(img[i], ref[i]) for i in range(len(held_out))]
+            row = dict(name=name, series=series, k=planned[0] if planned else None,
+                       keys=list(planned[1].key_steps) if planned else None, full=statistics.fmean(calls),
+                       psnr_mean=statistics.fmean(ps), psnr_worst=min(ps), images=img)
+            rows.append(row)
+            print(f"{name:28s} K={row['k']!s:4s} full {row['full']:5.1f}  PSNR {row['psnr_mean']:6.2f} "
+                  f"(worst {row['psnr_worst']:6.2f})  {time.perf_counter() - t_method:5.0f}s  keys {row['keys']}",
+                  flush=True)
+    return dict(rows=rows, bench=bench, steps=args.steps, num_evals=num_evals, ks=ks, held_out=held_out,
+                calib=calib, defaults=defaults)
+
+
+def compare_report(result: dict, args, machine: str) -> str:
+    """Markdown: the K sweep (mean (worst) PSNR per method and K), the threshold methods, the key steps."""
+    rows, bench, ks = result["rows"], result["bench"], result["ks"]
+
+    def db(v):
+        return "inf" if not math.isfinite(v) else f"{v:.1f}"
+    cell = {(r["series"], r["k"]): r for r in rows if r["k"] is not None}
+    lines = [
+        f"Model: {bench.text}; {result['steps']} steps = {result['num_evals']} model evaluations. "
+        f"{len(result['held_out'])} held-out prompts; PACTs from DPCache Calibrate on {len(result['calib'])} other "
+        f"prompts at this step count. PSNR of the decoded RGB {'clip' if bench is WAN else 'image'} against the plain "
+        f"run, mean (worst) in dB, at K full evaluations of {result['num_evals']} (the full evaluations each run made "
+        f"were counted: they equal K for every DPCache and Spectrum row). DPCache Schedule's defaults: pact entry "
+        f"{result['defaults']['pact']!r}, forecaster {result['defaults']['forecaster']!r}.",
+        "",
+        "| method | " + " | ".join(f"K={k}" for k in ks) + " |",
+        "|---|" + "---|" * len(ks),
+    ]
+    for series in SWEEP:
+        cells = [cell.get((series, k)) for k in ks]
+        if any(cells):
+            lines.append(f"| {series} | " + " | ".join("no plan" if c is None else f"{db(c['psnr_mean'])} ({db(c['psnr_worst'])})"
+                                                       for c in cells) + " |")
+    lines += ["", "Threshold methods (ComfyUI core nodes, start 0.15, end 0.95; EasyCache with its input copied, see "
+              "§7): full evaluations made (mean over prompts) and PSNR:", "",
+              "| method | full evaluations | PSNR mean (dB) | PSNR worst |", "|---|---|---|---|"]
+    for r in rows:
+        if r["k"] is None and r["name"] != "plain":
+            lines.append(f"| {r['name']} | {r['full']:.1f} | {db(r['psnr_mean'])} | {db(r['psnr_worst'])} |")
+    lines += ["", "<details><summary>Key steps</summary>", "", "| K | method | key steps |", "|---|---|---|"]
+    for r in rows:
+        if r["k"] is not None:
+            lines.append(f"| {r['k']} | {r['series']} | {r['keys']} |")
+    lines += ["", "</details>", "", f"Machine: {machine}."]
+    return "\n".join(lines)
+
+
+def main_compare(args) -> None:
+    t0 = time.perf_counter()
+    result = run_compare(args)
+    text = compare_report(result, args, machine_name()) + f" Wall time: {time.perf_counter() - t0:.0f} s."
+    os.makedirs(args.out_dir, exist_ok=True)
+    stem = f"comfy_compare_{args.model}_{args.steps}"
+    with open(os.path.join(args.out_dir, stem + ".md"), "w") as f:
+        f.write(text + "\n")
+    shown = [r for r in result["rows"] if r["name"] == "plain" or r["k"] == min(result["ks"][2:] or result["ks"])]
+    grid = [(f"{r['name']}" + (f" K={r['k']}" if r["k"] else ""),
+             list(to_uint8(frames_side_by_side(r["images"][:min(6, len(result['held_out']))])))) for r in shown]
+    write_png(os.path.join(args.out_dir, stem + "_samples.png"), render_image_rows(grid, scale=4))
+    print(text)
+
+
 def machine_name() -> str:
     name = "unknown CPU"
     try:
@@ -389,9 +642,22 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="timing rounds (images are taken from the first)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="one threshold and one K (smoke run)")
-    ap.add_argument("--weights", default=WEIGHTS)
+    ap.add_argument("--weights", default=None, help="default: the trained weights of --model in bench/weights/")
     ap.add_argument("--out-dir", default=RESULTS)
+    ap.add_argument("--compare", action="store_true",
+                    help="the equal-full-evaluation comparison with Spectrum (K sweep; writes comfy_compare_<model>_<steps>.md)")
+    ap.add_argument("--model", choices=sorted(MODELS), default="flux", help="with --compare: the trained model")
+    ap.add_argument("--steps", type=int, default=STEPS, help="with --compare: sampling steps")
+    ap.add_argument("--ks", type=int, nargs="*", default=None, help="with --compare: K values (default: 7..25 of 50, scaled)")
+    ap.add_argument("--thresholds", type=float, nargs="*", default=list(COMPARE_THRESHOLDS),
+                    help="with --compare: EasyCache / LazyCache reuse thresholds")
     args = ap.parse_args()
+    if args.compare:
+        main_compare(args)
+        return
+    if args.model != "flux" or args.steps != STEPS:
+        raise SystemExit("the classic table (without --compare) is FLUX at 50 steps only: add --compare for --model/--steps")
+    args.weights = args.weights or WEIGHTS
     t0 = time.perf_counter()
     rows, held_out, calib, full_calls, block_share = run(args)
     os.makedirs(args.out_dir, exist_ok=True)

@@ -33,15 +33,9 @@ RGB = {"red": (0.9, 0.15, 0.12), "green": (0.15, 0.8, 0.2), "blue": (0.15, 0.3, 
        "yellow": (0.95, 0.85, 0.1)}
 
 
-def draw_shapes(rng: np.random.Generator, n: int, size: int = 32):
-    """n images [n, 3, size, size] in [-1, 1] and their class ids [n] (anti-aliased edges)."""
-    labels = rng.integers(0, len(CLASS_NAMES), n)
-    shape, colour = labels // len(COLOURS), labels % len(COLOURS)
-    cx, cy = rng.uniform(0.3, 0.7, (2, n)) * size
-    r = rng.uniform(0.17, 0.3, n) * size
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5
-    dx, dy = xx[None] - cx[:, None, None], yy[None] - cy[:, None, None]
-    rr = r[:, None, None]
+def shape_alpha(shape: np.ndarray, dx: np.ndarray, dy: np.ndarray, rr: np.ndarray) -> np.ndarray:
+    """Anti-aliased coverage in [0, 1] of shape ids ``shape`` [n] (circle, square, triangle, cross) of
+    radius ``rr`` at pixel offsets ``dx``, ``dy`` from their centres (all broadcast to [n, H, W])."""
     circle = np.hypot(dx, dy) - rr
     square = np.maximum(np.abs(dx), np.abs(dy)) - 0.8 * rr
     # upward triangle: three half-planes (base at +0.6r, sides through the apex at -r)
@@ -52,7 +46,17 @@ def draw_shapes(rng: np.random.Generator, n: int, size: int = 32):
     cross = np.minimum(np.maximum(np.abs(dx) - rr, np.abs(dy) - bar),
                        np.maximum(np.abs(dx) - bar, np.abs(dy) - rr))
     dist = np.choose(shape[:, None, None], [circle, square, tri, cross])
-    alpha = np.clip(0.5 - dist, 0.0, 1.0)[:, None]
+    return np.clip(0.5 - dist, 0.0, 1.0)
+
+
+def draw_shapes(rng: np.random.Generator, n: int, size: int = 32):
+    """n images [n, 3, size, size] in [-1, 1] and their class ids [n] (anti-aliased edges)."""
+    labels = rng.integers(0, len(CLASS_NAMES), n)
+    shape, colour = labels // len(COLOURS), labels % len(COLOURS)
+    cx, cy = rng.uniform(0.3, 0.7, (2, n)) * size
+    r = rng.uniform(0.17, 0.3, n) * size
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5
+    alpha = shape_alpha(shape, xx[None] - cx[:, None, None], yy[None] - cy[:, None, None], r[:, None, None])[:, None]
     fg = np.array([RGB[c] for c in COLOURS])[colour] + rng.uniform(-0.06, 0.06, (n, 3))
     bg = rng.uniform(0.05, 0.4, (n, 1)) + rng.uniform(-0.05, 0.05, (n, 3))
     img = alpha * fg[:, :, None, None] + (1 - alpha) * bg[:, :, None, None]

@@ -11,7 +11,10 @@ seed) pairs never used for calibration, of the key steps chosen by:
     (key position, distance back, end position) without going through increments;
 (b) calibrated at T': a PACT calibrated directly at T' on the same 10 prompts;
 (c) uniform: evenly spaced keys (``uniform_key_steps``).
-Taylor order 1 (the calibration default) and order 2. Writes bench/results/transfer.md.
+Taylor order 1 and order 2, planned as the pack plans them (issue 11): every PACT is read with the
+skip-only convention (a transferred PACT too: ``replan.plan_run`` re-plans a run of another count that
+way), except the order-2 PACT calibrated at T' itself, which the pack plans with the history-exact DP
+(``solve_schedule_history``); its skip-only plan is shown beside it. Writes bench/results/transfer.md.
 """
 from __future__ import annotations
 
@@ -20,13 +23,13 @@ import time
 
 import numpy as np
 
-from dpcache_core import solve_schedule, transfer_pact, uniform_key_steps
+from dpcache_core import PactAccumulator, TrajectoryRecorder, solve_schedule, solve_schedule_history, transfer_pact, uniform_key_steps
 from dpcache_core.pact import default_max_gap
 from dpcache_core.transfer import index_positions
 from dpcache_demo import toy_model
 
-from .common import (SHIFT, batch_inputs, cached_sample, calibration_prompts, full_runs, held_out_prompts,
-                     machine, md_table, mean_pact, psnr, setup, write_result)
+from .common import (SHIFT, batch_inputs, cached_sample, calibration_prompts, held_out_prompts, machine, md_table,
+                     psnr, setup, write_result)
 
 SOURCE_T = 50
 FIRST_FULL = 3
@@ -57,6 +60,23 @@ def direct_resample(cost: np.ndarray, num_evals: int, order: int) -> np.ndarray:
     return out
 
 
+def calibrate(model, prompts, num_steps: int):
+    """Full runs of ``prompts``: ({order: mean PACT} for orders 1 and 2, the order-2 history cost tensor)."""
+    accs = {1: PactAccumulator(num_steps), 2: PactAccumulator(num_steps)}
+    for cls, seed in prompts:
+        rec = TrajectoryRecorder()
+
+        def record(i, feature, velocity):
+            rec.start_evaluation()
+            rec.record("cond", feature)
+
+        toy_model.sample(model, toy_model.make_noise(model.config, seed), cls, num_steps, SHIFT, on_evaluation=record)
+        accs[1].add(rec.build_sample(order=1))
+        accs[2].add(rec.build_sample(order=2), history=rec.build_history_sample(order=2))
+        rec.close()
+    return {o: acc.mean() for o, acc in accs.items()}, accs[2].history_mean()
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--targets", type=int, nargs="+", default=[20, 28, 30])
@@ -71,22 +91,24 @@ def main(argv=None) -> dict:
     assert not set(calib) & set(test)
     orders = (1, 2)
     print(f"calibrating at T={SOURCE_T} on {len(calib)} prompts...", flush=True)
-    _, samples = full_runs(model, calib, SOURCE_T, orders=orders)
-    source = {o: mean_pact(samples[o]) for o in orders}
+    source, _ = calibrate(model, calib, SOURCE_T)
     noise, cond = batch_inputs(model, test)
     results, rows_keys = {}, []
     for t in a.targets:
         print(f"T'={t}: calibrating directly and sampling...", flush=True)
-        _, direct_samples = full_runs(model, calib, t, orders=orders)
+        direct_pacts, direct_history = calibrate(model, calib, t)
         reference = toy_model.sample(model, noise, cond, t, SHIFT)
         budgets = sorted({int(round(t / 3.85)), int(round(t / 2.5))})
         for o in orders:
-            direct = mean_pact(direct_samples[o])
+            direct = direct_pacts[o]
             plans = {"transfer from T=50": transfer_pact(source[o], t, o),
                      "direct resample from T=50": direct_resample(source[o], t, o),
-                     f"calibrated at T'": direct}
+                     "calibrated at T'": direct}
             for k in budgets:
-                schedules = {name: solve_schedule(c, k, FIRST_FULL) for name, c in plans.items()}
+                schedules = {name: solve_schedule(c, k, FIRST_FULL, convention="skip") for name, c in plans.items()}
+                if o >= 2:  # what the pack plans for an order-2 PACT of this count: history-exact
+                    schedules["calibrated at T' (skip-only)"] = schedules["calibrated at T'"]
+                    schedules["calibrated at T'"] = solve_schedule_history(direct_history, k, FIRST_FULL)
                 schedules["uniform"] = uniform_key_steps(t, k, FIRST_FULL)
                 for name, keys in schedules.items():
                     out, run = cached_sample(model, noise, cond, keys, t, order=o)
@@ -95,17 +117,20 @@ def main(argv=None) -> dict:
                     results[(o, t, k, name)] = (float(p.mean()), float(p.min()), keys)
                     rows_keys.append([f"order {o}", f"T'={t}, K={k}", name, str(keys)])
 
-    names = ["transfer from T=50", "direct resample from T=50", "calibrated at T'", "uniform"]
     text = [f"Model: built-in FLUX-like toy DiT (trained), Euler, shift {SHIFT}, first_full_steps={FIRST_FULL}, "
-            f"reference-convention PACTs from {len(calib)} calibration prompts; {len(test)} held-out (class, seed) "
-            f"pairs; PSNR of the final output against the full T'-step run. Machine: {machine()}."]
+            f"PACTs from {len(calib)} calibration prompts planned with the skip-only convention (order 2 calibrated "
+            f"at T': history-exact DP); {len(test)} held-out (class, seed) pairs; PSNR of the final output against "
+            f"the full T'-step run. Machine: {machine()}."]
     for o in orders:
+        names = ["transfer from T=50", "direct resample from T=50", "calibrated at T'"]
+        names += ["calibrated at T' (skip-only)"] if o >= 2 else []
+        names += ["uniform"]
         cols = [(t, k) for (oo, t, k, n) in results if oo == o and n == "uniform"]
         header = ["schedule"] + [f"T'={t}, K={k} ({t / k:.2f}x)" for t, k in cols]
         rows = [[n] + [f"{results[(o, t, k, n)][0]:.2f} / {results[(o, t, k, n)][1]:.2f}" for t, k in cols] for n in names]
         gap = [["transfer - calibrated at T'"] + [f"{results[(o, t, k, names[0])][0] - results[(o, t, k, names[2])][0]:+.2f}"
                                                   for t, k in cols],
-               ["transfer - uniform"] + [f"{results[(o, t, k, names[0])][0] - results[(o, t, k, names[3])][0]:+.2f}"
+               ["transfer - uniform"] + [f"{results[(o, t, k, names[0])][0] - results[(o, t, k, 'uniform')][0]:+.2f}"
                                          for t, k in cols],
                ["same keys as calibrated at T'"] + [str(results[(o, t, k, names[0])][2] == results[(o, t, k, names[2])][2])
                                                    for t, k in cols]]

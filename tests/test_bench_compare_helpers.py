@@ -37,3 +37,43 @@ def test_pareto_png(tmp_path):
         img = np.asarray(Image.open(path))
         assert img.shape == (460, 760, 3)
         assert (img == np.array(cc.SERIES_COLOURS["LazyCache"], np.uint8)).all(-1).sum() > 20
+
+
+def test_compare_k_sweeps():
+    assert cc.compare_ks(50) == (7, 9, 10, 13, 17, 20, 25)
+    assert cc.compare_ks(30) == (4, 5, 6, 8, 10, 12, 15)  # the 50-step sweep x 3/5
+    assert cc.compare_ks(20) == (3, 4, 5, 7, 8, 10)  # scaled and deduplicated
+
+
+def test_frames_side_by_side():
+    img = torch.rand(2, 3, 4, 5)
+    assert cc.frames_side_by_side(img) is img
+    clip = torch.rand(2, 3, 3, 4, 5)
+    wide = cc.frames_side_by_side(clip)
+    assert wide.shape == (2, 3, 4, 15)
+    assert torch.equal(wide[..., 5:10], clip[:, :, 1])
+
+
+def test_models_are_sampled_as_their_workflows():
+    assert (cc.FLUX.sampler, cc.FLUX.cfg, cc.FLUX.shift, cc.FLUX.negative) == ("euler", 1.0, None, None)
+    assert (cc.WAN.sampler, cc.WAN.scheduler, cc.WAN.cfg, cc.WAN.shift) == ("uni_pc", "simple", 5.0, 8.0)
+    assert cc.WAN.latent_shape[2] == cc.train_comfy_wan.FRAMES and len(cc.WAN.latent_shape) == 5
+    prompts = cc.train_comfy_wan.make_prompts()
+    cond = cc.conditioning(prompts, 3)
+    assert cond[0][1] == {} and torch.equal(cond[0][0][0], prompts["context"][3])
+    flux = {"context": torch.zeros(2, 8, 64), "pooled": torch.ones(2, 32)}
+    assert cc.conditioning(flux, 1)[0][1]["pooled_output"].shape == (1, 32)
+
+
+def test_easycache_per_half_fix_adds_each_halfs_own_difference():
+    from types import SimpleNamespace
+    cond, uncond = object(), object()
+    holder = SimpleNamespace(first_cond_uuid=cond, total_steps_skipped=0,
+                             uuid_cache_diffs={cond: torch.full((1, 2), 1.0), uncond: torch.full((1, 2), 10.0)})
+    x = torch.zeros(2, 2)
+    out = cc.add_cache_diff_per_half(holder, x, [cond, uncond])
+    assert out.tolist() == [[1.0, 1.0], [10.0, 10.0]]  # ComfyUI 0.3.64's own step gives 11 in both rows
+    assert holder.total_steps_skipped == 1
+    x2 = torch.zeros(4, 2)  # two rows per half
+    cc.add_cache_diff_per_half(holder, x2, [uncond, cond])
+    assert x2[:2].eq(10.0).all() and x2[2:].eq(1.0).all() and holder.total_steps_skipped == 2
