@@ -102,6 +102,21 @@ def forward(model, x, sigma, labels, prompts):
     return model(x, sigma, prompts["context"][labels], y=prompts["pooled"][labels])
 
 
+
+def optimizer_step(model, ema, opt, loss, step: int, steps: int, warmup: int, lr: float) -> None:
+    """One training step: warm-up then cosine learning rate, gradient clipping, and the EMA update."""
+    progress = max(0.0, (step - warmup) / max(1, steps - warmup))
+    for group in opt.param_groups:
+        group["lr"] = lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    decay = min(0.995, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for pe, pm in zip(ema.parameters(), model.parameters()):
+            pe.lerp_(pm, 1 - decay)
+
 def train(steps: int, batch: int, lr: float, seed: int, out: str, threads: int, sigma_mean: float) -> None:
     import_comfy(cpu=True)
     torch.set_num_threads(threads)
@@ -124,17 +139,7 @@ def train(steps: int, batch: int, lr: float, seed: int, out: str, threads: int, 
         # ComfyUI's blocks add into their inputs in place: keep copies of what autograd saves
         with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
             loss = F.mse_loss(forward(model, xt, sig, labels, prompts), noise - x0)
-        progress = max(0.0, (step - warmup) / max(1, steps - warmup))
-        for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        decay = min(0.995, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - decay)
+        optimizer_step(model, ema, opt, loss, step, steps, warmup, lr)
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         if step % 25 == 0 or step == steps - 1:
             print(f"step {step:5d}  loss {running:.4f}  {time.time() - t0:6.1f}s", flush=True)

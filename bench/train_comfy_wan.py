@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from bench.comfy_env import import_comfy
+from bench.train_comfy_flux import optimizer_step
 from bench.train_toy import CLASS_NAMES, COLOURS, RGB, shape_alpha
 from dpcache_core.picture import render_image_rows, write_png
 
@@ -236,17 +237,7 @@ def train(steps: int, batch: int, lr: float, seed: int, out: str, threads: int, 
         xt = (1 - s) * x0 + s * noise
         with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
             loss = F.mse_loss(forward(model, xt, sig, context), noise - x0)
-        progress = max(0.0, (step - warmup) / max(1, steps - warmup))
-        for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        decay = min(0.995, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - decay)
+        optimizer_step(model, ema, opt, loss, step, steps, warmup, lr)
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         if step % 25 == 0 or step == steps - 1:
             curve.append((step, round(running, 4)))
