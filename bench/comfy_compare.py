@@ -463,7 +463,8 @@ CAL_O1, CAL_O2, CAL_SPECTRAL = "calibrated, Taylor 1", "calibrated, Taylor 2", "
 PRIOR_O1, PRIOR_O2 = "prior keys, Taylor 1", "prior keys, Taylor 2"
 SPECTRUM_O1, SPECTRUM_O2 = "Spectrum keys, Taylor 1", "Spectrum keys, Taylor 2"
 PRIOR_LAST, PRIOR_LAST_O1, PRIOR_LAST_O2 = "prior keys, last 1", "prior keys, last 1, Taylor 1", "prior keys, last 1, Taylor 2"
-CANDIDATES = (PRIOR_O1, PRIOR_O2, SPECTRUM_O1, SPECTRUM_O2, PRIOR_LAST, PRIOR_LAST_O1, PRIOR_LAST_O2)  # candidate defaults (issue 18): only with --methods
+PRIOR_FIRST5, PRIOR_LAST2, PRIOR_LAST3 = "prior keys, first 5, last 1", "prior keys, last 2", "prior keys, last 3"
+CANDIDATES = (PRIOR_O1, PRIOR_O2, SPECTRUM_O1, SPECTRUM_O2, PRIOR_LAST, PRIOR_LAST_O1, PRIOR_LAST_O2, PRIOR_FIRST5, PRIOR_LAST2, PRIOR_LAST3)  # candidate defaults (issue 18): only with --methods
 SWEEP = (SPECTRUM, UNIFORM_ENTRY, DEFAULT_ENTRY, CAL_O1, CAL_O2, CAL_SPECTRAL)
 CALIBRATED = (CAL_O1, CAL_O2, CAL_SPECTRAL)
 
@@ -481,11 +482,11 @@ def schedule_defaults() -> dict:
     return {"pact": options.get("default", entries[0]), "forecaster": forecaster}
 
 
-def node_schedule(pact: str, k: int, num_evals: int, last_full_steps: int = 0, **options):
+def node_schedule(pact: str, k: int, num_evals: int, last_full_steps: int = 0, first_full_steps: int = 3, **options):
     """DPCache Schedule's own plan for a pact entry at K = ``k`` (T = ``num_evals`` for the entries
     without a file); ``options``: its optional inputs (taylor_order, forecaster)."""
     nodes = comfy_env.boot()["nodes"]
-    return nodes["DPCacheSchedule"]().schedule(pact, k, 3, last_full_steps, num_evals, **options)["result"][0]
+    return nodes["DPCacheSchedule"]().schedule(pact, k, first_full_steps, last_full_steps, num_evals, **options)["result"][0]
 
 
 def spectrum_schedule(num_evals: int, k: int, predictor: str = "spectral", order: int = 2):
@@ -513,6 +514,9 @@ def sweep_schedules(k: int, num_evals: int, pacts: dict, methods=SWEEP) -> dict:
         PRIOR_LAST: lambda: node_schedule(defaults["pact"], k, num_evals, 1),
         PRIOR_LAST_O1: lambda: node_schedule(defaults["pact"], k, num_evals, 1, forecaster="taylor", taylor_order=1),
         PRIOR_LAST_O2: lambda: node_schedule(defaults["pact"], k, num_evals, 1, forecaster="taylor", taylor_order=2),
+        PRIOR_FIRST5: lambda: node_schedule(defaults["pact"], k, num_evals, 1, 5),
+        PRIOR_LAST2: lambda: node_schedule(defaults["pact"], k, num_evals, 2),
+        PRIOR_LAST3: lambda: node_schedule(defaults["pact"], k, num_evals, 3),
         SPECTRUM_O1: lambda: spectrum_schedule(num_evals, k, "taylor", 1),
         SPECTRUM_O2: lambda: spectrum_schedule(num_evals, k, "taylor", 2),
     }
