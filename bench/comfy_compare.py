@@ -460,11 +460,14 @@ COMPARE_KS = {50: (7, 9, 10, 13, 17, 20, 25), 30: (4, 5, 6, 8, 10, 12, 15)}  # a
 COMPARE_THRESHOLDS = (0.05, 0.1, 0.2, 0.4)
 SPECTRUM, UNIFORM_ENTRY, DEFAULT_ENTRY = "Spectrum", "(uniform)", "default (no calibration)"
 CAL_O1, CAL_O2, CAL_SPECTRAL = "calibrated, Taylor 1", "calibrated, Taylor 2", "calibrated, spectral"
-PRIOR_O1, PRIOR_O2 = "prior keys, Taylor 1", "prior keys, Taylor 2"
+# candidate defaults (issue 18), only with --methods: "(prior) last n" keeps the last n evaluations as
+# keys (the pack's prior.PRIOR_LAST_FULL_STEPS set to n for that plan; 0 = the default before commit 4546844)
+PRIOR_LAST0, PRIOR_LAST0_O1, PRIOR_LAST1 = "(prior) last 0", "(prior) last 0, Taylor 1", "(prior) last 1"
+PRIOR_LAST1_O1, PRIOR_LAST1_O2, PRIOR_LAST2 = "(prior) last 1, Taylor 1", "(prior) last 1, Taylor 2", "(prior) last 2"
+PRIOR_LAST3, PRIOR_FIRST5 = "(prior) last 3", "(prior) first 5, last 1"
 SPECTRUM_O1, SPECTRUM_O2 = "Spectrum keys, Taylor 1", "Spectrum keys, Taylor 2"
-PRIOR_LAST, PRIOR_LAST_O1, PRIOR_LAST_O2 = "prior keys, last 1", "prior keys, last 1, Taylor 1", "prior keys, last 1, Taylor 2"
-PRIOR_FIRST5, PRIOR_LAST2, PRIOR_LAST3 = "prior keys, first 5, last 1", "prior keys, last 2", "prior keys, last 3"
-CANDIDATES = (PRIOR_O1, PRIOR_O2, SPECTRUM_O1, SPECTRUM_O2, PRIOR_LAST, PRIOR_LAST_O1, PRIOR_LAST_O2, PRIOR_FIRST5, PRIOR_LAST2, PRIOR_LAST3)  # candidate defaults (issue 18): only with --methods
+CANDIDATES = (PRIOR_LAST0, PRIOR_LAST0_O1, PRIOR_LAST1, PRIOR_LAST1_O1, PRIOR_LAST1_O2, PRIOR_LAST2, PRIOR_LAST3,
+              PRIOR_FIRST5, SPECTRUM_O1, SPECTRUM_O2)
 SWEEP = (SPECTRUM, UNIFORM_ENTRY, DEFAULT_ENTRY, CAL_O1, CAL_O2, CAL_SPECTRAL)
 CALIBRATED = (CAL_O1, CAL_O2, CAL_SPECTRAL)
 
@@ -489,6 +492,18 @@ def node_schedule(pact: str, k: int, num_evals: int, last_full_steps: int = 0, f
     return nodes["DPCacheSchedule"]().schedule(pact, k, first_full_steps, last_full_steps, num_evals, **options)["result"][0]
 
 
+def prior_schedule(last: int, k: int, num_evals: int, **options):
+    """DPCache Schedule's (prior) plan at K = ``k`` keeping the last ``last`` evaluations as keys (the
+    pack's ``prior.PRIOR_LAST_FULL_STEPS`` set to ``last`` while it plans; a candidate default)."""
+    prior = comfy_env.boot()["core"].prior
+    kept = prior.PRIOR_LAST_FULL_STEPS
+    prior.PRIOR_LAST_FULL_STEPS = last
+    try:
+        return node_schedule("(prior: no calibration)", k, num_evals, **options)
+    finally:
+        prior.PRIOR_LAST_FULL_STEPS = kept
+
+
 def spectrum_schedule(num_evals: int, k: int, predictor: str = "spectral", order: int = 2):
     """Spectrum as a DPCache schedule: its own key steps (``spectrum_key_steps``: warm-up, growing
     windows, tail) run by Apply DPCache with the spectral forecaster (a (manual) schedule); another
@@ -509,14 +524,14 @@ def sweep_schedules(k: int, num_evals: int, pacts: dict, methods=SWEEP) -> dict:
         CAL_O1: lambda: node_schedule(pacts[1], k, num_evals, forecaster="taylor"),
         CAL_O2: lambda: node_schedule(pacts[2], k, num_evals, forecaster="taylor"),
         CAL_SPECTRAL: lambda: node_schedule(pacts[2], k, num_evals, forecaster="spectral"),
-        PRIOR_O1: lambda: node_schedule(defaults["pact"], k, num_evals, forecaster="taylor", taylor_order=1),
-        PRIOR_O2: lambda: node_schedule(defaults["pact"], k, num_evals, forecaster="taylor", taylor_order=2),
-        PRIOR_LAST: lambda: node_schedule(defaults["pact"], k, num_evals, 1),
-        PRIOR_LAST_O1: lambda: node_schedule(defaults["pact"], k, num_evals, 1, forecaster="taylor", taylor_order=1),
-        PRIOR_LAST_O2: lambda: node_schedule(defaults["pact"], k, num_evals, 1, forecaster="taylor", taylor_order=2),
-        PRIOR_FIRST5: lambda: node_schedule(defaults["pact"], k, num_evals, 1, 5),
-        PRIOR_LAST2: lambda: node_schedule(defaults["pact"], k, num_evals, 2),
-        PRIOR_LAST3: lambda: node_schedule(defaults["pact"], k, num_evals, 3),
+        PRIOR_LAST0: lambda: prior_schedule(0, k, num_evals),
+        PRIOR_LAST0_O1: lambda: prior_schedule(0, k, num_evals, forecaster="taylor", taylor_order=1),
+        PRIOR_LAST1: lambda: prior_schedule(1, k, num_evals),
+        PRIOR_LAST1_O1: lambda: prior_schedule(1, k, num_evals, forecaster="taylor", taylor_order=1),
+        PRIOR_LAST1_O2: lambda: prior_schedule(1, k, num_evals, forecaster="taylor", taylor_order=2),
+        PRIOR_LAST2: lambda: prior_schedule(2, k, num_evals),
+        PRIOR_LAST3: lambda: prior_schedule(3, k, num_evals),
+        PRIOR_FIRST5: lambda: prior_schedule(1, k, num_evals, first_full_steps=5),
         SPECTRUM_O1: lambda: spectrum_schedule(num_evals, k, "taylor", 1),
         SPECTRUM_O2: lambda: spectrum_schedule(num_evals, k, "taylor", 2),
     }
