@@ -460,7 +460,16 @@ COMPARE_KS = {50: (7, 9, 10, 13, 17, 20, 25), 30: (4, 5, 6, 8, 10, 12, 15)}  # a
 COMPARE_THRESHOLDS = (0.05, 0.1, 0.2, 0.4)
 SPECTRUM, UNIFORM_ENTRY, DEFAULT_ENTRY = "Spectrum", "(uniform)", "default (no calibration)"
 CAL_O1, CAL_O2, CAL_SPECTRAL = "calibrated, Taylor 1", "calibrated, Taylor 2", "calibrated, spectral"
+# candidate defaults (issue 18), only with --methods: "(prior) last n" keeps the last n evaluations as
+# keys (the pack's prior.PRIOR_LAST_FULL_STEPS set to n for that plan; 0 = the default before commit 4546844)
+PRIOR_LAST0, PRIOR_LAST0_O1, PRIOR_LAST1 = "(prior) last 0", "(prior) last 0, Taylor 1", "(prior) last 1"
+PRIOR_LAST1_O1, PRIOR_LAST1_O2, PRIOR_LAST2 = "(prior) last 1, Taylor 1", "(prior) last 1, Taylor 2", "(prior) last 2"
+PRIOR_LAST3, PRIOR_FIRST5 = "(prior) last 3", "(prior) first 5, last 1"
+SPECTRUM_O1, SPECTRUM_O2 = "Spectrum keys, Taylor 1", "Spectrum keys, Taylor 2"
+CANDIDATES = (PRIOR_LAST0, PRIOR_LAST0_O1, PRIOR_LAST1, PRIOR_LAST1_O1, PRIOR_LAST1_O2, PRIOR_LAST2, PRIOR_LAST3,
+              PRIOR_FIRST5, SPECTRUM_O1, SPECTRUM_O2)
 SWEEP = (SPECTRUM, UNIFORM_ENTRY, DEFAULT_ENTRY, CAL_O1, CAL_O2, CAL_SPECTRAL)
+CALIBRATED = (CAL_O1, CAL_O2, CAL_SPECTRAL)
 
 
 def compare_ks(steps: int) -> tuple[int, ...]:
@@ -476,24 +485,37 @@ def schedule_defaults() -> dict:
     return {"pact": options.get("default", entries[0]), "forecaster": forecaster}
 
 
-def node_schedule(pact: str, k: int, num_evals: int, **options):
+def node_schedule(pact: str, k: int, num_evals: int, last_full_steps: int = 0, first_full_steps: int = 3, **options):
     """DPCache Schedule's own plan for a pact entry at K = ``k`` (T = ``num_evals`` for the entries
     without a file); ``options``: its optional inputs (taylor_order, forecaster)."""
     nodes = comfy_env.boot()["nodes"]
-    return nodes["DPCacheSchedule"]().schedule(pact, k, 3, 0, num_evals, **options)["result"][0]
+    return nodes["DPCacheSchedule"]().schedule(pact, k, first_full_steps, last_full_steps, num_evals, **options)["result"][0]
 
 
-def spectrum_schedule(num_evals: int, k: int):
+def prior_schedule(last: int, k: int, num_evals: int, **options):
+    """DPCache Schedule's (prior) plan at K = ``k`` keeping the last ``last`` evaluations as keys (the
+    pack's ``prior.PRIOR_LAST_FULL_STEPS`` set to ``last`` while it plans; a candidate default)."""
+    prior = comfy_env.boot()["core"].prior
+    kept = prior.PRIOR_LAST_FULL_STEPS
+    prior.PRIOR_LAST_FULL_STEPS = last
+    try:
+        return node_schedule("(prior: no calibration)", k, num_evals, **options)
+    finally:
+        prior.PRIOR_LAST_FULL_STEPS = kept
+
+
+def spectrum_schedule(num_evals: int, k: int, predictor: str = "spectral", order: int = 2):
     """Spectrum as a DPCache schedule: its own key steps (``spectrum_key_steps``: warm-up, growing
-    windows, tail) run by Apply DPCache with the spectral forecaster (a (manual) schedule)."""
+    windows, tail) run by Apply DPCache with the spectral forecaster (a (manual) schedule); another
+    ``predictor`` / ``order``: the same keys with that forecaster (a candidate default)."""
     core = comfy_env.boot()["core"]
     keys = core.spectrum_key_steps(num_evals, k)
-    return core.Schedule(tuple(keys), num_evals, order=2, source="manual", first_full_steps=1, predictor="spectral")
+    return core.Schedule(tuple(keys), num_evals, order=order, source="manual", first_full_steps=1, predictor=predictor)
 
 
-def sweep_schedules(k: int, num_evals: int, pacts: dict) -> dict:
-    """{method: DPCache schedule} of the K sweep at K = ``k`` (a method without a finite plan at
-    this K is left out, with a printed reason)."""
+def sweep_schedules(k: int, num_evals: int, pacts: dict, methods=SWEEP) -> dict:
+    """{method: DPCache schedule} of the K sweep at K = ``k`` for the named ``methods`` (a method
+    without a finite plan at this K is left out, with a printed reason)."""
     defaults = schedule_defaults()
     plans = {
         SPECTRUM: lambda: spectrum_schedule(num_evals, k),
@@ -502,9 +524,20 @@ def sweep_schedules(k: int, num_evals: int, pacts: dict) -> dict:
         CAL_O1: lambda: node_schedule(pacts[1], k, num_evals, forecaster="taylor"),
         CAL_O2: lambda: node_schedule(pacts[2], k, num_evals, forecaster="taylor"),
         CAL_SPECTRAL: lambda: node_schedule(pacts[2], k, num_evals, forecaster="spectral"),
+        PRIOR_LAST0: lambda: prior_schedule(0, k, num_evals),
+        PRIOR_LAST0_O1: lambda: prior_schedule(0, k, num_evals, forecaster="taylor", taylor_order=1),
+        PRIOR_LAST1: lambda: prior_schedule(1, k, num_evals),
+        PRIOR_LAST1_O1: lambda: prior_schedule(1, k, num_evals, forecaster="taylor", taylor_order=1),
+        PRIOR_LAST1_O2: lambda: prior_schedule(1, k, num_evals, forecaster="taylor", taylor_order=2),
+        PRIOR_LAST2: lambda: prior_schedule(2, k, num_evals),
+        PRIOR_LAST3: lambda: prior_schedule(3, k, num_evals),
+        PRIOR_FIRST5: lambda: prior_schedule(1, k, num_evals, first_full_steps=5),
+        SPECTRUM_O1: lambda: spectrum_schedule(num_evals, k, "taylor", 1),
+        SPECTRUM_O2: lambda: spectrum_schedule(num_evals, k, "taylor", 2),
     }
     out = {}
-    for name, plan in plans.items():
+    for name in methods:
+        plan = plans[name]
         try:
             out[name] = plan()
         except ValueError as exc:
@@ -537,8 +570,11 @@ def run_compare(args) -> dict:
     apply = comfy_env.boot()["nodes"]["DPCacheApply"]()
     with tempfile.TemporaryDirectory() as folder:
         t0 = time.perf_counter()
-        pacts = {o: calibrate(model, prompts, calib, o, folder, args.steps, bench) for o in (1, 2)}
-        print(f"calibrated orders 1 and 2 on {len(calib)} prompts in {time.perf_counter() - t0:.0f}s", flush=True)
+        sweep = tuple(args.methods) if args.methods else SWEEP
+        pacts = {}
+        if any(name in CALIBRATED for name in sweep):
+            pacts = {o: calibrate(model, prompts, calib, o, folder, args.steps, bench) for o in (1, 2)}
+            print(f"calibrated orders 1 and 2 on {len(calib)} prompts in {time.perf_counter() - t0:.0f}s", flush=True)
         methods = [("plain", None, None, None)]
         for thr in args.thresholds:
             methods.append((f"EasyCache {thr:g}", "EasyCache", None, easycache(thr, True)))
@@ -546,7 +582,7 @@ def run_compare(args) -> dict:
                 methods.append((f"EasyCache {thr:g} (cond/uncond fix)", "EasyCache", None, easycache(thr, True, True)))
             methods.append((f"LazyCache {thr:g}", "LazyCache", None, lazycache(thr)))
         for k in ks:
-            for name, sched in sweep_schedules(k, num_evals, pacts).items():
+            for name, sched in sweep_schedules(k, num_evals, pacts, sweep).items():
                 methods.append((name, name, (k, sched), lambda m, sched=sched: apply.apply(m, sched)["result"][0]))
         plain_latents, rows = [], []
         for name, series, planned, patch in methods:
@@ -591,7 +627,7 @@ def compare_report(result: dict, args, machine: str) -> str:
         "| method | " + " | ".join(f"K={k}" for k in ks) + " |",
         "|---|" + "---|" * len(ks),
     ]
-    for series in SWEEP:
+    for series in SWEEP + CANDIDATES:
         cells = [cell.get((series, k)) for k in ks]
         if any(cells):
             lines.append(f"| {series} | " + " | ".join("no plan" if c is None else f"{db(c['psnr_mean'])} ({db(c['psnr_worst'])})"
@@ -651,6 +687,9 @@ def main() -> None:
     ap.add_argument("--ks", type=int, nargs="*", default=None, help="with --compare: K values (default: 7..25 of 50, scaled)")
     ap.add_argument("--thresholds", type=float, nargs="*", default=list(COMPARE_THRESHOLDS),
                     help="with --compare: EasyCache / LazyCache reuse thresholds")
+    ap.add_argument("--methods", nargs="+", choices=SWEEP + CANDIDATES, default=None,
+                    help="with --compare: only these K-sweep methods (default: " + ", ".join(SWEEP) + "); add "
+                         "--thresholds with no value to leave out EasyCache and LazyCache")
     args = ap.parse_args()
     if args.compare:
         main_compare(args)

@@ -23,6 +23,12 @@ SHIPPED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 PRIOR_SOURCES = ("flux1_dev_official_T50.safetensors", "wan21_i2v_14b_official_T50.safetensors")
 PRIOR_EVALS = 50
 PRIOR_ORDER = 2  # the shipped PACTs' Taylor order (reference scheme)
+#: Plans on the prior keep the last evaluations as keys (DPCache Schedule: this many, or the typed
+#: last_full_steps if more; fewer where K cannot afford them). Without them the DP ended its keys at
+#: 41-43 of 50 at K 9-10 and lost 1-3 dB to Spectrum on the trained Wan model; with the last 3 it was
+#: level with or ahead of Spectrum at every K 9-25 of 50 on both trained models, where 1 and 2 were not
+#: (BENCHMARKS.md, "Against Spectrum", issue 18).
+PRIOR_LAST_FULL_STEPS = 3
 
 
 def one_skip_scale(cost: np.ndarray) -> float:

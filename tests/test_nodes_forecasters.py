@@ -36,7 +36,7 @@ def test_auto_forecaster_is_spectral_at_high_speed_ups_and_taylor_below(pact, k,
 
 def test_prior_schedule_is_the_dp_on_the_prior_with_the_chosen_forecaster():
     sched, text = run_schedule()
-    want = core.solve_schedule(prior.prior_cost(50), 13, 3, 0, convention="skip")
+    want = core.solve_schedule(prior.prior_cost(50), 13, 3, 3, convention="skip")
     assert list(sched.key_steps) == want and sched.num_keys == 13
     assert want != core.uniform_key_steps(50, 13, 3)  # a plan, not even spacing
     assert sched.source == "prior" and sched.convention == "skip" and sched.model_family is None
@@ -51,16 +51,35 @@ def test_prior_schedule_is_the_dp_on_the_prior_with_the_chosen_forecaster():
 
 @pytest.mark.parametrize("total, run_evals", [(50, 30), (50, 100), (28, 50), (20, 20)])
 def test_prior_replans_for_any_step_count(total, run_evals):
-    sched, _ = run_schedule(key_steps=max(4, round(13 * total / 50)), total_evaluations=total)
+    sched, _ = run_schedule(key_steps=max(6, round(13 * total / 50)), total_evaluations=total)
     plan = core.plan_run(sched, core.RunShape(run_evals))
     k = max(1, round(sched.num_keys * run_evals / total))
     if run_evals == total:
         assert plan.schedule is sched
     else:
-        want = core.solve_schedule(prior.prior_cost(run_evals), k, 3, 0, convention="skip")
+        want = core.solve_schedule(prior.prior_cost(run_evals), k, 3, sched.last_full_steps, convention="skip")
         assert list(plan.schedule.key_steps) == want and plan.schedule.num_evals == run_evals
         assert plan.schedule.predictor == "spectral"
         assert f"(prior) made for T={total}; planned for T={run_evals}" in plan.text
+
+
+@pytest.mark.parametrize("k", [9, 10, 13, 25])
+def test_prior_plans_keep_the_last_three_evaluations(k):
+    """Issue 18: without the last steps as keys the prior's DP ended its keys at 41-43 of 50 at K 9-10
+    and lost 1-3 dB to Spectrum on the trained Wan model; every prior plan keeps the last 3 now."""
+    sched, _ = run_schedule(key_steps=k)
+    assert list(sched.key_steps[-3:]) == [47, 48, 49] and sched.last_full_steps == 3 and sched.num_keys == k
+    for run_evals in (30, 100):  # and the plans re-made for another step count
+        plan = core.plan_run(sched, core.RunShape(run_evals))
+        assert list(plan.schedule.key_steps[-3:]) == [run_evals - 3, run_evals - 2, run_evals - 1]
+    more, _ = run_schedule(key_steps=k, last_full_steps=4)  # a larger last_full_steps is kept as typed
+    assert list(more.key_steps[-4:]) == [46, 47, 48, 49] and more.last_full_steps == 4
+    fewer, _ = run_schedule(key_steps=7)  # K too small for 3 last keys under the hop cap: as many as fit
+    assert fewer.num_keys == 7 and fewer.last_full_steps == 1 and fewer.key_steps[-1] == 49
+    low, _ = run_schedule(key_steps=6)  # the fewest keys the hop cap allows: planned, without the final step
+    assert low.num_keys == 6 and low.last_full_steps == 0 and low.key_steps[-1] < 49
+    uniform, _ = run_schedule(pact="(uniform)", key_steps=k)  # the other entries are unchanged
+    assert list(uniform.key_steps) == core.uniform_key_steps(50, k, 3)
 
 
 def test_prior_cost_is_the_normalised_mean_of_the_shipped_pacts():
@@ -89,10 +108,10 @@ def test_prior_and_forecaster_errors_are_clear(tmp_path):
 
 def test_prior_plans_a_partial_run_on_the_joint_trajectory():
     """A KSamplerAdvanced slice (e.g. Wan2.2 A14B's second expert): the joint plan on the prior."""
-    sched, _ = run_schedule(key_steps=8, total_evaluations=20)
+    sched, _ = run_schedule(key_steps=10, total_evaluations=20)
     plan = core.plan_run(sched, core.RunShape(10, positions=tuple(0.5 + 0.05 * np.arange(10)), end=1.0))
     assert plan.joint_num_evals == 20 and plan.offset == 10
-    want = core.solve_schedule(prior.prior_cost(20, core.index_positions(20)), 8, 3, 0, required=[10, 11, 12],
+    want = core.solve_schedule(prior.prior_cost(20, core.index_positions(20)), 10, 3, 3, required=[10, 11, 12],
                                convention="skip")
     assert list(plan.joint_keys) == want
     assert list(plan.schedule.key_steps) == [k - 10 for k in want if k >= 10] and plan.schedule.key_steps[:3] == (0, 1, 2)
