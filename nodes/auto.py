@@ -206,20 +206,6 @@ class FullRun(hooks.RunState):
         pass
 
 
-def report_event(node_ids, key_steps, num_evals: int, computed: int, skipped: int, summary: str, source: str,
-                 measured: float | None = None) -> None:
-    """Text on each node that fed the run, and the websocket event the frontend draws the plan from."""
-    nodes = [str(n) for n in node_ids if n is not None]
-    for n in nodes:
-        hooks.send_text(summary, n)
-    if nodes:
-        keys = list(key_steps)
-        hooks.send_event("dpcache.run", {
-            "node": nodes[0], "nodes": nodes, "computed": computed, "skipped": skipped, "num_evals": num_evals,
-            "key_steps": keys, "ideal_speedup": round(num_evals / max(len(keys), 1), 4), "source": source,
-            "measured_speedup": None if measured is None else round(measured, 3), "summary": summary})
-
-
 class AutoHook:
     """Per-node config of the automatic mode; decides at every sampling start (see the module docstring)."""
 
@@ -333,7 +319,7 @@ class AutoHook:
             return
         if kind == "full":
             n = run.evaluations
-            report_event((self.node_id, self.schedule_node), range(n), n, n, 0,
+            hooks.report_event((self.node_id, self.schedule_node), range(n), n, n, 0,
                          f"{n} of {n} evaluations computed ({run.auto[1]})", "auto")
         elif kind == "calibrate":
             self.finish_calibration(run)
@@ -363,7 +349,7 @@ class AutoHook:
                 f"{os.path.basename(path)} now holds {written['samples']} sample(s); the next run at this setting "
                 f"is planned ({describe_budget(self.budget, self.own_num_evals)}). wall {wall:.2f} s")
         log.info("DPCache (auto): %s", line)
-        report_event((self.node_id, self.schedule_node), range(n), n, n, 0, line, f"auto:{os.path.basename(path)}")
+        hooks.report_event((self.node_id, self.schedule_node), range(n), n, n, 0, line, f"auto:{os.path.basename(path)}")
 
     def finish_planned(self, run) -> None:
         _, setting, found, asked = run.auto
@@ -382,7 +368,7 @@ class AutoHook:
         if extra:
             line += f"; {extra}"
         log.info("DPCache (auto): %s", line)
-        report_event((self.node_id, self.schedule_node), keys, n, run.cache.computed, run.cache.skipped, line,
+        hooks.report_event((self.node_id, self.schedule_node), keys, n, run.cache.computed, run.cache.skipped, line,
                      f"auto:{found.name}", measured)
 
     def outer_sample(self, executor, *args, **kwargs):

@@ -615,6 +615,21 @@ def send_event(event: str, data: dict) -> None:
         pass
 
 
+def report_event(node_ids, key_steps, num_evals: int, computed: int, skipped: int, summary: str, source: str,
+                 measured: float | None = None) -> None:
+    """The plan that ran: ``summary`` on each node that fed the run (Apply DPCache, and the DPCache
+    Schedule behind it), and the websocket event the frontend redraws that plan from."""
+    nodes = [str(n) for n in node_ids if n is not None]
+    for n in nodes:
+        send_text(summary, n)
+    if nodes:
+        keys = list(key_steps)
+        send_event("dpcache.run", {
+            "node": nodes[0], "nodes": nodes, "computed": computed, "skipped": skipped, "num_evals": num_evals,
+            "key_steps": keys, "ideal_speedup": round(num_evals / max(len(keys), 1), 4), "source": source,
+            "measured_speedup": None if measured is None else round(measured, 3), "summary": summary})
+
+
 def options_with_run(options: dict, run) -> dict:
     """A copy of the guider's model_options carrying ``run`` (the original is restored afterwards)."""
     new = dict(options)
@@ -742,15 +757,8 @@ class ApplyHook:
             line_plan += (f". {sched.num_evals} of {sched.num_evals} evaluations computed: the budget leaves no "
                           "speed-up at this evaluation count")
         schedule_node = getattr(self.schedule, "ui_node", None)  # the DPCache Schedule that fed it: shows the plan that ran
-        nodes = [str(n) for n in (self.node_id, schedule_node) if n is not None]
-        for n in nodes:
-            send_text(line_plan, n)
-        if nodes:
-            send_event("dpcache.run", {"node": nodes[0], "nodes": nodes, "computed": run.cache.computed,
-                                       "skipped": run.cache.skipped, "num_evals": run.evaluations, "summary": line_plan,
-                                       "key_steps": list(sched.key_steps), "ideal_speedup": round(sched.ideal_speedup, 4),
-                                       "measured_speedup": None if measured is None else round(measured, 3),
-                                       "source": sched.source})
+        report_event((self.node_id, schedule_node), sched.key_steps, sched.num_evals, run.cache.computed,
+                     run.cache.skipped, line_plan, sched.source, measured)
         if run.evaluations != run.cache.schedule.num_evals:
             raise ScheduleMismatchError(mismatch_message(run.evaluations, run.cache.schedule.num_evals, run.sampler))
 
@@ -889,7 +897,6 @@ def kept_text(size) -> str:
     """What calibration keeps of the cache point (``TrajectoryRecorder.sample_description``): a sample
     of S elements, or all of them (sample_size 0, or S at least the cache point's size)."""
     return "every cache-point element" if size == "all" else f"{size} sampled cache-point elements per stream"
-
 
 
 def automatic_pact_name(family: str, sampler: str | None, steps: int, scheduler: str | None = None,
