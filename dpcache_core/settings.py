@@ -231,6 +231,18 @@ def distinct(values) -> object:
     return vals[0] if len(vals) == 1 else vals
 
 
+def with_record(old_meta: dict, record: dict) -> dict:
+    """The per-sample fields of a file after adding ``record``: ``sample_meta``, the list of every
+    sample's record, and ``resolution``, the one value or the distinct ones (a file written before
+    records were kept contributes its single ``resolution``)."""
+    records = list(old_meta.get("sample_meta") or []) + [record]
+    resolutions = [r.get("resolution") for r in records]
+    if old_meta.get("resolution") and not old_meta.get("sample_meta"):
+        old = old_meta["resolution"]
+        resolutions = (old if isinstance(old, list) else [old]) + resolutions
+    return {"sample_meta": records, "resolution": distinct(resolutions)}
+
+
 def add_sample(path: str, setting: Setting, sample: np.ndarray, metadata: dict, record: dict,
                history: np.ndarray | None = None) -> dict:
     """Add one calibration sample of ``setting`` to its file, under the file's lock: read what is
@@ -246,11 +258,9 @@ def add_sample(path: str, setting: Setting, sample: np.ndarray, metadata: dict, 
         else:
             acc, old = PactAccumulator(setting.num_evals), {}
         acc.add(sample, history=history)
-        records = list(old.get("sample_meta") or []) + [record]
         size = metadata.get("sample_size", "all")
         this = {"samples": 1, "sample_size": size, "sample_seed": metadata.get("sample_seed")}
-        meta = dict(metadata, setting=setting.as_meta(), sample_meta=records,
-                    resolution=distinct(r.get("resolution") for r in records))
+        meta = dict(metadata, setting=setting.as_meta(), **with_record(old, record))
         meta.update(combine_sampling([old, this] if old else [this]))
         if "convention" in old:
             meta["convention"] = old["convention"]

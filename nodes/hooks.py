@@ -30,7 +30,7 @@ try:  # inside ComfyUI the pack is a package; in the CPU tests the repo root is 
     from ..dpcache_core.runtime import DEFAULT_SAMPLE_SEED, DEFAULT_SAMPLE_SIZE, mismatch_message
     from ..dpcache_core.store import combine_sampling
     from ..dpcache_core.transfer import positions_from_sigmas, spread_ties
-    from ..dpcache_core.settings import distinct, sample_record, sigmas_hash as settings_sigmas_hash
+    from ..dpcache_core.settings import sample_record, sigmas_hash as settings_sigmas_hash, with_record
 except ImportError:  # pragma: no cover - depends on how the pack is imported
     from dpcache_core import CacheRun, PactAccumulator, PactFileError, ScheduleMismatchError, TrajectoryRecorder, history_fits, load_pact, save_pact
     from dpcache_core import windows
@@ -39,7 +39,7 @@ except ImportError:  # pragma: no cover - depends on how the pack is imported
     from dpcache_core.runtime import DEFAULT_SAMPLE_SEED, DEFAULT_SAMPLE_SIZE, mismatch_message
     from dpcache_core.store import combine_sampling
     from dpcache_core.transfer import positions_from_sigmas, spread_ties
-    from dpcache_core.settings import distinct, sample_record, sigmas_hash as settings_sigmas_hash
+    from dpcache_core.settings import sample_record, sigmas_hash as settings_sigmas_hash, with_record
 
 from . import families
 from .sampler_counts import expected_evaluations, is_rectified_flow, sampler_name
@@ -1073,14 +1073,7 @@ class CalibrateHook:
         size = run.recorder.sample_description()
         this = {"samples": 1, "sample_size": size, "sample_seed": None if size == "all" else run.recorder.seed}
         meta.update(combine_sampling([old_meta, this]))
-        # per-sample metadata is kept as a list; "resolution" is the one value or the distinct ones
-        records = list(old_meta.get("sample_meta") or []) + [run.record]
-        meta["sample_meta"] = records
-        if old_meta and not old_meta.get("sample_meta") and old_meta.get("resolution"):
-            old_res = old_meta["resolution"]
-            meta["resolution"] = distinct((old_res if isinstance(old_res, list) else [old_res]) + [r["resolution"] for r in records])
-        else:
-            meta["resolution"] = distinct(r["resolution"] for r in records)
+        meta.update(with_record(old_meta, run.record))  # per-sample metadata kept as a list, never overwritten
         meta = save_pact(run.path, acc, file_metadata(meta, existing, self.order, history is not None, window is None))
         self.pending_reset[0] = False
         kept = kept_text(size)
