@@ -15,7 +15,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from .schedule import cost_for
+from .schedule import cost_for, solve_schedule
 from .store import load_pact
 from .transfer import index_positions, transfer_pact
 
@@ -78,3 +78,15 @@ def prior_cost(num_evals: int = PRIOR_EVALS, positions=None, folder: str = SHIPP
     if num_evals == PRIOR_EVALS and positions is None:
         return base
     return transfer_pact(base, int(num_evals), PRIOR_ORDER, None, positions)
+
+
+def solve_prior(cost: np.ndarray, num_keys: int, first_full_steps: int, last_full_steps: int = 0) -> tuple[list[int], int]:
+    """(keys, last evaluations kept): the skip-only DP on the prior ``cost`` keeping the last
+    ``PRIOR_LAST_FULL_STEPS`` evaluations as keys (or ``last_full_steps`` if more), fewer, down to
+    ``last_full_steps``, where ``num_keys`` cannot afford them under the hop cap."""
+    for last in range(max(last_full_steps, PRIOR_LAST_FULL_STEPS), last_full_steps, -1):
+        try:
+            return solve_schedule(cost, num_keys, first_full_steps, last, convention="skip"), last
+        except ValueError:
+            continue
+    return solve_schedule(cost, num_keys, first_full_steps, last_full_steps, convention="skip"), last_full_steps

@@ -297,23 +297,13 @@ def plan_entry(pact, key_steps, first_full_steps=3, last_full_steps=0, total_eva
                                  first_full_steps=first_full_steps, last_full_steps=last_full_steps), None, None
         if pact == PRIOR:
             cost = core.prior_cost(total_evaluations)
-            typed_last, used = int(last_full_steps), {}
+            typed_last = int(last_full_steps)
 
             def solve_prior(k):
-                """The DP at K = k keeping the prior's final evaluations (PRIOR_LAST_FULL_STEPS, or the
-                typed last_full_steps if more), fewer down to the typed count where K cannot afford them."""
-                for last in range(max(typed_last, core.prior.PRIOR_LAST_FULL_STEPS), typed_last - 1, -1):
-                    try:
-                        keys = core.solve_schedule(cost, k, first_full_steps, last, convention="skip")
-                    except ValueError:
-                        if last == typed_last:
-                            raise
-                        continue
-                    used["last"] = last
-                    return keys
+                return core.prior.solve_prior(cost, k, first_full_steps, typed_last)
 
-            keys = fewest_feasible(solve_prior, key_steps, total_evaluations, target_speedup) if by_speedup else solve_prior(key_steps)
-            last_full_steps = used["last"]
+            keys, last_full_steps = (fewest_feasible(solve_prior, key_steps, total_evaluations, target_speedup)
+                                     if by_speedup else solve_prior(key_steps))
             notes += speedup_note(target_speedup, key_steps, len(keys), total_evaluations) if by_speedup else []
             planner = core.Planner(total_evaluations, rule, first_full_steps, last_full_steps, cost=cost,
                                    order=core.prior.PRIOR_ORDER, label=f"(prior) made for T={total_evaluations}", prior=True)
