@@ -75,6 +75,14 @@ def spectral_weights(times, t: float, degree: int = DEFAULT_DEGREE, ridge: float
     return blend * spectral + (1.0 - blend) * linear
 
 
+
+def peak_bytes(numel: int, dtype: torch.dtype, max_history: int = DEFAULT_MAX_HISTORY) -> int:
+    """An upper bound on one SpectralPredictor's memory at any moment: its ring of kept features
+    (16-bit ones as they are, others in float32), one more while a new key is copied in before the
+    oldest leaves, and the float32 block ``predict`` sums in."""
+    size = 2 if dtype in (torch.float16, torch.bfloat16) else 4
+    return (max_history + 1) * size * int(numel) + 4 * block_elements(int(numel))
+
 class SpectralPredictor:
     """Predicts a feature at a later time from the features seen at key evaluations.
 

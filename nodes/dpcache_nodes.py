@@ -437,7 +437,7 @@ class DPCacheApply:
             )
         m = model.clone()
         hooks.install(m, info, hooks.ApplyHook(schedule, info.family, unique_id), "Apply DPCache")
-        memory.reserve(m, memory.cache_bytes(m, schedule.order))  # ComfyUI's model loading keeps room for the cache
+        memory.reserve(m, memory.cache_bytes(m, schedule.order, schedule.predictor))  # ComfyUI's model loading keeps room for the cache
         log.info("Apply DPCache: %s; %s", info.detail, schedule.describe())
         return {"ui": {"dpcache_schedule": [schedule_ui(schedule)]}, "result": (m,)}
 
@@ -451,7 +451,8 @@ class DPCacheApply:
         hook = auto.AutoHook(info.family, calibration_folder(), budget, own, refine_every, unique_id, schedule_node, first)
         m = model.clone()
         hooks.install(m, info, hook, "Apply DPCache")
-        memory.reserve(m, memory.cache_bytes(m, 1))  # the automatic mode plans at Taylor order 1
+        ideal = own / budget.keys if budget.rule == "same speed-up" else float("inf")  # unknown until the run: the larger
+        memory.reserve(m, memory.cache_bytes(m, auto.AUTO_ORDER, core.spectral.auto_forecaster(ideal)))  # as planned runs predict
         log.info("Apply DPCache: %s; automatic mode (%s), PACTs in %s", info.detail, auto.describe_budget(budget, own), hook.folder)
         return (m,)
 

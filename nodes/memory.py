@@ -19,8 +19,10 @@ import math
 import torch
 
 try:  # inside ComfyUI the pack is a package; in the CPU tests the repo root is on sys.path
+    from ..dpcache_core import spectral
     from ..dpcache_core.taylor import peak_bytes
 except ImportError:  # pragma: no cover - depends on how the pack is imported
+    from dpcache_core import spectral
     from dpcache_core.taylor import peak_bytes
 
 log = logging.getLogger("dpcache")
@@ -44,10 +46,11 @@ def feature_layout(model) -> tuple[int, tuple[int, ...], torch.dtype] | None:
     return width, tuple(patch), dtype
 
 
-def cache_bytes(model, order: int):
+def cache_bytes(model, order: int, predictor: str = "taylor"):
     """A function (noise_shape, conds) -> the cache's expected peak in bytes when ``model`` samples
-    a latent of ``noise_shape``: per conditioning (stream), ``peak_bytes`` of a cache-point feature
-    of batch x image tokens x width elements; None when the model's layout is unknown."""
+    a latent of ``noise_shape``: per conditioning (stream), the ``peak_bytes`` of the forecaster
+    (Taylor of ``order``, or spectral) for a cache-point feature of batch x image tokens x width
+    elements; None when the model's layout is unknown."""
     layout = feature_layout(model)
     if layout is None:
         return None
@@ -58,7 +61,10 @@ def cache_bytes(model, order: int):
         sizes = [1] * max(0, len(spatial) - len(patch)) + list(patch[-len(spatial):] if spatial else [])
         tokens = math.prod(math.ceil(s / p) for s, p in zip(spatial, sizes))
         streams = sum(len(c) for c in (conds or {}).values() if c) or 1
-        return streams * peak_bytes(int(noise_shape[0]) * tokens * width, order, dtype)
+        numel = int(noise_shape[0]) * tokens * width
+        if predictor == "spectral":
+            return streams * spectral.peak_bytes(numel, dtype)
+        return streams * peak_bytes(numel, order, dtype)
 
     return expected
 

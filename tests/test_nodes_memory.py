@@ -66,3 +66,32 @@ def test_the_reservation_lasts_exactly_the_load(fake_mm):
     unknown = Model(types.SimpleNamespace())
     memory.reserve(unknown, memory.cache_bytes(unknown, 1))
     assert not unknown.wrappers  # nothing declared when the layout is unknown
+
+
+def test_a_spectral_schedule_declares_the_spectral_ring():
+    """The default forecaster is spectral at K 13 of 50: it keeps up to 8 features per stream, so the
+    declaration must follow the forecaster the run will use, not the Taylor order alone."""
+    from dpcache_core import spectral
+    model = Model(types.SimpleNamespace(hidden_size=3072, patch_size=2))
+    conds = {"positive": [{}]}
+    taylor = memory.cache_bytes(model, 1)((1, 16, 128, 128), conds)
+    ring = memory.cache_bytes(model, 1, "spectral")((1, 16, 128, 128), conds)
+    assert ring == spectral.peak_bytes(4096 * 3072, torch.bfloat16) > taylor
+    predictor = spectral.SpectralPredictor()
+    feature = torch.randn(1, 64, 32).to(torch.bfloat16)
+    for t in range(12):  # past the ring's length: what it holds stays within the bound
+        predictor.update(t / 12, feature)
+        assert predictor.nbytes() <= spectral.peak_bytes(feature.numel(), torch.bfloat16)
+
+
+def test_apply_declares_the_memory_of_the_forecaster_that_will_run(monkeypatch):
+    import nodes.dpcache_nodes as nd
+    seen = []
+    monkeypatch.setattr(memory, "reserve", lambda model, expected: seen.append(expected))
+    monkeypatch.setattr(memory, "cache_bytes", lambda model, order, predictor="taylor": (order, predictor))
+    import nodes_fakes as F
+    sched, _, _ = nd.make_schedule(nd.PRIOR, 13)  # forecaster auto: spectral at 3.85x
+    nd.DPCacheApply().apply(F.FakePatcher(F.Flux()), sched)
+    nd.DPCacheApply().apply(F.FakePatcher(F.Flux()))  # the automatic mode at its default 3.85x
+    nd.DPCacheApply().apply(F.FakePatcher(F.Flux()), target_speedup=2.0)  # Taylor below 2.9x
+    assert seen == [(sched.order, "spectral"), (1, "spectral"), (1, "taylor")]
