@@ -12,6 +12,12 @@ What each family's ``patches_replace["dit"]`` hook receives and returns (ComfyUI
 | qwen_image | transformer_blocks (double_block) | img | {img, txt} |
 | wan, wan22_5b | blocks (double_block) | img | {img} |
 
+Families whose model routes no ``patches_replace["dit"]`` (``hook=MODULE``: Z-Image and Lumina 2's
+``NextDiT``, Krea2's ``SingleStreamDiT``) have each block stood in for by an object patch
+(nodes/module_hooks.py); the stand-in gives the same hook ``{"img": the block's input}`` and
+returns ``out["img"]``. Their refiners (NextDiT's noise and context refiners, Krea2's text fusion)
+run at every call: the cache point is the whole joint stream leaving the last block.
+
 No ComfyUI import: the CPU tests drive this table with fakes.
 """
 from __future__ import annotations
@@ -21,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 ALL_TOKENS, TXT_FIRST, IMG_FIRST = "all", "txt_first", "img_first"
+DIT, MODULE = "dit", "module"  # how the blocks are hooked: patches_replace["dit"], or an object patch per block
 
 
 def not_compiled(fn):
@@ -61,12 +68,22 @@ class Family:
     image_tokens: str = ALL_TOKENS  # where the image tokens sit in the last block's img
     reads_txt: bool = False  # the model reads "txt" back from (double) blocks
     base_classes: tuple | None = None  # ComfyUI model classes (ModelPatcher.model) served; None: any
+    config_classes: tuple | None = None  # ComfyUI model configs (comfy.supported_models) served; None: any
+    hook: str = DIT  # DIT: patches_replace["dit"]; MODULE: an object patch per block (nodes/module_hooks.py)
 
     def recognises(self, dm, base) -> bool:
         cls = type(dm)
         if cls.__name__ != self.model_class or not cls.__module__.endswith(self.module_suffix):
             return False
-        return self.base_classes is None or base is None or type(base).__name__ in self.base_classes
+        if self.base_classes is not None and base is not None and type(base).__name__ not in self.base_classes:
+            return False
+        config = getattr(base, "model_config", None)
+        return self.config_classes is None or config is None or type(config).__name__ in self.config_classes
+
+    def module_name(self, key: tuple[str, int]) -> str:
+        """The ModelPatcher object name of a block: ``diffusion_model.layers.3`` for ("layer", 3)."""
+        attr = next(a for a, kind in self.block_lists if kind == key[0])
+        return f"diffusion_model.{attr}.{key[1]}"
 
     def blocks(self, dm) -> list[tuple[str, int]]:
         keys = []
@@ -131,12 +148,18 @@ FAMILIES = (
     # Wan2.1 T2V/I2V and the Wan2.2 A14B experts (Wan2.1 architecture, ComfyUI class WAN21)
     Family("wan", "Wan2.1 / Wan2.2 A14B", "WanModel", "ldm.wan.model", WAN_BLOCKS, base_classes=("WAN21",)),
     Family("wan22_5b", "Wan2.2 TI2V 5B", "WanModel", "ldm.wan.model", WAN_BLOCKS, base_classes=("WAN22",)),
+    # no dit routing: one object patch per block (the refiners run at every call)
+    Family("z_image", "Z-Image", "NextDiT", "ldm.lumina.model", (("layers", "layer"),), base_classes=("Lumina2",),
+           config_classes=("ZImage",), hook=MODULE),
+    Family("lumina2", "Lumina Image 2.0", "NextDiT", "ldm.lumina.model", (("layers", "layer"),), base_classes=("Lumina2",),
+           config_classes=("Lumina2",), hook=MODULE),
+    Family("krea2", "Krea2", "SingleStreamDiT", "ldm.krea2.model", (("blocks", "block"),), base_classes=("Krea2",), hook=MODULE),
 )
 BY_NAME = {f.name: f for f in FAMILIES}
 
 SUPPORTED = (
     "FLUX.1 (dev, schnell), Chroma, HunyuanVideo (T2V), Qwen-Image, Wan2.1 (T2V, I2V), "
-    "Wan2.2 A14B (T2V, I2V: both experts) and Wan2.2 TI2V 5B"
+    "Wan2.2 A14B (T2V, I2V: both experts), Wan2.2 TI2V 5B, Z-Image, Lumina Image 2.0 and Krea2"
 )
 RESIDUAL_VARIANTS = (
     "Variants that add residuals or extra streams between blocks (Wan VACE, camera, S2V, HuMo, Animate) "

@@ -41,7 +41,7 @@ except ImportError:  # pragma: no cover - depends on how the pack is imported
     from dpcache_core.transfer import positions_from_sigmas, spread_ties
     from dpcache_core.settings import sample_record, sigmas_hash as settings_sigmas_hash, with_record
 
-from . import families
+from . import families, module_hooks
 from .sampler_counts import expected_evaluations, is_rectified_flow, sampler_name
 from .families import UnsupportedModelError  # noqa: F401  (re-exported: the nodes' error for an unknown model)
 
@@ -157,6 +157,7 @@ class BlockPatches:
     """
 
     def __init__(self, info: ModelInfo):
+        self.spec = info.spec
         self.keys = list(info.blocks)
         self.first, self.last = self.keys[0], self.keys[-1]
         self.installed: dict = {}
@@ -164,6 +165,11 @@ class BlockPatches:
 
     def install(self, model) -> None:
         """Patch every block of ``model`` (a clone), wrapping what was already there."""
+        if self.spec.hook == families.MODULE:  # no dit routing: a stand-in module per block
+            last = len(self.keys) - 1
+            self.installed = module_hooks.install(model, self.spec, self.keys,
+                                                  lambda n, key: make_block_patch(key, n == 0, n == last))
+            return
         existing = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
         for n, key in enumerate(self.keys):
             prev = existing.get(key)
@@ -186,6 +192,8 @@ class BlockPatches:
         """The block replacements a call should run with, and its variant: ((key, other node's
         replacement), ...) for our blocks another node replaced; () when every block is ours."""
         dit = to.get("patches_replace", {}).get("dit", {})
+        if self.spec.hook == families.MODULE:  # the model reads no dit replacement: none to compose with
+            return dit, ()
         variant = tuple((key, dit.get(key)) for key, mine in self.installed.items() if dit.get(key) is not mine)
         if not variant:
             return dit, ()

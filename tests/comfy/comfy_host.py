@@ -5,7 +5,8 @@ Run with the host's own python (the one ComfyUI's requirements are installed in)
 Every test here skips, with the reason, when COMFYUI_PATH is unset or ComfyUI cannot be imported.
 
 Models are tiny random-weight FLUX (dev and schnell), Wan2.1 (T2V, I2V), Chroma, HunyuanVideo (T2V),
-Qwen-Image, Wan2.2 TI2V 5B and two Wan2.2 A14B-style experts (Wan2.1 architecture) diffusion models,
+Qwen-Image, Wan2.2 TI2V 5B, two Wan2.2 A14B-style experts (Wan2.1 architecture), Lumina 2, and on
+ComfyUI 0.33 Z-Image and Krea2 diffusion models,
 built in-process by ComfyUI's own model classes; conditioning is random tensors of the real
 shapes. Nothing from ComfyUI is copied here.
 """
@@ -45,6 +46,20 @@ QWEN_IMAGE_CFG = {
     "image_model": "qwen_image", "in_channels": 64, "out_channels": 16, "num_layers": 3, "attention_head_dim": 32,
     "num_attention_heads": 2, "joint_attention_dim": 64, "axes_dims_rope": (8, 12, 12),
 }
+# NextDiT (Lumina 2, Z-Image) and Krea2's SingleStreamDiT: blocks hooked by object patches (nodes/module_hooks.py)
+LUMINA2_CFG = {
+    "image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 64, "n_layers": 3, "n_refiner_layers": 1,
+    "n_heads": 2, "n_kv_heads": 2, "multiple_of": 16, "ffn_dim_multiplier": 2.0, "qk_norm": True, "cap_feat_dim": 64,
+    "axes_dims": [8, 12, 12], "axes_lens": [300, 512, 512],
+}
+Z_IMAGE_CFG = dict(  # z_image_modulation needs dim >= 256 (its 256-wide timestep embedding feeds every block)
+    LUMINA2_CFG, dim=256, multiple_of=64, ffn_dim_multiplier=8.0 / 3.0, axes_dims=[32, 48, 48], axes_lens=[1536, 512, 512],
+    rope_theta=256.0, z_image_modulation=True, time_scale=1000.0, pad_tokens_multiple=32)
+KREA2_CFG = {
+    "image_model": "krea2", "features": 64, "tdim": 64, "txtdim": 32, "heads": 2, "kvheads": 2, "multiplier": 2,
+    "layers": 3, "patch": 2, "channels": 16, "txtlayers": 2, "txtheads": 2, "txtkvheads": 2,
+}
+MODULE_KEYS = ("lumina2", "z_image", "krea2")
 MODEL_KEYS = ("flux", "flux_schnell", "wan_t2v", "wan_i2v")
 # the other DiT families (tests/comfy/test_host_families.py); wan22_high/low: Wan2.2 A14B-style experts
 FAMILY_KEYS = ("chroma", "hunyuan_video", "qwen_image", "wan22_5b", "wan22_high", "wan22_low")
@@ -54,6 +69,7 @@ TIME_LAYERS = {
     "time_in.in_layer.weight": None, "guidance_in.in_layer.weight": None, "time_embedding.0.weight": None,
     "txt_in.t_embedder.in_layer.weight": None, "time_text_embed.timestep_embedder.linear_1.weight": None,
     "distilled_guidance_layer.in_proj.weight": (0, 16),  # Chroma: [16 timestep | 16 guidance | 32 index]
+    "t_embedder.mlp.0.weight": None, "tmlp.0.weight": None,  # NextDiT (Lumina 2, Z-Image), Krea2
 }
 
 _state = {}
@@ -159,13 +175,20 @@ def build_model(key):
         mc = sm.WAN22_T2V(dict(WAN_CFG, model_type="t2v", in_dim=48, out_dim=48))
     elif key in ("wan22_high", "wan22_low"):
         mc = sm.WAN21_T2V(dict(WAN_CFG, model_type="t2v", in_dim=16))
+    elif key == "lumina2":
+        mc = sm.Lumina2(dict(LUMINA2_CFG))
+    elif key in ("z_image", "krea2"):  # ComfyUI 0.33 and later
+        name = {"z_image": "ZImage", "krea2": "Krea2"}[key]
+        if not hasattr(sm, name):
+            pytest.skip(f"this ComfyUI ({COMFY}) has no comfy.supported_models.{name}: {key} needs ComfyUI 0.33 or later")
+        mc = getattr(sm, name)(dict(Z_IMAGE_CFG if key == "z_image" else KREA2_CFG))
     elif key == "wan_vace":  # unsupported: VACE adds residuals between blocks
         mc = sm.WAN21_Vace(dict(WAN_CFG, model_type="vace", in_dim=16, vace_layers=1, vace_in_dim=96))
     else:
         raise KeyError(key)
     mc.set_inference_dtype(torch.float32, None)
     model = mc.get_model({}, device=cpu)
-    init_weights(model.diffusion_model, seed=(ALL_KEYS + ("wan_vace",)).index(key) + 1)
+    init_weights(model.diffusion_model, seed=(ALL_KEYS + ("wan_vace",) + MODULE_KEYS).index(key) + 1)
     cache[key] = comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
     return cache[key]
 
@@ -180,6 +203,10 @@ def conditioning(key, seed=0, batch=1, frames=9, height=64, width=64):
         return torch.randn(*shape, generator=g)
 
     t = (frames - 1) // 4 + 1
+    if key in MODULE_KEYS:  # text features only (Qwen3 / Gemma hidden states; Krea2: a stack of 2 layers x 32)
+        mask = {"attention_mask": torch.ones(1, 8, dtype=torch.long)} if key != "krea2" else {}  # as the Lumina 2 encoder gives it (num_tokens)
+        pos, neg = [[rnd(1, 8, 64), dict(mask)]], [[rnd(1, 8, 64), dict(mask)]]
+        return pos, neg, torch.zeros(batch, 16, height // 8, width // 8)
     if key.startswith("flux") or key in ("chroma", "qwen_image", "hunyuan_video"):
         if key.startswith("flux"):
             extra = lambda: {"pooled_output": rnd(1, 32), "guidance": 3.5}  # noqa: E731
@@ -215,10 +242,10 @@ class BlockCounter:
         import torch
         self.dm = model.model.diffusion_model
         self.blocks = []
-        for attr in ("double_blocks", "single_blocks", "blocks", "transformer_blocks"):
+        for attr in ("double_blocks", "single_blocks", "blocks", "transformer_blocks", "layers"):
             ml = getattr(self.dm, attr, None)
-            if isinstance(ml, torch.nn.ModuleList):
-                self.blocks += [(f"{attr}.{i}", m) for i, m in enumerate(ml)]
+            if isinstance(ml, torch.nn.ModuleList):  # the blocks themselves, under a stand-in still loaded
+                self.blocks += [(f"{attr}.{i}", getattr(m, "dpcache_block", m)) for i, m in enumerate(ml)]
         self.counts = {name: 0 for name, _ in self.blocks}
         self.model_calls = 0
         self.batch_sizes = []
