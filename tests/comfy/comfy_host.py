@@ -133,7 +133,7 @@ def init_weights(module, seed):
             if p.ndim >= 2:
                 fan_in = p.shape[-1] if name.endswith("modulation") else math.prod(p.shape[1:])
                 p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(fan_in))
-            elif name.endswith(".bias"):
+            elif name.endswith((".bias", ".lin")):  # .lin: Krea2's modulation offsets (added to the timestep vector)
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
             else:
                 p.fill_(1.0)
