@@ -9,7 +9,7 @@ import torch
 
 import nodes_fakes as F
 from dpcache_core import Schedule
-from nodes import families, hooks, module_hooks
+from nodes import block_patches, families, module_hooks
 from nodes.dpcache_nodes import DPCacheApply
 
 
@@ -102,12 +102,12 @@ def apply(model, sched):
 
 
 def test_z_image_and_lumina2_are_told_apart_by_their_comfyui_config():
-    assert hooks.model_info(ObjectPatcher(NextDiT(), "ZImage")).family == "z_image"
-    info = hooks.model_info(ObjectPatcher(NextDiT(), "Lumina2"))
+    assert block_patches.model_info(ObjectPatcher(NextDiT(), "ZImage")).family == "z_image"
+    info = block_patches.model_info(ObjectPatcher(NextDiT(), "Lumina2"))
     assert info.family == "lumina2" and info.blocks == [("layer", i) for i in range(3)]
     assert info.spec.hook == families.MODULE and info.spec.module_name(("layer", 2)) == "diffusion_model.layers.2"
     with pytest.raises(families.UnsupportedModelError, match="NextDiT in a Lumina2 model"):
-        hooks.model_info(ObjectPatcher(NextDiT(), "SomeOtherLumina"))
+        block_patches.model_info(ObjectPatcher(NextDiT(), "SomeOtherLumina"))
 
 
 def test_blocks_are_object_patched_and_no_dit_replacement_is_registered():

@@ -62,7 +62,7 @@ class CallCount:
 @pytest.mark.parametrize("key", MODULE_KEYS)
 def test_module_family_uniform_k8_and_k5_of_8(host, key, cfg):
     model = build_model(key)
-    info = host["hooks"].model_info(model)
+    info = host["block_patches"].model_info(model)
     assert info.family == key and info.spec.hook == "module"
     ref = sample(model, key, steps=STEPS, cfg=cfg)
     schedule = host["core"].Schedule
@@ -116,7 +116,7 @@ def test_weight_patches_reach_the_blocks_under_a_stand_in(host, key):
     the unpatched one."""
     import torch
     model = build_model(key).clone()
-    info = host["hooks"].model_info(model)
+    info = host["block_patches"].model_info(model)
     prefix = info.spec.module_name(info.blocks[0]) + "."
     name, weight = next((n, p) for n, p in model.model.named_parameters(prefix="")
                         if n.startswith(prefix) and p.ndim == 2)
