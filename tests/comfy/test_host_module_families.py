@@ -157,3 +157,24 @@ def test_module_family_with_model_line_nodes(host, runs, node, key, order):
     from test_host_compose import model_sampling, run_case
     other = model_sampling("aura") if node == "ModelSamplingAuraFlow" else lora_on_attention
     run_case(host, runs, node, key, order, other)
+
+
+def test_z_image_block_patches_force_full_compute(host):
+    """ComfyUI 0.33's NextDiT calls non-replace patches["double_block"] after every layer (the Z-Image Fun
+    ControlNet model patch adds its features there): every evaluation is computed, and the output is the
+    patched model's."""
+    model = build_model("z_image").clone()
+    calls = []
+
+    def residual(args):
+        calls.append(args["block_index"])
+        return {"img": args["img"] + 0.01}
+
+    model.set_model_double_block_patch(residual)
+    ref = sample(model, "z_image", steps=STEPS)
+    assert calls, "this NextDiT did not call the double_block patch"
+    keys = host["core"].uniform_key_steps(STEPS, 5)
+    with BlockCounter(model) as c:
+        out = sample(apply(model, host["core"].Schedule(tuple(keys), STEPS)), "z_image", steps=STEPS)
+    assert set(c.counts.values()) == {STEPS} and (out - ref).abs().max().item() == 0.0
+    print(f"\n[host] z_image with a double_block patch: block calls {c.total}/{STEPS * len(c.counts)} (all computed)")
