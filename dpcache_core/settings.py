@@ -231,16 +231,25 @@ def distinct(values) -> object:
     return vals[0] if len(vals) == 1 else vals
 
 
-def with_record(old_meta: dict, record: dict) -> dict:
-    """The per-sample fields of a file after adding ``record``: ``sample_meta``, the list of every
-    sample's record, and ``resolution``, the one value or the distinct ones (a file written before
+def combine_records(metas: list[dict]) -> dict:
+    """The per-sample fields of the union of files with ``metas``: ``sample_meta``, every sample's
+    record in order, and ``resolution``, the one value or the distinct ones (a file written before
     records were kept contributes its single ``resolution``)."""
-    records = list(old_meta.get("sample_meta") or []) + [record]
-    resolutions = [r.get("resolution") for r in records]
-    if old_meta.get("resolution") and not old_meta.get("sample_meta"):
-        old = old_meta["resolution"]
-        resolutions = (old if isinstance(old, list) else [old]) + resolutions
+    records, resolutions = [], []
+    for meta in metas:
+        own = list(meta.get("sample_meta") or [])
+        records += own
+        if own:
+            resolutions += [r.get("resolution") for r in own]
+        elif meta.get("resolution"):
+            old = meta["resolution"]
+            resolutions += old if isinstance(old, list) else [old]
     return {"sample_meta": records, "resolution": distinct(resolutions)}
+
+
+def with_record(old_meta: dict, record: dict) -> dict:
+    """The per-sample fields of a file after adding ``record`` (see ``combine_records``)."""
+    return combine_records([old_meta, {"sample_meta": [record]}])
 
 
 def add_sample(path: str, setting: Setting, sample: np.ndarray, metadata: dict, record: dict,
