@@ -180,7 +180,7 @@ class DPCacheSchedule:
                 "pact": ([PRIOR, UNIFORM, MANUAL] + pact_files() + [AUTO], {"default": PRIOR, "tooltip": "(prior: no calibration), the default: dynamic programming on a cost prior averaged from the shipped FLUX and Wan PACTs, for any model and step count, no calibration needed. A calibrated PACT (models/dpcache/ and the pack's cost_matrices/) plans for your own model and sampler. (uniform) spaces the key steps evenly, (manual) takes your list. (auto): Apply DPCache's automatic mode (calibrates on the first run at a new setting, plans every later one; budget from key_steps of total_evaluations or target_speedup). The plan follows the file: PACTs from this version's DPCache Calibrate count only the evaluations that are skipped (history-exact at order 2 or more when the file holds that cost); older files and the paper authors' PACTs plan with the reference costs, as before. The text and picture say which."}),
                 "key_steps": ("INT", {"default": 13, "min": 1, "max": 1000, "tooltip": "K: how many evaluations are computed in full, mandatory ones included. Ideal speed-up T/K. Ignored by (manual)."}),
                 "first_full_steps": ("INT", {"default": 3, "min": 1, "max": 1000, "tooltip": "The first evaluations are always computed (the picture changes fastest there)."}),
-                "last_full_steps": ("INT", {"default": 0, "min": 0, "max": 1000, "tooltip": "The last evaluations are always computed (fine detail). (prior: no calibration) keeps at least the last 3 as keys, fewer where key_steps cannot afford them."}),
+                "last_full_steps": ("INT", {"default": 0, "min": 0, "max": 1000, "tooltip": "The last evaluations are always computed (fine detail). (prior: no calibration) keeps the last 3 as keys (or this many if more) where the run's key budget affords them under the hop cap, fewer where it cannot, at every run length."}),
                 "total_evaluations": ("INT", {"default": 50, "min": 1, "max": 10000, "tooltip": "T for (uniform)/(manual): the model evaluations of your run (Euler: steps; Heun: about 2x steps). A PACT sets T itself."}),
                 "manual_key_steps": ("STRING", {"default": "", "tooltip": "For (manual): key evaluations such as '0, 1, 2, 5, 9-11' (0-based; 0 is added)."}),
             },
@@ -305,7 +305,7 @@ def plan_entry(pact, key_steps, first_full_steps=3, last_full_steps=0, total_eva
             keys, last_full_steps = (fewest_feasible(solve_prior, key_steps, total_evaluations, target_speedup)
                                      if by_speedup else solve_prior(key_steps))
             notes += speedup_note(target_speedup, key_steps, len(keys), total_evaluations) if by_speedup else []
-            planner = core.Planner(total_evaluations, rule, first_full_steps, last_full_steps, cost=cost,
+            planner = core.Planner(total_evaluations, rule, first_full_steps, typed_last, cost=cost,
                                    order=core.prior.PRIOR_ORDER, label=f"(prior) made for T={total_evaluations}", prior=True)
             return core.Schedule(tuple(keys), total_evaluations, order=int(taylor_order), source="prior",
                                  cost=core.path_cost(cost, keys, "skip"), first_full_steps=first_full_steps,
