@@ -112,6 +112,45 @@ def combine_sampling(metas: list[dict]) -> dict:
     }
 
 
+SCHEMES = ("reference", "exact")  # taylor.SCHEMES
+CONVENTIONS = ("reference", "skip")  # schedule.CONVENTIONS
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
+
+
+def check_metadata(meta: dict, num_evals: int, name: str) -> dict:
+    """``meta`` of a PACT of ``num_evals`` evaluations, every field the pack reads checked: a
+    ``PactFileError`` naming the field when one is of the wrong type or length (never used silently)."""
+
+    def bad(field: str, want: str):
+        raise PactFileError(f"{name}: metadata field {field!r} is {meta.get(field)!r:.80}, expected {want}; "
+                            "calibrate again, or fix or remove that field")
+
+    order = meta.get("order")
+    if order is not None and not (isinstance(order, int) and not isinstance(order, bool) and 1 <= order < num_evals):
+        bad("order", f"a whole number from 1 to {num_evals - 1}")
+    if meta.get("scheme") is not None and meta["scheme"] not in SCHEMES:
+        bad("scheme", " or ".join(map(repr, SCHEMES)))
+    if meta.get("convention") is not None and meta["convention"] not in CONVENTIONS:
+        bad("convention", " or ".join(map(repr, CONVENTIONS)))
+    for field in ("positions", "eval_sigmas"):  # the evaluations and the end: T + 1 numbers
+        values = meta.get(field)
+        if values is not None and not (isinstance(values, list) and len(values) == num_evals + 1
+                                       and all(is_number(v) for v in values)):
+            bad(field, f"a list of {num_evals + 1} numbers (one per evaluation and the end, T={num_evals})")
+    windows = meta.get("windows")
+    if windows is not None and not (isinstance(windows, list) and all(
+            isinstance(w, list) and len(w) == 3 and all(isinstance(v, int) and v >= 0 for v in w)
+            and w[0] + w[1] <= num_evals for w in windows)):
+        bad("windows", f"a list of [first evaluation, evaluations, samples] within T={num_evals}")
+    samples = meta.get("samples")
+    if samples is not None and not (isinstance(samples, int) and not isinstance(samples, bool) and samples >= 0):
+        bad("samples", "a whole number >= 0")
+    return meta
+
+
 def load_pact(path: str) -> tuple[PactAccumulator, dict]:
     """Read a PACT file written by ``save_pact``; ``PactFileError`` if it is missing, damaged or foreign."""
     if not os.path.isfile(path):
@@ -139,6 +178,7 @@ def load_pact(path: str) -> tuple[PactAccumulator, dict]:
         raise PactFileError(f"{name} has tensors of the wrong shape ({got}, expected {shape}); calibrate again")
     if (counts < 0).any() or not np.isfinite(sums).all():
         raise PactFileError(f"{name} holds invalid sums or counts; calibrate again")
+    check_metadata(meta, num_evals, name)
     acc = PactAccumulator(num_evals)
     acc.sums = sums.astype(np.float64)
     acc.counts = counts.astype(np.int64)

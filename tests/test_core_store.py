@@ -153,3 +153,42 @@ def test_new_pact_gets_the_umask_mode_and_overwrite_keeps_the_old_mode(tmp_path,
         assert sorted(p.name for p in tmp_path.iterdir()) == ["p.safetensors"]
     finally:
         os.umask(old)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("positions", [0.0, 0.5, 1.0]),  # 3 values for T=6: 7 expected
+    ("positions", "0 0.2 0.4"),
+    ("eval_sigmas", [1.0] * 6),
+    ("order", "two"),
+    ("order", 2.5),
+    ("order", 0),
+    ("scheme", "magic"),
+    ("convention", "history"),
+    ("windows", [[0, 9, 1]]),
+    ("samples", -1),
+])
+def test_metadata_of_the_wrong_type_or_length_is_a_pact_file_error_naming_the_field(tmp_path, field, value):
+    path = str(tmp_path / "p.safetensors")
+    save_pact(path, sample_acc(), {"model_family": "flux", "order": 2, "scheme": "reference"})
+    import json
+    from safetensors.numpy import load_file, save_file
+    from safetensors import safe_open
+    with safe_open(path, framework="np") as f:
+        header = f.metadata()
+    meta = json.loads(header["dpcache"])
+    meta[field] = value
+    header["dpcache"] = json.dumps(meta)
+    save_file(load_file(path), path, metadata=header)
+    with pytest.raises(PactFileError, match=f"p.safetensors: metadata field '{field}'"):
+        load_pact(path)
+    from dpcache_core.merge import merge_pacts  # every reader goes through the one check
+    with pytest.raises(PactFileError, match=f"'{field}'"):
+        merge_pacts([path, str(tmp_path / "q.safetensors")])
+
+
+def test_metadata_of_the_right_shape_loads(tmp_path):
+    path = str(tmp_path / "p.safetensors")
+    meta = {"model_family": "flux", "order": 2, "scheme": "reference", "convention": "skip",
+            "positions": [k / 6 for k in range(7)], "eval_sigmas": [1 - k / 6 for k in range(7)]}
+    save_pact(path, sample_acc(), meta)
+    assert load_pact(path)[1]["positions"] == meta["positions"]
