@@ -49,6 +49,7 @@ import torch.nn.functional as F
 
 from bench import comfy_env
 from bench import train_comfy_flux, train_comfy_wan
+from bench.spectrum import spectrum_key_steps
 from dpcache_core.picture import font, render_image_rows, text_width, write_png
 from bench.train_comfy_flux import LATENT_SIZE, WEIGHTS, load_prompts
 
@@ -509,7 +510,7 @@ def spectrum_schedule(num_evals: int, k: int, predictor: str = "spectral", order
     windows, tail) run by Apply DPCache with the spectral forecaster (a (manual) schedule); another
     ``predictor`` / ``order``: the same keys with that forecaster (a candidate default)."""
     core = comfy_env.boot()["core"]
-    keys = core.spectrum_key_steps(num_evals, k)
+    keys = spectrum_key_steps(num_evals, k)
     return core.Schedule(tuple(keys), num_evals, order=order, source="manual", first_full_steps=1, predictor=predictor)
 
 

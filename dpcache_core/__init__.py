@@ -21,7 +21,7 @@ from .schedule import (
     solve_schedule_reference,
     uniform_key_steps,
 )
-from .spectral import SpectralPredictor, spectrum_key_steps
+from .spectral import SpectralPredictor
 from .store import PACK_VERSION, PactFileError, import_reference, import_reference_pkl, load_pact, save_pact
 from .taylor import TaylorPredictor
 from .transfer import index_positions, positions_from_sigmas, transfer_pact
@@ -67,7 +67,6 @@ __all__ = [
     "solve_schedule",
     "solve_schedule_history",
     "solve_schedule_reference",
-    "spectrum_key_steps",
     "to_comfy_image",
     "uniform_key_steps",
     "write_png",
