@@ -18,7 +18,6 @@ from .schedule import (
     path_cost_history,
     solve_schedule,
     solve_schedule_history,
-    solve_schedule_reference,
     uniform_key_steps,
 )
 from .spectral import SpectralPredictor
@@ -66,7 +65,6 @@ __all__ = [
     "save_pact",
     "solve_schedule",
     "solve_schedule_history",
-    "solve_schedule_reference",
     "to_comfy_image",
     "uniform_key_steps",
     "write_png",
