@@ -23,7 +23,8 @@ from bench import forecasters as fc
 from bench.spectrum import spectrum_key_steps
 
 SETTINGS = ({}, {"blend": 0.25}, {"blend": 0.75}, {"blend": 1.0}, {"degree": 3}, {"degree": 6},
-            {"ridge": 0.01}, {"ridge": 1.0}, {"max_history": 6}, {"max_history": 10}, {"max_history": 16})
+            {"ridge": 0.01}, {"ridge": 1.0}, {"max_history": 6}, {"max_history": 10}, {"max_history": 16},
+            {"centred": False})
 
 
 def main(argv=None) -> None:

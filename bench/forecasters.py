@@ -40,7 +40,7 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 KS = (7, 9, 10, 13, 17, 20, 25)
 # Spectrum's own forecaster fits all the features computed so far (the paper; the ComfyUI ports keep
 # up to 128); this pack's spectral forecaster keeps the last 8 (dpcache_core.spectral).
-SPECTRUM_FORECASTER = {"max_history": cc.STEPS}
+SPECTRUM_FORECASTER = {"max_history": cc.STEPS, "centred": False}  # the paper's fit: ridge on every coefficient
 
 
 def node_schedule(pact: str, k: int, order: int = 2, forecaster: str | None = None):

@@ -10,8 +10,14 @@ Time coordinate ``t``: the evaluation's position in the run, ``index / num_evals
 
 The fit is linear in the features, so it is done in the small (history x basis) space: the
 prediction at t is ``sum_j a_j(t) F_j`` over the kept features F_j, with the weights
-``a(t) = X (X^T X + lambda I)^-1 x(t)`` (X: the basis at the kept times, x(t): the basis at t).
+``a(t) = X (X^T X + lambda P)^-1 x(t)`` (X: the basis at the kept times, x(t): the basis at t).
 No coefficient tensor is formed; the cost per prediction is one pass over the kept features.
+
+Centred fit (the default): the ridge penalty P is on the curvature coefficients T_2 .. T_m only, not
+on the constant and the slope, so the weights sum to 1 and a constant or a linear trend is forecast
+exactly, whatever follows the cache point (the paper's penalty on every coefficient, ``centred=False``,
+shrinks the forecast towards 0: its weights sum to 0.7-0.9, a constant 1000 was forecast as 917 or
+791). Measured: bench/results/spectral_centred_toy.md.
 """
 from __future__ import annotations
 
@@ -53,17 +59,30 @@ def to_tau(t) -> np.ndarray:
     return 2.0 * np.asarray(t, dtype=np.float64) - 1.0
 
 
+def ridge_penalty(degree: int, ridge: float, centred: bool = True) -> np.ndarray:
+    """The ridge penalty matrix lambda P: on every Chebyshev coefficient, or ``centred`` on T_2 ..
+    T_degree only (the constant and the slope are fitted unshrunk: constants and lines exact)."""
+    penalty = np.full(degree + 1, float(ridge))
+    if centred:
+        penalty[:2] = 0.0
+    return np.diag(penalty)
+
+
 def spectral_weights(times, t: float, degree: int = DEFAULT_DEGREE, ridge: float = DEFAULT_RIDGE,
-                     blend: float = DEFAULT_BLEND) -> np.ndarray:
+                     blend: float = DEFAULT_BLEND, centred: bool = True) -> np.ndarray:
     """Weights of the prediction at ``t`` on features at ``times`` (oldest first): the forecast is
-    ``sum_j w_j F(times_j)``. Pure numbers, so the planner can use them without features."""
+    ``sum_j w_j F(times_j)``. Pure numbers, so the planner can use them without features.
+    ``centred`` (the default): they sum to 1 and reproduce a linear trend (module docstring)."""
     times = np.asarray(times, dtype=np.float64)
     n = times.shape[0]
     if n == 0:
         raise RuntimeError("SpectralPredictor.predict called before any update (no key step yet)")
     design = chebyshev_basis(to_tau(times), degree)  # (n, P)
-    gram = design.T @ design + ridge * np.eye(degree + 1)
-    spectral = design @ np.linalg.solve(gram, chebyshev_basis(to_tau(t), degree)[0])  # (n,)
+    if centred and n == 1:  # one feature: the fit is that constant
+        spectral = np.ones(1)
+    else:
+        gram = design.T @ design + ridge_penalty(degree, ridge, centred)
+        spectral = design @ np.linalg.solve(gram, chebyshev_basis(to_tau(t), degree)[0])  # (n,)
     linear = np.zeros(n)
     linear[-1] = 1.0
     if n >= 2:
@@ -90,7 +109,7 @@ class SpectralPredictor:
     """
 
     def __init__(self, degree: int = DEFAULT_DEGREE, ridge: float = DEFAULT_RIDGE, blend: float = DEFAULT_BLEND,
-                 max_history: int = DEFAULT_MAX_HISTORY):
+                 max_history: int = DEFAULT_MAX_HISTORY, centred: bool = True):
         if degree < 0:
             raise ValueError(f"Chebyshev degree must be >= 0, got {degree}")
         if not ridge > 0:
@@ -100,6 +119,7 @@ class SpectralPredictor:
         if max_history < 2:
             raise ValueError(f"max_history must be at least 2 (the local extrapolation needs two), got {max_history}")
         self.degree, self.ridge, self.blend, self.max_history = int(degree), float(ridge), float(blend), int(max_history)
+        self.centred = bool(centred)
         self.reset()
 
     def reset(self) -> None:
@@ -125,7 +145,7 @@ class SpectralPredictor:
 
     def weights(self, t: float) -> np.ndarray:
         """The weight of each kept feature (oldest first) in the prediction at ``t``."""
-        return spectral_weights(list(self.times), t, self.degree, self.ridge, self.blend)
+        return spectral_weights(list(self.times), t, self.degree, self.ridge, self.blend, self.centred)
 
     def predict(self, t: float, out: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The predicted feature at ``t``, summed in float32 block by block and written into ``out``

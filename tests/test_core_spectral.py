@@ -7,13 +7,15 @@ from dpcache_core import CacheRun, Schedule, SpectralPredictor
 from dpcache_core.spectral import chebyshev_basis
 
 
-def direct_ridge_prediction(times, features, t, degree, ridge, blend):
+def direct_ridge_prediction(times, features, t, degree, ridge, blend, centred=False):
     """Spectrum's forecast by a direct solve: the Chebyshev coefficients by least squares on the
-    ridge-augmented system [X; sqrt(lambda) I] C = [H; 0], blended with the linear extrapolation."""
+    ridge-augmented system [X; sqrt(lambda) I] C = [H; 0], blended with the linear extrapolation;
+    ``centred``: no penalty rows for the constant and the slope."""
     tau = 2 * np.asarray(times) - 1
     design = np.polynomial.chebyshev.chebvander(tau, degree)
-    augmented = np.vstack([design, np.sqrt(ridge) * np.eye(degree + 1)])
-    targets = np.vstack([features, np.zeros((degree + 1, features.shape[1]))])
+    penalised = np.eye(degree + 1)[2 if centred else 0:]
+    augmented = np.vstack([design, np.sqrt(ridge) * penalised])
+    targets = np.vstack([features, np.zeros((len(penalised), features.shape[1]))])
     coef = np.linalg.lstsq(augmented, targets, rcond=None)[0]
     spectral = np.polynomial.chebyshev.chebvander(np.array([2 * t - 1]), degree) @ coef
     k = (t - times[-1]) / (times[-1] - times[-2])
@@ -21,16 +23,18 @@ def direct_ridge_prediction(times, features, t, degree, ridge, blend):
     return blend * spectral[0] + (1 - blend) * linear
 
 
+@pytest.mark.parametrize("centred", [True, False])
 @pytest.mark.parametrize("degree, ridge, blend", [(4, 0.1, 0.5), (3, 1e-3, 1.0), (6, 1.0, 0.25), (2, 0.1, 0.0)])
-def test_prediction_matches_a_direct_least_squares_solve(degree, ridge, blend):
+def test_prediction_matches_a_direct_least_squares_solve(degree, ridge, blend, centred):
     rng = np.random.default_rng(degree)
     times = np.array([0.0, 0.02, 0.04, 0.1, 0.18, 0.3, 0.44])
     features = rng.standard_normal((len(times), 37))
-    predictor = SpectralPredictor(degree, ridge, blend, max_history=16)
+    predictor = SpectralPredictor(degree, ridge, blend, max_history=16, centred=centred)
     for t, f in zip(times, features):
         predictor.update(t, torch.from_numpy(f).float())
     for t in (0.46, 0.6, 0.9):
-        want = direct_ridge_prediction(times, features.astype(np.float32).astype(np.float64), t, degree, ridge, blend)
+        want = direct_ridge_prediction(times, features.astype(np.float32).astype(np.float64), t, degree, ridge, blend,
+                                       centred)
         np.testing.assert_allclose(predictor.predict(t).double().numpy(), want, rtol=1e-4, atol=1e-5)
 
 
@@ -43,7 +47,8 @@ def test_ring_keeps_only_the_last_features_and_fits_those():
         predictor.update(t, torch.from_numpy(f).float())
     assert list(predictor.times) == list(times[-4:])
     assert predictor.nbytes() == 4 * 5 * 4
-    want = direct_ridge_prediction(times[-4:], features[-4:].astype(np.float32).astype(np.float64), 0.9, 4, 0.1, 0.5)
+    want = direct_ridge_prediction(times[-4:], features[-4:].astype(np.float32).astype(np.float64), 0.9, 4, 0.1, 0.5,
+                                   centred=True)
     np.testing.assert_allclose(predictor.predict(0.9).double().numpy(), want, rtol=1e-4, atol=1e-5)
 
 
@@ -94,3 +99,20 @@ def test_cache_run_builds_the_spectral_forecaster_on_positions():
     assert run.nbytes() == 4 * 6 * 4
     with pytest.raises(ValueError, match="unknown forecaster"):
         Schedule((0, 1), num_evals=4, predictor="fourier")
+
+
+@pytest.mark.parametrize("blend", [1.0, 0.5])
+@pytest.mark.parametrize("keys", [[0], [0, 1], [0, 1, 2], [0, 1, 2, 4, 8], [0, 1, 2, 4, 8, 13, 19, 25, 32, 40]])
+def test_centred_fit_forecasts_constants_and_linear_trends_exactly(blend, keys):
+    """Pure-spectral (blend 1) weights summed to 0.78-0.97 before: a constant 1000 came out as 917 or 791."""
+    times = [k / 50 for k in keys]
+    constant, ramp = SpectralPredictor(blend=blend), SpectralPredictor(blend=blend)
+    line = lambda t: torch.tensor([1000.0, -3.0]) + t * torch.tensor([-250.0, 40.0])  # noqa: E731
+    for t in times:
+        constant.update(t, torch.full((2,), 1000.0))
+        ramp.update(t, line(t))
+    for t in (times[-1] + 1 / 50, times[-1] + 7 / 50, 1.0):
+        assert constant.weights(t).sum() == pytest.approx(1.0, abs=1e-9)
+        torch.testing.assert_close(constant.predict(t), torch.full((2,), 1000.0), rtol=1e-5, atol=1e-3)
+        if len(keys) > 1:  # a line needs two points
+            torch.testing.assert_close(ramp.predict(t), line(t), rtol=1e-5, atol=1e-3)
