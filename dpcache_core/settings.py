@@ -1,8 +1,9 @@
 """What a "setting" is for the automatic mode, and its PACT files (no ComfyUI import).
 
 A PACT only plans the runs it describes. The automatic mode keys a file by a ``Setting``: the model
-family, a cheap fingerprint of the weights as patched (``weights_fingerprint``: a few fixed slices
-of a few parameters plus the patch keys and strengths, so a LoRA set changes it), the sampler, the
+family, a cheap fingerprint of the weights as patched (``weights_fingerprint``: values spread over
+every weight tensor, read once per loaded model, plus the weight patches and weight hooks with their
+strengths, so a merged checkpoint, a LoRA set or a hooked LoRA changes it), the sampler, the
 scheduler (a hash of the sigmas themselves), the evaluation count, the conditionings per evaluation
 (cfg batching) and, for a run over a slice of the sigmas, that window. Measurements on the benchmark
 model (BENCHMARKS.md, "Automatic calibration") decide whether the resolution is part of the key
@@ -24,6 +25,7 @@ import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import torch
 from safetensors import safe_open
 
 from .pact import PactAccumulator
@@ -51,19 +53,82 @@ def sigmas_hash(sigmas) -> str:
     return digest("sigmas", values)[:12]
 
 
-def weights_fingerprint(slices: dict[str, np.ndarray], shapes: list, patches: list) -> str:
-    """A cheap fingerprint of the weights as patched.
+SAMPLED_VALUES = 16  # values read per weight tensor, spread over the whole tensor
+MAX_SAMPLED_TENSORS = 4096  # tensors read at most (evenly picked beyond): bounds the time on any model
 
-    ``slices``: a few fixed slices of a few parameters (name -> small array); ``shapes``: (name,
-    shape) of every parameter (cheap: no values); ``patches``: (key, strengths, digest of the patch
-    data) of every patched weight (a LoRA set and its strengths). Never reads all the weights."""
-    parts = [("shapes", [(str(n), list(map(int, s))) for n, s in shapes]), ("patches", sorted(patches, key=str))]
-    h = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode())
-    for name in sorted(slices):
-        a = np.ascontiguousarray(np.asarray(slices[name], dtype=np.float32))
-        h.update(name.encode())
-        h.update(a.tobytes())
+
+def strided_values(tensor, count: int = SAMPLED_VALUES):
+    """``count`` values spread evenly over the whole of ``tensor`` (a strided view: nothing else is
+    read), as float32 on the tensor's device; None when they cannot be read (a meta or quantised tensor)."""
+    try:
+        flat = tensor.detach().reshape(-1)
+        if flat.is_complex():
+            flat = torch.view_as_real(flat).reshape(-1)
+        return flat[:: max(1, flat.numel() // count)][:count].float()
+    except Exception:
+        return None
+
+
+def tensors_digest(named) -> str:
+    """A hash of ``named`` tensors [(name, tensor)]: every name, shape and dtype, and
+    ``SAMPLED_VALUES`` values spread over each (``MAX_SAMPLED_TENSORS`` tensors read at most),
+    gathered per device and copied to the CPU once. Never raises: an unreadable tensor counts by
+    its name, shape and dtype."""
+    named = sorted(((str(n), t) for n, t in named if isinstance(t, torch.Tensor)), key=lambda nt: nt[0])
+    h = hashlib.sha256(json.dumps([(n, list(t.shape), str(t.dtype)) for n, t in named]).encode())
+    step = max(1.0, len(named) / MAX_SAMPLED_TENSORS)
+    picked = [named[int(i * step)] for i in range(min(len(named), MAX_SAMPLED_TENSORS))]
+    by_device: dict = {}
+    for name, t in picked:
+        values = strided_values(t)
+        if values is not None:
+            by_device.setdefault(str(values.device), []).append(values)
+    for device in sorted(by_device):
+        try:
+            h.update(device.split(":")[0].encode())
+            h.update(torch.cat(by_device[device]).cpu().numpy().tobytes())
+        except Exception:  # a device that cannot copy out (meta): its shapes are hashed above
+            pass
     return h.hexdigest()[:16]
+
+
+def describe_patch(obj, depth: int = 0):
+    """A JSON-able description of a weight patch (LoRA, diff, set, an adapter object, a function, ...):
+    numbers and strings as they are, a tensor as its shape, dtype and ``SAMPLED_VALUES`` values spread
+    over it, an object as its type and its ``weights``. Never raises."""
+    try:
+        if obj is None or isinstance(obj, (bool, int, str)):
+            return obj
+        if isinstance(obj, float):
+            return round(obj, 9)
+        if isinstance(obj, torch.Tensor):
+            values = strided_values(obj)
+            try:
+                values = None if values is None else [round(float(v), 6) for v in values.cpu()]
+            except Exception:
+                values = None
+            return ["tensor", list(obj.shape), str(obj.dtype), values]
+        if depth > 6:
+            return type(obj).__name__
+        if isinstance(obj, (list, tuple)):
+            return [describe_patch(x, depth + 1) for x in obj]
+        if isinstance(obj, dict):
+            return sorted([str(k), describe_patch(v, depth + 1)] for k, v in obj.items())
+        if hasattr(obj, "weights"):  # a LoRA adapter object (comfy.weight_adapter): its type and tensors
+            return [type(obj).__name__, describe_patch(obj.weights, depth + 1)]
+        return getattr(obj, "__qualname__", type(obj).__name__)  # a function or another object: its name
+    except Exception:
+        return type(obj).__name__
+
+
+def weights_fingerprint(weights: str, patches: dict | None = None, hook_patches: dict | None = None) -> str:
+    """The fingerprint of the weights as the run uses them: ``weights``, a digest of the weights as
+    loaded (``tensors_digest``), ``patches``, the patcher's weight patches {key: [entries]} (a LoRA
+    set and its strengths), and ``hook_patches``, the weight hooks registered for this run (Create
+    Hook LoRA: {hook: {key: [entries]}}; the hooks' identities do not count, their content does)."""
+    hooks = sorted(json.dumps(describe_patch(p), sort_keys=True) for p in (hook_patches or {}).values())
+    parts = [weights, describe_patch(patches or {}), hooks]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def resolution_bucket(tokens: int) -> str:

@@ -20,10 +20,10 @@ from __future__ import annotations
 import logging
 import os
 import time
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 try:  # inside ComfyUI the pack is a package; in the CPU tests the repo root is on sys.path
     from .. import dpcache_core as core
@@ -83,58 +83,35 @@ class AutoSchedule:
 # What the run is
 
 
-def param_slices(model_patcher, count: int = 4, length: int = 64) -> tuple[dict, list]:
-    """({name: first ``length`` values} of ``count`` parameters at fixed places in the sorted list,
-    [(name, shape)] of all): reads a few hundred numbers, never the whole model. A weight a patch
-    changed in place is read from the patcher's backup (the weight as loaded)."""
+#: The digest of each loaded diffusion model's weights as loaded (computed once per model, not per run)
+BASE_WEIGHTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def base_weights(model_patcher) -> str:
+    """``settings.tensors_digest`` of the diffusion model's parameters as loaded: a weight a patch
+    changed in place is read from the patcher's backup. Cached per model object: read once."""
     dm = model_patcher.get_model_object("diffusion_model")
-    params = sorted(dm.named_parameters(), key=lambda kv: kv[0])
-    shapes = [(name, tuple(p.shape)) for name, p in params]
+    try:
+        return BASE_WEIGHTS[dm]
+    except (KeyError, TypeError):
+        pass
     backup = getattr(model_patcher, "backup", None) or {}
-    picks = sorted({round(i * (len(params) - 1) / max(count - 1, 1)) for i in range(count)}) if params else []
-    slices = {}
-    for i in picks:
-        name, p = params[i]
+    named = []
+    for name, p in dm.named_parameters():
         saved = backup.get("diffusion_model." + name)
-        t = getattr(saved, "weight", saved) if saved is not None else p
-        try:
-            slices[name] = t.detach().reshape(-1)[:length].float().cpu().numpy()
-        except Exception:  # a quantised or meta tensor: its shape is in ``shapes``
-            pass
-    return slices, shapes
+        named.append((name, getattr(saved, "weight", saved) if saved is not None else p))
+    digest = settings.tensors_digest(named)
+    try:
+        BASE_WEIGHTS[dm] = digest
+    except TypeError:  # not weakly referable: computed per run
+        pass
+    return digest
 
 
-def first_tensor(obj, depth: int = 0):
-    if isinstance(obj, torch.Tensor):
-        return obj
-    if depth > 3:
-        return None
-    items = obj if isinstance(obj, (list, tuple)) else getattr(obj, "weights", None)
-    for item in items if isinstance(items, (list, tuple)) else ():
-        t = first_tensor(item, depth + 1)
-        if t is not None:
-            return t
-    return None
-
-
-def patch_list(model_patcher, tensors: int = 16) -> list:
-    """[(key, strengths, digest)] of every weight patch (LoRAs and the like): the keys and
-    strengths of all, and the first values of the data of the first ``tensors`` keys."""
-    patches = getattr(model_patcher, "patches", None) or {}
-    out = []
-    for n, key in enumerate(sorted(patches)):
-        entries = []
-        for entry in patches[key]:
-            strength = [e for e in entry[:1] + entry[2:3]] if isinstance(entry, tuple) else []
-            data = entry[1] if isinstance(entry, tuple) and len(entry) > 1 else entry
-            values = None
-            if n < tensors:
-                t = first_tensor(data)
-                if t is not None:
-                    values = [round(float(v), 6) for v in t.detach().reshape(-1)[:8].float().cpu()]
-            entries.append((type(data).__name__, [float(s) if isinstance(s, (int, float)) else str(s) for s in strength], values))
-        out.append((str(key), entries))
-    return out
+def weights_key(model_patcher) -> str:
+    """The setting's weights: as loaded, with the weight patches (LoRAs) and weight hooks (Create Hook LoRA)."""
+    return settings.weights_fingerprint(base_weights(model_patcher), getattr(model_patcher, "patches", None),
+                                        getattr(model_patcher, "hook_patches", None))
 
 
 def conditionings_per_evaluation(guider) -> int:
@@ -148,12 +125,11 @@ def conditionings_per_evaluation(guider) -> int:
 
 
 def run_setting(guider, family: str, sampler, sigmas, latent, shape) -> settings.Setting:
-    slices, shapes = param_slices(guider.model_patcher)
     window = f"{shape.start:.2f}-{shape.end:.2f}" if shape.partial else ""
     bucket = settings.resolution_bucket(int(np.prod(latent.shape[2:]))) if settings.RESOLUTION_KEYED else ""
     return settings.Setting(
         family=family,
-        weights=settings.weights_fingerprint(slices, shapes, patch_list(guider.model_patcher)),
+        weights=weights_key(guider.model_patcher),
         sampler=sampler_name(sampler) or "sampler",
         scheduler=hooks.guess_scheduler(guider, sigmas) or "custom",
         sigmas=settings.sigmas_hash(sigmas.detach().float().cpu().reshape(-1).tolist()),
