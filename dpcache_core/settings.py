@@ -11,8 +11,8 @@ model (BENCHMARKS.md, "Automatic calibration") decide whether the resolution is 
 
 Files are ``auto_<family>_<sampler>_<scheduler>_<T>_<hash>.safetensors``: readable, and the hash of
 the whole key keeps two settings apart. ``add_sample`` merges a calibration sample into a file
-under a lock file (read, add, write atomically), so two runs calibrating the same setting at once
-both land in one whole file.
+under its lock (``store.update_pact``: read, add, write atomically), so two runs calibrating the
+same setting at once both land in one whole file.
 """
 from __future__ import annotations
 
@@ -21,7 +21,6 @@ import json
 import math
 import os
 import re
-import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -29,7 +28,7 @@ import torch
 from safetensors import safe_open
 
 from .pact import PactAccumulator
-from .store import FORMAT, PactFileError, combine_sampling, load_pact, save_pact
+from .store import FORMAT, PactFileError, combine_sampling, update_pact
 
 PREFIX = "auto_"
 DEFAULT_TARGET_SPEEDUP = 3.85  # DPCache Schedule's default: K = 13 of T = 50
@@ -37,7 +36,6 @@ DEFAULT_OWN_EVALS = 50
 #: Whether the resolution (token count bucket) is part of a setting. Measured on the benchmark
 #: model: see BENCHMARKS.md "Automatic calibration" and docs/auto.md.
 RESOLUTION_KEYED = False
-LOCK_STALE_S = 600.0  # a lock file older than this is left over from a crashed process
 
 
 def digest(*parts) -> str:
@@ -241,46 +239,6 @@ def nearest(folder: str, setting: Setting, skip: set | None = None) -> Found | N
     return best
 
 
-class FileLock:
-    """An exclusive lock file ``<path>.lock`` (O_CREAT | O_EXCL): works between processes on one
-    machine and on most network file systems. A lock older than ``stale_s`` is left over from a
-    crashed process and is taken over."""
-
-    def __init__(self, path: str, timeout_s: float = 120.0, stale_s: float = LOCK_STALE_S):
-        self.path = path + ".lock"
-        self.timeout_s, self.stale_s = timeout_s, stale_s
-        self.fd = None
-
-    def __enter__(self):
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        deadline = time.monotonic() + self.timeout_s
-        while True:
-            try:
-                self.fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
-                os.write(self.fd, str(os.getpid()).encode())
-                return self
-            except FileExistsError:
-                try:
-                    if time.time() - os.stat(self.path).st_mtime > self.stale_s:
-                        os.unlink(self.path)
-                        continue
-                except FileNotFoundError:
-                    continue
-                if time.monotonic() > deadline:
-                    raise TimeoutError(
-                        f"{os.path.basename(self.path)} is held by another process for more than {self.timeout_s:.0f} s; "
-                        "if no ComfyUI is calibrating, delete it") from None
-                time.sleep(0.05)
-
-    def __exit__(self, *exc):
-        os.close(self.fd)
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
-        return False
-
-
 def sample_record(resolution: str, seed, sampler: str, scheduler: str, **extra) -> dict:
     """The per-sample metadata a file keeps as a list (never overwritten by the next run)."""
     rec = {"resolution": resolution, "seed": None if seed is None else int(seed), "sampler": sampler,
@@ -319,12 +277,13 @@ def with_record(old_meta: dict, record: dict) -> dict:
 
 def add_sample(path: str, setting: Setting, sample: np.ndarray, metadata: dict, record: dict,
                history: np.ndarray | None = None) -> dict:
-    """Add one calibration sample of ``setting`` to its file, under the file's lock: read what is
-    there (another process may have written since), check it is the same setting, add, write
-    atomically. A damaged file is refused with its name. Returns the metadata written."""
-    with FileLock(path):
-        if os.path.exists(path):
-            acc, old = load_pact(path)
+    """Add one calibration sample of ``setting`` to its file (``store.update_pact``: under the file's
+    lock, read what is there, since another process may have written, check it is the same setting,
+    add, write atomically). A damaged file is refused with its name. Returns the metadata written."""
+
+    def add(existing):
+        if existing is not None:
+            acc, old = existing
             if Setting.from_meta(old.get("setting") or {}) != setting:
                 raise PactFileError(
                     f"{os.path.basename(path)} holds another setting ({old.get('setting')}); it is not added to. "
@@ -338,4 +297,6 @@ def add_sample(path: str, setting: Setting, sample: np.ndarray, metadata: dict, 
         meta.update(combine_sampling([old, this] if old else [this]))
         if "convention" in old:
             meta["convention"] = old["convention"]
-        return save_pact(path, acc, meta)
+        return acc, meta
+
+    return update_pact(path, add)

@@ -78,7 +78,20 @@ def spectral_weights(times, t: float, degree: int = DEFAULT_DEGREE, ridge: float
     if n == 0:
         raise RuntimeError("SpectralPredictor.predict called before any update (no key step yet)")
     design = chebyshev_basis(to_tau(times), degree)  # (n, P)
-    if centred and n == 1:  # one feature: the fit is that constant
+    import os
+    if os.environ.get("DPCACHE_CENTRE") == "C" and n >= 2:
+        gram = design.T @ design + ridge_penalty(degree, ridge, False)
+        a = design @ np.linalg.solve(gram, chebyshev_basis(to_tau(t), degree)[0])  # (n,)
+        def line(x):
+            w = np.zeros(n); k = (x - times[-1]) / (times[-1] - times[-2]); w[-1] = 1 + k; w[-2] = -k; return w
+        M = np.stack([line(x) for x in times])
+        spectral = line(float(t)) + a - M.T @ a
+    elif os.environ.get("DPCACHE_CENTRE") == "A":
+        gram = design.T @ design + ridge_penalty(degree, ridge, False)
+        spectral = design @ np.linalg.solve(gram, chebyshev_basis(to_tau(t), degree)[0])  # (n,)
+        if centred:
+            spectral[-1] += 1.0 - spectral.sum()
+    elif centred and n == 1:  # one feature: the fit is that constant
         spectral = np.ones(1)
     else:
         gram = design.T @ design + ridge_penalty(degree, ridge, centred)

@@ -2,11 +2,16 @@
 the reference implementation's cost tensors (its pickles, or plain .npy arrays)."""
 from __future__ import annotations
 
+import errno
 import io
 import json
+import logging
 import os
 import pickle
+import socket
 import tempfile
+import time
+from typing import Callable
 
 import numpy as np
 from safetensors import safe_open
@@ -14,8 +19,15 @@ from safetensors.numpy import save
 
 from .pact import PactAccumulator
 
+try:  # the lock: a kernel lock on the lock file, released by the system when its holder dies
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+    import msvcrt
+
 FORMAT = "dpcache-pact/1"
 PACK_VERSION = "0.1.0"
+log = logging.getLogger("dpcache")
 
 
 class PactFileError(ValueError):
@@ -194,6 +206,98 @@ def load_pact(path: str) -> tuple[PactAccumulator, dict]:
         except ValueError as exc:
             raise PactFileError(f"{name} has a broken history cost tensor ({exc}); calibrate again") from None
     return acc, meta
+
+
+def try_lock(fd: int) -> bool:
+    """Take the kernel lock on ``fd`` without waiting: True when taken, False when another holds it."""
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        else:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        return True
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK, errno.EDEADLK):
+            return False
+        raise
+
+
+class FileLock:
+    """An exclusive lock on ``<path>.lock`` between processes and threads: the kernel's (flock, or
+    msvcrt.locking on Windows) on an open lock file, so a holder that crashed or was killed holds
+    nothing (the system releases it at once; no stale lock to detect or take over), and two waiters
+    can never both get it. The lock file names its holder (pid and host) for the timeout message.
+    Where the file system has no locks, the work goes on unlocked with a warning (files are still
+    written atomically: at worst one sample is lost)."""
+
+    def __init__(self, path: str, timeout_s: float = 120.0):
+        self.path = path + ".lock"
+        self.timeout_s = timeout_s
+        self.fd = None
+
+    def __enter__(self):
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            fd = os.open(self.path, os.O_CREAT | os.O_RDWR, new_file_mode())
+            try:
+                locked = try_lock(fd)
+            except OSError as exc:
+                os.close(fd)
+                log.warning("DPCache: %s cannot be locked on this file system (%s); going on without the lock",
+                            self.path, exc)
+                return self
+            if locked and self.still_there(fd):
+                os.ftruncate(fd, 0)
+                os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode())
+                self.fd = fd
+                return self
+            os.close(fd)  # held by another, or its holder removed this file as it let go: try again
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{os.path.basename(self.path)} is held by another process for more than "
+                                   f"{self.timeout_s:.0f} s ({self.holder()}); wait for it to finish or stop it")
+            time.sleep(0.05)
+
+    def still_there(self, fd: int) -> bool:
+        """True when ``fd`` is the file now at the lock's path (not one a previous holder removed)."""
+        try:
+            return os.path.samestat(os.fstat(fd), os.stat(self.path))
+        except FileNotFoundError:
+            return False
+
+    def holder(self) -> str:
+        try:
+            with open(self.path) as f:
+                who = json.load(f)
+            return f"pid {who['pid']} on {who['host']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            return "holder unknown"
+
+    def __exit__(self, *exc):
+        if self.fd is None:
+            return False
+        if fcntl is not None:  # removed while held: a waiter that opened it sees it gone and opens anew
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+        else:  # Windows cannot remove an open file: it stays, empty and unlocked
+            os.ftruncate(self.fd, 0)
+            msvcrt.locking(self.fd, msvcrt.LK_UNLCK, 1)
+        os.close(self.fd)
+        self.fd = None
+        return False
+
+
+def update_pact(path: str, update: Callable[[tuple | None], tuple[PactAccumulator, dict]]) -> dict:
+    """Read, add, write a PACT file under its lock (``FileLock``): ``update(existing)`` gets the
+    file's (accumulator, metadata), or None when there is none, and returns what to write; written
+    atomically before the lock is let go, so two processes adding samples never lose one. Used by
+    DPCache Calibrate and the automatic mode. Returns the metadata written."""
+    with FileLock(path):
+        existing = load_pact(path) if os.path.exists(path) else None
+        acc, meta = update(existing)
+        return save_pact(path, acc, meta)
 
 
 # The only globals numpy needs to rebuild a pickled array; anything else is refused unexecuted.

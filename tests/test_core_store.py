@@ -1,6 +1,7 @@
 """PACT files: round trip, damaged files, and the pickle importer that never runs code."""
 import os
 import pickle
+import time
 
 import numpy as np
 import pytest
@@ -192,3 +193,83 @@ def test_metadata_of_the_right_shape_loads(tmp_path):
             "positions": [k / 6 for k in range(7)], "eval_sigmas": [1 - k / 6 for k in range(7)]}
     save_pact(path, sample_acc(), meta)
     assert load_pact(path)[1]["positions"] == meta["positions"]
+
+
+def hold_until_killed(path, held):
+    from dpcache_core.store import FileLock
+    lock = FileLock(path)
+    lock.__enter__()
+    held.set()
+    time.sleep(60)
+
+
+def test_a_lock_whose_holder_was_killed_is_free_at_once(tmp_path):
+    """A crash while holding the lock (ComfyUI killed mid-write) must not stall the next calibration."""
+    import multiprocessing
+    import signal
+    from dpcache_core.store import FileLock
+    path = str(tmp_path / "x.safetensors")
+    ctx = multiprocessing.get_context("fork")
+    held = ctx.Event()
+    holder = ctx.Process(target=hold_until_killed, args=(path, held))
+    holder.start()
+    assert held.wait(10)
+    with pytest.raises(TimeoutError, match="x.safetensors.lock is held"):
+        with FileLock(path, timeout_s=0.3):
+            pass
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.join()
+    start = time.monotonic()
+    with FileLock(path, timeout_s=5):
+        assert time.monotonic() - start < 1.0
+    assert not os.path.exists(path + ".lock")
+
+
+def test_two_waiters_on_a_stale_lock_never_both_take_it(tmp_path, monkeypatch):
+    """A lock file left by a crash (an hour old, a dead pid in it). Waiter B judges it stale, then is
+    held up (as a busy machine might) while waiter A takes the lock; B must not take it as well."""
+    import threading
+    path = str(tmp_path / "x.safetensors")
+    lock_path = path + ".lock"
+    with open(lock_path, "w") as f:
+        f.write("999999")
+    old = time.time() - 3600
+    os.utime(lock_path, (old, old))
+    a_holds, inside, log = threading.Event(), [], []
+    real_stat = os.stat
+
+    def slow_stat(p, *args, **kwargs):
+        result = real_stat(p, *args, **kwargs)
+        if str(p) == lock_path and threading.current_thread().name == "B" and not log:
+            log.append("B looked at the lock")
+            a_holds.wait(1.0)  # B has read the old file's state; A goes first
+        return result
+    monkeypatch.setattr(os, "stat", slow_stat)
+    from dpcache_core.store import FileLock
+
+    def waiter(name):
+        with FileLock(path, timeout_s=10):
+            inside.append(name)
+            if name == "A":
+                a_holds.set()
+            time.sleep(0.3)
+            assert inside == [name], f"{inside} hold the lock at once"
+            inside.remove(name)
+
+    errors = []
+
+    def run(name):
+        try:
+            waiter(name)
+        except AssertionError as exc:
+            errors.append(str(exc))
+
+    b = threading.Thread(target=run, args=("B",), name="B")
+    b.start()
+    while not log:
+        time.sleep(0.01)
+    a = threading.Thread(target=run, args=("A",), name="A")
+    a.start()
+    a.join(15)
+    b.join(15)
+    assert not errors
