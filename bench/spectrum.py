@@ -10,7 +10,7 @@ import torch
 
 from dpcache_core.history import histories, history_shape
 from dpcache_core.pact import default_max_gap, sentinel_target
-from dpcache_core.spectral import DEFAULT_BLEND, DEFAULT_DEGREE, DEFAULT_RIDGE, chebyshev_basis, ridge_penalty, to_tau
+from dpcache_core.spectral import DEFAULT_BLEND, DEFAULT_DEGREE, DEFAULT_RIDGE, chebyshev_basis, to_tau
 
 
 # Spectrum's published window settings (initial window N, growth alpha) at T = 50, by the number of
@@ -100,12 +100,11 @@ def history_weights(i: int, offsets: np.ndarray, num_evals: int, hops: int, degr
         back = offsets[rows, :q][:, ::-1]  # oldest first
         times = (i - back) / num_evals  # (r, q)
         design = chebyshev_basis(to_tau(times.ravel()), degree).reshape(len(rows), q, degree + 1)
-        if q == 1:  # one key: the centred fit is that constant (spectral.spectral_weights)
-            weights = np.full((len(rows), 1, hops), blend)
-        else:
-            gram = np.einsum("rqp,rqs->rps", design, design) + ridge_penalty(degree, ridge)
-            solved = np.linalg.solve(gram, np.broadcast_to(target.T, (len(rows), degree + 1, hops)))
-            weights = blend * np.einsum("rqp,rph->rqh", design, solved)  # (r, q, hops)
+        gram = np.einsum("rqp,rqs->rps", design, design) + ridge * np.eye(degree + 1)
+        solved = np.linalg.solve(gram, np.broadcast_to(target.T, (len(rows), degree + 1, hops)))
+        spectral = np.einsum("rqp,rph->rqh", design, solved)  # (r, q, hops)
+        spectral[:, -1] += 1.0 - spectral.sum(axis=1)  # centred, as spectral.spectral_weights
+        weights = blend * spectral
         linear = np.zeros((len(rows), q, hops))
         linear[:, -1] = 1.0
         if q >= 2:

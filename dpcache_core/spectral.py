@@ -10,14 +10,15 @@ Time coordinate ``t``: the evaluation's position in the run, ``index / num_evals
 
 The fit is linear in the features, so it is done in the small (history x basis) space: the
 prediction at t is ``sum_j a_j(t) F_j`` over the kept features F_j, with the weights
-``a(t) = X (X^T X + lambda P)^-1 x(t)`` (X: the basis at the kept times, x(t): the basis at t).
+``a(t) = X (X^T X + lambda I)^-1 x(t)`` (X: the basis at the kept times, x(t): the basis at t).
 No coefficient tensor is formed; the cost per prediction is one pass over the kept features.
 
-Centred fit (the default): the ridge penalty P is on the curvature coefficients T_2 .. T_m only, not
-on the constant and the slope, so the weights sum to 1 and a constant or a linear trend is forecast
-exactly, whatever follows the cache point (the paper's penalty on every coefficient, ``centred=False``,
-shrinks the forecast towards 0: its weights sum to 0.7-0.9, a constant 1000 was forecast as 917 or
-791). Measured: bench/results/spectral_centred_toy.md.
+Centred (the default): the ridge fit shrinks towards 0 (the paper's weights sum to 0.4-0.97: a
+constant 1000 was forecast as 917 or 791, harmless only where the model normalises right after the
+cache point), so the fit is made on the deviations from the newest feature: ``1 - sum(a)`` is added
+to the newest weight, the weights sum to 1 and a constant is forecast exactly. Penalising only the
+curvature terms would make lines exact too, but lost 4 to 7 dB on the trained FLUX model
+(bench/results/spectral_centring.md); ``centred=False`` is the paper's fit.
 """
 from __future__ import annotations
 
@@ -59,43 +60,20 @@ def to_tau(t) -> np.ndarray:
     return 2.0 * np.asarray(t, dtype=np.float64) - 1.0
 
 
-def ridge_penalty(degree: int, ridge: float, centred: bool = True) -> np.ndarray:
-    """The ridge penalty matrix lambda P: on every Chebyshev coefficient, or ``centred`` on T_2 ..
-    T_degree only (the constant and the slope are fitted unshrunk: constants and lines exact)."""
-    penalty = np.full(degree + 1, float(ridge))
-    if centred:
-        penalty[:2] = 0.0
-    return np.diag(penalty)
-
-
 def spectral_weights(times, t: float, degree: int = DEFAULT_DEGREE, ridge: float = DEFAULT_RIDGE,
                      blend: float = DEFAULT_BLEND, centred: bool = True) -> np.ndarray:
     """Weights of the prediction at ``t`` on features at ``times`` (oldest first): the forecast is
     ``sum_j w_j F(times_j)``. Pure numbers, so the planner can use them without features.
-    ``centred`` (the default): they sum to 1 and reproduce a linear trend (module docstring)."""
+    ``centred`` (the default): they sum to 1, a constant is forecast exactly (module docstring)."""
     times = np.asarray(times, dtype=np.float64)
     n = times.shape[0]
     if n == 0:
         raise RuntimeError("SpectralPredictor.predict called before any update (no key step yet)")
     design = chebyshev_basis(to_tau(times), degree)  # (n, P)
-    import os
-    if os.environ.get("DPCACHE_CENTRE") == "C" and n >= 2:
-        gram = design.T @ design + ridge_penalty(degree, ridge, False)
-        a = design @ np.linalg.solve(gram, chebyshev_basis(to_tau(t), degree)[0])  # (n,)
-        def line(x):
-            w = np.zeros(n); k = (x - times[-1]) / (times[-1] - times[-2]); w[-1] = 1 + k; w[-2] = -k; return w
-        M = np.stack([line(x) for x in times])
-        spectral = line(float(t)) + a - M.T @ a
-    elif os.environ.get("DPCACHE_CENTRE") == "A":
-        gram = design.T @ design + ridge_penalty(degree, ridge, False)
-        spectral = design @ np.linalg.solve(gram, chebyshev_basis(to_tau(t), degree)[0])  # (n,)
-        if centred:
-            spectral[-1] += 1.0 - spectral.sum()
-    elif centred and n == 1:  # one feature: the fit is that constant
-        spectral = np.ones(1)
-    else:
-        gram = design.T @ design + ridge_penalty(degree, ridge, centred)
-        spectral = design @ np.linalg.solve(gram, chebyshev_basis(to_tau(t), degree)[0])  # (n,)
+    gram = design.T @ design + ridge * np.eye(degree + 1)
+    spectral = design @ np.linalg.solve(gram, chebyshev_basis(to_tau(t), degree)[0])  # (n,)
+    if centred:  # the fit of the deviations from the newest feature: weights that sum to 1
+        spectral[-1] += 1.0 - spectral.sum()
     linear = np.zeros(n)
     linear[-1] = 1.0
     if n >= 2:

@@ -10,14 +10,14 @@ from dpcache_core.spectral import chebyshev_basis
 def direct_ridge_prediction(times, features, t, degree, ridge, blend, centred=False):
     """Spectrum's forecast by a direct solve: the Chebyshev coefficients by least squares on the
     ridge-augmented system [X; sqrt(lambda) I] C = [H; 0], blended with the linear extrapolation;
-    ``centred``: no penalty rows for the constant and the slope."""
+    ``centred``: the same fit of the deviations H - H_newest, added to H_newest."""
     tau = 2 * np.asarray(times) - 1
     design = np.polynomial.chebyshev.chebvander(tau, degree)
-    penalised = np.eye(degree + 1)[2 if centred else 0:]
-    augmented = np.vstack([design, np.sqrt(ridge) * penalised])
-    targets = np.vstack([features, np.zeros((len(penalised), features.shape[1]))])
+    origin = features[-1] if centred else np.zeros_like(features[-1])
+    augmented = np.vstack([design, np.sqrt(ridge) * np.eye(degree + 1)])
+    targets = np.vstack([features - origin, np.zeros((degree + 1, features.shape[1]))])
     coef = np.linalg.lstsq(augmented, targets, rcond=None)[0]
-    spectral = np.polynomial.chebyshev.chebvander(np.array([2 * t - 1]), degree) @ coef
+    spectral = origin + np.polynomial.chebyshev.chebvander(np.array([2 * t - 1]), degree) @ coef
     k = (t - times[-1]) / (times[-1] - times[-2])
     linear = features[-1] + k * (features[-1] - features[-2])
     return blend * spectral[0] + (1 - blend) * linear
@@ -103,16 +103,29 @@ def test_cache_run_builds_the_spectral_forecaster_on_positions():
 
 @pytest.mark.parametrize("blend", [1.0, 0.5])
 @pytest.mark.parametrize("keys", [[0], [0, 1], [0, 1, 2], [0, 1, 2, 4, 8], [0, 1, 2, 4, 8, 13, 19, 25, 32, 40]])
-def test_centred_fit_forecasts_constants_and_linear_trends_exactly(blend, keys):
+def test_centred_fit_forecasts_a_constant_exactly(blend, keys):
     """Pure-spectral (blend 1) weights summed to 0.78-0.97 before: a constant 1000 came out as 917 or 791."""
     times = [k / 50 for k in keys]
-    constant, ramp = SpectralPredictor(blend=blend), SpectralPredictor(blend=blend)
-    line = lambda t: torch.tensor([1000.0, -3.0]) + t * torch.tensor([-250.0, 40.0])  # noqa: E731
+    constant, paper = SpectralPredictor(blend=blend), SpectralPredictor(blend=blend, centred=False)
     for t in times:
         constant.update(t, torch.full((2,), 1000.0))
-        ramp.update(t, line(t))
+        paper.update(t, torch.full((2,), 1000.0))
     for t in (times[-1] + 1 / 50, times[-1] + 7 / 50, 1.0):
         assert constant.weights(t).sum() == pytest.approx(1.0, abs=1e-9)
-        torch.testing.assert_close(constant.predict(t), torch.full((2,), 1000.0), rtol=1e-5, atol=1e-3)
-        if len(keys) > 1:  # a line needs two points
-            torch.testing.assert_close(ramp.predict(t), line(t), rtol=1e-5, atol=1e-3)
+        torch.testing.assert_close(constant.predict(t), torch.full((2,), 1000.0), rtol=1e-6, atol=1e-3)
+        if blend == 1.0:  # the paper's fit shrinks it
+            assert float(paper.predict(t)[0]) < 999
+
+
+@pytest.mark.parametrize("keys", [[0, 1, 2, 4, 8], [0, 1, 2, 4, 8, 13, 19, 25, 32, 40]])
+def test_centred_fit_follows_a_linear_ramp_closer_than_the_paper_fit(keys):
+    """Lines are not exact (the ridge still shrinks the slope; a fit that made them exact lost 4-7 dB
+    on the trained FLUX model), but the error is under a third of the paper fit's."""
+    line = lambda t: torch.tensor([1000.0, -3.0]) + t * torch.tensor([-250.0, 40.0])  # noqa: E731
+    centred, paper = SpectralPredictor(blend=1.0), SpectralPredictor(blend=1.0, centred=False)
+    for k in keys:
+        centred.update(k / 50, line(k / 50))
+        paper.update(k / 50, line(k / 50))
+    for t in (keys[-1] + 1) / 50, (keys[-1] + 7) / 50:
+        error, before = (float((p.predict(t) - line(t)).abs().max()) for p in (centred, paper))
+        assert error < 0.3 * before
