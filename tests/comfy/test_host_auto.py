@@ -93,6 +93,30 @@ def test_other_scheduler_or_sampler_is_transferred_and_a_lora_is_a_new_setting(h
     assert len(auto_files(pact_dir)) == 2
 
 
+def test_a_hooked_lora_is_a_new_setting(host, pact_dir, caplog):
+    """Create Hook LoRA: the LoRA rides on the conditioning and is registered as the patcher's
+    hook_patches when sampling starts (before the automatic mode keys the run)."""
+    import torch
+    import comfy.hooks
+    import comfy.sample
+    from comfy_host import conditioning
+    model = build_model("flux")
+    patched = apply_auto(model)
+    sample(patched, "flux", steps=STEPS, seed=1)
+    (name,) = auto_files(pact_dir)
+    weight = model.model.state_dict()["diffusion_model.double_blocks.0.img_attn.qkv.weight"]
+    hooks = comfy.hooks.create_hook_lora({"diffusion_model.double_blocks.0.img_attn.qkv.diff": torch.full_like(weight, 0.01)},
+                                         1.0, 1.0)
+    pos, neg, latent = conditioning("flux")
+    pos = comfy.hooks.set_hooks_for_conditioning(pos, hooks)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="dpcache"), BlockCounter(model) as c:
+        comfy.sample.sample(patched, comfy.sample.prepare_noise(latent, 2), STEPS, 1.0, "euler", "simple", pos, neg,
+                            latent, seed=2, disable_pbar=True)
+    assert c.total == STEPS * BLOCKS and any("calibrating this setting" in m for m in auto_lines(caplog))
+    assert len(auto_files(pact_dir)) == 2 and name in auto_files(pact_dir)
+
+
 def test_schedule_auto_entry_drives_the_automatic_mode(host, pact_dir):
     import nodes
     out = nodes.NODE_CLASS_MAPPINGS["DPCacheSchedule"]().schedule("(auto)", 13, 3, 0, 50, unique_id="2")
