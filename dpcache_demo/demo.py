@@ -215,6 +215,16 @@ def main(argv=None) -> dict:
     print(f"expected time    about {duration(expected_seconds(args, per_evaluation))} here ({args.model} model, "
           f"{per_evaluation:.2f} s per evaluation; writes to {args.out} as it goes)", flush=True)
 
+    kept = []  # what is written so far, said if the run is interrupted
+    try:
+        return run_demo(args, model, calib, held_out, kept)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; kept {', '.join(kept) if kept else 'nothing yet (calibration had not finished)'}", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+def run_demo(args, model, calib, held_out, kept: list) -> dict:
+    """Calibrate, plan, and time full against DPCache runs; each file is written (and added to ``kept``) when made."""
     t0 = time.perf_counter()
     acc = calibrate(model, calib, args.steps, args.order, args.shift)
     cost = cost_for(acc.mean(), "skip")  # skip-only costs (BENCHMARKS.md, planning objective)
@@ -222,6 +232,7 @@ def main(argv=None) -> dict:
     pact_path = os.path.join(args.out, "demo_pact.safetensors")
     save_pact(pact_path, acc, {"model_family": "flux", "order": args.order, "scheme": "reference", "convention": "skip",
                                "sampler": "euler", "resolution": [model.config["image_size"]] * 2})
+    kept.append(pact_path)
     t0 = time.perf_counter()
     hops = None
     if args.order >= 2:  # history-exact: the costs of the keys the run's predictor really holds
@@ -238,10 +249,10 @@ def main(argv=None) -> dict:
     picture_path = os.path.join(args.out, "pact_schedule.png")
     images_path = os.path.join(args.out, "full_vs_dpcache.png")
     write_png(picture_path, render_pact_path(cost, keys, title=f"demo PACT, {len(calib)} prompts, {schedule.planned_by}", hop_costs=hops))
+    kept.append(picture_path)
 
     ratios, psnrs, l1s, computed, images = [], [], [], [], []
-    progress = tqdm(total=len(held_out) * args.repeats, desc="full vs DPCache", unit="pair")
-    try:
+    with tqdm(total=len(held_out) * args.repeats, desc="full vs DPCache", unit="pair") as progress:
         for cls, seed in held_out:
             noise = toy_model.make_noise(model.config, seed)
             for _ in range(args.repeats):  # interleaved, so machine drift hits both alike
@@ -257,13 +268,8 @@ def main(argv=None) -> dict:
             computed.append(run.computed)
             images.append((full, fast))
             write_png(images_path, image_rows(render_image_rows, images, held_out, psnrs, args.keys))
-    except KeyboardInterrupt:
-        progress.close()
-        done = len(images)
-        kept = [pact_path, picture_path] + ([images_path] if done else [])
-        print(f"\ninterrupted after {done} of {len(held_out)} held-out prompts; kept {', '.join(kept)}", file=sys.stderr)
-        raise SystemExit(130) from None
-    progress.close()
+            if images_path not in kept:
+                kept.append(images_path)
 
     result = {
         "evaluations": args.steps,

@@ -122,7 +122,7 @@ def test_an_interrupted_run_keeps_what_finished_and_says_the_time_first(tmp_path
     assert exit_info.value.code == 130
     captured = capsys.readouterr()
     assert captured.out.lstrip().startswith("expected time    about ")
-    assert "interrupted after 1 of 3 held-out prompts; kept" in captured.err
+    assert "interrupted; kept " in captured.err and "full_vs_dpcache.png" in captured.err
     assert sorted(os.listdir(out)) == ["demo_pact.safetensors", "full_vs_dpcache.png", "pact_schedule.png"]
     from PIL import Image
 
@@ -132,3 +132,16 @@ def test_an_interrupted_run_keeps_what_finished_and_says_the_time_first(tmp_path
           "--out", str(tmp_path / "two")])
     with Image.open(tmp_path / "two" / "full_vs_dpcache.png") as picture:
         assert picture.size[0] > one_column[0]
+
+
+def test_an_interrupt_during_calibration_ends_with_one_line(tmp_path, capsys, monkeypatch):
+    import dpcache_demo.demo as demo
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "calibrate", interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--steps", "12", "--out", str(tmp_path)])
+    assert exit_info.value.code == 130
+    assert "interrupted; kept nothing yet (calibration had not finished)" in capsys.readouterr().err
