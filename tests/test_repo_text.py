@@ -188,3 +188,48 @@ def test_the_line_above_check_catches_a_table_a_paragraph_away(tmp_path, monkeyp
                                    "Made by `python -m bench.memory` at bf87b6e.\n\nWhat it measures.\n\n| a |\n|---|\n| 2 |\n")
     monkeypatch.setattr(sys.modules[__name__], "ROOT", str(tmp_path))
     assert tables_without_a_line_above("B.md") == ["B.md:11: | a |"]
+
+
+def test_the_wan22_workflow_is_described_as_it_is():
+    """workflows/wan22_i2v_dpcache.json runs an Apply DPCache in the automatic mode on each expert, not one schedule."""
+    import json
+
+    with open(os.path.join(ROOT, "workflows", "wan22_i2v_dpcache.json"), encoding="utf-8") as f:
+        nodes = json.load(f)["nodes"]
+    applies = [n for n in nodes if n["type"] == "DPCacheApply"]
+    automatic = [n for n in applies if not next(i.get("link") for i in n["inputs"] if i["name"] == "schedule")]
+    assert len(applies) == len(automatic) == 2
+    page = read("docs/workflows.md")
+    assert "two experts, one schedule" not in page
+    assert "one Apply DPCache in the automatic mode on each expert" in page
+
+
+def test_the_package_docstring_and_classifiers_describe_the_pack():
+    import ast
+
+    docstring = ast.get_docstring(ast.parse(read("__init__.py")))
+    assert all(name in docstring for name in FAMILIES), docstring
+    pyproject = read("pyproject.toml")
+    classifiers = re.search(r"^classifiers = \[(.*?)\]", pyproject, re.M | re.S).group(1)
+    gpus = re.findall(r'"Environment :: GPU :: ([^"]+)"', classifiers)
+    assert len(gpus) > 1 and "NVIDIA CUDA" in gpus  # plain PyTorch: not CUDA only
+    assert 'requires-comfyui = ">=0.3.64"' in pyproject
+
+
+def test_readme_states_the_spectral_peak_the_code_declares():
+    import torch
+
+    from dpcache_core import spectral
+
+    elements = 4096 * 3072  # FLUX.1-dev at 1024x1024
+    per_element = spectral.peak_bytes(elements, torch.bfloat16) / elements
+    readme = " ".join(read("README.md").split())
+    assert f"{per_element:.2f} bytes (bf16) with the spectral forecaster" in readme
+    assert f"{spectral.peak_bytes(elements, torch.bfloat16) / 1e9:.2f} GB there" in readme
+
+
+def test_readme_tells_a_newcomer_the_real_tier_and_the_automatic_files():
+    readme = " ".join(read("README.md").split())
+    assert "COMFYUI_PATH=<a ComfyUI checkout> COMFYUI_PYTHON=<its Python> bash scripts/test.sh" in readme
+    assert "tested on ComfyUI 0.3.64 and 0.33.0" in readme
+    assert "models/dpcache/auto_*.safetensors" in readme and "Delete the ones you no longer need" in readme
