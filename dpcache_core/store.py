@@ -289,13 +289,18 @@ class FileLock:
         return False
 
 
-def update_pact(path: str, update: Callable[[tuple | None], tuple[PactAccumulator, dict]]) -> dict:
+def update_pact(path: str, update: Callable[[tuple | None], tuple[PactAccumulator, dict]],
+                read: Callable[[str], tuple | None] | None = None) -> dict:
     """Read, add, write a PACT file under its lock (``FileLock``): ``update(existing)`` gets the
     file's (accumulator, metadata), or None when there is none, and returns what to write; written
-    atomically before the lock is let go, so two processes adding samples never lose one. Used by
-    DPCache Calibrate and the automatic mode. Returns the metadata written."""
+    atomically before the lock is let go, so two processes adding samples never lose one. ``read``:
+    how the caller reads the file (DPCache Calibrate's reset starts afresh), default ``load_pact``.
+    Used by DPCache Calibrate and the automatic mode. Returns the metadata written."""
     with FileLock(path):
-        existing = load_pact(path) if os.path.exists(path) else None
+        if read is not None:
+            existing = read(path)
+        else:
+            existing = load_pact(path) if os.path.exists(path) else None
         acc, meta = update(existing)
         return save_pact(path, acc, meta)
 
