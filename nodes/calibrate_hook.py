@@ -232,6 +232,16 @@ class CalibrateHook:
         run.announce = lambda size: log.info("DPCache Calibrate: keeping %s", kept_text(size))
         return run
 
+    def refuse_other_file(self, run: CalibrateRun, existing, total: int) -> None:
+        """PactFileError when the file ``existing`` (accumulator, metadata) is of another model, T, order or sigmas."""
+        if existing is None:
+            return
+        problem = self.mismatch(run.path, existing[1], total) or sigmas_mismatch(
+            os.path.basename(run.path), existing[1], run.metadata.get("sigmas_hash"), run.metadata.get("scheduler"),
+            len(run.sigmas) + 1)
+        if problem:
+            raise PactFileError(problem)
+
     def finish(self, run: CalibrateRun, ok: bool) -> None:
         name = os.path.basename(run.path)
         if not ok:
@@ -244,12 +254,7 @@ class CalibrateHook:
         if window is None or window[2] != num_evals:  # count not known up front: place it from the recorded sigmas
             window = recorded_window(run)
         total = num_evals if window is None else window[1]
-        existing = self.load_existing(run.path, window)
-        if existing is not None:
-            problem = self.mismatch(run.path, existing[1], total) or sigmas_mismatch(
-                name, existing[1], run.metadata.get("sigmas_hash"), run.metadata.get("scheduler"), len(run.sigmas) + 1)
-            if problem:
-                raise PactFileError(problem)
+        self.refuse_other_file(run, self.load_existing(run.path, window), total)  # before the sample is built
         log.info("DPCache Calibrate: building the PACT sample (%d evaluations)", num_evals)
         sample = run.recorder.build_sample(self.order, "reference", progress=ui.progress_bar(num_evals, self.node_id),
                                            max_anchor_gap=default_max_gap(total))
@@ -264,11 +269,7 @@ class CalibrateHook:
         def add(existing):
             """The file with this sample added: run under the file's lock on what is there now (another
             process may have added a sample since the check above)."""
-            if existing is not None:
-                problem = self.mismatch(run.path, existing[1], total) or sigmas_mismatch(
-                    name, existing[1], run.metadata.get("sigmas_hash"), run.metadata.get("scheduler"), len(run.sigmas) + 1)
-                if problem:
-                    raise PactFileError(problem)
+            self.refuse_other_file(run, existing, total)
             acc, old_meta = existing if existing is not None else (PactAccumulator(total), {})
             meta = dict(run.metadata, **trajectory_metadata(run))
             if window is not None:
