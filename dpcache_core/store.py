@@ -213,7 +213,8 @@ def try_lock(fd: int) -> bool:
     try:
         if fcntl is not None:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        else:
+        else:  # the first byte of the file (msvcrt locks from the current position)
+            os.lseek(fd, 0, os.SEEK_SET)
             msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
         return True
     except OSError as exc:
@@ -283,6 +284,7 @@ class FileLock:
                 pass
         else:  # Windows cannot remove an open file: it stays, empty and unlocked
             os.ftruncate(self.fd, 0)
+            os.lseek(self.fd, 0, os.SEEK_SET)
             msvcrt.locking(self.fd, msvcrt.LK_UNLCK, 1)
         os.close(self.fd)
         self.fd = None
