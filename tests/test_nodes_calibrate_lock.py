@@ -34,14 +34,13 @@ def calibrate_in_process(folder, start, seed):
 
 
 def test_two_processes_calibrating_one_pact_lose_no_sample(tmp_path):
-    ctx = multiprocessing.get_context("fork")
-    start = ctx.Event()
+    ctx = multiprocessing.get_context("spawn")  # fresh processes: torch after fork can hang in its thread pool
+    start = ctx.Barrier(2)  # both sample at once
     procs = [ctx.Process(target=calibrate_in_process, args=(str(tmp_path), start, seed)) for seed in (1, 2)]
     for p in procs:
         p.start()
-    start.set()
     for p in procs:
-        p.join(120)
+        p.join(300)
     assert [p.exitcode for p in procs] == [0, 0]
     acc, meta = load_pact(str(tmp_path / "shared.safetensors"))
     assert acc.samples == 2 and sorted(r["seed"] for r in meta["sample_meta"]) == [1, 2]
