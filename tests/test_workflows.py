@@ -286,9 +286,14 @@ def test_real_host_registers_every_node_type(server, object_info):
 @pytest.mark.comfy
 @pytest.mark.parametrize("path", WORKFLOWS, ids=NAMES)
 def test_real_host_widget_counts(path, object_info):
+    """Every saved node has the host's widget values; a newer host may have added optional widgets after
+    the file was saved (ComfyUI 0.33's CreateVideo bit_depth): those are left to their defaults."""
     for n in load(path)["nodes"]:
         if n["type"] in object_info:
-            assert len(n.get("widgets_values") or []) == len(widget_names(object_info[n["type"]])), n["type"]
+            defn = object_info[n["type"]]
+            required = widget_names({"input": {"required": defn["input"].get("required") or {}}})
+            saved = len(n.get("widgets_values") or [])
+            assert len(required) <= saved <= len(widget_names(defn)), n["type"]
 
 
 def have_harness(object_info):
