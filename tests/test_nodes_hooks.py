@@ -297,6 +297,20 @@ def test_node_report_is_sent_in_lines_that_fit_never_split_inside_a_number(monke
     assert " ".join(lines) == report  # broken only at spaces: every number stays whole
 
 
+def test_apply_with_a_schedule_reports_its_run_in_the_automatic_modes_words(monkeypatch):
+    """One end-of-run report for a schedule and the automatic mode: keys, evaluations computed of T,
+    forecaster and wall time on the node (the schedule's report named no forecaster before)."""
+    sent = []
+    monkeypatch.setattr(ui, "send_text", lambda text, node: sent.append((node, text)))
+    monkeypatch.setattr(ui, "send_event", lambda name, data: sent.append((name, data)))
+    sched = uniform(5)
+    F.sample(DPCacheApply().apply(flux(), sched, unique_id="7")["result"][0])
+    (node, text), (name, data) = sent
+    assert node == "7" and name == "dpcache.run" and data["summary"] == text
+    assert f"keys {list(sched.key_steps)}: 5 of {STEPS} evaluations computed, T={STEPS}" in text
+    assert f"{sched.predictor} forecaster" in text and "; wall " in text
+
+
 def test_calibrate_keeps_an_older_files_convention(tmp_path, monkeypatch):
     """Samples added to a PACT written before issue 11 (no convention recorded) keep it planned as before."""
     import nodes.dpcache_nodes as nd
