@@ -175,13 +175,6 @@ class Family:
         return out, out[:, start:stop]
 
     @not_compiled
-    def with_prediction(self, args, pred, where=None) -> dict:
-        """The last block's return value at a skipped evaluation: the prediction in place of the image tokens."""
-        out, image = self.prediction_output(args, where)
-        image.copy_(pred)
-        return self.passthrough(args, out)
-
-    @not_compiled
     def passthrough(self, args, img=None) -> dict:
         """A skipped block's return value: its inputs unchanged (``img`` replaced when given)."""
         if img is not None and self.image_tokens == STREAMS:  # each stream whole, in its own dtype

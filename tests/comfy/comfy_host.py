@@ -130,7 +130,9 @@ def boot():
         server.PromptServer(loop)
     assert loop.run_until_complete(nodes.load_custom_node(PACK_DIR)), "the pack failed to load"
     mod = PACK_DIR.replace(".", "_x_")
-    _state.update(loop=loop, pack=sys.modules[mod], hooks=sys.modules[mod + ".nodes.hooks"],
+    _state.update(loop=loop, pack=sys.modules[mod], run_state=sys.modules[mod + ".nodes.run_state"],
+                  block_patches=sys.modules[mod + ".nodes.block_patches"],
+                  sampler_counts=sys.modules[mod + ".nodes.sampler_counts"],
                   core=sys.modules[mod + ".dpcache_core"])
     return _state
 
