@@ -120,12 +120,13 @@ class Family:
         counts = " + ".join(f"{len(getattr(dm, attr, None) or ())} {attr.replace('_', ' ')}" for attr, _ in self.block_lists)
         return f"{self.title} ({counts})"
 
-    def join_keys(self, dm) -> tuple:
-        """(the last block before the streams join, the first block after) of a joined family; () otherwise."""
+    def join_keys(self, keys) -> tuple:
+        """(the last block before the streams join, the first block after) among the block ``keys`` of a
+        joined family; () otherwise."""
         if self.image_tokens != JOINED:
             return ()
-        (first_list, first_kind), (_, second_kind) = self.block_lists[:2]
-        return (first_kind, len(getattr(dm, first_list)) - 1), (second_kind, 0)
+        (_, first_kind), (_, second_kind) = self.block_lists[:2]
+        return [k for k in keys if k[0] == first_kind][-1], (second_kind, 0)
 
     def original_blocks(self, dm) -> dict:
         """{block key: original_block calling the module directly} where the host's own cannot be used; {} otherwise."""
