@@ -305,7 +305,8 @@ def test_apply_with_a_schedule_reports_its_run_in_the_automatic_modes_words(monk
     monkeypatch.setattr(ui, "send_event", lambda name, data: sent.append((name, data)))
     sched = uniform(5)
     F.sample(DPCacheApply().apply(flux(), sched, unique_id="7")["result"][0])
-    (node, text), (name, data) = sent
+    (node0, start), (node, text), (name, data) = sent  # the plan as the run starts, then the run's report
+    assert node0 == "7" and start == f"5 of {STEPS} evaluations computed, {STEPS - 5} skipped: ideal speed-up {STEPS / 5:.2f}x"
     assert node == "7" and name == "dpcache.run" and data["summary"] == text
     assert f"keys {list(sched.key_steps)}: 5 of {STEPS} evaluations computed, T={STEPS}" in text
     assert f"{sched.predictor} forecaster" in text and "; wall " in text

@@ -331,7 +331,8 @@ class BlockCounter:
         def counting(*args, **kwargs):
             if name is None:
                 self.model_calls += 1
-                self.batch_sizes.append(int(args[0].shape[0]))
+                x = args[0][0] if isinstance(args[0], (list, tuple)) else args[0]  # LTX-2: [video, audio]
+                self.batch_sizes.append(int(x.shape[0]))
             else:
                 self.counts[name] += 1
             return inner(*args, **kwargs)
@@ -362,8 +363,17 @@ def sample(model, key, steps=20, cfg=1.0, sampler="euler", scheduler="simple", s
     pos, neg, latent = conditioning(key, batch=batch, height=height, width=width, frames=frames)
     latent = comfy.sample.fix_empty_latent_channels(model, latent)  # as KSampler does (Qwen-Image: 3-D latent)
     noise = comfy.sample.prepare_noise(latent, seed)
-    return comfy.sample.sample(model, noise, steps, cfg, sampler, scheduler, pos, neg, latent, seed=seed,
-                               disable_pbar=True, callback=callback, noise_mask=noise_mask)
+    return flat(comfy.sample.sample(model, noise, steps, cfg, sampler, scheduler, pos, neg, latent, seed=seed,
+                                    disable_pbar=True, callback=callback, noise_mask=noise_mask))
+
+
+def flat(out):
+    """A sampled latent as one tensor: a NestedTensor (LTX-2's video + audio) flattened per batch row and joined."""
+    import torch
+    parts = getattr(out, "tensors", None)
+    if parts is None:
+        return out
+    return torch.cat([t.reshape(t.shape[0], -1) for t in parts], 1)
 
 
 def psnr(ref, out):
