@@ -19,6 +19,11 @@ import sys
 import pytest
 
 PACK_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+try:
+    from bench.comfy_env import with_host_fields
+except ImportError:  # run as a script (build_flux_w3072.py): the repository root last, after ComfyUI
+    sys.path.append(PACK_DIR)
+    from bench.comfy_env import with_host_fields
 COMFY = os.environ.get("COMFYUI_PATH", "")
 
 FLUX_CFG = {
@@ -159,29 +164,6 @@ def init_weights(module, seed):
                 damp = (1.0 / (1.0 + (freq / 0.005) ** 2)).to(p.dtype).repeat(2)
                 scaled = p * damp
                 p.copy_(scaled * (p.norm() / scaled.norm()))
-
-
-PARAMS = {"flux": ("comfy.ldm.flux.model", "FluxParams"), "flux2": ("comfy.ldm.flux.model", "FluxParams"),
-          "chroma": ("comfy.ldm.chroma.model", "ChromaParams"),
-          "hunyuan_video": ("comfy.ldm.hunyuan_video.model", "HunyuanVideoParams")}
-
-
-def with_host_fields(cfg):
-    """``cfg`` plus the required fields this host's params class has and ``cfg`` lacks, read from the class
-    (ComfyUI 0.33 added e.g. FLUX.1 ``txt_ids_dims``, HunyuanVideo's 1.5 fields): a list gets [], a bool
-    False, anything else None, what the host's detection gives a model without them."""
-    import dataclasses
-    import importlib
-    where = PARAMS.get(cfg.get("image_model"))
-    if where is None:
-        return dict(cfg)
-    params = getattr(importlib.import_module(where[0]), where[1])
-    out = dict(cfg)
-    for f in dataclasses.fields(params):
-        if f.name not in out and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
-            out[f.name] = [] if kind == "list" else False if kind == "bool" else None
-    return out
 
 
 def new_family_skip(key):
