@@ -88,6 +88,7 @@ def refuse_context_windows(guider, node: str) -> None:
 
 def uses_controlnet(guider) -> bool:
     conds = getattr(guider, "conds", None) or {}
+    return any(isinstance(c, dict) and c.get("control") is not None for cs in conds.values() for c in (cs or []))
 
 
 def guess_scheduler(guider, sigmas) -> str | None:

@@ -297,6 +297,15 @@ def test_node_report_is_sent_in_lines_that_fit_never_split_inside_a_number(monke
     assert " ".join(lines) == report  # broken only at spaces: every number stays whole
 
 
+def test_a_controlnet_on_the_conditioning_is_seen_before_sampling():
+    """Apply DPCache computes every evaluation of a run with a ControlNet (it adds residuals between blocks)."""
+    from types import SimpleNamespace
+
+    from nodes.sampling_hooks import uses_controlnet
+    assert uses_controlnet(SimpleNamespace(conds={"positive": [{"control": object()}], "negative": [{}]}))
+    assert not uses_controlnet(SimpleNamespace(conds={"positive": [{"control": None}], "negative": None}))
+
+
 def test_apply_with_a_schedule_reports_its_run_in_the_automatic_modes_words(monkeypatch):
     """One end-of-run report for a schedule and the automatic mode: keys, evaluations computed of T,
     forecaster and wall time on the node (the schedule's report named no forecaster before)."""
