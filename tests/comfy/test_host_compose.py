@@ -161,7 +161,7 @@ def flux_controlnet():
     import comfy.ldm.flux.controlnet
     import comfy.ops
     from comfy_host import FLUX_CFG, init_weights, with_host_fields
-    cfg = {k: v for k, v in with_host_fields(FLUX_CFG).items() if k != "image_model"}
+    cfg = {k: v for k, v in with_host_fields(FLUX_CFG).items() if k not in ("image_model", "guidance_embed")}
     net = comfy.ldm.flux.controlnet.ControlNetFlux(operations=comfy.ops.disable_weight_init, device=torch.device("cpu"),
                                                     dtype=torch.float32, guidance_embed=True, **cfg)
     init_weights(net, seed=13)
