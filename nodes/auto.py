@@ -37,7 +37,7 @@ except ImportError:  # pragma: no cover - depends on how the pack is imported
     from dpcache_core.transfer import index_positions
 
 from . import calibrate_hook, run_state, ui
-from .apply_hook import report_plan_run
+from .apply_hook import plan_line, report_plan_run
 from .sampling_hooks import guess_scheduler, refuse_context_windows, run_shape, sample_with_run, uses_controlnet
 from .sampler_counts import sampler_name
 
@@ -279,7 +279,7 @@ class AutoHook:
         force_all = uses_controlnet(guider)
         run = run_state.ApplyRun(self.family, schedule, force_all, sampler_name(sampler), how)
         run.auto = ("plan", setting, found, asked)
-        log.info("DPCache (auto): %s: keys %s (%d of %d)", how, list(keys), len(keys), n)
+        self.say(f"{how}: keys {list(keys)}; {plan_line(keys, n)}")
         return run
 
     # ---- finish
