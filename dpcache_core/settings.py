@@ -244,7 +244,7 @@ def with_record(old_meta: dict, record: dict) -> dict:
 
 
 def add_sample(path: str, setting: Setting, sample: np.ndarray, metadata: dict, record: dict,
-               history: np.ndarray | None = None) -> dict:
+               history: np.ndarray | None = None, trajectories: np.ndarray | None = None) -> dict:
     """Add one calibration sample of ``setting`` to its file, under the file's lock: read what is
     there (another process may have written since), check it is the same setting, add, write
     atomically. A damaged file is refused with its name. Returns the metadata written."""
@@ -257,7 +257,7 @@ def add_sample(path: str, setting: Setting, sample: np.ndarray, metadata: dict, 
                     "Move the file away to calibrate this setting")
         else:
             acc, old = PactAccumulator(setting.num_evals), {}
-        acc.add(sample, history=history)
+        acc.add(sample, history=history, trajectories=trajectories)
         size = metadata.get("sample_size", "all")
         this = {"samples": 1, "sample_size": size, "sample_seed": metadata.get("sample_seed")}
         meta = dict(metadata, setting=setting.as_meta(), **with_record(old, record))

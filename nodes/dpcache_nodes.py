@@ -214,7 +214,7 @@ class DPCacheSchedule:
         if sched.predictor == "spectral":
             how = f"spectral forecaster (keeps up to {core.spectral.DEFAULT_MAX_HISTORY} features per stream)"
         else:
-            where = "from the PACT" if pact not in NO_FILE else "auto" if forecaster == "auto" and pact == PRIOR else "taylor_order"
+            where = "chosen by replay" if "by replay" in " ".join(notes) else "from the PACT" if pact not in NO_FILE else "auto" if forecaster == "auto" and pact == PRIOR else "taylor_order"
             how = f"Taylor order {sched.order} ({where}; keeps {sched.order + 1} features per stream)"
         text = (
             f"key steps {list(sched.key_steps)}: {sched.num_keys} of {sched.num_evals} evaluations, "
@@ -263,10 +263,16 @@ def make_schedule(pact, key_steps, first_full_steps=3, last_full_steps=0, total_
     re-plans runs of another evaluation count when sampling starts (``replan.plan_run``). With
     budget = target speed-up, a K the plan cannot meet is raised to the fewest that works, and a
     line saying so (the target, and the most that T allows) is appended to ``notes``."""
+    notes = [] if notes is None else notes
     if forecaster not in FORECASTERS:
         raise ValueError(f"DPCache Schedule: unknown forecaster {forecaster!r}: use one of {', '.join(FORECASTERS)}")
     sched, cost, hop_costs = plan_entry(pact, key_steps, first_full_steps, last_full_steps, total_evaluations,
                                         manual_key_steps, budget, target_speedup, taylor_order, notes)
+    if forecaster == "auto" and pact not in NO_FILE:  # the file's replay trajectories choose, when it has them
+        chosen, choice = core.choose.replayed_schedule(sched, *core.load_pact(pact_path(pact)))
+        if choice is not None:
+            notes.append(choice.describe())
+            return chosen, cost, hop_costs if chosen.key_steps == sched.key_steps else None
     if forecaster == "auto":
         if core.spectral.auto_forecaster(sched.ideal_speedup) == "spectral":
             return dataclasses.replace(sched, predictor="spectral"), cost, hop_costs
@@ -451,8 +457,8 @@ class DPCacheApply:
         hook = auto.AutoHook(info.family, calibration_folder(), budget, own, refine_every, unique_id, schedule_node, first)
         m = model.clone()
         hooks.install(m, info, hook, "Apply DPCache")
-        ideal = own / budget.keys if budget.rule == "same speed-up" else float("inf")  # unknown until the run: the larger
-        memory.reserve(m, memory.cache_bytes(m, auto.AUTO_ORDER, core.spectral.auto_forecaster(ideal)))  # as planned runs predict
+        # the forecaster is chosen when a run starts (by replay on the file's data): room for the largest, the spectral ring
+        memory.reserve(m, memory.cache_bytes(m, auto.AUTO_ORDER, "spectral"))
         log.info("Apply DPCache: %s; automatic mode (%s), PACTs in %s", info.detail, auto.describe_budget(budget, own), hook.folder)
         return (m,)
 
