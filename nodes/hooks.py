@@ -23,6 +23,7 @@ import time
 import torch
 
 try:  # inside ComfyUI the pack is a package; in the CPU tests the repo root is on sys.path
+    from ..dpcache_core.replay import replay_sample
     from ..dpcache_core import CacheRun, PactAccumulator, PactFileError, ScheduleMismatchError, TrajectoryRecorder, history_fits, load_pact, save_pact
     from ..dpcache_core import windows
     from ..dpcache_core.pact import default_max_gap
@@ -32,6 +33,7 @@ try:  # inside ComfyUI the pack is a package; in the CPU tests the repo root is 
     from ..dpcache_core.transfer import positions_from_sigmas, spread_ties
     from ..dpcache_core.settings import sample_record, sigmas_hash as settings_sigmas_hash, with_record
 except ImportError:  # pragma: no cover - depends on how the pack is imported
+    from dpcache_core.replay import replay_sample
     from dpcache_core import CacheRun, PactAccumulator, PactFileError, ScheduleMismatchError, TrajectoryRecorder, history_fits, load_pact, save_pact
     from dpcache_core import windows
     from dpcache_core.pact import default_max_gap
@@ -1067,7 +1069,7 @@ class CalibrateHook:
                 f"PACT '{name}' holds windows of partial sampling runs (e.g. two Wan2.2 experts); this run samples the "
                 "whole trajectory. Pick a new pact_name on DPCache Calibrate, or set reset"
             )
-        acc.add(sample, history=history)
+        acc.add(sample, history=history, trajectories=None if window is not None else replay_sample(run.recorder))
         if window is not None:
             acc.samples = sum(w[2] for w in meta["windows"])
         size = run.recorder.sample_description()

@@ -60,3 +60,16 @@ def test_a_file_without_trajectories_plans_exactly_as_before(folder):
         assert list(sched.key_steps) == core.solve_schedule(acc.mean(), k, 3, 0, convention="skip")
         assert sched.predictor == core.spectral.auto_forecaster(T / k) and sched.order == 1
         assert "by replay" not in text
+
+
+def test_calibrate_keeps_trajectories_and_schedule_replays_them(tmp_path, monkeypatch):
+    import nodes_fakes as F
+    monkeypatch.setattr(nd, "calibration_folder", lambda: str(tmp_path))
+    monkeypatch.setattr(nd, "pact_path", lambda name: str(tmp_path / name))
+    (calib,) = nd.DPCacheCalibrate().calibrate(F.FakePatcher(F.Flux()), "cal", 1, False)
+    F.sample(calib, steps=20, cfg=1.0)
+    F.sample(calib, steps=20, cfg=1.0, seed=5)
+    acc, meta = core.load_pact(str(tmp_path / "cal.safetensors"))
+    assert acc.samples == 2 and acc.trajectories is not None and acc.trajectories.shape[:2] == (2, 20)
+    out = nd.DPCacheSchedule().schedule("cal.safetensors", 6, 3, 0, 20)
+    assert "forecaster chosen by replay on 2 recorded trajectories" in out["ui"]["text"][0]
