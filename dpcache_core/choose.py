@@ -7,8 +7,11 @@ built from the trajectories), then replays Taylor 1, Taylor 2 and the spectral f
 key set those plans propose, with the run's own code (``runtime.CacheRun``) on the recorded
 trajectories, and keeps the candidate of least replayed error.
 
-Replayed error of one trajectory: the relative L2 error ||predicted - recorded|| / ||recorded|| of
-the cache point at each skipped evaluation, averaged over the skipped evaluations; the score of a
+Replayed error of one trajectory ("integrated", ``replay_errors``): the prediction errors of the
+skipped evaluations summed with each evaluation's step in sigma, as the sampler sums the model's
+outputs, ||sum_t w_t (predicted_t - recorded_t)||, over sum_t w_t ||recorded_t||. On the bench it
+ranks the forecasters as the final PSNR does; the mean relative L2 error per skipped evaluation and
+the PACT's summed mean-abs error ranked them the other way round (BENCHMARKS.md). The score of a
 candidate is its mean over the trajectories (or a quantile of them, ``quantile``). Candidates whose
 scores lie within ``TIE_DB`` of the best are a tie, and the fastest forecaster of them wins
 (``SPEED_ORDER``).
@@ -21,9 +24,9 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from .pact import build_pact
+from .pact import build_pact, default_max_gap
 from .runtime import CacheRun
-from .schedule import Schedule, path_cost, solve_schedule, solve_schedule_history
+from .schedule import Schedule, mandatory_steps, path_cost, solve_schedule, solve_schedule_history
 
 # Forecasters, fastest first: the cache's own time per run at the same K measured by
 # `python -m bench.speed --forecasters` (bench/results/speed_forecasters.md): Taylor 1 updates one
@@ -33,6 +36,8 @@ SPEED_ORDER = ("taylor 1", "taylor 2", "spectral")
 FORECASTERS = {"taylor 1": ("taylor", 1), "taylor 2": ("taylor", 2), "spectral": ("spectral", 1)}
 TIE_DB = 0.3  # replayed errors within this many dB (error ratio 10^(0.3/20)) count as level
 PLAN_QUANTILE = None  # plan and score on the mean over samples (a quantile was tried: BENCHMARKS.md)
+COST_ELEMENTS = 8192  # elements of the trajectories a cost is built on (the build's time grows with them)
+REFINE = False  # refine each forecaster's best key set by replay (``refine``; tried: BENCHMARKS.md)
 
 
 @dataclass(frozen=True)
@@ -80,34 +85,73 @@ def label(name: str) -> str:
     return "spectral" if name == "spectral" else name.replace("taylor", "Taylor")
 
 
-def replay_errors(trajectories, keys, name: str, first_full_steps: int = 3, scheme: str = "reference") -> np.ndarray:
-    """Per trajectory, the mean over skipped evaluations of the relative L2 error of forecaster
-    ``name`` on ``keys``: the run's own ``CacheRun`` fed the recorded cache points at the keys.
-    ``trajectories``: (n, T, elements); the forecast is element-wise, so all n go as one batch."""
+MEASURES = ("integrated", "relative L2", "PACT")
+
+
+def step_weights(meta: dict, num_evals: int) -> np.ndarray:
+    """Each evaluation's step in sigma, sigma_t - sigma_{t+1}, from the file's ``eval_sigmas`` (T + 1
+    values); 1 / T each when the file has none."""
+    sigmas = meta.get("eval_sigmas") if meta else None
+    if isinstance(sigmas, list) and len(sigmas) == num_evals + 1:
+        steps = -np.diff(np.asarray(sigmas, dtype=np.float64))
+        if np.isfinite(steps).all() and (steps >= 0).all() and steps.sum() > 0:
+            return steps
+    return np.full(num_evals, 1.0 / num_evals)
+
+
+def replay_errors(trajectories, keys, name: str, first_full_steps: int = 3, scheme: str = "reference",
+                  measure: str = "integrated", weights=None) -> np.ndarray:
+    """Per trajectory, the replayed error of forecaster ``name`` on ``keys``: the run's own ``CacheRun``
+    fed the recorded cache points at the keys, its predictions compared with the recorded ones.
+    ``trajectories``: (n, T, elements); the forecast is element-wise, so all n go as one batch.
+
+    ``measure``: "integrated" (default): ||sum_t w_t (predicted_t - recorded_t)|| / sum_t w_t
+    ||recorded_t||, the errors summed with each evaluation's step in sigma ``weights`` (1 / T each by
+    default) as the sampler sums the model's outputs, so errors of one sign add up and errors that
+    alternate cancel; "relative L2": the mean over skipped evaluations of ||predicted - recorded|| /
+    ||recorded||; "PACT": the PACT's own error, mean |predicted - recorded| / 2 summed over them."""
     traj = torch.as_tensor(np.asarray(trajectories), dtype=torch.float32)
     n, num_evals, _ = traj.shape
+    w = torch.as_tensor(np.full(num_evals, 1.0 / num_evals) if weights is None else np.asarray(weights), dtype=torch.float64)
     predictor, order = FORECASTERS[name]
     run = CacheRun(Schedule(tuple(keys), num_evals, order=order, scheme=scheme, source="replay",
                             first_full_steps=first_full_steps, predictor=predictor))
     total, skipped = torch.zeros(n, dtype=torch.float64), 0
+    summed = torch.zeros(traj.shape[0], traj.shape[2], dtype=torch.float64)
     for t in range(num_evals):
         if run.start_evaluation():
             run.update("replay", traj[:, t])
             continue
         target = traj[:, t]
-        error = torch.linalg.vector_norm(run.predict("replay") - target, dim=1)
-        total += (error / torch.linalg.vector_norm(target, dim=1).clamp_min(1e-12)).double()
+        predicted = run.predict("replay")
         skipped += 1
+        if measure == "integrated":
+            summed += w[t] * (predicted - target).double()
+        elif measure == "PACT":
+            total += (predicted - target).abs().mean(dim=1).double() / 2
+        else:
+            error = torch.linalg.vector_norm(predicted - target, dim=1)
+            total += (error / torch.linalg.vector_norm(target, dim=1).clamp_min(1e-12)).double()
     run.close()
+    if measure == "integrated":
+        whole = torch.einsum("t,nt->n", w, torch.linalg.vector_norm(traj.double(), dim=2)).clamp_min(1e-12)
+        return (torch.linalg.vector_norm(summed, dim=1) / whole).numpy()
+    if measure == "PACT":
+        return total.numpy()
     return (total / max(skipped, 1)).numpy()
 
 
-def trajectory_cost(trajectories, order: int, quantile: float | None = None) -> np.ndarray:
-    """The reference-convention PACT of Taylor ``order`` built from the trajectories: the mean over
-    them, or their ``quantile`` entry by entry."""
-    costs = np.stack([build_pact(torch.as_tensor(np.asarray(t)), order=order, scheme="reference") for t in trajectories])
+def trajectory_cost(trajectories, order: int, quantile: float | None = None,
+                    elements: int = COST_ELEMENTS) -> np.ndarray:
+    """The reference-convention PACT of Taylor ``order`` built from the trajectories, on at most
+    ``elements`` of their elements in all (the leading ones of each: a random pick, ``replay``): the
+    mean over them (one PACT of them side by side), or their ``quantile`` entry by entry."""
+    traj = np.asarray(trajectories)
+    per = max(1, min(traj.shape[2], elements // len(traj)))
     if quantile is None:
-        return costs.mean(axis=0)
+        side_by_side = np.concatenate(list(traj[:, :, :per]), axis=1)  # (T, n x per): the mean of the n PACTs
+        return build_pact(torch.as_tensor(side_by_side), order=order, scheme="reference")
+    costs = np.stack([build_pact(torch.as_tensor(t[:, :per]), order=order, scheme="reference") for t in traj])
     out = np.full(costs.shape[1:], np.inf)
     finite = np.isfinite(costs).all(axis=0)
     out[finite] = np.quantile(costs[:, finite], quantile, axis=0)
@@ -152,26 +196,66 @@ def pick(candidates, tie_db: float = TIE_DB) -> tuple[Candidate, Candidate | Non
     return best, min(others, key=lambda c: c.error) if others else None
 
 
+def refine(keys, score, num_evals: int, fixed, max_hop: int | None = None, rounds: int = 4):
+    """(keys, score): ``keys`` improved by moving one free key (not in ``fixed``) one evaluation
+    earlier or later while ``score(keys)`` drops, every hop (the last one to T included) within the
+    hop cap; at most ``rounds`` passes over the keys."""
+    cap = max_hop or default_max_gap(num_evals)
+    keys, best = tuple(keys), score(tuple(keys))
+    for _ in range(rounds):
+        improved = False
+        for m in range(len(keys)):
+            for move in (-1, 1):
+                new = keys[m] + move
+                if keys[m] in fixed or new in keys or not 0 < new < num_evals:
+                    continue
+                trial = tuple(sorted(keys[:m] + (new,) + keys[m + 1:]))
+                if max(np.diff(trial + (num_evals,))) > cap:
+                    continue
+                value = score(trial)
+                if value < best:
+                    keys, best, improved = trial, value, True
+                    break
+        if not improved:
+            break
+    return keys, best
+
+
 def choose(trajectories, plans: dict, first_full_steps: int = 3, scheme: str = "reference",
-           quantile: float | None = None, names=SPEED_ORDER) -> Choice:
-    """Replay every forecaster of ``names`` on every distinct key set of ``plans`` and pick (``pick``)."""
+           quantile: float | None = None, names=SPEED_ORDER, measure: str = "integrated", weights=None,
+           fixed=None) -> Choice:
+    """Replay every forecaster of ``names`` on every distinct key set of ``plans`` and pick (``pick``).
+    ``fixed``: with it, each forecaster's best key set is then refined by replay (``refine``), the
+    keys in ``fixed`` (the mandatory ones) staying."""
     if not plans:
         raise ValueError("no key set to replay: no cost has a finite plan at this K")
     distinct: dict[tuple, str] = {}
     for what, keys in plans.items():
         distinct.setdefault(tuple(int(k) for k in keys), what)
+    def summary(keys, name):
+        per = replay_errors(trajectories, keys, name, first_full_steps, scheme, measure, weights)
+        return float(per.mean() if quantile is None else np.quantile(per, quantile))
+
     candidates = []
     for keys, what in distinct.items():
         for name in names:
-            per = replay_errors(trajectories, keys, name, first_full_steps, scheme)
+            per = replay_errors(trajectories, keys, name, first_full_steps, scheme, measure, weights)
             score = float(per.mean() if quantile is None else np.quantile(per, quantile))
             candidates.append(Candidate(name, keys, what, score, tuple(float(x) for x in per)))
+    if fixed is not None:
+        for name in names:
+            start = min((c for c in candidates if c.name == name), key=lambda c: c.error)
+            keys, _ = refine(start.keys, lambda k: summary(k, name), trajectories.shape[1], set(fixed))
+            if keys != start.keys:
+                per = replay_errors(trajectories, keys, name, first_full_steps, scheme, measure, weights)
+                candidates.append(Candidate(name, keys, start.plan + ", refined by replay", float(
+                    per.mean() if quantile is None else np.quantile(per, quantile)), tuple(float(x) for x in per)))
     best, runner = pick(candidates)
     return Choice(best, runner, tuple(candidates), len(trajectories))
 
 
 def replay_choice(acc, meta: dict, num_keys: int, first_full_steps: int = 3, last_full_steps: int = 0,
-                  quantile: float | None = PLAN_QUANTILE) -> Choice | None:
+                  quantile: float | None = PLAN_QUANTILE, refined: bool = REFINE) -> Choice | None:
     """The data's choice for a PACT file (``PactAccumulator``, metadata) at K = ``num_keys``; None
     when the file keeps no replay trajectories or holds windows of partial runs (plan as before)."""
     trajectories = getattr(acc, "trajectories", None)
@@ -182,7 +266,9 @@ def replay_choice(acc, meta: dict, num_keys: int, first_full_steps: int = 3, las
     history = acc.history_mean() if convention == "skip" and order >= 2 else None
     plans = candidate_plans(trajectories, num_keys, first_full_steps, last_full_steps, acc.mean(), order,
                             convention, history, scheme, quantile)
-    return choose(trajectories, plans, first_full_steps, scheme, quantile)
+    fixed = mandatory_steps(trajectories.shape[1], first_full_steps, last_full_steps) if refined else None
+    return choose(trajectories, plans, first_full_steps, scheme, quantile,
+                  weights=step_weights(meta, trajectories.shape[1]), fixed=fixed)
 
 
 def replayed_schedule(schedule: Schedule, acc, meta: dict, quantile: float | None = PLAN_QUANTILE):

@@ -19,9 +19,12 @@ def linear(n=3, width=256, seed=0):
 
 
 def chebyshev(n=3, width=256, seed=0):
-    """Degree-4 polynomials of the spectral forecaster's own time coordinate: its fit nearly holds them."""
-    coef = np.random.default_rng(seed).normal(size=(n, 5, width))
-    return (np.einsum("tp,npr->ntr", chebyshev_basis(to_tau(np.arange(T) / T), 4), coef) + 5).astype(np.float32)
+    """T_2 and T_3 of the spectral forecaster's own time coordinate: its fit nearly holds them, and
+    Taylor's extrapolations over long hops miss them."""
+    rng = np.random.default_rng(seed)
+    basis = chebyshev_basis(to_tau(np.arange(T) / T), 4)
+    a, b = rng.normal(size=(n, 1, width)), rng.normal(size=(n, 1, width))
+    return (a * basis[None, :, 3:4] + b * basis[None, :, 2:3]).astype(np.float32)
 
 
 def test_replay_picks_taylor_where_it_is_exact():
@@ -43,17 +46,24 @@ def test_replay_picks_spectral_where_it_wins():
 def test_replay_errors_are_the_runs_own_prediction_errors():
     traj = chebyshev(n=2, width=64)
     keys = [0, 1, 2, 9, 20, 33, 45]
+    weights = np.linspace(1, 2, T) / 75
     for name, (predictor, order) in choose.FORECASTERS.items():
-        got = choose.replay_errors(traj, keys, name)
         run = core.CacheRun(core.Schedule(tuple(keys), T, order=order, predictor=predictor))
-        errs = []
+        errs, summed, norms, pact = [], torch.zeros(64, dtype=torch.float64), 0.0, 0.0
         for t in range(T):
             feature = torch.from_numpy(traj[1, t])
+            norms += weights[t] * float(feature.norm())
             if run.start_evaluation():
                 run.update("s", feature)
             else:
-                errs.append(float((run.predict("s") - feature).norm() / feature.norm()))
-        assert got[1] == pytest.approx(np.mean(errs), rel=1e-5), name
+                diff = run.predict("s") - feature
+                errs.append(float(diff.norm() / feature.norm()))
+                summed += weights[t] * diff.double()
+                pact += float(diff.abs().mean()) / 2
+        assert choose.replay_errors(traj, keys, name, measure="relative L2")[1] == pytest.approx(np.mean(errs), rel=1e-5)
+        assert choose.replay_errors(traj, keys, name, measure="PACT")[1] == pytest.approx(pact, rel=1e-5)
+        got = choose.replay_errors(traj, keys, name, weights=weights)[1]  # the default: integrated
+        assert got == pytest.approx(float(summed.norm()) / norms, rel=1e-5), name
 
 
 def test_ties_go_to_the_faster_forecaster():
