@@ -146,3 +146,11 @@ def test_replay_sample_takes_a_fixed_pick_of_each_complete_stream():
     assert sample.shape == (2, T, 100) and sample.dtype == np.float32
     assert np.array_equal(sample[0], feats.reshape(T, -1)[:, cols].numpy())
     assert np.array_equal(sample[1], -sample[0])
+
+
+def test_step_weights_follow_the_files_sigmas():
+    sigmas = list(np.linspace(1, 0, T + 1) ** 2)
+    w = choose.step_weights({"eval_sigmas": sigmas}, T)
+    assert w == pytest.approx(-np.diff(sigmas)) and w[0] > w[-1]
+    assert choose.step_weights({}, T) == pytest.approx(np.full(T, 1 / T))
+    assert choose.step_weights({"eval_sigmas": sigmas[:10]}, T) == pytest.approx(np.full(T, 1 / T))
