@@ -107,7 +107,7 @@ def run(args) -> dict:
                 rows[f"replay's {core.choose.label(name)}"] = dict(
                     measure(schedule_of(core, cand, num_evals, meta.get("model_family"))),
                     db=cand.db, scores=scores, plan=cand.plan)
-            for name, sched in cc.sweep_schedules(k, num_evals, pacts, cc.CALIBRATED).items():
+            for name, sched in cc.sweep_schedules(k, num_evals, pacts, (cc.CAL_O1, cc.CAL_O2, cc.CAL_SPECTRAL)).items():
                 rows[name] = measure(sched)
             chosen = rows[f"replay's {core.choose.label(choice.best.name)}"]
             quantile = measure(schedule_of(core, q_choice.best, num_evals, meta.get("model_family")))
