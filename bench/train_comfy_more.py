@@ -249,6 +249,7 @@ def train(kind: str, steps: int, batch: int, lr: float, seed: int, out: str, thr
     print(f"saved {out} ({os.path.getsize(out) / 1e6:.2f} MB) after {elapsed:.0f}s")
 
 
+@torch.enable_grad()
 def classifier(kind: str, steps: int = 600, batch: int = 64, seed: int = 777):
     """A small CNN trained on real data (frames stacked as channels): the judge of generated samples."""
     spec = SPECS[kind]
