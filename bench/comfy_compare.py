@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from bench import comfy_env
-from bench import train_comfy_flux, train_comfy_wan
+from bench import train_comfy_flux, train_comfy_more, train_comfy_wan
 from dpcache_core.picture import font, render_image_rows, text_width, write_png
 from bench.train_comfy_flux import LATENT_SIZE, WEIGHTS, load_prompts
 
@@ -74,12 +74,13 @@ class BenchModel:
     trainer: object         # the module that trained it: load_prompts, latent_to_rgb
     negative: int | None    # row of prompts["context"] that is the negative prompt (cfg > 1)
     text: str
+    detect_fix: bool = False  # narrow FLUX / Qwen-Image: loading needs the harness's shape-detection fix
 
 
 FLUX = BenchModel(
     "flux", WEIGHTS, "euler", "simple", 1.0, None, (1, 16, LATENT_SIZE, LATENT_SIZE), train_comfy_flux, None,
     "ComfyUI's Flux class (hidden 128, 2 double + 3 single blocks) trained on coloured shapes "
-    "(bench/train_comfy_flux.py); latent 16x16 (128x128 px), euler, scheduler simple, cfg 1")
+    "(bench/train_comfy_flux.py); latent 16x16 (128x128 px), euler, scheduler simple, cfg 1", True)
 WAN = BenchModel(
     "wan", train_comfy_wan.WEIGHTS, "uni_pc", "simple", 5.0, 8.0,
     (1, 16, train_comfy_wan.FRAMES, train_comfy_wan.LATENT_SIZE, train_comfy_wan.LATENT_SIZE), train_comfy_wan,
@@ -87,7 +88,20 @@ WAN = BenchModel(
     "ComfyUI's WanModel (Wan2.1 t2v: dim 128, 4 blocks) trained on moving-shape clips (bench/train_comfy_wan.py); "
     f"latent {train_comfy_wan.FRAMES}x16x16 (a 5-frame 128x128 clip), uni_pc, scheduler simple, ModelSamplingSD3 "
     "shift 8, cfg 5 with the class prompt against a negative prompt")
-MODELS = {m.name: m for m in (FLUX, WAN)}
+QWEN = BenchModel(
+    "qwen", train_comfy_more.SPECS["qwen"].weights, "euler", "simple", train_comfy_more.SPECS["qwen"].cfg, None,
+    (1, 16, 1, train_comfy_more.LATENT_SIZE, train_comfy_more.LATENT_SIZE), train_comfy_more.trainer("qwen"),
+    train_comfy_more.NEGATIVE,
+    "ComfyUI's QwenImageTransformer2DModel (1 head of 128, 4 blocks) trained on coloured patterns "
+    "(bench/train_comfy_more.py --model qwen); latent 16x16 (128x128 px), euler, scheduler simple, the file's own "
+    "sampling (shift 1.15), cfg 2.5 with the class prompt against a negative prompt", True)
+HUNYUAN = BenchModel(
+    "hunyuan", train_comfy_more.SPECS["hunyuan"].weights, "dpmpp_2m", "simple", 1.0, None,
+    (1, 16, 2, train_comfy_more.LATENT_SIZE, train_comfy_more.LATENT_SIZE), train_comfy_more.trainer("hunyuan"), None,
+    "ComfyUI's HunyuanVideo (hidden 128, 2 double + 2 single blocks) trained on clips of shapes that rotate, grow, "
+    "shrink or change colour (bench/train_comfy_more.py --model hunyuan); latent 2x16x16, dpmpp_2m, scheduler simple, "
+    "the file's own sampling (shift 7), cfg 1")
+MODELS = {m.name: m for m in (FLUX, WAN, QWEN, HUNYUAN)}
 
 
 # ----------------------------------------------------------------------------------- setup
@@ -156,7 +170,7 @@ class BlockCounter:
 
     def __init__(self, model):
         dm = model.model.diffusion_model
-        self.blocks = [b for name in ("double_blocks", "single_blocks", "blocks") for b in getattr(dm, name, [])]
+        self.blocks = [b for name in ("double_blocks", "single_blocks", "blocks", "transformer_blocks") for b in getattr(dm, name, [])]
         self.calls = 0
         self.seconds = 0.0
 
@@ -558,7 +572,7 @@ def count_evaluations(model, prompts, bench: BenchModel, steps: int) -> int:
 def run_compare(args) -> dict:
     """The equal-full-evaluation comparison on one model at one step count. Returns the rows and context."""
     bench = MODELS[args.model]
-    extra = (flux_detect_fix_dir(),) if bench is FLUX else ()
+    extra = (flux_detect_fix_dir(),) if bench.detect_fix else ()
     comfy_env.boot(cpu=True, extra_nodes=extra)
     torch.set_num_threads(args.threads)
     weights = args.weights or bench.weights
@@ -622,7 +636,7 @@ def compare_report(result: dict, args, machine: str) -> str:
     lines = [
         f"Model: {bench.text}; {result['steps']} steps = {result['num_evals']} model evaluations. "
         f"{len(result['held_out'])} held-out prompts; PACTs from DPCache Calibrate on {len(result['calib'])} other "
-        f"prompts at this step count. PSNR of the decoded RGB {'clip' if bench is WAN else 'image'} against the plain "
+        f"prompts at this step count. PSNR of the decoded RGB {'clip' if bench.latent_shape[2] > 1 and len(bench.latent_shape) == 5 else 'image'} against the plain "
         f"run, mean (worst) in dB, at K full evaluations of {result['num_evals']} (the full evaluations each run made "
         f"were counted: they equal K for every DPCache and Spectrum row). DPCache Schedule's defaults: pact entry "
         f"{result['defaults']['pact']!r}, forecaster {result['defaults']['forecaster']!r}.",
