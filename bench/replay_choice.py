@@ -57,7 +57,7 @@ def commit() -> str:
 
 def run(args) -> dict:
     bench = cc.MODELS[args.model]
-    extra = (cc.flux_detect_fix_dir(),) if bench is cc.FLUX else ()
+    extra = (cc.flux_detect_fix_dir(),) if bench.detect_fix else ()
     env = comfy_env.boot(cpu=True, extra_nodes=extra)
     core = env["core"]
     torch.set_num_threads(args.threads)
