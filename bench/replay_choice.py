@@ -34,6 +34,7 @@ from bench import comfy_compare as cc
 from bench import comfy_env
 
 QUANTILE = 0.9
+COMMIT: dict = {}
 
 
 def latent_psnr(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -48,11 +49,15 @@ def schedule_of(core, candidate, num_evals: int, family):
 
 
 def commit() -> str:
+    """The short hash of the checkout's HEAD, read once (when the run starts)."""
+    if "commit" in COMMIT:
+        return COMMIT["commit"]
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
     except OSError:
-        return "unknown"
+        out = "unknown"
+    return COMMIT.setdefault("commit", out)
 
 
 def run(args) -> dict:
@@ -187,6 +192,7 @@ def main() -> None:
     ap.add_argument("--out-dir", default=cc.RESULTS)
     args = ap.parse_args()
     t0 = time.perf_counter()
+    commit()
     run(args)
     print(f"wall {time.perf_counter() - t0:.0f}s")
 
