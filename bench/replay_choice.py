@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import statistics
 import subprocess
 import tempfile
@@ -180,6 +181,56 @@ def cc_label(name: str) -> str:
     return "spectral" if name == "spectral" else name.replace("taylor", "Taylor")
 
 
+SUMMARY_ROW = re.compile(r"^\| (\w+) \| (\d+) \| (\d+) \| ")
+REPLAY_ROW = re.compile(r"^\| (\d+) \| replay's (Taylor \d|spectral) \| ([\d.]+) / ([\d.]+) \| ([\d.]+) \| "
+                        r"(-?[\d.]+) \| (-?[\d.]+) \| ([\d.e+-]+) \|")
+
+
+def summary(out_dir: str) -> str:
+    """bench/results/replay_choice.md: every model's choice table in one, the gap per model, and which
+    replayed measure picks the forecaster the PSNR picks (from the replay_choice_<model>_<steps>.md files)."""
+    table, per_model, picks = [], {}, {m: [] for m in ("integrated", "rel. L2", "PACT")}
+    for name in sorted(os.listdir(out_dir)):
+        match = re.fullmatch(r"replay_choice_(\w+)_(\d+)\.md", name)
+        if not match:
+            continue
+        text = open(os.path.join(out_dir, name)).read()
+        made = re.search(r"at commit (\w+)", text)[1]
+        cells: dict = {}
+        for line in text.splitlines():
+            if SUMMARY_ROW.match(line):
+                c = [x.strip() for x in line.strip().strip("|").split("|")]
+                table.append(f"| {' | '.join(c[:5])} | {c[5].split(' (')[0]} | {' | '.join(c[6:9])} | {c[10]} | {made} |")
+                per_model.setdefault(f"{c[0]} {c[1]}", []).append(float(c[8]))
+            row = REPLAY_ROW.match(line)
+            if row:
+                cells.setdefault(row[1], []).append(dict(psnr=float(row[3]), integrated=float(row[6]),
+                                                         **{"rel. L2": float(row[7]), "PACT": float(row[8])}))
+        for rows in cells.values():
+            best = max(r["psnr"] for r in rows)
+            for m in picks:
+                picks[m].append(best - min(rows, key=lambda r: r[m])["psnr"])
+    gaps = [g for v in per_model.values() for g in v]
+    lines = ["Made by `<ComfyUI's python> -m bench.replay_choice --summary` from the per-model files (their commit in "
+             "the last column).", "",
+             "| model | steps | K | chosen | runner-up (replayed dB; chosen's) | chosen PSNR mean / worst | best in "
+             "hindsight | best mean / worst | gap | quantile 0.9: choice, mean / worst | commit |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"] + table
+    lines += ["", f"{len(gaps)} cells: within 0.5 dB in {sum(g <= 0.5 for g in gaps)}, mean gap {statistics.fmean(gaps):.2f} "
+              f"dB, largest {max(gaps):.1f}.", "", "| model, steps | cells within 0.5 dB | mean gap | largest gap |",
+              "|---|---|---|---|"]
+    lines += [f"| {k} | {sum(g <= 0.5 for g in v)} of {len(v)} | {statistics.fmean(v):.2f} | {max(v):.1f} |"
+              for k, v in per_model.items()]
+    lines += ["", "Which replayed error picks the forecaster the PSNR picks (among the replay's three rows of each cell):",
+              "", "| measure | cells | the PSNR's best | within 0.5 dB | mean gap (dB) | largest |", "|---|---|---|---|---|---|"]
+    lines += [f"| {m} | {len(v)} | {sum(g == 0 for g in v)} | {sum(g <= 0.5 for g in v)} | {statistics.fmean(v):.2f} | "
+              f"{max(v):.1f} |" for m, v in picks.items() if v]
+    text = "\n".join(lines)
+    with open(os.path.join(out_dir, "replay_choice.md"), "w") as f:
+        f.write(text + "\n")
+    return text
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=sorted(cc.MODELS), default="flux")
@@ -190,7 +241,11 @@ def main() -> None:
     ap.add_argument("--quantile", type=float, default=QUANTILE)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out-dir", default=cc.RESULTS)
+    ap.add_argument("--summary", action="store_true", help="only gather the per-model files into replay_choice.md")
     args = ap.parse_args()
+    if args.summary:
+        print(summary(args.out_dir))
+        return
     t0 = time.perf_counter()
     commit()
     run(args)
