@@ -190,6 +190,7 @@ def summary(out_dir: str) -> str:
     """bench/results/replay_choice.md: every model's choice table in one, the gap per model, and which
     replayed measure picks the forecaster the PSNR picks (from the replay_choice_<model>_<steps>.md files)."""
     table, per_model, picks = [], {}, {m: [] for m in ("integrated", "rel. L2", "PACT")}
+    variants: dict = {}
     for name in sorted(os.listdir(out_dir)):
         match = re.fullmatch(r"replay_choice_(\w+)_(\d+)\.md", name)
         if not match:
@@ -201,6 +202,9 @@ def summary(out_dir: str) -> str:
             if SUMMARY_ROW.match(line):
                 c = [x.strip() for x in line.strip().strip("|").split("|")]
                 table.append(f"| {' | '.join(c[:5])} | {c[5].split(' (')[0]} | {' | '.join(c[6:9])} | {c[10]} | {made} |")
+                for what, cell in (("chosen", c[5].split(" (")[0]), ("best in hindsight", c[7]),
+                                   ("quantile 0.9", c[10].split(", ")[1]), ("refined by replay", c[11].split(", ")[1])):
+                    variants.setdefault(what, []).append([float(x) for x in cell.split(" / ")])
                 per_model.setdefault(f"{c[0]} {c[1]}", []).append(float(c[8]))
             row = REPLAY_ROW.match(line)
             if row:
@@ -225,6 +229,15 @@ def summary(out_dir: str) -> str:
               "", "| measure | cells | the PSNR's best | within 0.5 dB | mean gap (dB) | largest |", "|---|---|---|---|---|---|"]
     lines += [f"| {m} | {len(v)} | {sum(g == 0 for g in v)} | {sum(g <= 0.5 for g in v)} | {statistics.fmean(v):.2f} | "
               f"{max(v):.1f} |" for m, v in picks.items() if v]
+    chosen = variants["chosen"]
+    lines += ["", "The variants over the same cells (PSNR, dB; worst: each cell's worst prompt):", "",
+              "| plan | mean of the means | mean of the worsts | cells where the worst rose / fell against the chosen |",
+              "|---|---|---|---|"]
+    for what, cells in variants.items():
+        up = sum(v[1] > c[1] + 0.05 for v, c in zip(cells, chosen))
+        down = sum(v[1] < c[1] - 0.05 for v, c in zip(cells, chosen))
+        lines.append(f"| {what} | {statistics.fmean(v[0] for v in cells):.2f} | {statistics.fmean(v[1] for v in cells):.2f} | "
+                     f"{up} / {down} |")
     text = "\n".join(lines)
     with open(os.path.join(out_dir, "replay_choice.md"), "w") as f:
         f.write(text + "\n")
