@@ -276,7 +276,7 @@ def with_record(old_meta: dict, record: dict) -> dict:
 
 
 def add_sample(path: str, setting: Setting, sample: np.ndarray, metadata: dict, record: dict,
-               history: np.ndarray | None = None) -> dict:
+               history: np.ndarray | None = None, trajectories: np.ndarray | None = None) -> dict:
     """Add one calibration sample of ``setting`` to its file (``store.update_pact``: under the file's
     lock, read what is there, since another process may have written, check it is the same setting,
     add, write atomically). A damaged file is refused with its name. Returns the metadata written."""
@@ -290,7 +290,7 @@ def add_sample(path: str, setting: Setting, sample: np.ndarray, metadata: dict, 
                     "Move the file away to calibrate this setting")
         else:
             acc, old = PactAccumulator(setting.num_evals), {}
-        acc.add(sample, history=history)
+        acc.add(sample, history=history, trajectories=trajectories)
         size = metadata.get("sample_size", "all")
         this = {"samples": 1, "sample_size": size, "sample_seed": metadata.get("sample_seed")}
         meta = dict(metadata, setting=setting.as_meta(), **with_record(old, record))

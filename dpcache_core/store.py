@@ -18,6 +18,7 @@ from safetensors import safe_open
 from safetensors.numpy import save
 
 from .pact import PactAccumulator
+from .replay import check_trajectories
 
 try:  # the lock: a kernel lock on the lock file, released by the system when its holder dies
     import fcntl
@@ -80,6 +81,8 @@ def save_pact(path: str, acc: PactAccumulator, metadata: dict | None = None) -> 
     tensors = {"sums": acc.sums, "counts": acc.counts.astype(np.int32)}
     if acc.history_sums is not None:  # optional (issue 11); files without it load as before
         tensors.update(history_sums=acc.history_sums, history_counts=acc.history_counts.astype(np.int32))
+    if getattr(acc, "trajectories", None) is not None:  # optional replay trajectories; files without them plan as before
+        tensors["trajectories"] = np.ascontiguousarray(acc.trajectories, dtype=np.float32)
     data = save(tensors, metadata={"format": FORMAT, "dpcache": json.dumps(meta, sort_keys=True)})
     write_atomic(path, data)
     return meta
@@ -205,6 +208,11 @@ def load_pact(path: str) -> tuple[PactAccumulator, dict]:
             acc.add_history(h_sums.astype(np.float64), h_counts.astype(np.int64))
         except ValueError as exc:
             raise PactFileError(f"{name} has a broken history cost tensor ({exc}); calibrate again") from None
+    if "trajectories" in tensors:
+        try:
+            acc.trajectories = check_trajectories(tensors["trajectories"], num_evals)
+        except ValueError as exc:
+            raise PactFileError(f"{name} has broken replay trajectories ({exc}); calibrate again") from None
     return acc, meta
 
 

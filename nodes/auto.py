@@ -147,7 +147,9 @@ def run_setting(guider, family: str, sampler, sigmas, latent, shape) -> settings
 
 
 def plan_keys(acc, meta: dict, shape, budget: core.Budget, own_num_evals: int, first_full_steps: int):
-    """(keys, K asked for) for a run of ``shape`` from a PACT (its own T, or transferred)."""
+    """(keys, K asked for, replay choice or None) for a run of ``shape`` from a PACT (its own T, or
+    transferred). With replay trajectories in the file (``dpcache_core.choose``), a run at the file's
+    own positions takes the chosen keys; another count takes the forecaster chosen at the file's T."""
     n = shape.num_evals
     cost = acc.mean()
     file_positions = meta.get("positions")
@@ -157,9 +159,18 @@ def plan_keys(acc, meta: dict, shape, budget: core.Budget, own_num_evals: int, f
     planner = core.Planner(cost.shape[0], budget, first_full_steps, 0, cost=cost, positions=file_positions,
                            order=int(meta.get("order", AUTO_ORDER)))
     k = budget.keys_for(n, own_num_evals)
+    choice = None
+    if not shape.partial:
+        try:
+            choice = core.choose.replay_choice(acc, meta, budget.keys_for(planner.num_evals, own_num_evals),
+                                               first_full_steps, 0)
+        except ValueError:  # no finite plan at this K on the file's T: plan as without trajectories
+            choice = None
+    if choice is not None and planner.same_positions(run_positions, by_sigma=shape.positions is not None):
+        return list(choice.best.keys), k, choice
     convention = meta.get("convention", "reference")
     keys, _, _ = planner.solve(run_positions, k, (), "skip" if convention == "skip" else "reference")
-    return keys, k
+    return keys, k, choice
 
 
 # --------------------------------------------------------------------------------------------
@@ -203,6 +214,7 @@ class AutoHook:
         self.first_full_steps = int(first_full_steps)
         self.sample_size = int(sample_size)
         self.runs: dict[str, int] = {}  # runs per setting key, for refine_every (shared by every run of this node output)
+        self.plans: dict = {}  # the last plan made (``plan``)
 
     def __deepcopy__(self, memo):
         return self
@@ -263,7 +275,7 @@ class AutoHook:
     def planned_run(self, guider, sampler, setting, shape, found, acc):
         n = shape.num_evals
         try:
-            keys, asked = plan_keys(acc, found.meta, shape, self.budget, self.own_num_evals, self.first_full_steps)
+            keys, asked, choice = self.plan(found, acc, shape)
         except ValueError as exc:
             self.say(f"{found.name} cannot plan this run ({exc}); every evaluation is computed")
             return self.full_run("no plan")
@@ -271,16 +283,35 @@ class AutoHook:
         how = (f"planned from {found.name} ({found.meta.get('samples', '?')} sample(s), calibrated at this setting)"
                if found.exact else f"transferred from {found.name} (T={T}, {found.meta.get('sampler')}/"
                f"{(found.meta.get('setting') or {}).get('scheduler')}) to T={n}")
-        schedule = core.Schedule(tuple(keys), n, model_family=self.family, order=int(found.meta.get("order", AUTO_ORDER)),
+        if choice is not None:  # the forecaster the file's replay trajectories chose
+            predictor, order = choice.best.predictor, choice.best.order
+            how += f"; {choice.describe()}"
+        else:  # as DPCache Schedule's "auto" without data
+            predictor, order = core.spectral.auto_forecaster(n / len(keys)), int(found.meta.get("order", AUTO_ORDER))
+        schedule = core.Schedule(tuple(keys), n, model_family=self.family, order=order,
                                  scheme=found.meta.get("scheme", "reference"), source=f"auto:{found.name}",
                                  first_full_steps=self.first_full_steps,
                                  convention="skip" if found.meta.get("convention") == "skip" else "reference",
-                                 predictor=core.spectral.auto_forecaster(n / len(keys)))  # as DPCache Schedule's "auto"
+                                 predictor=predictor)
         force_all = uses_controlnet(guider)
         run = run_state.ApplyRun(self.family, schedule, force_all, sampler_name(sampler), how)
         run.auto = ("plan", setting, found, asked)
         self.say(f"{how}: keys {list(keys)}; {plan_line(keys, n)}")
         return run
+
+    def plan(self, found, acc, shape):
+        """``plan_keys`` for this run, remembered per file version, run shape and budget (the replay
+        takes a second or two; every later run at the setting reuses it)."""
+        try:
+            stat = os.stat(found.path)
+            version = (found.path, stat.st_mtime_ns, stat.st_size)
+        except OSError:
+            version = (found.path, None, None)
+        key = (version, shape, self.budget, self.own_num_evals, self.first_full_steps)
+        if key not in self.plans:
+            self.plans.clear()  # one entry per node: the last setting planned
+            self.plans[key] = plan_keys(acc, found.meta, shape, self.budget, self.own_num_evals, self.first_full_steps)
+        return self.plans[key]
 
     # ---- finish
 
@@ -313,7 +344,8 @@ class AutoHook:
         meta.update(calibrate_hook.trajectory_metadata(run))
         record = settings.sample_record(run.resolution, run.seed, setting.sampler, setting.scheduler)
         try:
-            written = settings.add_sample(path, setting, sample, meta, record)
+            written = settings.add_sample(path, setting, sample, meta, record,
+                                          trajectories=core.replay.replay_sample(run.recorder))
         except (core.PactFileError, TimeoutError) as exc:
             self.say(f"the sample was not saved: {exc}")
             return

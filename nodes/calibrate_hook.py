@@ -8,6 +8,7 @@ import re
 try:  # inside ComfyUI the pack is a package; in the CPU tests the repo root is on sys.path
     from ..dpcache_core import PactAccumulator, PactFileError, history_fits, load_pact
     from ..dpcache_core import windows
+    from ..dpcache_core.replay import replay_sample
     from ..dpcache_core.pact import default_max_gap
     from ..dpcache_core.replan import RunShape, joint_trajectory
     from ..dpcache_core.runtime import DEFAULT_SAMPLE_SIZE
@@ -17,6 +18,7 @@ try:  # inside ComfyUI the pack is a package; in the CPU tests the repo root is 
 except ImportError:  # pragma: no cover - depends on how the pack is imported
     from dpcache_core import PactAccumulator, PactFileError, history_fits, load_pact
     from dpcache_core import windows
+    from dpcache_core.replay import replay_sample
     from dpcache_core.pact import default_max_gap
     from dpcache_core.replan import RunShape, joint_trajectory
     from dpcache_core.runtime import DEFAULT_SAMPLE_SIZE
@@ -287,7 +289,7 @@ class CalibrateHook:
                     f"PACT '{name}' holds windows of partial sampling runs (e.g. two Wan2.2 experts); this run samples "
                     "the whole trajectory. Pick a new pact_name on DPCache Calibrate, or set reset"
                 )
-            acc.add(sample, history=history)
+            acc.add(sample, history=history, trajectories=None if window is not None else replay_sample(run.recorder))
             if window is not None:
                 acc.samples = sum(w[2] for w in meta["windows"])
             this = {"samples": 1, "sample_size": size, "sample_seed": None if size == "all" else run.recorder.seed}

@@ -9,6 +9,7 @@ import torch
 
 import nodes_fakes as F
 from nodes_fakes import block_calls, reset_calls
+import dpcache_core as core
 from dpcache_core import load_pact
 from nodes import auto, ui
 from nodes.dpcache_nodes import DPCacheApply, DPCacheCalibrate, DPCacheSchedule
@@ -337,11 +338,35 @@ def test_explicit_schedule_says_when_the_budget_leaves_no_speed_up(events):
 
 
 @pytest.mark.parametrize("target, forecaster", [(3.85, "spectral"), (2.0, "taylor")])
-def test_planned_runs_pick_the_forecaster_like_schedule_auto(folder, events, target, forecaster):
-    """Planned runs use DPCache Schedule's forecaster "auto" rule: spectral from T/K = 2.9 up, Taylor below."""
+def test_planned_runs_from_a_file_without_trajectories_pick_the_forecaster_like_schedule_auto(folder, events, target, forecaster):
+    """A file without replay trajectories (written before they were kept): DPCache Schedule's no-data
+    "auto" rule, spectral from T/K = 2.9 up, Taylor below."""
+    from dpcache_core import save_pact
     model = flux()
     (patched,) = DPCacheApply().apply(model, target_speedup=target, unique_id="7")
     F.sample(patched, steps=20, cfg=1.0)  # calibrates
+    (name,) = auto_files(folder)
+    acc, meta = load_pact(str(folder / name))
+    acc.trajectories = None
+    save_pact(str(folder / name), acc, meta)
     F.sample(patched, steps=20, cfg=1.0)  # planned
     text = [t for n, t in events["text"] if n == "7"][-1]
-    assert f"{forecaster} forecaster" in text, text
+    assert f"{forecaster} forecaster" in text and "by replay" not in text, text
+
+
+def test_the_first_run_keeps_trajectories_and_planned_runs_use_the_replay_choice(folder, events):
+    model = flux()
+    (patched,) = DPCacheApply().apply(model, unique_id="7")
+    F.sample(patched, steps=20, cfg=1.0)  # calibrates: the file keeps the run's replay trajectory
+    (name,) = auto_files(folder)
+    acc, meta = load_pact(str(folder / name))
+    assert acc.trajectories is not None and acc.trajectories.shape[:2] == (1, 20)
+    choice = core.choose.replay_choice(acc, meta, 5, 3, 0)
+    reset_calls(model)
+    F.sample(patched, steps=20, cfg=1.0)  # planned: the replay's keys and forecaster
+    text = [t for n, t in events["text"] if n == "7"][-1]
+    (_, data) = events["event"][-1]
+    assert data["key_steps"] == list(choice.best.keys) and computed(model) == 5
+    best, runner = choice.best, choice.runner_up
+    assert f"forecaster chosen by replay on 1 recorded trajectory: {core.choose.label(best.name)}" in text, text
+    assert f"runner-up {core.choose.label(runner.name)}" in text and f"{best.predictor} forecaster" in text

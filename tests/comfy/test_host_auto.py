@@ -49,6 +49,7 @@ def test_first_run_calibrates_then_runs_are_planned(host, pact_dir, caplog):
     acc, meta = host["core"].load_pact(str(pact_dir / name))
     assert name.startswith("auto_flux_euler_simple_20_") and acc.samples == 1 and meta["scheduler"] == "simple"
     assert meta["sample_meta"] == [{"resolution": "64x64", "seed": 42, "sampler": "euler", "scheduler": "simple"}]
+    assert acc.trajectories is not None and acc.trajectories.shape[:2] == (1, STEPS)  # the replay's data, from run 1
 
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="dpcache"), BlockCounter(model) as c2:
@@ -62,6 +63,7 @@ def test_first_run_calibrates_then_runs_are_planned(host, pact_dir, caplog):
     k = 5  # K = 13 of 50 scaled to 20 evaluations
     assert set(c2.counts.values()) == {k} and c2.total == k * BLOCKS
     assert any(f"planned from {name}" in line and f"{k} of {STEPS} evaluations computed" in line for line in lines2)
+    assert any("forecaster chosen by replay on 1 recorded trajectory" in line and "runner-up" in line for line in lines2)
     assert db > 25.0
     assert auto_files(pact_dir) == [name]
 
