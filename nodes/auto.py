@@ -9,7 +9,10 @@ At the start of every sampling run the run's setting is worked out (``dpcache_co
 - none at all: the run computes every evaluation (its output is the plain run's, bit for bit),
   records a sampled PACT sample and, when it finishes, saves it atomically under a lock file; an
   interrupted run writes nothing;
-- a damaged file of that setting: refused with the file named; the run computes in full.
+- a damaged file of that setting: refused with the file named; the run computes in full;
+- a setting whose sample could not be saved earlier in this process (an unwritable models/dpcache):
+  planned on the calibration-free cost prior (``dpcache_core.prior``), with a note, instead of being
+  computed in full again. The run that failed to save returned its output and said why (``failed``).
 
 ``refine_every`` = N > 0 makes every N-th run of a setting (counted per node) a calibration run that
 adds a sample to the file. After every run the node (and the DPCache Schedule that fed it) shows the
@@ -38,10 +41,13 @@ except ImportError:  # pragma: no cover - depends on how the pack is imported
 
 from . import calibrate_hook, run_state, ui
 from .apply_hook import report_plan_run
-from .sampling_hooks import guess_scheduler, refuse_context_windows, run_shape, sample_with_run, uses_controlnet
+from .sampling_hooks import failure_text, guess_scheduler, refuse_context_windows, run_shape, sample_with_run, uses_controlnet
 from .sampler_counts import sampler_name
 
 log = logging.getLogger("dpcache")
+
+#: PACT paths whose calibration sample could not be saved in this process -> why (``AutoHook.failed``)
+UNSAVED: dict[str, str] = {}
 
 AUTO_ORDER = 1  # calibrated at order 1: the sampled sample costs ~6 % of a run (BENCHMARKS.md §9)
 FIRST_FULL_STEPS = 3  # DPCache Schedule's default
@@ -267,7 +273,10 @@ class AutoHook:
                 except core.PactFileError:
                     found = None
         refine = found is not None and found.exact and self.refine_every and count % self.refine_every == 0
-        if found is None or refine:
+        unsaved = UNSAVED.get(path)
+        if unsaved is not None and found is None:  # its sample could not be saved: not recomputed in full forever
+            return self.prior_run(guider, sampler, setting, shape, path, unsaved)
+        if (found is None or refine) and unsaved is None:
             return self.calibration_run(guider, args, setting, path, shape, count, refine)
         return self.planned_run(guider, sampler, setting, shape, found, acc)
 
@@ -295,14 +304,40 @@ class AutoHook:
         how = (f"planned from {found.name} ({found.meta.get('samples', '?')} sample(s), calibrated at this setting)"
                if found.exact else f"transferred from {found.name} (T={T}, {found.meta.get('sampler')}/"
                f"{(found.meta.get('setting') or {}).get('scheduler')}) to T={n}")
-        schedule = core.Schedule(tuple(keys), n, model_family=self.family, order=int(found.meta.get("order", AUTO_ORDER)),
-                                 scheme=found.meta.get("scheme", "reference"), source=f"auto:{found.name}",
-                                 first_full_steps=self.first_full_steps,
-                                 convention="skip" if found.meta.get("convention") == "skip" else "reference",
+        return self.keyed_run(guider, sampler, setting, keys, n, how, found.name, asked,
+                              int(found.meta.get("order", AUTO_ORDER)), found.meta.get("scheme", "reference"),
+                              "skip" if found.meta.get("convention") == "skip" else "reference")
+
+    def prior_run(self, guider, sampler, setting, shape, path, why: str):
+        """A run planned on the calibration-free cost prior, for a setting whose sample could not be saved."""
+        n = shape.num_evals
+        asked = self.budget.keys_for(n, self.own_num_evals)
+        try:
+            positions = (list(shape.positions) + [shape.end]) if shape.positions else None
+            cost = core.prior_cost(n, positions)
+            keys = None
+            for k in range(asked, n + 1):  # raised to the fewest keys the first steps and the hop cap allow
+                try:
+                    keys, _ = core.prior.solve_prior(cost, k, self.first_full_steps)
+                    break
+                except ValueError:
+                    if k == n:
+                        raise
+        except ValueError as exc:
+            self.say(f"{os.path.basename(path)} could not be saved earlier ({why}) and the cost prior cannot plan this "
+                     f"run ({exc}); every evaluation is computed")
+            return self.full_run("no plan")
+        how = (f"planned on the cost prior (no calibration): {os.path.basename(path)} could not be saved earlier in "
+               f"this session ({why})")
+        return self.keyed_run(guider, sampler, setting, keys, n, how, "prior", asked, AUTO_ORDER, "reference", "skip")
+
+    def keyed_run(self, guider, sampler, setting, keys, n, how, name, asked, order, scheme, convention):
+        schedule = core.Schedule(tuple(keys), n, model_family=self.family, order=order, scheme=scheme,
+                                 source=f"auto:{name}", first_full_steps=self.first_full_steps, convention=convention,
                                  predictor=core.spectral.auto_forecaster(n / len(keys)))  # as DPCache Schedule's "auto"
         force_all = uses_controlnet(guider)
         run = run_state.ApplyRun(self.family, schedule, force_all, sampler_name(sampler), how)
-        run.auto = ("plan", setting, found, asked)
+        run.auto = ("plan", setting, name, asked)
         log.info("DPCache (auto): %s: keys %s (%d of %d)", how, list(keys), len(keys), n)
         return run
 
@@ -336,11 +371,8 @@ class AutoHook:
                 "sample_seed": None if size == "all" else run.recorder.seed, "automatic": True}
         meta.update(calibrate_hook.trajectory_metadata(run))
         record = settings.sample_record(run.resolution, run.seed, setting.sampler, setting.scheduler)
-        try:
-            written = settings.add_sample(path, setting, sample, meta, record)
-        except (core.PactFileError, TimeoutError) as exc:
-            self.say(f"the sample was not saved: {exc}")
-            return
+        written = settings.add_sample(path, setting, sample, meta, record)  # an error: ``failed``
+        UNSAVED.pop(path, None)
         wall = time.perf_counter() - t0
         line = (f"calibrated this setting (run {count}): {n} of {n} evaluations computed (the plain run), "
                 f"{os.path.basename(path)} now holds {written['samples']} sample(s); the next run at this setting "
@@ -349,9 +381,23 @@ class AutoHook:
         ui.report_event((self.node_id, self.schedule_node), range(n), n, n, 0, line, f"auto:{os.path.basename(path)}")
 
     def finish_planned(self, run) -> None:
-        _, setting, found, asked = run.auto
-        report_plan_run(run, (self.node_id, self.schedule_node), f"auto:{found.name}", "DPCache (auto)", asked,
+        _, setting, name, asked = run.auto
+        report_plan_run(run, (self.node_id, self.schedule_node), f"auto:{name}", "DPCache (auto)", asked,
                         self.first_full_steps)
 
+    def failed(self, run, exc: Exception) -> None:
+        """The end-of-run work failed after the sampler returned (``sample_with_run``): the output is
+        returned; a calibration whose sample was not saved is remembered, so later runs at that setting
+        (in this process) are planned on the cost prior instead of computed in full again."""
+        if run.auto[0] != "calibrate":
+            self.say(f"after the sampling run: {failure_text(exc)}; the sampler's output is returned")
+            return
+        path = run.auto[2]
+        UNSAVED[path] = failure_text(exc)
+        fix = f" Make {os.path.dirname(path)} a writable folder to calibrate" if isinstance(exc, OSError) else ""
+        self.say(f"the PACT sample of this setting was not saved to {path}: {failure_text(exc)}. This run's output "
+                 "(the plain run's) is returned; later runs at this setting are planned on the cost prior (no "
+                 f"calibration) until ComfyUI restarts.{fix}")
+
     def outer_sample(self, executor, *args, **kwargs):
-        return sample_with_run(executor, args, kwargs, self.start, self.finish)
+        return sample_with_run(executor, args, kwargs, self.start, self.finish, self.failed)

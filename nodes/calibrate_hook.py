@@ -27,7 +27,7 @@ except ImportError:  # pragma: no cover - depends on how the pack is imported
 from . import ui
 from .run_state import CalibrateRun
 from .sampler_counts import expected_evaluations, is_rectified_flow, sampler_name
-from .sampling_hooks import guess_scheduler, refuse_context_windows, resolution_of, run_shape, sample_with_run, sigma_table
+from .sampling_hooks import failure_text, guess_scheduler, refuse_context_windows, resolution_of, run_shape, sample_with_run, sigma_table
 
 log = logging.getLogger("dpcache")
 
@@ -300,5 +300,12 @@ class CalibrateHook:
         log.info("DPCache Calibrate: %s", line)
         ui.send_text(line, self.node_id)
 
+    def failed(self, run: CalibrateRun, exc: Exception) -> None:
+        """Adding the sample failed after the sampler returned (``sample_with_run``): say so on the node."""
+        line = (f"nothing added to {run.path}: {failure_text(exc)}. The sampler's output is returned; "
+                "make the folder writable (or fix what the error names) and run again to calibrate")
+        log.warning("DPCache Calibrate: %s", line)
+        ui.send_text(f"DPCache Calibrate: {line}", self.node_id)
+
     def outer_sample(self, executor, *args, **kwargs):
-        return sample_with_run(executor, args, kwargs, self.start, self.finish)
+        return sample_with_run(executor, args, kwargs, self.start, self.finish, self.failed)
