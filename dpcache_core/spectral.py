@@ -23,7 +23,7 @@ import torch
 
 from .history import histories, history_shape
 from .pact import default_max_gap, sentinel_target
-from .taylor import block_elements, element_blocks
+from .taylor import block_elements, clamp_for, element_blocks
 
 DEFAULT_DEGREE = 4  # Chebyshev T_0 .. T_4 (the paper's m = 4)
 DEFAULT_RIDGE = 0.1  # the paper's lambda
@@ -145,7 +145,7 @@ class SpectralPredictor:
             acc = buffer[: last[index].numel()].view(last[index].shape).zero_()
             for w, feature in zip(weights, self.features):
                 acc.add_(feature[index], alpha=w)
-            out[index].copy_(acc)
+            out[index].copy_(clamp_for(acc, out.dtype))
         return out
 
     def nbytes(self) -> int:
