@@ -302,8 +302,8 @@ class CalibrateHook:
 
     def failed(self, run: CalibrateRun, exc: Exception) -> None:
         """Adding the sample failed after the sampler returned (``sample_with_run``): say so on the node."""
-        line = (f"nothing added to {run.path}: {failure_text(exc)}. The sampler's output is returned; "
-                "make the folder writable (or fix what the error names) and run again to calibrate")
+        fix = "; make the folder writable to calibrate" if isinstance(exc, OSError) else ""
+        line = f"nothing added to {run.path}: {failure_text(exc)}. The sampler's output is returned{fix}"
         log.warning("DPCache Calibrate: %s", line)
         ui.send_text(f"DPCache Calibrate: {line}", self.node_id)
 
