@@ -13,7 +13,7 @@ except ImportError:  # pragma: no cover - depends on how the pack is imported
     from dpcache_core.replan import plan_run
     from dpcache_core.runtime import mismatch_message
 
-from . import run_state, ui
+from . import memory, run_state, ui
 from .sampler_counts import sampler_name
 from .sampling_hooks import failure_text, refuse_context_windows, run_shape, sample_with_run, uses_controlnet
 
@@ -71,12 +71,15 @@ class ApplyHook:
             schedule, plan_text = plan.schedule, plan.text
             if plan_text:
                 log.info("DPCache: %s", plan_text)
+        schedule, fit = memory.fit_run(schedule, guider, args[0].shape)  # the forecaster whose cache fits
+        if fit is not None and fit.note:
+            plan_text = f"{plan_text}; {fit.note}" if plan_text else fit.note
         force_all = uses_controlnet(guider)
         if force_all:
             msg = "DPCache: ControlNet detected; it adds residuals between blocks, so every evaluation is computed in full"
             log.warning(msg)
             ui.send_text(msg, self.node_id)
-        return run_state.ApplyRun(self.family, schedule, force_all, sampler_name(sampler), plan_text)
+        return run_state.ApplyRun(self.family, schedule, force_all, sampler_name(sampler), plan_text, fit)
 
     def finish(self, run: run_state.ApplyRun, ok: bool) -> None:
         if not ok:

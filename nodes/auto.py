@@ -39,7 +39,7 @@ except ImportError:  # pragma: no cover - depends on how the pack is imported
     from dpcache_core.pact import default_max_gap
     from dpcache_core.transfer import index_positions
 
-from . import calibrate_hook, run_state, ui
+from . import calibrate_hook, memory, run_state, ui
 from .apply_hook import report_plan_run
 from .sampling_hooks import failure_text, guess_scheduler, refuse_context_windows, run_shape, sample_with_run, uses_controlnet
 from .sampler_counts import sampler_name
@@ -275,10 +275,10 @@ class AutoHook:
         refine = found is not None and found.exact and self.refine_every and count % self.refine_every == 0
         unsaved = UNSAVED.get(path)
         if unsaved is not None and found is None:  # its sample could not be saved: not recomputed in full forever
-            return self.prior_run(guider, sampler, setting, shape, path, unsaved)
+            return self.prior_run(guider, sampler, args[0].shape, setting, shape, path, unsaved)
         if (found is None or refine) and unsaved is None:
             return self.calibration_run(guider, args, setting, path, shape, count, refine)
-        return self.planned_run(guider, sampler, setting, shape, found, acc)
+        return self.planned_run(guider, sampler, args[0].shape, setting, shape, found, acc)
 
     def full_run(self, why: str):
         run = FullRun(self.family)
@@ -293,7 +293,7 @@ class AutoHook:
                  f"{os.path.basename(path)}; setting {setting.describe()}")
         return run
 
-    def planned_run(self, guider, sampler, setting, shape, found, acc):
+    def planned_run(self, guider, sampler, noise_shape, setting, shape, found, acc):
         n = shape.num_evals
         try:
             keys, asked = plan_keys(acc, found.meta, shape, self.budget, self.own_num_evals, self.first_full_steps)
@@ -304,11 +304,11 @@ class AutoHook:
         how = (f"planned from {found.name} ({found.meta.get('samples', '?')} sample(s), calibrated at this setting)"
                if found.exact else f"transferred from {found.name} (T={T}, {found.meta.get('sampler')}/"
                f"{(found.meta.get('setting') or {}).get('scheduler')}) to T={n}")
-        return self.keyed_run(guider, sampler, setting, keys, n, how, found.name, asked,
+        return self.keyed_run(guider, sampler, noise_shape, setting, keys, n, how, found.name, asked,
                               int(found.meta.get("order", AUTO_ORDER)), found.meta.get("scheme", "reference"),
                               "skip" if found.meta.get("convention") == "skip" else "reference")
 
-    def prior_run(self, guider, sampler, setting, shape, path, why: str):
+    def prior_run(self, guider, sampler, noise_shape, setting, shape, path, why: str):
         """A run planned on the calibration-free cost prior, for a setting whose sample could not be saved."""
         n = shape.num_evals
         asked = self.budget.keys_for(n, self.own_num_evals)
@@ -329,14 +329,17 @@ class AutoHook:
             return self.full_run("no plan")
         how = (f"planned on the cost prior (no calibration): {os.path.basename(path)} could not be saved earlier in "
                f"this session ({why})")
-        return self.keyed_run(guider, sampler, setting, keys, n, how, "prior", asked, AUTO_ORDER, "reference", "skip")
+        return self.keyed_run(guider, sampler, noise_shape, setting, keys, n, how, "prior", asked, AUTO_ORDER, "reference", "skip")
 
-    def keyed_run(self, guider, sampler, setting, keys, n, how, name, asked, order, scheme, convention):
+    def keyed_run(self, guider, sampler, noise_shape, setting, keys, n, how, name, asked, order, scheme, convention):
         schedule = core.Schedule(tuple(keys), n, model_family=self.family, order=order, scheme=scheme,
                                  source=f"auto:{name}", first_full_steps=self.first_full_steps, convention=convention,
                                  predictor=core.spectral.auto_forecaster(n / len(keys)))  # as DPCache Schedule's "auto"
+        schedule, fit = memory.fit_run(schedule, guider, noise_shape)  # the forecaster whose cache fits
+        if fit is not None and fit.note:
+            how = f"{how}; {fit.note}"
         force_all = uses_controlnet(guider)
-        run = run_state.ApplyRun(self.family, schedule, force_all, sampler_name(sampler), how)
+        run = run_state.ApplyRun(self.family, schedule, force_all, sampler_name(sampler), how, fit)
         run.auto = ("plan", setting, name, asked)
         log.info("DPCache (auto): %s: keys %s (%d of %d)", how, list(keys), len(keys), n)
         return run
