@@ -35,7 +35,7 @@ DEFAULT_RIDGE = 0.1  # the paper's lambda
 DEFAULT_BLEND = 0.5  # weight of the spectral fit; 1 - blend goes to the local linear extrapolation
 DEFAULT_MAX_HISTORY = 8  # features kept per stream (a ring): memory = 8 x one feature; 8 measured as good as 16 (BENCHMARKS.md)
 # forecaster "auto": spectral from this ideal speed-up T/K up (K <= 17 of 50), Taylor below, where the
-# spectral fit lost to Taylor on the trained FLUX benchmark (BENCHMARKS.md, "Forecasters and a calibration-free default")
+# spectral fit lost to Taylor on the trained FLUX benchmark (bench/results/history_spectrum.md, "Forecasters and a calibration-free default")
 AUTO_SPECTRAL_SPEEDUP = 2.9
 
 
