@@ -54,7 +54,7 @@ def import_comfy(cpu: bool = True) -> str:
 def boot(cpu: bool = True, extra_nodes: tuple[str, ...] = ()) -> dict:
     """Import ComfyUI, load comfy_extras (EasyCache, LazyCache), `extra_nodes` and this pack.
 
-    Returns {"nodes": NODE_CLASS_MAPPINGS, "core": the pack's dpcache_core, "hooks": its hooks}.
+    Returns {"nodes": NODE_CLASS_MAPPINGS, "core": the pack's dpcache_core}.
     """
     if "nodes" in _state:
         return _state
@@ -75,6 +75,5 @@ def boot(cpu: bool = True, extra_nodes: tuple[str, ...] = ()) -> dict:
     mod = PACK_DIR.replace(".", "_x_")
     if mod not in sys.modules and not loop.run_until_complete(nodes.load_custom_node(PACK_DIR)):
         raise RuntimeError("ComfyUI could not load the DPCache pack")
-    _state.update(loop=loop, nodes=nodes.NODE_CLASS_MAPPINGS, core=sys.modules[mod + ".dpcache_core"],
-                  hooks=sys.modules[mod + ".nodes.hooks"])
+    _state.update(loop=loop, nodes=nodes.NODE_CLASS_MAPPINGS, core=sys.modules[mod + ".dpcache_core"])
     return _state

@@ -30,7 +30,7 @@ def mismatch_message(run_evals: int, schedule_evals: int, sampler: str | None = 
 
 
 class CacheRun:
-    """Which evaluation a run is at, whether it is a key one, and a Taylor predictor per stream.
+    """Which evaluation a run is at, whether it is a key one, and a forecaster per stream (Taylor or spectral).
 
     Call ``start_evaluation()`` once per sampler evaluation (cond and uncond share it), then per
     stream either ``update(stream, feature)`` (key) or ``predict(stream)`` (skipped).

@@ -259,7 +259,7 @@ def build_spectral_history(trajectory, memory: int = 2, max_gap: int | None = No
     """The history cost tensor (``history.build_history``'s layout, "exact" history: it starts at
     key 0) of the spectral forecaster holding the last ``memory`` + 1 keys: what a run with
     ``SpectralPredictor(max_history=memory + 1)`` pays, given the last ``memory`` gaps. With the
-    default ring of 16 keys it is the cost given the last keys only (older keys also weigh in the
+    default ring of 8 keys it is the cost given the last keys only (older keys also weigh in the
     run's fit). ``trajectory``: (T, S), row t the feature at evaluation t; the hop to T is scored
     against the same synthetic sentinel as a PACT of order 1."""
     traj = torch.as_tensor(trajectory).detach().to(torch.float32)

@@ -36,7 +36,9 @@ except ImportError:  # pragma: no cover - depends on how the pack is imported
     from dpcache_core.pact import default_max_gap
     from dpcache_core.transfer import index_positions
 
-from . import hooks
+from . import calibrate_hook, run_state, ui
+from .apply_hook import report_plan_run
+from .sampling_hooks import guess_scheduler, refuse_context_windows, run_shape, sample_with_run, uses_controlnet
 from .sampler_counts import sampler_name
 
 log = logging.getLogger("dpcache")
@@ -155,7 +157,7 @@ def run_setting(guider, family: str, sampler, sigmas, latent, shape) -> settings
         family=family,
         weights=settings.weights_fingerprint(slices, shapes, patch_list(guider.model_patcher)),
         sampler=sampler_name(sampler) or "sampler",
-        scheduler=hooks.guess_scheduler(guider, sigmas) or "custom",
+        scheduler=guess_scheduler(guider, sigmas) or "custom",
         sigmas=settings.sigmas_hash(sigmas.detach().float().cpu().reshape(-1).tolist()),
         num_evals=shape.num_evals,
         conds=conditionings_per_evaluation(guider),
@@ -188,7 +190,7 @@ def plan_keys(acc, meta: dict, shape, budget: core.Budget, own_num_evals: int, f
 # Runs
 
 
-class FullRun(hooks.RunState):
+class FullRun(run_state.RunState):
     """Every evaluation computed, nothing recorded (a damaged file, or a run the mode cannot plan)."""
 
     def __init__(self, family: str):
@@ -199,7 +201,7 @@ class FullRun(hooks.RunState):
         self.evaluations += 1
         self.new_evaluation()
 
-    def decide(self, call, block_patches, control, device, dtype) -> None:
+    def decide(self, call, block_patches, control) -> None:
         """Every block computes; nothing is cached or recorded."""
 
     def close(self) -> None:
@@ -212,7 +214,7 @@ class AutoHook:
     def __init__(self, family: str, folder: str, budget: core.Budget | None = None,
                  own_num_evals: int = settings.DEFAULT_OWN_EVALS, refine_every: int = 0, node_id=None,
                  schedule_node=None, first_full_steps: int = FIRST_FULL_STEPS,
-                 sample_size: int = hooks.DEFAULT_SAMPLE_SIZE):
+                 sample_size: int = run_state.DEFAULT_SAMPLE_SIZE):
         if refine_every < 0:
             raise ValueError(f"refine_every must be 0 (off) or a positive number of runs, got {refine_every}")
         self.family = family
@@ -232,15 +234,14 @@ class AutoHook:
     def say(self, text: str) -> None:
         log.info("DPCache (auto): %s", text)
         for n in (self.node_id, self.schedule_node):
-            hooks.send_text(text, n)
+            ui.send_text(text, n)
 
     # ---- start
 
     def start(self, guider, args):
         sampler, sigmas, latent = args[2], args[3], args[1]
-        if guider.model_options.get("context_handler") is not None:
-            raise ValueError("Apply DPCache does not work with context windows; remove the context-window node or Apply DPCache")
-        shape = hooks.run_shape(guider, sampler, sigmas)
+        refuse_context_windows(guider, "Apply DPCache")
+        shape = run_shape(guider, sampler, sigmas)
         if shape is None:
             self.say(f"the evaluation count of sampler {sampler_name(sampler)} is only known while it samples: the "
                      "automatic mode cannot key or plan this run, so every evaluation is computed. Use a sampler "
@@ -276,12 +277,8 @@ class AutoHook:
         return run
 
     def calibration_run(self, guider, args, setting, path, shape, count, refine):
-        sampler, sigmas = args[2], args[3]
-        run = hooks.CalibrateRun(self.family, sample_size=self.sample_size, expected_evals=shape.num_evals)
-        run.sigma_table = hooks.sigma_table(guider)
-        run.final_sigma = float(sigmas.reshape(-1)[-1])
-        seed = args[7] if len(args) > 7 else None
-        run.auto = ("calibrate", setting, path, count, refine, seed, hooks.resolution_of(args[1]), time.perf_counter())
+        run = calibrate_hook.calibration_run(self.family, guider, args, self.sample_size, shape.num_evals)
+        run.auto = ("calibrate", setting, path, count, refine, time.perf_counter())
         why = f"refining this setting (run {count}, every {self.refine_every})" if refine else f"calibrating this setting (run {count})"
         self.say(f"{why}: every evaluation is computed (the plain run's output) and a PACT sample is recorded into "
                  f"{os.path.basename(path)}; setting {setting.describe()}")
@@ -303,8 +300,8 @@ class AutoHook:
                                  first_full_steps=self.first_full_steps,
                                  convention="skip" if found.meta.get("convention") == "skip" else "reference",
                                  predictor=core.spectral.auto_forecaster(n / len(keys)))  # as DPCache Schedule's "auto"
-        force_all = hooks.uses_controlnet(guider)
-        run = hooks.ApplyRun(self.family, schedule, force_all, sampler_name(sampler), how)
+        force_all = uses_controlnet(guider)
+        run = run_state.ApplyRun(self.family, schedule, force_all, sampler_name(sampler), how)
         run.auto = ("plan", setting, found, asked)
         log.info("DPCache (auto): %s: keys %s (%d of %d)", how, list(keys), len(keys), n)
         return run
@@ -319,15 +316,15 @@ class AutoHook:
             return
         if kind == "full":
             n = run.evaluations
-            hooks.report_event((self.node_id, self.schedule_node), range(n), n, n, 0,
-                         f"{n} of {n} evaluations computed ({run.auto[1]})", "auto")
+            ui.report_event((self.node_id, self.schedule_node), range(n), n, n, 0,
+                            f"{n} of {n} evaluations computed ({run.auto[1]})", "auto")
         elif kind == "calibrate":
             self.finish_calibration(run)
         else:
             self.finish_planned(run)
 
     def finish_calibration(self, run) -> None:
-        _, setting, path, count, refine, seed, resolution, t0 = run.auto
+        _, setting, path, count, refine, t0 = run.auto
         n = run.evaluations
         if n != setting.num_evals or n < AUTO_ORDER + 1:
             self.say(f"this run made {n} evaluations, not the {setting.num_evals} expected; nothing written")
@@ -337,8 +334,8 @@ class AutoHook:
         meta = {"model_family": self.family, "order": AUTO_ORDER, "scheme": "reference", "convention": "skip",
                 "sampler": setting.sampler, "scheduler": setting.scheduler, "steps": n, "sample_size": size,
                 "sample_seed": None if size == "all" else run.recorder.seed, "automatic": True}
-        meta.update(hooks.trajectory_metadata(run))
-        record = settings.sample_record(resolution, seed, setting.sampler, setting.scheduler)
+        meta.update(calibrate_hook.trajectory_metadata(run))
+        record = settings.sample_record(run.resolution, run.seed, setting.sampler, setting.scheduler)
         try:
             written = settings.add_sample(path, setting, sample, meta, record)
         except (core.PactFileError, TimeoutError) as exc:
@@ -349,27 +346,12 @@ class AutoHook:
                 f"{os.path.basename(path)} now holds {written['samples']} sample(s); the next run at this setting "
                 f"is planned ({describe_budget(self.budget, self.own_num_evals)}). wall {wall:.2f} s")
         log.info("DPCache (auto): %s", line)
-        hooks.report_event((self.node_id, self.schedule_node), range(n), n, n, 0, line, f"auto:{os.path.basename(path)}")
+        ui.report_event((self.node_id, self.schedule_node), range(n), n, n, 0, line, f"auto:{os.path.basename(path)}")
 
     def finish_planned(self, run) -> None:
         _, setting, found, asked = run.auto
-        sched = run.cache.schedule
-        keys, n = list(sched.key_steps), sched.num_evals
-        measured = run.measured_speedup()
-        m = f", measured {measured:.2f}x" if measured else ""
-        line = (f"{run.plan_text}: keys {keys}: {run.cache.computed} of {run.evaluations} evaluations computed, "
-                f"T={n}, ideal {n / len(keys):.2f}x{m}, {sched.predictor} forecaster")
-        if len(keys) >= n:
-            line += (f". The budget leaves no speed-up at T={n} (K={asked} asked, at least {min(self.first_full_steps, n)} "
-                     "first evaluations are always computed): use more steps")
-        elif len(keys) > asked:
-            line += f" (K raised from {asked}: the fewest this run allows)"
-        extra = run.report()  # calls computed in full, extra calls of other nodes (e.g. Skip Layer Guidance)
-        if extra:
-            line += f"; {extra}"
-        log.info("DPCache (auto): %s", line)
-        hooks.report_event((self.node_id, self.schedule_node), keys, n, run.cache.computed, run.cache.skipped, line,
-                     f"auto:{found.name}", measured)
+        report_plan_run(run, (self.node_id, self.schedule_node), f"auto:{found.name}", "DPCache (auto)", asked,
+                        self.first_full_steps)
 
     def outer_sample(self, executor, *args, **kwargs):
-        return hooks.sample_with_run(executor, args, kwargs, self.start, self.finish)
+        return sample_with_run(executor, args, kwargs, self.start, self.finish)

@@ -7,7 +7,12 @@ import os
 
 import torch
 
-from . import auto, hooks, memory
+from . import auto, memory, ui
+from .apply_hook import ApplyHook
+from .block_patches import check_unpatched, model_info
+from .calibrate_hook import CalibrateHook
+from .run_state import DEFAULT_SAMPLE_SIZE
+from .sampling_hooks import install
 
 try:
     from ..dpcache_core.windows import planning_view
@@ -145,17 +150,17 @@ class DPCacheCalibrate:
                 "reset": ("BOOLEAN", {"default": False, "tooltip": "Start the file afresh on the next finished run (its old samples are dropped); later runs accumulate again."}),
             },
             "optional": {
-                "sample_size": ("INT", {"default": hooks.DEFAULT_SAMPLE_SIZE, "min": 0, "max": 1 << 30, "step": 1024, "tooltip": "How many elements of the cache point (tokens x channels, a fixed seeded random pick per stream) estimate the PACT. Memory and time then stay about T x sample_size x 4 bytes per stream, whatever the resolution or frame count; 65536 picks the same schedules as all elements in our measurements. 0 = every element (exact, T x N x 4 bytes: gigabytes for FLUX at 1024x1024)."}),
+                "sample_size": ("INT", {"default": DEFAULT_SAMPLE_SIZE, "min": 0, "max": 1 << 30, "step": 1024, "tooltip": "How many elements of the cache point (tokens x channels, a fixed seeded random pick per stream) estimate the PACT. Memory and time then stay about T x sample_size x 4 bytes per stream, whatever the resolution or frame count; 65536 picks the same schedules as all elements in our measurements. 0 = every element (exact, T x N x 4 bytes: gigabytes for FLUX at 1024x1024)."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
-    def calibrate(self, model, pact_name, order, reset, sample_size=hooks.DEFAULT_SAMPLE_SIZE, unique_id=None):
-        info = hooks.model_info(model)
-        hooks.check_unpatched(model)
-        hook = hooks.CalibrateHook(info.family, calibration_folder(), pact_name, order, reset, unique_id, sample_size)
+    def calibrate(self, model, pact_name, order, reset, sample_size=DEFAULT_SAMPLE_SIZE, unique_id=None):
+        info = model_info(model)
+        check_unpatched(model)
+        hook = CalibrateHook(info.family, calibration_folder(), pact_name, order, reset, unique_id, sample_size)
         m = model.clone()
-        hooks.install(m, info, hook, "DPCache Calibrate")
+        install(m, info, hook, "DPCache Calibrate")
         log.info("DPCache Calibrate: %s, recording into %s", info.detail, hook.describe_target())
         return (m,)
 
@@ -232,7 +237,7 @@ class DPCacheSchedule:
         if unique_id is not None:  # Apply DPCache reports the plan that ran back to this node
             object.__setattr__(sched, "ui_node", str(unique_id))
         log.info("DPCache Schedule (%s): %s", sched.source, text)
-        hooks.send_text(text, unique_id)
+        ui.send_text(text, unique_id)
         return {"ui": {"text": [text], "dpcache_schedule": [schedule_ui(sched)]}, "result": (sched, render_preview(sched, cost, hop_costs))}
 
 
@@ -247,7 +252,7 @@ def auto_schedule(key_steps, first_full_steps, total_evaluations, budget, target
     text = (f"(auto): the first run at a new setting calibrates (computes every evaluation), later runs are planned "
             f"from its PACT at {auto.describe_budget(rule, own)}. The plan that ran is shown here after each run")
     log.info("DPCache Schedule (auto): %s", text)
-    hooks.send_text(text, unique_id)
+    ui.send_text(text, unique_id)
     preview = core.to_comfy_image(core.render_timeline(own, list(range(min(first_full_steps, own))),
                                                        title="(auto): planned when sampling starts"))
     return {"ui": {"text": [text]}, "result": (sched, preview)}
@@ -401,7 +406,7 @@ def planning_convention(meta: dict, acc) -> str:
 class DPCacheApply:
     DESCRIPTION = (
         "Accelerates sampling with a DPCache schedule: at key evaluations every transformer block runs; at the "
-        "others no block runs and the last block's output is predicted by a Taylor expansion from the key ones. "
+        "others no block runs and the last block's output is predicted from the key ones by the schedule's forecaster (Taylor or spectral). "
         "Returns a patched clone; the input MODEL stays untouched. Reports computed/skipped evaluations and wall "
         "time after each run."
     )
@@ -428,29 +433,29 @@ class DPCacheApply:
         if schedule is None or getattr(schedule, "auto", False):
             return self.apply_auto(model, schedule, target_speedup, refine_every, unique_id)
         schedule = check_schedule(schedule)
-        info = hooks.model_info(model)
-        hooks.check_unpatched(model)
+        info = model_info(model)
+        check_unpatched(model)
         if schedule.model_family not in (None, info.family):
             raise core.ScheduleMismatchError(
                 f"the schedule was planned on a {schedule.model_family} PACT ({schedule.source}) but this MODEL is "
                 f"{info.detail}; calibrate a PACT for this model, or use a (uniform) or (manual) schedule"
             )
         m = model.clone()
-        hooks.install(m, info, hooks.ApplyHook(schedule, info.family, unique_id), "Apply DPCache")
+        install(m, info, ApplyHook(schedule, info.family, unique_id), "Apply DPCache")
         memory.reserve(m, memory.cache_bytes(m, schedule.order, schedule.predictor))  # ComfyUI's model loading keeps room for the cache
         log.info("Apply DPCache: %s; %s", info.detail, schedule.describe())
         return {"ui": {"dpcache_schedule": [schedule_ui(schedule)]}, "result": (m,)}
 
     def apply_auto(self, model, marker, target_speedup, refine_every, unique_id):
-        info = hooks.model_info(model)
-        hooks.check_unpatched(model)
+        info = model_info(model)
+        check_unpatched(model)
         if marker is None:
             budget, own, first, schedule_node = auto.auto_budget(target_speedup), auto.settings.DEFAULT_OWN_EVALS, auto.FIRST_FULL_STEPS, None
         else:
             budget, own, first, schedule_node = marker.budget, marker.own_num_evals, marker.first_full_steps, marker.node_id
         hook = auto.AutoHook(info.family, calibration_folder(), budget, own, refine_every, unique_id, schedule_node, first)
         m = model.clone()
-        hooks.install(m, info, hook, "Apply DPCache")
+        install(m, info, hook, "Apply DPCache")
         ideal = own / budget.keys if budget.rule == "same speed-up" else float("inf")  # unknown until the run: the larger
         memory.reserve(m, memory.cache_bytes(m, auto.AUTO_ORDER, core.spectral.auto_forecaster(ideal)))  # as planned runs predict
         log.info("Apply DPCache: %s; automatic mode (%s), PACTs in %s", info.detail, auto.describe_budget(budget, own), hook.folder)

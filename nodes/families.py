@@ -103,13 +103,6 @@ class Family:
         return out, self.cache_point(out, txt_len)
 
     @not_compiled
-    def with_prediction(self, args, pred, txt_len: int) -> dict:
-        """The last block's return value at a skipped evaluation: the prediction in place of the image tokens."""
-        out, image = self.prediction_output(args, txt_len)
-        image.copy_(pred)
-        return self.passthrough(args, out)
-
-    @not_compiled
     def passthrough(self, args, img=None) -> dict:
         """A skipped block's return value: its inputs unchanged (``img`` replaced when given)."""
         out = {"img": args["img"] if img is None else img}

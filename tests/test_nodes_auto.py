@@ -10,7 +10,7 @@ import torch
 import nodes_fakes as F
 from nodes_fakes import block_calls, reset_calls
 from dpcache_core import load_pact
-from nodes import auto, hooks
+from nodes import auto, ui
 from nodes.dpcache_nodes import DPCacheApply, DPCacheCalibrate, DPCacheSchedule
 
 
@@ -38,8 +38,8 @@ def folder(tmp_path, monkeypatch):
 @pytest.fixture
 def events(monkeypatch):
     seen = {"text": [], "event": []}
-    monkeypatch.setattr(hooks, "send_text", lambda text, node: seen["text"].append((str(node), text)) if node is not None else None)
-    monkeypatch.setattr(hooks, "send_event", lambda name, data: seen["event"].append((name, data)))
+    monkeypatch.setattr(ui, "send_text", lambda text, node: seen["text"].append((str(node), text)) if node is not None else None)
+    monkeypatch.setattr(ui, "send_event", lambda name, data: seen["event"].append((name, data)))
     return seen
 
 

@@ -150,7 +150,7 @@ def test_a_pact_without_samples_says_so(shipped):
 def test_the_pack_exceptions_have_a_stable_module_name():
     """ComfyUI's error dialog names an exception module.qualname; the module must not be the pack's folder path."""
     from dpcache_core import PactFileError, ScheduleMismatchError
-    from nodes.hooks import UnsupportedModelError
+    from nodes.families import UnsupportedModelError
 
     for cls in (PactFileError, ScheduleMismatchError, UnsupportedModelError):
         assert cls.__module__ == "dpcache", cls

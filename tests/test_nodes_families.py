@@ -6,7 +6,7 @@ import torch
 
 import nodes_fakes as F
 from dpcache_core import Schedule
-from nodes import families, hooks
+from nodes import block_patches, families
 from nodes.dpcache_nodes import DPCacheApply, DPCacheCalibrate
 
 FAKES = {
@@ -26,7 +26,7 @@ def apply(model, sched):
 @pytest.mark.parametrize("name", FAKES)
 def test_recognised_with_blocks_in_execution_order(name):
     model = FAKES[name]()
-    info = hooks.model_info(model)
+    info = block_patches.model_info(model)
     assert info.family == name and info.spec is families.family(name)
     dm = model.dm
     if hasattr(dm, "single_blocks"):
@@ -58,7 +58,9 @@ def test_cache_point_and_prediction_round_trip(name):
     joined = {families.TXT_FIRST: torch.cat((txt, img), 1), families.IMG_FIRST: torch.cat((img, txt), 1)}.get(spec.image_tokens, img)
     args = {"img": joined, "txt": txt}
     assert torch.equal(spec.cache_point(joined, 3), img)
-    back = spec.with_prediction(args, img * 2, 3)
+    out, image = spec.prediction_output(args, 3)
+    image.copy_(img * 2)
+    back = spec.passthrough(args, out)
     assert torch.equal(spec.cache_point(back["img"], 3), img * 2)
     assert ("txt" in back) == spec.reads_txt
 
@@ -85,12 +87,12 @@ def test_qwen_double_block_patches_force_full_compute_and_pass_through_otherwise
 def test_unsupported_models_get_the_supported_list():
     for dm, what in [(F.UNetModel(), "UNetModel"), (F.VaceWanModel(), "VaceWanModel")]:
         with pytest.raises(families.UnsupportedModelError, match=f"supports FLUX.1.*Wan2.2.*{what}.*VACE, camera, S2V, HuMo, Animate.*Remove the DPCache node"):
-            hooks.model_info(F.FakePatcher(dm))
+            block_patches.model_info(F.FakePatcher(dm))
     # one diffusion model class, several ComfyUI models: HunyuanImage 2.1 reuses HunyuanVideo's class
     with pytest.raises(families.UnsupportedModelError, match="HunyuanVideo in a HunyuanImage21 model"):
-        hooks.model_info(F.FakePatcher(F.HunyuanVideo(), base="HunyuanImage21"))
+        block_patches.model_info(F.FakePatcher(F.HunyuanVideo(), base="HunyuanImage21"))
     with pytest.raises(families.UnsupportedModelError, match="WAN22_S2V"):
-        hooks.model_info(F.FakePatcher(F.WanModel(), base="WAN22_S2V"))
+        block_patches.model_info(F.FakePatcher(F.WanModel(), base="WAN22_S2V"))
     with pytest.raises(families.UnsupportedModelError, match="unknown model family 'sd3'"):
         families.family("sd3")
 

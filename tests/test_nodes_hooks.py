@@ -11,7 +11,7 @@ import torch
 import nodes_fakes as F
 from nodes_fakes import block_calls, reset_calls
 from dpcache_core import Schedule, load_pact, uniform_key_steps
-from nodes import hooks
+from nodes import block_patches, run_state, sampler_counts, ui
 from nodes.dpcache_nodes import DPCacheApply, DPCacheCalibrate
 
 STEPS = 10
@@ -83,24 +83,24 @@ def test_cond_and_uncond_are_separate_streams_batched_or_split():
 def test_no_state_after_run_and_interrupted_run():
     model = flux()
     refs = []
-    original = hooks.ApplyRun.__init__
+    original = run_state.ApplyRun.__init__
 
     def tracked(self, *a, **k):
         original(self, *a, **k)
         refs.append(weakref.ref(self))
 
-    hooks.ApplyRun.__init__ = tracked
+    run_state.ApplyRun.__init__ = tracked
     try:
         patched = apply(model, uniform(5))
         F.sample(patched)
         with pytest.raises(KeyboardInterrupt):
             F.sample(patched, interrupt_at=6)
     finally:
-        hooks.ApplyRun.__init__ = original
+        run_state.ApplyRun.__init__ = original
     gc.collect()
     assert len(refs) == 2 and all(r() is None for r in refs)
-    assert hooks.RUN_KEY not in F.sample.last_guider.model_options["transformer_options"]
-    assert hooks.RUN_KEY not in patched.model_options["transformer_options"]
+    assert block_patches.RUN_KEY not in F.sample.last_guider.model_options["transformer_options"]
+    assert block_patches.RUN_KEY not in patched.model_options["transformer_options"]
 
 
 def test_schedule_mismatch_errors():
@@ -132,7 +132,7 @@ SIGMAS = torch.tensor([1.0, 0.5, 0.25, 0.0])
     ("dpm_adaptive_function", None), ("some_custom_sampler", None),
 ])
 def test_evaluation_counts_known_before_sampling(sampler, count):
-    assert hooks.expected_evaluations(F.FakeSampler(sampler), SIGMAS) == count
+    assert sampler_counts.expected_evaluations(F.FakeSampler(sampler), SIGMAS) == count
 
 
 def test_model_checks():
@@ -172,7 +172,7 @@ def test_new_conditioning_at_a_skipped_step_is_computed():
     patched = apply(model, uniform(3))
     late = {"uuid": uuidlib.uuid4(), "control": None}
     runs = []
-    original = hooks.ApplyRun.open_call
+    original = run_state.ApplyRun.open_call
 
     def open_call(self, to, x, *rest):
         if self.cache.index == 5 and late["uuid"] not in to["uuids"]:
@@ -180,11 +180,11 @@ def test_new_conditioning_at_a_skipped_step_is_computed():
         runs.append(self)
         return original(self, to, x, *rest)
 
-    hooks.ApplyRun.open_call = open_call
+    run_state.ApplyRun.open_call = open_call
     try:
         F.sample(patched, cfg=1.0)
     finally:
-        hooks.ApplyRun.open_call = original
+        run_state.ApplyRun.open_call = original
     assert sum(runs[-1].full_calls.values()) == 1
     assert "1 model calls computed in full, not predicted (1: a conditioning" in runs[-1].summary()
 
@@ -266,7 +266,7 @@ def test_empty_pact_name_is_named_after_family_sampler_scheduler_and_steps_at_ru
 
 
 def test_automatic_names_include_the_scheduler():
-    from nodes.hooks import automatic_pact_name
+    from nodes.calibrate_hook import automatic_pact_name
     assert automatic_pact_name("flux", "euler", 20, "beta") == "flux_euler_beta_20"
     assert automatic_pact_name("flux", "euler", 20, "simple") != automatic_pact_name("flux", "euler", 20, "beta")
 
@@ -290,11 +290,34 @@ def test_node_report_is_sent_in_lines_that_fit_never_split_inside_a_number(monke
     server = types.SimpleNamespace(send_progress_text=lambda text, node: sent.append((text, node)))
     monkeypatch.setitem(sys.modules, "server", types.SimpleNamespace(PromptServer=types.SimpleNamespace(instance=server)))
     report = "DPCache: 13 key evaluations computed, 37 skipped of 50; wall 7.54 s"
-    hooks.send_text(report, "7")
+    ui.send_text(report, "7")
     (text, node), = sent
     lines = text.split("\n")
-    assert node == "7" and len(lines) > 1 and max(map(len, lines)) <= hooks.NODE_TEXT_WIDTH
+    assert node == "7" and len(lines) > 1 and max(map(len, lines)) <= ui.NODE_TEXT_WIDTH
     assert " ".join(lines) == report  # broken only at spaces: every number stays whole
+
+
+def test_a_controlnet_on_the_conditioning_is_seen_before_sampling():
+    """Apply DPCache computes every evaluation of a run with a ControlNet (it adds residuals between blocks)."""
+    from types import SimpleNamespace
+
+    from nodes.sampling_hooks import uses_controlnet
+    assert uses_controlnet(SimpleNamespace(conds={"positive": [{"control": object()}], "negative": [{}]}))
+    assert not uses_controlnet(SimpleNamespace(conds={"positive": [{"control": None}], "negative": None}))
+
+
+def test_apply_with_a_schedule_reports_its_run_in_the_automatic_modes_words(monkeypatch):
+    """One end-of-run report for a schedule and the automatic mode: keys, evaluations computed of T,
+    forecaster and wall time on the node (the schedule's report named no forecaster before)."""
+    sent = []
+    monkeypatch.setattr(ui, "send_text", lambda text, node: sent.append((node, text)))
+    monkeypatch.setattr(ui, "send_event", lambda name, data: sent.append((name, data)))
+    sched = uniform(5)
+    F.sample(DPCacheApply().apply(flux(), sched, unique_id="7")["result"][0])
+    (node, text), (name, data) = sent
+    assert node == "7" and name == "dpcache.run" and data["summary"] == text
+    assert f"keys {list(sched.key_steps)}: 5 of {STEPS} evaluations computed, T={STEPS}" in text
+    assert f"{sched.predictor} forecaster" in text and "; wall " in text
 
 
 def test_calibrate_keeps_an_older_files_convention(tmp_path, monkeypatch):
@@ -375,7 +398,7 @@ def test_repeated_identical_call_is_consistent():
 def track_runs():
     """Every ApplyRun / CalibrateRun made from now on (the test's own monkeypatching)."""
     made = []
-    for cls in (hooks.ApplyRun, hooks.CalibrateRun):
+    for cls in (run_state.ApplyRun, run_state.CalibrateRun):
         original = cls.__init__
 
         def tracked(self, *a, _original=original, **k):
@@ -384,7 +407,7 @@ def track_runs():
 
         tracked.original = original
         cls.__init__ = tracked
-    track_runs.undo.append(lambda: [setattr(c, "__init__", c.__init__.original) for c in (hooks.ApplyRun, hooks.CalibrateRun)])
+    track_runs.undo.append(lambda: [setattr(c, "__init__", c.__init__.original) for c in (run_state.ApplyRun, run_state.CalibrateRun)])
     return made
 
 

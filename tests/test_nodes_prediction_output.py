@@ -5,13 +5,13 @@ import pytest
 import torch
 
 from dpcache_core import Schedule
-from nodes import families, hooks
+from nodes import families, run_state
 
 TXT, IMG, DIM = 3, 5, 4
 
 
 def open_call(run, args):
-    """A model call of the run (hooks.RunState.open_call), its first block started."""
+    """A model call of the run (run_state.RunState.open_call), its first block started."""
     call = run.open_call(args["transformer_options"], args["img"])
     call.start(args)
     return call
@@ -26,7 +26,7 @@ def call_args(spec, img, txt):
 @pytest.mark.parametrize("name", [f.name for f in families.FAMILIES])
 def test_skipped_evaluation_returns_the_prediction_in_the_models_dtype(name, dtype):
     spec = families.family(name)
-    run = hooks.ApplyRun(name, Schedule((0, 1, 2), 5, order=2, first_full_steps=1))
+    run = run_state.ApplyRun(name, Schedule((0, 1, 2), 5, order=2, first_full_steps=1))
     g = torch.Generator().manual_seed(0)
     txt = torch.randn(4, TXT, DIM, generator=g).to(dtype)
     keys = {}

@@ -18,6 +18,9 @@ import sys
 
 import pytest
 
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/, for real_tier
+from real_tier import unset_reason  # noqa: E402
+
 PACK_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 COMFY = os.environ.get("COMFYUI_PATH", "")
 
@@ -61,7 +64,7 @@ _state = {}
 
 def _skip_reason():
     if not COMFY:
-        return "COMFYUI_PATH is not set: the real-host tier needs a ComfyUI checkout (see tests/comfy/conftest.py)"
+        return unset_reason()
     if not os.path.isfile(os.path.join(COMFY, "main.py")):
         return f"COMFYUI_PATH={COMFY} has no main.py"
     return None
@@ -102,7 +105,9 @@ def boot():
         server.PromptServer(loop)
     assert loop.run_until_complete(nodes.load_custom_node(PACK_DIR)), "the pack failed to load"
     mod = PACK_DIR.replace(".", "_x_")
-    _state.update(loop=loop, pack=sys.modules[mod], hooks=sys.modules[mod + ".nodes.hooks"],
+    _state.update(loop=loop, pack=sys.modules[mod], run_state=sys.modules[mod + ".nodes.run_state"],
+                  block_patches=sys.modules[mod + ".nodes.block_patches"],
+                  sampler_counts=sys.modules[mod + ".nodes.sampler_counts"],
                   core=sys.modules[mod + ".dpcache_core"])
     return _state
 

@@ -32,15 +32,15 @@ def apply(model, sched):
 @pytest.fixture
 def live_runs(host, monkeypatch):
     """Weak references to every per-run state Apply DPCache creates, to check nothing survives."""
-    hooks = host["hooks"]
+    run_state = host["run_state"]
     refs = []
 
-    class TrackedRun(hooks.ApplyRun):
+    class TrackedRun(run_state.ApplyRun):
         def __init__(self, *a, **k):
             super().__init__(*a, **k)
             refs.append(weakref.ref(self))
 
-    monkeypatch.setattr(hooks, "ApplyRun", TrackedRun)
+    monkeypatch.setattr(run_state, "ApplyRun", TrackedRun)
     return refs
 
 

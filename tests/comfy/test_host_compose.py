@@ -174,15 +174,15 @@ def flux_controlnet():
 
 @pytest.fixture
 def runs(host, monkeypatch):
-    hooks = host["hooks"]
+    run_state = host["run_state"]
     made = []
 
-    class TrackedRun(hooks.ApplyRun):
+    class TrackedRun(run_state.ApplyRun):
         def __init__(self, *a, **k):
             super().__init__(*a, **k)
             made.append(self)
 
-    monkeypatch.setattr(hooks, "ApplyRun", TrackedRun)
+    monkeypatch.setattr(run_state, "ApplyRun", TrackedRun)
     return made
 
 

@@ -36,7 +36,7 @@ def split_calls(model, monkeypatch):
 @pytest.mark.parametrize("key", FAMILY_KEYS[:-1])  # wan22_low is the same class as wan22_high
 def test_family_apply(host, key, split, monkeypatch):
     model = build_model(key)
-    assert host["hooks"].model_info(model).family == FAMILY[key]
+    assert host["block_patches"].model_info(model).family == FAMILY[key]
     if split:
         split_calls(model, monkeypatch)
     ref = sample(model, key, steps=STEPS, cfg=CFG)

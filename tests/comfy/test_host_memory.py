@@ -30,14 +30,14 @@ def load_estimates(host, monkeypatch):
 @pytest.fixture
 def cached_features(host, monkeypatch):
     """(numel, dtype) of every stream's cache-point feature in each DPCache run."""
-    hooks, runs = host["hooks"], []
+    run_state, runs = host["run_state"], []
 
-    class Recording(hooks.ApplyRun):
+    class Recording(run_state.ApplyRun):
         def close(self):
             runs.append([(p.factors[0].numel(), p.factors[0].dtype) for p in self.cache.predictors.values()])
             super().close()
 
-    monkeypatch.setattr(hooks, "ApplyRun", Recording)
+    monkeypatch.setattr(run_state, "ApplyRun", Recording)
     return runs
 
 

@@ -2,8 +2,6 @@
 model evaluations the real sampler makes (counted with a PREDICT_NOISE wrapper on the tiny FLUX)."""
 from __future__ import annotations
 
-import sys
-
 import pytest
 
 from comfy_host import BlockCounter, build_model, sample
@@ -34,15 +32,15 @@ def sampler_sigmas(model, sampler, scheduler, steps):
 
 def test_every_sampler_count_before_sampling_matches_the_real_run(host):
     import comfy.samplers
-    hooks = host["hooks"]
+    counts = host["sampler_counts"]
     model = build_model("flux")
-    rectified = hooks.is_rectified_flow(model)
+    rectified = counts.is_rectified_flow(model)
     assert rectified  # FLUX samples as a flow (CONST)
     checked, variable = [], []
     for name in comfy.samplers.SAMPLER_NAMES:
         for steps, scheduler in ((5, "simple"), (8, "karras")):
             sigmas = sampler_sigmas(model, name, scheduler, steps)
-            expected = hooks.expected_evaluations(comfy.samplers.sampler_object(name), sigmas, rectified)
+            expected = counts.expected_evaluations(comfy.samplers.sampler_object(name), sigmas, rectified)
             m, calls = counted(model)
             sample(m, "flux", steps=steps, cfg=1.0, sampler=name, scheduler=scheduler)
             if expected is None:
@@ -55,7 +53,6 @@ def test_every_sampler_count_before_sampling_matches_the_real_run(host):
           f"known only while sampling: {', '.join(variable)}")
     assert {"uni_pc", "uni_pc_bh2", "heun", "dpmpp_2s_ancestral", "dpmpp_sde", "dpm_fast", "heunpp2"} <= set(names)
     assert {v.split()[0] for v in variable} == {"dpm_adaptive"}
-    counts = sys.modules[hooks.__name__.rsplit(".", 1)[0] + ".sampler_counts"]
     assert set(names) - {"ddim"} == set(counts.checked_samplers())  # ddim runs as euler: the list in the README
 
 
@@ -67,7 +64,7 @@ def test_apply_refuses_a_wrong_t_before_the_first_evaluation(host, sampler, step
     model = build_model("wan_t2v")
     sigmas = sampler_sigmas(model, sampler, "simple", steps)
     import comfy.samplers
-    real = host["hooks"].expected_evaluations(comfy.samplers.sampler_object(sampler), sigmas, True)
+    real = host["sampler_counts"].expected_evaluations(comfy.samplers.sampler_object(sampler), sigmas, True)
     for wrong in (real - 2, real + 3):
         sched = core.Schedule(tuple(core.uniform_key_steps(wrong, 4, 2)), wrong)
         (fast,) = nodes.NODE_CLASS_MAPPINGS["DPCacheApply"]().apply(model, sched)["result"]
