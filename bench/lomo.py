@@ -231,9 +231,10 @@ def report(table: dict) -> str:
             fmt = lambda v: "no plan" if v is None else f"{v[0]:.1f} / {v[1]:.1f}"  # noqa: E731
             lines.append(f"| {m} | {s} | {k} | {fmt(got)}{mark} | {fmt(floor)} | {fmt(best_key[0])} ({best_name}) |")
         lines.append("")
-    lines += [f"Rule chosen on all {len(models)} models (what a default would ship): {rule_name(all_rule)} "
-              f"(worst / mean margin over Spectrum's schedule: {score(all_rule, data, models)[0]:+.1f} / "
-              f"{score(all_rule, data, models)[1]:+.1f} dB).", ""]
+    if all_rule is not None:
+        worst, mean = score(all_rule, data, models)
+        lines += [f"Rule chosen on all {len(models)} models (what a default would ship): {rule_name(all_rule)} "
+                  f"(worst / mean margin over Spectrum's schedule: {worst:+.1f} / {mean:+.1f} dB).", ""]
     lines += ["Every candidate rule on all models (worst / mean margin over Spectrum's schedule, dB):", "",
               "| rule | worst margin | mean margin |", "|---|---|---|"]
     for sc, r in sorted(((score(r, data, models), r) for r in rules()), key=lambda x: x[0] or (-1e9, -1e9), reverse=True):
