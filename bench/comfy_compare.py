@@ -10,7 +10,8 @@ negative prompt; --model qwen / hunyuan: the Qwen-Image- and HunyuanVideo-archit
 bench/train_comfy_more.py, see MODELS) at --steps, and compares at equal full evaluations K (7..25 of 50, scaled to other
 step counts): Spectrum (its own key steps, ``spectrum_key_steps``, and the spectral forecaster, run by
 Apply DPCache as a (manual) schedule), DPCache Schedule's (uniform) and default entries, calibrated
-DPCache with Taylor 1, Taylor 2 and the spectral forecaster, and EasyCache / LazyCache at several
+DPCache with Taylor 1, Taylor 2 and the spectral forecaster and with the forecaster chosen by replay
+(forecaster auto on the order-1 PACT), and EasyCache / LazyCache at several
 thresholds; writes bench/results/comfy_compare_<model>_<steps>.md and a sample grid. The rest of this
 docstring describes the classic table:
 
@@ -50,6 +51,7 @@ import torch.nn.functional as F
 
 from bench import comfy_env
 from bench import train_comfy_flux, train_comfy_more, train_comfy_wan
+from bench.spectrum import spectrum_key_steps
 from dpcache_core.picture import font, render_image_rows, text_width, write_png
 from bench.train_comfy_flux import LATENT_SIZE, WEIGHTS, load_prompts
 
@@ -475,6 +477,7 @@ COMPARE_KS = {50: (7, 9, 10, 13, 17, 20, 25), 30: (4, 5, 6, 8, 10, 12, 15)}  # a
 COMPARE_THRESHOLDS = (0.05, 0.1, 0.2, 0.4)
 SPECTRUM, UNIFORM_ENTRY, DEFAULT_ENTRY = "Spectrum", "(uniform)", "default (no calibration)"
 CAL_O1, CAL_O2, CAL_SPECTRAL = "calibrated, Taylor 1", "calibrated, Taylor 2", "calibrated, spectral"
+CAL_CHOSEN = "calibrated, data-chosen"  # DPCache Schedule's forecaster auto on the order-1 PACT: chosen by replay
 # candidate defaults (issue 18), only with --methods: "(prior) last n" keeps the last n evaluations as
 # keys (the pack's prior.PRIOR_LAST_FULL_STEPS set to n for that plan; 0 = the default before commit 4546844)
 PRIOR_LAST0, PRIOR_LAST0_O1, PRIOR_LAST1 = "(prior) last 0", "(prior) last 0, Taylor 1", "(prior) last 1"
@@ -483,8 +486,8 @@ PRIOR_LAST3, PRIOR_FIRST5 = "(prior) last 3", "(prior) first 5, last 1"
 SPECTRUM_O1, SPECTRUM_O2 = "Spectrum keys, Taylor 1", "Spectrum keys, Taylor 2"
 CANDIDATES = (PRIOR_LAST0, PRIOR_LAST0_O1, PRIOR_LAST1, PRIOR_LAST1_O1, PRIOR_LAST1_O2, PRIOR_LAST2, PRIOR_LAST3,
               PRIOR_FIRST5, SPECTRUM_O1, SPECTRUM_O2)
-SWEEP = (SPECTRUM, UNIFORM_ENTRY, DEFAULT_ENTRY, CAL_O1, CAL_O2, CAL_SPECTRAL)
-CALIBRATED = (CAL_O1, CAL_O2, CAL_SPECTRAL)
+SWEEP = (SPECTRUM, UNIFORM_ENTRY, DEFAULT_ENTRY, CAL_O1, CAL_O2, CAL_SPECTRAL, CAL_CHOSEN)
+CALIBRATED = (CAL_O1, CAL_O2, CAL_SPECTRAL, CAL_CHOSEN)
 
 
 def compare_ks(steps: int) -> tuple[int, ...]:
@@ -524,7 +527,7 @@ def spectrum_schedule(num_evals: int, k: int, predictor: str = "spectral", order
     windows, tail) run by Apply DPCache with the spectral forecaster (a (manual) schedule); another
     ``predictor`` / ``order``: the same keys with that forecaster (a candidate default)."""
     core = comfy_env.boot()["core"]
-    keys = core.spectrum_key_steps(num_evals, k)
+    keys = spectrum_key_steps(num_evals, k)
     return core.Schedule(tuple(keys), num_evals, order=order, source="manual", first_full_steps=1, predictor=predictor)
 
 
@@ -539,6 +542,7 @@ def sweep_schedules(k: int, num_evals: int, pacts: dict, methods=SWEEP) -> dict:
         CAL_O1: lambda: node_schedule(pacts[1], k, num_evals, forecaster="taylor"),
         CAL_O2: lambda: node_schedule(pacts[2], k, num_evals, forecaster="taylor"),
         CAL_SPECTRAL: lambda: node_schedule(pacts[2], k, num_evals, forecaster="spectral"),
+        CAL_CHOSEN: lambda: node_schedule(pacts[1], k, num_evals, forecaster="auto"),
         PRIOR_LAST0: lambda: prior_schedule(0, k, num_evals),
         PRIOR_LAST0_O1: lambda: prior_schedule(0, k, num_evals, forecaster="taylor", taylor_order=1),
         PRIOR_LAST1: lambda: prior_schedule(1, k, num_evals),

@@ -77,3 +77,26 @@ def boot(cpu: bool = True, extra_nodes: tuple[str, ...] = ()) -> dict:
         raise RuntimeError("ComfyUI could not load the DPCache pack")
     _state.update(loop=loop, nodes=nodes.NODE_CLASS_MAPPINGS, core=sys.modules[mod + ".dpcache_core"])
     return _state
+
+
+PARAMS = {"flux": ("comfy.ldm.flux.model", "FluxParams"), "flux2": ("comfy.ldm.flux.model", "FluxParams"),
+          "chroma": ("comfy.ldm.chroma.model", "ChromaParams"),
+          "hunyuan_video": ("comfy.ldm.hunyuan_video.model", "HunyuanVideoParams")}
+
+
+def with_host_fields(cfg):
+    """``cfg`` plus the required fields this host's params class has and ``cfg`` lacks, read from the class
+    (ComfyUI 0.33 added e.g. FLUX.1 ``txt_ids_dims``, HunyuanVideo's 1.5 fields): a list gets [], a bool
+    False, anything else None, what the host's detection gives a model without them."""
+    import dataclasses
+    import importlib
+    where = PARAMS.get(cfg.get("image_model"))
+    if where is None:
+        return dict(cfg)
+    params = getattr(importlib.import_module(where[0]), where[1])
+    out = dict(cfg)
+    for f in dataclasses.fields(params):
+        if f.name not in out and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+            out[f.name] = [] if kind == "list" else False if kind == "bool" else None
+    return out

@@ -178,11 +178,11 @@ class ComfyRunner:
         import comfy.supported_models as sm
         self.nodes, self.core, self.device = state["nodes"], state["core"], device
         if family == "flux":
-            mc = sm.Flux(dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=size["vec_dim"],
+            mc = sm.Flux(comfy_env.with_host_fields(dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=size["vec_dim"],
                               context_in_dim=size["txt_dim"], hidden_size=size["hidden"], mlp_ratio=size["mlp_ratio"],
                               num_heads=size["heads"], depth=size["depth_double"], depth_single_blocks=size["depth_single"],
                               axes_dim=axes(size["hidden"] // size["heads"]), theta=10000, patch_size=2,
-                              qkv_bias=True, guidance_embed=True))
+                              qkv_bias=True, guidance_embed=True)))
             self.latent = torch.zeros(1, 16, size["latent"], size["latent"])
             extra = {"pooled_output": torch.randn(1, size["vec_dim"], generator=gen()), "guidance": 3.5}
         else:

@@ -29,6 +29,7 @@ every tensor autograd keeps (saved-tensor hooks), as bench/train_comfy_flux.py d
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import time
@@ -246,7 +247,7 @@ def train(steps: int, batch: int, lr: float, seed: int, out: str, threads: int, 
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     state = {k: v.detach().half().contiguous() for k, v in ema.state_dict().items()}
     before = safe_open_metadata(init) if init else {}
-    meta = {"config": str(CONFIG), "trained": str(dict(steps=steps, batch=batch, lr=lr, seed=seed, cond_drop=cond_drop,
+    meta = {"config": json.dumps(CONFIG), "trained": str(dict(steps=steps, batch=batch, lr=lr, seed=seed, cond_drop=cond_drop,
                                                           seconds=round(elapsed), final_loss=round(running, 4))),
             "initialised_from": str({"file": os.path.basename(init), "trained": before.get("trained", "")}) if init else "",
             "loss_curve": str(curve[:: max(1, len(curve) // 16)] + curve[-1:]),

@@ -28,7 +28,7 @@ from .pact import default_max_gap
 from .schedule import Schedule, mandatory_steps, path_cost, solve_schedule, uniform_key_steps
 from .transfer import index_positions, transfer_pact
 from . import prior as cost_prior
-from .spectral import spectrum_key_steps
+from .spectrum_keys import spectrum_key_steps
 
 BUDGET_RULES = ("same speed-up", "target speed-up", "fixed K")
 TRANSFERABLE = ("reference", "skip")  # objectives over the (T, T+1, T+1) tensor the transfer rebuilds
@@ -202,7 +202,8 @@ class Planner:
     order: int = 2
     label: str = ""
     #: (prior): ``cost`` is the calibration-free cost prior at T; other counts are planned on the
-    #: prior made afresh from its source (``prior.prior_cost``), not on a transfer of ``cost``.
+    #: prior made afresh from its source (``prior.prior_cost``), not on a transfer of ``cost``, with
+    #: its kept-last rule (``prior.solve_prior``); ``last_full_steps`` is then the typed minimum.
     prior: bool = False
     #: (spectrum): no cost; every count is planned with Spectrum's own key steps (``spectrum_plan``).
     spectrum: bool = False
@@ -252,7 +253,11 @@ class Planner:
         extra = {} if convention == "reference" else {"convention": convention}
         for k in range(max(num_keys, len(mandatory)), num_evals + 1):
             try:
-                keys = solve_schedule(cost, k, self.first_full_steps, self.last_full_steps, required=required, **extra)
+                if self.prior:  # the prior's kept-last rule: fewer last keys where k cannot afford them
+                    keys, _ = cost_prior.solve_prior(cost, k, self.first_full_steps, self.last_full_steps, required,
+                                                     convention)
+                else:
+                    keys = solve_schedule(cost, k, self.first_full_steps, self.last_full_steps, required=required, **extra)
             except ValueError:
                 continue
             return keys, path_cost(cost, keys, **extra), k

@@ -20,6 +20,16 @@ from .sampling_hooks import refuse_context_windows, run_shape, sample_with_run, 
 log = logging.getLogger("dpcache")
 
 
+def plan_line(keys, n: int) -> str:
+    """One line on what a run's plan leaves to skip: its ideal speed-up, or that T leaves nothing to skip
+    (few steps: the first evaluations always computed, or a budget of K >= T) and the run is the plain run."""
+    k = len(keys)
+    if k >= n:
+        return (f"T={n} leaves nothing to skip ({k} key evaluations of {n}): this run is the plain run, every "
+                "evaluation computed; use more steps for a speed-up")
+    return f"{k} of {n} evaluations computed, {n - k} skipped: ideal speed-up {n / k:.2f}x"
+
+
 def report_plan_run(run: run_state.ApplyRun, node_ids, source: str, label: str | None = None,
                     asked: int | None = None, first_full: int | None = None) -> None:
     """The end-of-run report of a planned run (Apply DPCache with a schedule or in the automatic mode):
@@ -33,11 +43,12 @@ def report_plan_run(run: run_state.ApplyRun, node_ids, source: str, label: str |
     m = f", measured {measured:.2f}x" if measured else ""
     head = f"{run.plan_text}: " if run.plan_text else ""
     line = (f"{head}keys {keys}: {run.cache.computed} of {run.evaluations} evaluations computed, "
-            f"T={n}, ideal {n / len(keys):.2f}x{m}, {sched.predictor} forecaster")
+            f"T={n}, ideal {n / len(keys):.2f}x{m}, {sched.predictor} forecaster"
+            + (f" of order {sched.order}" if sched.predictor == "taylor" else ""))
     if len(keys) >= n:
         why = "" if asked is None else (f" (K={asked} asked, at least {min(first_full, n)} first evaluations are "
                                         "always computed)")
-        line += f". The budget leaves no speed-up at T={n}{why}: use more steps"
+        line += f"; nothing skipped: the plain run{why}"  # its start said that T leaves nothing to skip
     elif asked is not None and len(keys) > asked:
         line += f" (K raised from {asked}: the fewest this run allows)"
     extra = run.report()  # calls computed in full, extra calls of other nodes (e.g. Skip Layer Guidance)
@@ -71,6 +82,9 @@ class ApplyHook:
             schedule, plan_text = plan.schedule, plan.text
             if plan_text:
                 log.info("DPCache: %s", plan_text)
+        line = plan_line(schedule.key_steps, schedule.num_evals)
+        log.info("DPCache: %s", line)
+        ui.send_text(line, self.node_id)
         force_all = uses_controlnet(guider)
         if force_all:
             msg = "DPCache: ControlNet detected; it adds residuals between blocks, so every evaluation is computed in full"

@@ -53,26 +53,33 @@ def call_block(prev, args, extra):
     return extra["original_block"](args)
 
 
-def make_block_patch(key: tuple[str, int], first: bool, last: bool, prev=None):
+def make_block_patch(key: tuple[str, int], first: bool, last: bool, prev=None, join=None, original=None):
     """The replacement for one block. Kept tiny: it runs for every block at every evaluation.
 
     It only reads the call's decision (made before the model runs, by the APPLY_MODEL wrapper)
     and touches no run state; torch.compile leaves it out (``families.not_compiled``) and compiles
-    the block it calls.
+    the block it calls. ``join``: "before" for the last block before a joined stream (it keeps the
+    text it returns), "at" for the first block of it (it finds where the image tokens sit).
+    ``original``: the ``original_block`` to give in place of the host's (``Family.original_blocks``).
     """
 
     @families.not_compiled
     def dpcache_block(args, extra):
+        if original is not None:
+            extra = dict(extra, original_block=original)
         call = args["transformer_options"].get(CALL_KEY)
         if call is None or call.inside:  # not a call of a DPCache run, or inside another node's replacement
             return call_block(prev, args, extra)
         if first:
             call.start(args)
+        if join == "at":
+            call.join(args)
         if last:
             return call.last_block(args, extra, prev)
-        if call.compute:
-            return call_block(prev, args, extra)
-        return call.spec.passthrough(args)
+        out = call_block(prev, args, extra) if call.compute else call.spec.passthrough(args)
+        if join == "before":
+            call.txt_out = out.get("txt")
+        return out
 
     dpcache_block.dpcache_key = key
     return dpcache_block
@@ -118,17 +125,21 @@ class BlockPatches:
     def __init__(self, info: ModelInfo):
         self.keys = list(info.blocks)
         self.first, self.last = self.keys[0], self.keys[-1]
+        self.spec = info.spec
+        self.joins = dict(zip(info.spec.join_keys(self.keys), ("before", "at")))  # around a joined stream
+        self.originals: dict = {}  # block key -> original_block given in place of the host's
         self.installed: dict = {}
         self.composed: dict = {}  # (key, id(other)) -> (other, our patch around it): the same function every call
 
     def install(self, model) -> None:
         """Patch every block of ``model`` (a clone), wrapping what was already there."""
         existing = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
+        self.originals = self.spec.original_blocks(model.get_model_object("diffusion_model"))
         for n, key in enumerate(self.keys):
             prev = existing.get(key)
             if prev is not None:
                 log.info("DPCache: wrapping an existing replacement of %s %d", *key)
-            patch = make_block_patch(key, n == 0, n == len(self.keys) - 1, prev)
+            patch = make_block_patch(key, n == 0, n == len(self.keys) - 1, prev, self.joins.get(key), self.originals.get(key))
             self.installed[key] = patch
             model.set_model_patch_replace(patch, "dit", *key)
 
@@ -137,7 +148,8 @@ class BlockPatches:
         if entry is None or entry[0] is not other:
             if len(self.composed) > 256:
                 self.composed.clear()
-            entry = (other, make_block_patch(key, key == self.first, key == self.last, around_other(other)))
+            entry = (other, make_block_patch(key, key == self.first, key == self.last, around_other(other),
+                                             self.joins.get(key), self.originals.get(key)))
             self.composed[(key, id(other))] = entry
         return entry[1]
 

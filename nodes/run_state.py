@@ -47,7 +47,7 @@ class Call:
     they saw (the text length, that the first and last blocks ran, the cache-point feature).
     Its fields are plain values and tensors: torch.compile guards on ``compute`` alone."""
 
-    def __init__(self, spec, position: int, variant=(), streams=(), chunk=0, last=(None, None)):
+    def __init__(self, spec, position: int, variant=(), streams=(), chunk=0, last=(None, None), order=None):
         self.spec = spec
         self.position = position  # the call's place in its evaluation
         self.variant = variant  # ((block key, other node's replacement), ...), () when every block is ours
@@ -62,6 +62,9 @@ class Call:
         self.finished = False  # our last block ran
         self.replaced_under_us = False  # our last block was not in this call's patches when the first ran
         self.txt_len = 0
+        self.txt_out = None  # the text the last block before a joined stream returned
+        self.order = order  # the token order of a joined stream (families.token_order), once known in the run
+        self.where = None  # where the image tokens sit in the last block's stream (families.Family.locate)
         self.feature = None
 
     @families.not_compiled
@@ -76,14 +79,25 @@ class Call:
             self.compute, self.record = True, False
 
     @families.not_compiled
+    def join(self, args) -> None:
+        """At the first block after the text and image streams join: where the image tokens sit, from the
+        text the block before returned (the order found once per run; the slice per call)."""
+        joined = args[self.spec.stream_key]
+        if self.order is None:
+            self.order = families.token_order(joined, self.txt_out)
+        txt_len = self.txt_out.shape[1] if self.txt_out is not None else self.txt_len
+        self.where = self.spec.locate(self.order, txt_len, joined.shape[1])
+        self.txt_out = None
+
+    @families.not_compiled
     def last_block(self, args, extra, prev):
         self.finished = True
         if self.compute:
             out = call_block(prev, args, extra)
             if self.record:
-                self.feature = self.spec.cache_point(out["img"], self.txt_len)
+                self.feature = self.spec.cache_point(out[self.spec.stream_key], self.where)
             return out
-        out, image = self.spec.prediction_output(args, self.txt_len)  # new per call, in the blocks' dtype and device
+        out, image = self.spec.prediction_output(args, self.where)  # new per call, in the blocks' dtype and device
         self.predict_into(image)
         return self.spec.passthrough(args, out)
 
@@ -110,6 +124,7 @@ class RunState:
         self.variants: dict = {}  # call variants seen: variant -> description
         self.computed_calls = 0  # model calls whose blocks ran
         self.predicted_calls = 0  # model calls whose last block returned a prediction
+        self.order = None  # the token order of a joined stream, found at the run's first call (families.token_order)
 
     def new_evaluation(self) -> None:
         self.calls_in_evaluation = 0
@@ -118,7 +133,7 @@ class RunState:
     def open_call(self, to: dict, x, variant=(), block_patches=(), control=False, last=(None, None)) -> Call:
         """The state of a model call about to run (input ``x``, options ``to``), with the run's decision."""
         streams, chunk = split_streams(to, x, variant)
-        call = Call(self.spec, self.calls_in_evaluation, variant, streams, chunk, last)
+        call = Call(self.spec, self.calls_in_evaluation, variant, streams, chunk, last, self.order)
         self.calls_in_evaluation += 1
         if variant and variant not in self.variants:
             self.variants[variant] = describe_variant(variant)
@@ -138,6 +153,9 @@ class RunState:
             self.note_full("its last block was replaced by another node inside the model call")
         elif not call.begun or not call.finished:
             self.note_full("our first or last block did not run (another node replaced it inside the model call)")
+        if self.order is None and call.order is not None:
+            self.order = call.order
+            log.debug("DPCache: the joined stream holds its tokens %s", call.order)
         if call.compute:
             self.computed_calls += 1
         else:

@@ -1,6 +1,6 @@
 """How many model evaluations a ComfyUI sampler makes for given sigmas, known before sampling.
 
-Read from ComfyUI v0.3.64 (comfy/k_diffusion/sampling.py, comfy/extra_samplers/uni_pc.py,
+Read from ComfyUI v0.3.64 and 0.33 (comfy/k_diffusion/sampling.py, comfy/extra_samplers/uni_pc.py,
 comfy/samplers.py) and checked against it by counting model calls (tests/comfy). ``sigmas`` are
 the ones the sampler receives (KSampler has already dropped the penultimate sigma for dpm_2,
 dpm_2_ancestral, uni_pc and uni_pc_bh2). No ComfyUI import: the CPU tests use it too.
@@ -17,7 +17,8 @@ ONE_PER_STEP = {
     "uni_pc", "uni_pc_bh2",  # the final step to sigma 0 makes no evaluation; ddim runs as euler
 }
 # A second evaluation in every step whose next sigma is not 0 (a third one for seeds_3).
-EXTRA_UNLESS_LAST = {"heun": 1, "dpm_2": 1, "dpmpp_sde": 1, "dpmpp_sde_gpu": 1, "seeds_2": 1, "seeds_3": 2}
+EXTRA_UNLESS_LAST = {"heun": 1, "dpm_2": 1, "dpmpp_sde": 1, "dpmpp_sde_gpu": 1, "seeds_2": 1, "seeds_3": 2,
+                     "exp_heun_2_x0": 1, "exp_heun_2_x0_sde": 1}  # newer ComfyUI: seeds_2 with other options
 # A second evaluation in every step whose ancestral "sigma_down" is not 0 (depends on eta).
 ANCESTRAL_SECOND_ORDER = {"dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_2s_ancestral_cfg_pp"}
 # Step sizes chosen during sampling: the count is only known afterwards.

@@ -51,18 +51,55 @@ def test_prediction_is_the_taylor_step_of_the_image_tokens(name, cfg, split):
     assert not torch.allclose(ref[3], out[3])  # the skipped evaluation did not run the blocks
 
 
-@pytest.mark.parametrize("name", FAKES)
-def test_cache_point_and_prediction_round_trip(name):
+@pytest.mark.parametrize("order", [families.TXT_FIRST, families.IMG_FIRST])
+@pytest.mark.parametrize("name", [f.name for f in families.FAMILIES])
+def test_cache_point_and_prediction_round_trip(name, order):
+    """Joined streams in either token order (found from the text, as at run time), a tuple of streams
+    (LTX-2: video and audio, flattened into one cache point), and the stream key ("x": Kandinsky 5)."""
     spec = families.family(name)
-    img, txt = torch.randn(2, 6, 4), torch.randn(2, 3, 4)
-    joined = {families.TXT_FIRST: torch.cat((txt, img), 1), families.IMG_FIRST: torch.cat((img, txt), 1)}.get(spec.image_tokens, img)
-    args = {"img": joined, "txt": txt}
-    assert torch.equal(spec.cache_point(joined, 3), img)
-    out, image = spec.prediction_output(args, 3)
-    image.copy_(img * 2)
+    img, txt, audio = torch.randn(2, 6, 4), torch.randn(2, 3, 4), torch.randn(2, 5, 2)
+    where = None
+    if spec.image_tokens == families.JOINED:
+        x = torch.cat((txt, img), 1) if order == families.TXT_FIRST else torch.cat((img, txt), 1)
+        assert families.token_order(x, txt) == order
+        where = spec.locate(order, 3, 9)
+        image = img
+    elif spec.image_tokens == families.STREAMS:
+        x = (img, audio)
+        image = torch.cat((img.reshape(2, -1), audio.reshape(2, -1)), 1)
+    else:
+        x, image = img, img
+    args = {spec.stream_key: x, "txt": txt}
+    assert torch.equal(spec.cache_point(x, where), image)
+    out, view = spec.prediction_output(args, where)
+    view.copy_(image * 2)
     back = spec.passthrough(args, out)
-    assert torch.equal(spec.cache_point(back["img"], 3), img * 2)
+    assert torch.equal(spec.cache_point(back[spec.stream_key], where), image * 2)
     assert ("txt" in back) == spec.reads_txt
+    if spec.image_tokens == families.STREAMS:  # each stream whole and contiguous, in its own shape
+        assert [tuple(s.shape) for s in back["img"]] == [(2, 6, 4), (2, 5, 2)] and all(s.is_contiguous() for s in back["img"])
+    if spec.image_tokens == families.JOINED:  # the text comes back untouched
+        text = back["img"][:, :3] if order == families.TXT_FIRST else back["img"][:, 6:]
+        assert torch.equal(text, txt)
+
+
+def test_token_order_of_text_found_at_neither_end_keeps_the_whole_stream():
+    img, txt = torch.randn(1, 6, 4), torch.randn(1, 3, 4)
+    assert families.token_order(torch.cat((img[:, :3], txt, img[:, 3:]), 1), txt) == families.ALL_TOKENS
+    assert families.token_order(img, None) == families.ALL_TOKENS
+
+
+def test_direct_block_maps_the_args_onto_the_blocks_own_parameter_names():
+    """Kandinsky 5 in ComfyUI 0.33: the model passes x/context/time_embed/freqs; the block takes
+    visual_embed/text_embed/time_embed/freqs. Same names go by name, the rest in order."""
+    class Block(torch.nn.Module):
+        def forward(self, visual_embed, text_embed, time_embed, freqs, transformer_options={}):
+            return visual_embed * 10 + text_embed + time_embed * 100 + freqs * 1000
+
+    call = families.direct_block(Block(), "x")
+    args = {"x": torch.tensor(1.0), "context": torch.tensor(2.0), "time_embed": torch.tensor(3.0),
+            "freqs": torch.tensor(4.0), "transformer_options": {}}
+    assert call(args) == {"x": torch.tensor(4312.0)}
 
 
 def test_qwen_double_block_patches_force_full_compute_and_pass_through_otherwise():
@@ -111,3 +148,14 @@ def test_calibrate_records_the_family(tmp_path, monkeypatch):
     F.sample(m, steps=5, cfg=1.0)
     _, meta = load_pact(str(tmp_path / "hv.safetensors"))
     assert meta["model_family"] == "hunyuan_video"
+
+
+@pytest.mark.parametrize("img_first", [True, False], ids=["img-txt (ComfyUI 0.3.64)", "txt-img (ComfyUI 0.33)"])
+def test_hunyuan_video_token_order_is_found_at_run_time(img_first):
+    """HunyuanVideo's single stream is cat(img, txt) in ComfyUI 0.3.64 and cat(txt, img) in 0.33: the
+    prediction must land on the image tokens in both (the order is read from the run, not assumed)."""
+    dm = F.HunyuanVideo()
+    dm.img_first = img_first
+    model = F.FakePatcher(dm)
+    out = F.sample(apply(model, Schedule((0, 2), 4, order=1, first_full_steps=1)), steps=4, cfg=2.0)
+    torch.testing.assert_close(out[3], 1.5 * out[2] - 0.5 * out[0])

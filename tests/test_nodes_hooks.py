@@ -129,6 +129,7 @@ SIGMAS = torch.tensor([1.0, 0.5, 0.25, 0.0])
     ("euler", 3), ("uni_pc", 3), ("unipc", 3), ("unipc_bh2", 3), ("dpm_fast_function", 3), ("dpmpp_2m", 3),
     ("heun", 5), ("dpm_2", 5), ("dpmpp_sde", 5), ("dpmpp_2s_ancestral", 5), ("dpm_2_ancestral", 5),
     ("seeds_3", 7), ("heunpp2", 6), ("sa_solver", 3), ("sa_solver_pece", 5),
+    ("exp_heun_2_x0", 5), ("exp_heun_2_x0_sde", 5),  # ComfyUI 0.33: seeds_2 (one more in every step not to sigma 0)
     ("dpm_adaptive_function", None), ("some_custom_sampler", None),
 ])
 def test_evaluation_counts_known_before_sampling(sampler, count):
@@ -314,7 +315,8 @@ def test_apply_with_a_schedule_reports_its_run_in_the_automatic_modes_words(monk
     monkeypatch.setattr(ui, "send_event", lambda name, data: sent.append((name, data)))
     sched = uniform(5)
     F.sample(DPCacheApply().apply(flux(), sched, unique_id="7")["result"][0])
-    (node, text), (name, data) = sent
+    (node0, start), (node, text), (name, data) = sent  # the plan as the run starts, then the run's report
+    assert node0 == "7" and start == f"5 of {STEPS} evaluations computed, {STEPS - 5} skipped: ideal speed-up {STEPS / 5:.2f}x"
     assert node == "7" and name == "dpcache.run" and data["summary"] == text
     assert f"keys {list(sched.key_steps)}: 5 of {STEPS} evaluations computed, T={STEPS}" in text
     assert f"{sched.predictor} forecaster" in text and "; wall " in text

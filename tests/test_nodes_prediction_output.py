@@ -11,20 +11,31 @@ TXT, IMG, DIM = 3, 5, 4
 
 
 def open_call(run, args):
-    """A model call of the run (run_state.RunState.open_call), its first block started."""
+    """A model call of the run (run_state.RunState.open_call), its first block started and, for a joined
+    stream, its join found (the text the block before returned is ``args["txt"]``)."""
     call = run.open_call(args["transformer_options"], args["img"])
     call.start(args)
+    if run.spec.image_tokens == families.JOINED:
+        call.txt_out = args["txt"]
+        call.join(args)
     return call
 
 
-def call_args(spec, img, txt):
-    joined = {families.TXT_FIRST: torch.cat((txt, img), 1), families.IMG_FIRST: torch.cat((img, txt), 1)}.get(spec.image_tokens, img)
-    return {"img": joined, "txt": txt, "transformer_options": {"uuids": ["cond", "uncond"]}}
+def call_args(spec, img, txt, order=families.TXT_FIRST):
+    joined = {families.TXT_FIRST: torch.cat((txt, img), 1), families.IMG_FIRST: torch.cat((img, txt), 1)}[order]
+    x = joined if spec.image_tokens == families.JOINED else img
+    return {"img": x, "txt": txt, "transformer_options": {"uuids": ["cond", "uncond"]}}
+
+
+# one tensor stream keyed "img" (LTX-2's tuple of streams and Kandinsky 5's "x": tests/test_nodes_families.py)
+SINGLE_STREAM = [f.name for f in families.FAMILIES if f.image_tokens != families.STREAMS and f.stream_key == "img"]
+CASES = [(n, o) for n in SINGLE_STREAM for o in ((families.TXT_FIRST, families.IMG_FIRST)
+                                                 if families.family(n).image_tokens == families.JOINED else (families.TXT_FIRST,))]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("name", [f.name for f in families.FAMILIES])
-def test_skipped_evaluation_returns_the_prediction_in_the_models_dtype(name, dtype):
+@pytest.mark.parametrize("name,order", CASES)
+def test_skipped_evaluation_returns_the_prediction_in_the_models_dtype(name, order, dtype):
     spec = families.family(name)
     run = run_state.ApplyRun(name, Schedule((0, 1, 2), 5, order=2, first_full_steps=1))
     g = torch.Generator().manual_seed(0)
@@ -33,26 +44,28 @@ def test_skipped_evaluation_returns_the_prediction_in_the_models_dtype(name, dty
     for t in range(3):  # key evaluations: the (fake) last block doubles its input
         run.start_evaluation()
         img = torch.randn(4, IMG, DIM, generator=g).to(dtype)
-        args = call_args(spec, img, txt)
+        args = call_args(spec, img, txt, order)
         call = open_call(run, args)
         out = call.last_block(args, {"original_block": lambda a: {"img": a["img"] * 2, "txt": a["txt"]}}, None)
         run.close_call(call)  # feeds the caches
-        keys[t] = spec.cache_point(out["img"], TXT)
+        keys[t] = spec.cache_point(out["img"], call.where)
+    assert run.order == (order if spec.image_tokens == families.JOINED else None)
     run.start_evaluation()
-    x = call_args(spec, torch.full((4, IMG, DIM), 9.0, dtype=dtype), txt)
+    x = call_args(spec, torch.full((4, IMG, DIM), 9.0, dtype=dtype), txt, order)
     call = open_call(run, x)
+    where = call.where
     assert not call.compute
     first = call.last_block(x, {}, None)["img"]
     again = call.last_block(x, {}, None)["img"]
     # the float32 prediction per stream, concatenated and cast: what the code did before
     expected = torch.cat([run.cache.predict(s) for s in call.streams]).to(dtype)
     assert first.dtype == dtype and first.shape == x["img"].shape
-    assert torch.equal(spec.cache_point(first, TXT), expected)
-    assert not torch.equal(expected, spec.cache_point(x["img"], TXT))
+    assert torch.equal(spec.cache_point(first, where), expected)
+    assert not torch.equal(expected, spec.cache_point(x["img"], where))
     assert torch.equal(first, again) and first.data_ptr() != again.data_ptr()  # a new tensor per call
     assert first.data_ptr() != x["img"].data_ptr()
-    if spec.image_tokens != families.ALL_TOKENS:  # the text tokens come back as they went in
-        rest = first[:, :TXT] if spec.image_tokens == families.TXT_FIRST else first[:, IMG:]
+    if spec.image_tokens == families.JOINED:  # the text tokens come back as they went in
+        rest = first[:, :TXT] if order == families.TXT_FIRST else first[:, IMG:]
         assert torch.equal(rest, txt)
     first.add_(1)  # the model may modify the block output in place: the cache is not affected
-    assert torch.equal(spec.cache_point(call.last_block(x, {}, None)["img"], TXT), expected)
+    assert torch.equal(spec.cache_point(call.last_block(x, {}, None)["img"], where), expected)

@@ -34,7 +34,7 @@ def main() -> None:
     from safetensors.torch import save_file
 
     out = sys.argv[1] if len(sys.argv) > 1 else default_path()
-    config = sm.Flux(dict(CONFIG))
+    config = sm.Flux(comfy_host.with_host_fields(dict(CONFIG)))
     config.set_inference_dtype(torch.float32, None)
     model = config.get_model({}, device=torch.device("cpu"))
     comfy_host.init_weights(model.diffusion_model, seed=4567)

@@ -160,8 +160,8 @@ def flux_controlnet():
     import comfy.controlnet
     import comfy.ldm.flux.controlnet
     import comfy.ops
-    from comfy_host import FLUX_CFG, init_weights
-    cfg = {k: v for k, v in FLUX_CFG.items() if k != "image_model"}
+    from comfy_host import FLUX_CFG, init_weights, with_host_fields
+    cfg = {k: v for k, v in with_host_fields(FLUX_CFG).items() if k not in ("image_model", "guidance_embed")}
     net = comfy.ldm.flux.controlnet.ControlNetFlux(operations=comfy.ops.disable_weight_init, device=torch.device("cpu"),
                                                     dtype=torch.float32, guidance_embed=True, **cfg)
     init_weights(net, seed=13)
@@ -229,7 +229,9 @@ def run_case(host, runs, node, key, order, other, sample_kw=None, expect_full=No
 def block_list(key, kind):
     if key.startswith(("flux", "chroma", "hunyuan")):
         return "double_blocks" if kind == "double_block" else "single_blocks"
-    return "transformer_blocks" if key == "qwen_image" else "blocks"
+    if key == "kandinsky5":
+        return "visual_transformer_blocks"
+    return "transformer_blocks" if key in ("qwen_image", "ltx2") else "blocks"
 
 
 ORDERS = ["before", "after"]
@@ -254,6 +256,15 @@ def test_skip_layer_guidance_dit_default_window(host, runs):
 @pytest.mark.parametrize("key", ["chroma", "hunyuan_video", "qwen_image"])
 def test_skip_layer_guidance_dit_other_families(host, runs, key):
     run_case(host, runs, "SkipLayerGuidanceDiT", key, "after", slg_dit("1", "1" if key != "qwen_image" else ""))
+
+
+@pytest.mark.parametrize("key,double,single", [("flux2", "1", "1"), ("hunyuan_video15", "1", "1"), ("ltx2", "1", ""),
+                                               ("kandinsky5", "1", "")])
+def test_skip_layer_guidance_dit_newer_families(host, runs, key, double, single):
+    """The families ComfyUI 0.33 adds (skipped on a host without them); Kandinsky 5's blocks are called
+    directly by DPCache (ComfyUI 0.33's block_wrap passes names they do not take)."""
+    run = run_case(host, runs, "SkipLayerGuidanceDiT", key, "after", slg_dit(double, single))
+    assert "SkipLayerGuidanceDiT" in run.summary()
 
 
 @pytest.mark.parametrize("order", ORDERS)

@@ -65,6 +65,9 @@ def executor(host):
     import server
     for cls in (DPCacheTestModel, DPCacheTestInputs, DPCacheTestCapture):
         nodes.NODE_CLASS_MAPPINGS[cls.__name__] = cls
+    import inspect
+    if "cache_args" in inspect.signature(execution.PromptExecutor).parameters:  # newer ComfyUI: main.py passes these
+        return execution.PromptExecutor(server.PromptServer.instance, cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
     return execution.PromptExecutor(server.PromptServer.instance)
 
 
