@@ -16,6 +16,10 @@ Taylor only where T/K < 4.5, the largest threshold a rule uses).
 is chosen on the other models (the largest worst-case margin, in mean PSNR, over Spectrum's schedule
 with the spectral forecaster at every K and step count; ties: the larger mean margin) and reported on
 the held-out one, beside Spectrum's schedule and the best candidate in hindsight.
+
+The stored runs (bench/results/lomo_runs_*.json) were made with the paper's spectral fit, before the
+pack's fit became centred (dpcache_core/spectral.py); the run key does not tell the two apart, so move
+those files aside before re-measuring with the current fit.
 """
 from __future__ import annotations
 
