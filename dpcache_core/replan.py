@@ -28,6 +28,7 @@ from .pact import default_max_gap
 from .schedule import Schedule, mandatory_steps, path_cost, solve_schedule, uniform_key_steps
 from .transfer import index_positions, transfer_pact
 from . import prior as cost_prior
+from .spectrum_keys import spectrum_key_steps
 
 BUDGET_RULES = ("same speed-up", "target speed-up", "fixed K")
 TRANSFERABLE = ("reference", "skip")  # objectives over the (T, T+1, T+1) tensor the transfer rebuilds
@@ -210,6 +211,8 @@ class Planner:
     #: prior made afresh from its source (``prior.prior_cost``), not on a transfer of ``cost``, with
     #: its kept-last rule (``prior.solve_prior``); ``last_full_steps`` is then the typed minimum.
     prior: bool = False
+    #: (spectrum): no cost; every count is planned with Spectrum's own key steps (``spectrum_plan``).
+    spectrum: bool = False
 
     def __post_init__(self):
         if self.cost is not None:
@@ -297,6 +300,17 @@ def uniform_plan(num_evals: int, num_keys: int, first_full_steps: int = 3, last_
     return sorted(keys), used
 
 
+def spectrum_plan(num_evals: int, num_keys: int, first_full_steps: int = 3, last_full_steps: int = 0,
+                  required=()) -> list[int]:
+    """Spectrum's key steps (``spectrum_key_steps``: warm-up round(T / 10), growing windows, a tail of
+    up to 3) with a warm-up of at least ``first_full_steps`` and a tail of at least ``last_full_steps``,
+    plus the ``required`` keys (the first evaluations of a partial run's windows)."""
+    warmup = max(1, round(num_evals / 10), int(first_full_steps))
+    tail = int(last_full_steps) if last_full_steps > 3 else None
+    keys = spectrum_key_steps(num_evals, max(int(num_keys), min(warmup + (tail or 1), num_evals)), warmup=warmup, tail=tail)
+    return sorted(set(keys) | {int(r) for r in required if 0 <= r < num_evals})
+
+
 def schedule_label(schedule: Schedule) -> str:
     planner = schedule.planner
     if planner is not None and planner.label:
@@ -328,13 +342,18 @@ def plan_run(schedule: Schedule, run: RunShape) -> RunPlan:
         total = joint.total if joint else n
         k = budget.keys_for(total, planner.num_evals)
 
-        def uniform(k):
-            return uniform_plan(total, k, planner.first_full_steps, planner.last_full_steps if joint is None else 0,
-                                joint.required if joint else ())
+        def fixed(k):
+            """The entry's own key rule (Spectrum's or evenly spaced) for k keys on the whole trajectory."""
+            last = planner.last_full_steps if joint is None else 0
+            required = joint.required if joint else ()
+            if planner.spectrum:
+                keys = spectrum_plan(total, k, planner.first_full_steps, last, required)
+                return keys, len(keys)
+            return uniform_plan(total, k, planner.first_full_steps, last, required)
 
-        keys, used = uniform(k)
+        keys, used = fixed(k)
         if joint is not None:
-            (keys, used), k, note = sized_for_window(uniform, k, joint, budget.window_keys(n, planner.num_evals))
+            (keys, used), k, note = sized_for_window(fixed, k, joint, budget.window_keys(n, planner.num_evals))
             return executed(schedule, label, rule, run, joint, keys, note or raised_note(k, used, total), None)
         return executed(schedule, label, rule, run, joint, keys, raised_note(k, used, total), None)
     convention = getattr(schedule, "convention", None) or "reference"

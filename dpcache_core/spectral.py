@@ -1,4 +1,4 @@
-"""A spectral forecaster of the cache-point feature (Spectrum's key-step schedule, for the benchmarks, is in bench/spectrum.py).
+"""A spectral forecaster of the cache-point feature (Spectrum's key-step schedule is in spectrum_keys.py).
 
 Written from the Spectrum paper (Han et al., "Adaptive Spectral Feature Forecasting for Diffusion
 Sampling Acceleration", CVPR 2026, arXiv 2603.01623): the feature is a function of a time
