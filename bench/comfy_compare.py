@@ -9,7 +9,8 @@ of bench/train_comfy_wan.py with uni_pc, scheduler simple, ModelSamplingSD3 shif
 negative prompt) at --steps, and compares at equal full evaluations K (7..25 of 50, scaled to other
 step counts): Spectrum (its own key steps, ``spectrum_key_steps``, and the spectral forecaster, run by
 Apply DPCache as a (manual) schedule), DPCache Schedule's (uniform) and default entries, calibrated
-DPCache with Taylor 1, Taylor 2 and the spectral forecaster, and EasyCache / LazyCache at several
+DPCache with Taylor 1, Taylor 2 and the spectral forecaster and with the forecaster chosen by replay
+(forecaster auto on the order-1 PACT), and EasyCache / LazyCache at several
 thresholds; writes bench/results/comfy_compare_<model>_<steps>.md and a sample grid. The rest of this
 docstring describes the classic table:
 
@@ -48,7 +49,8 @@ import torch
 import torch.nn.functional as F
 
 from bench import comfy_env
-from bench import train_comfy_flux, train_comfy_wan
+from bench import train_comfy_flux, train_comfy_more, train_comfy_wan
+from bench.spectrum import spectrum_key_steps
 from dpcache_core.picture import font, render_image_rows, text_width, write_png
 from bench.train_comfy_flux import LATENT_SIZE, WEIGHTS, load_prompts
 
@@ -73,12 +75,13 @@ class BenchModel:
     trainer: object         # the module that trained it: load_prompts, latent_to_rgb
     negative: int | None    # row of prompts["context"] that is the negative prompt (cfg > 1)
     text: str
+    detect_fix: bool = False  # narrow FLUX / Qwen-Image: loading needs the harness's shape-detection fix
 
 
 FLUX = BenchModel(
     "flux", WEIGHTS, "euler", "simple", 1.0, None, (1, 16, LATENT_SIZE, LATENT_SIZE), train_comfy_flux, None,
     "ComfyUI's Flux class (hidden 128, 2 double + 3 single blocks) trained on coloured shapes "
-    "(bench/train_comfy_flux.py); latent 16x16 (128x128 px), euler, scheduler simple, cfg 1")
+    "(bench/train_comfy_flux.py); latent 16x16 (128x128 px), euler, scheduler simple, cfg 1", True)
 WAN = BenchModel(
     "wan", train_comfy_wan.WEIGHTS, "uni_pc", "simple", 5.0, 8.0,
     (1, 16, train_comfy_wan.FRAMES, train_comfy_wan.LATENT_SIZE, train_comfy_wan.LATENT_SIZE), train_comfy_wan,
@@ -86,7 +89,20 @@ WAN = BenchModel(
     "ComfyUI's WanModel (Wan2.1 t2v: dim 128, 4 blocks) trained on moving-shape clips (bench/train_comfy_wan.py); "
     f"latent {train_comfy_wan.FRAMES}x16x16 (a 5-frame 128x128 clip), uni_pc, scheduler simple, ModelSamplingSD3 "
     "shift 8, cfg 5 with the class prompt against a negative prompt")
-MODELS = {m.name: m for m in (FLUX, WAN)}
+QWEN = BenchModel(
+    "qwen", train_comfy_more.SPECS["qwen"].weights, "euler", "simple", train_comfy_more.SPECS["qwen"].cfg, None,
+    (1, 16, 1, train_comfy_more.LATENT_SIZE, train_comfy_more.LATENT_SIZE), train_comfy_more.trainer("qwen"),
+    train_comfy_more.NEGATIVE,
+    "ComfyUI's QwenImageTransformer2DModel (1 head of 128, 4 blocks) trained on coloured patterns "
+    "(bench/train_comfy_more.py --model qwen); latent 16x16 (128x128 px), euler, scheduler simple, the file's own "
+    "sampling (shift 1.15), cfg 2.5 with the class prompt against a negative prompt", True)
+HUNYUAN = BenchModel(
+    "hunyuan", train_comfy_more.SPECS["hunyuan"].weights, "dpmpp_2m", "simple", 1.0, None,
+    (1, 16, 2, train_comfy_more.LATENT_SIZE, train_comfy_more.LATENT_SIZE), train_comfy_more.trainer("hunyuan"), None,
+    "ComfyUI's HunyuanVideo (hidden 128, 2 double + 2 single blocks) trained on clips of shapes that rotate, grow, "
+    "shrink or change colour (bench/train_comfy_more.py --model hunyuan); latent 2x16x16, dpmpp_2m, scheduler simple, "
+    "the file's own sampling (shift 7), cfg 1")
+MODELS = {m.name: m for m in (FLUX, WAN, QWEN, HUNYUAN)}
 
 
 # ----------------------------------------------------------------------------------- setup
@@ -155,7 +171,7 @@ class BlockCounter:
 
     def __init__(self, model):
         dm = model.model.diffusion_model
-        self.blocks = [b for name in ("double_blocks", "single_blocks", "blocks") for b in getattr(dm, name, [])]
+        self.blocks = [b for name in ("double_blocks", "single_blocks", "blocks", "transformer_blocks") for b in getattr(dm, name, [])]
         self.calls = 0
         self.seconds = 0.0
 
@@ -460,6 +476,7 @@ COMPARE_KS = {50: (7, 9, 10, 13, 17, 20, 25), 30: (4, 5, 6, 8, 10, 12, 15)}  # a
 COMPARE_THRESHOLDS = (0.05, 0.1, 0.2, 0.4)
 SPECTRUM, UNIFORM_ENTRY, DEFAULT_ENTRY = "Spectrum", "(uniform)", "default (no calibration)"
 CAL_O1, CAL_O2, CAL_SPECTRAL = "calibrated, Taylor 1", "calibrated, Taylor 2", "calibrated, spectral"
+CAL_CHOSEN = "calibrated, data-chosen"  # DPCache Schedule's forecaster auto on the order-1 PACT: chosen by replay
 # candidate defaults (issue 18), only with --methods: "(prior) last n" keeps the last n evaluations as
 # keys (the pack's prior.PRIOR_LAST_FULL_STEPS set to n for that plan; 0 = the default before commit 4546844)
 PRIOR_LAST0, PRIOR_LAST0_O1, PRIOR_LAST1 = "(prior) last 0", "(prior) last 0, Taylor 1", "(prior) last 1"
@@ -468,8 +485,8 @@ PRIOR_LAST3, PRIOR_FIRST5 = "(prior) last 3", "(prior) first 5, last 1"
 SPECTRUM_O1, SPECTRUM_O2 = "Spectrum keys, Taylor 1", "Spectrum keys, Taylor 2"
 CANDIDATES = (PRIOR_LAST0, PRIOR_LAST0_O1, PRIOR_LAST1, PRIOR_LAST1_O1, PRIOR_LAST1_O2, PRIOR_LAST2, PRIOR_LAST3,
               PRIOR_FIRST5, SPECTRUM_O1, SPECTRUM_O2)
-SWEEP = (SPECTRUM, UNIFORM_ENTRY, DEFAULT_ENTRY, CAL_O1, CAL_O2, CAL_SPECTRAL)
-CALIBRATED = (CAL_O1, CAL_O2, CAL_SPECTRAL)
+SWEEP = (SPECTRUM, UNIFORM_ENTRY, DEFAULT_ENTRY, CAL_O1, CAL_O2, CAL_SPECTRAL, CAL_CHOSEN)
+CALIBRATED = (CAL_O1, CAL_O2, CAL_SPECTRAL, CAL_CHOSEN)
 
 
 def compare_ks(steps: int) -> tuple[int, ...]:
@@ -509,7 +526,7 @@ def spectrum_schedule(num_evals: int, k: int, predictor: str = "spectral", order
     windows, tail) run by Apply DPCache with the spectral forecaster (a (manual) schedule); another
     ``predictor`` / ``order``: the same keys with that forecaster (a candidate default)."""
     core = comfy_env.boot()["core"]
-    keys = core.spectrum_key_steps(num_evals, k)
+    keys = spectrum_key_steps(num_evals, k)
     return core.Schedule(tuple(keys), num_evals, order=order, source="manual", first_full_steps=1, predictor=predictor)
 
 
@@ -524,6 +541,7 @@ def sweep_schedules(k: int, num_evals: int, pacts: dict, methods=SWEEP) -> dict:
         CAL_O1: lambda: node_schedule(pacts[1], k, num_evals, forecaster="taylor"),
         CAL_O2: lambda: node_schedule(pacts[2], k, num_evals, forecaster="taylor"),
         CAL_SPECTRAL: lambda: node_schedule(pacts[2], k, num_evals, forecaster="spectral"),
+        CAL_CHOSEN: lambda: node_schedule(pacts[1], k, num_evals, forecaster="auto"),
         PRIOR_LAST0: lambda: prior_schedule(0, k, num_evals),
         PRIOR_LAST0_O1: lambda: prior_schedule(0, k, num_evals, forecaster="taylor", taylor_order=1),
         PRIOR_LAST1: lambda: prior_schedule(1, k, num_evals),
@@ -555,7 +573,7 @@ def count_evaluations(model, prompts, bench: BenchModel, steps: int) -> int:
 def run_compare(args) -> dict:
     """The equal-full-evaluation comparison on one model at one step count. Returns the rows and context."""
     bench = MODELS[args.model]
-    extra = (flux_detect_fix_dir(),) if bench is FLUX else ()
+    extra = (flux_detect_fix_dir(),) if bench.detect_fix else ()
     comfy_env.boot(cpu=True, extra_nodes=extra)
     torch.set_num_threads(args.threads)
     weights = args.weights or bench.weights
@@ -619,7 +637,7 @@ def compare_report(result: dict, args, machine: str) -> str:
     lines = [
         f"Model: {bench.text}; {result['steps']} steps = {result['num_evals']} model evaluations. "
         f"{len(result['held_out'])} held-out prompts; PACTs from DPCache Calibrate on {len(result['calib'])} other "
-        f"prompts at this step count. PSNR of the decoded RGB {'clip' if bench is WAN else 'image'} against the plain "
+        f"prompts at this step count. PSNR of the decoded RGB {'clip' if bench.latent_shape[2] > 1 and len(bench.latent_shape) == 5 else 'image'} against the plain "
         f"run, mean (worst) in dB, at K full evaluations of {result['num_evals']} (the full evaluations each run made "
         f"were counted: they equal K for every DPCache and Spectrum row). DPCache Schedule's defaults: pact entry "
         f"{result['defaults']['pact']!r}, forecaster {result['defaults']['forecaster']!r}.",

@@ -20,7 +20,8 @@ import time
 
 import torch
 
-from dpcache_core import build_pact, solve_schedule, solve_schedule_reference
+from bench.reference_dp import solve_schedule_reference
+from dpcache_core import build_pact, solve_schedule
 from dpcache_demo import toy_model
 
 from .common import calibration_prompts, full_runs, machine, md_table, setup, write_result

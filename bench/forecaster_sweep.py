@@ -20,9 +20,11 @@ import torch
 from bench import comfy_compare as cc
 from bench import comfy_env
 from bench import forecasters as fc
+from bench.spectrum import spectrum_key_steps
 
 SETTINGS = ({}, {"blend": 0.25}, {"blend": 0.75}, {"blend": 1.0}, {"degree": 3}, {"degree": 6},
-            {"ridge": 0.01}, {"ridge": 1.0}, {"max_history": 6}, {"max_history": 10}, {"max_history": 16})
+            {"ridge": 0.01}, {"ridge": 1.0}, {"max_history": 6}, {"max_history": 10}, {"max_history": 16},
+            {"centred": False})
 
 
 def main(argv=None) -> None:
@@ -45,7 +47,7 @@ def main(argv=None) -> None:
         pact = cc.calibrate(model, prompts, cc.prompt_list(4, 1000, offset=2), 1, folder) if args.plan == "calibrated" else None
         for k in args.keys:
             if args.plan == "spectrum":
-                sched = fc.keyed(core.spectrum_key_steps(cc.STEPS, k), predictor="spectral")
+                sched = fc.keyed(spectrum_key_steps(cc.STEPS, k), predictor="spectral")
             else:
                 entry = pact or next(p for p in boot["nodes"]["DPCacheSchedule"].INPUT_TYPES()["required"]["pact"][0]
                                      if p.startswith("(prior"))

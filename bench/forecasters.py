@@ -34,12 +34,13 @@ import torch
 
 from bench import comfy_compare as cc
 from bench import comfy_env
+from bench.spectrum import build_spectral_history, spectrum_key_steps
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 KS = (7, 9, 10, 13, 17, 20, 25)
 # Spectrum's own forecaster fits all the features computed so far (the paper; the ComfyUI ports keep
 # up to 128); this pack's spectral forecaster keeps the last 8 (dpcache_core.spectral).
-SPECTRUM_FORECASTER = {"max_history": cc.STEPS}
+SPECTRUM_FORECASTER = {"max_history": cc.STEPS, "centred": False}  # the paper's fit: ridge on every coefficient
 
 
 def node_schedule(pact: str, k: int, order: int = 2, forecaster: str | None = None):
@@ -90,7 +91,7 @@ def spectral_plan(history, k: int):
 
 def methods_for(k: int, pacts: dict, which: set, spectral_costs: dict | None = None) -> dict:
     core = comfy_env.boot()["core"]
-    spectrum = core.spectrum_key_steps(cc.STEPS, k)
+    spectrum = spectrum_key_steps(cc.STEPS, k)
     out = {}
 
     def add(name, make):
@@ -147,7 +148,7 @@ def run(args) -> tuple[list[dict], list]:
             trajectories = record_trajectories(model, prompts, calib)
             for memory in args.memory:
                 t0 = time.perf_counter()
-                spectral_costs[memory] = sum(boot["core"].spectral.build_spectral_history(t, memory)
+                spectral_costs[memory] = sum(build_spectral_history(t, memory)
                                              for t in trajectories) / len(trajectories)
                 print(f"spectral history cost m={memory}: {time.perf_counter() - t0:.0f} s", flush=True)
         plain = [cc.sample(model, prompts, c, s) for c, s in held_out]
@@ -205,7 +206,7 @@ def check_costs(args) -> str:
     trajectories = record_trajectories(model, prompts, cc.prompt_list(args.calib, 1000, offset=2))
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     o1 = mean([core.build_pact(list(t), order=1) for t in trajectories])
-    sp = {m: mean([core.spectral.build_spectral_history(t, m) for t in trajectories]) for m in args.memory}
+    sp = {m: mean([build_spectral_history(t, m) for t in trajectories]) for m in args.memory}
     prior = core.prior_cost(cc.STEPS)
     rng = np.random.default_rng(0)
     cap = core.default_max_gap(cc.STEPS)
@@ -257,7 +258,7 @@ def run_toy(args) -> tuple[list[dict], list]:
         pri = core.solve_schedule(prior, k, 3, convention="skip")
         auto = "spectral" if cc.STEPS / k >= 2.9 else "taylor"
         methods = {
-            "Spectrum": sched(core.spectrum_key_steps(cc.STEPS, k), predictor="spectral"),
+            "Spectrum": sched(spectrum_key_steps(cc.STEPS, k), predictor="spectral"),
             "(uniform) o2": sched(core.uniform_key_steps(cc.STEPS, k, 3)),
             "calibrated o1": sched(cal, 1),
             "calibrated o1 keys + spectral": sched(cal, predictor="spectral"),

@@ -23,7 +23,8 @@ import time
 import numpy as np
 import torch
 
-from dpcache_core import path_cost, solve_schedule, solve_schedule_reference, uniform_key_steps
+from bench.reference_dp import solve_schedule_reference
+from dpcache_core import path_cost, solve_schedule, uniform_key_steps
 from dpcache_demo import toy_model
 
 from .baselines import indicator_distances, threshold_sample, tune_threshold

@@ -1,6 +1,7 @@
 """Wall-clock speed of DPCache against the full run, measured side by side in one process.
 
     python -m bench.speed            # ~3 min on 2 CPU cores
+    python -m bench.speed --forecasters   # Taylor 1, Taylor 2 and spectral at the same K (13 of 50)
 
 Model: the "bench" configuration of the FLUX-like toy DiT (``BENCH_FLUX``: 256 image tokens,
 hidden 384, 4 double + 8 single blocks, seeded random weights: speed does not depend on the
@@ -21,6 +22,7 @@ import torch
 
 from dpcache_core import CacheRun, Schedule, uniform_key_steps
 from dpcache_demo import toy_model
+from dpcache_demo.demo import accelerated_sample
 
 from .common import RESULTS, SHIFT, cached_sample, machine, md_table, pyplot, setup, write_result
 
@@ -65,12 +67,74 @@ def bookkeeping_share(model, noise, cond) -> float:
     return spent[0] / total
 
 
+FORECASTERS = (("Taylor 1", "taylor", 1), ("Taylor 2", "taylor", 2), ("spectral", "spectral", 1))
+
+
+def own_time(schedule, feature: torch.Tensor, repeats: int = 5) -> float:
+    """Seconds of the cache's own calls over one run of ``schedule`` (update at the keys, predict
+    elsewhere) on a fixed ``feature``, median of ``repeats``: the forecaster's cost alone."""
+    times = []
+    for _ in range(repeats):
+        run = CacheRun(schedule)
+        t0 = time.perf_counter()
+        for _ in range(schedule.num_evals):
+            if run.start_evaluation():
+                run.update("cond", feature)
+            else:
+                run.predict("cond", dtype=feature.dtype)
+        times.append(time.perf_counter() - t0)
+        run.close()
+    return statistics.median(times)
+
+
+def forecasters(a, model, cfg, noise, cond) -> None:
+    """Taylor 1, Taylor 2 and spectral at one K on the same keys, each against the full run side by side."""
+    k = a.keys[0] if a.keys and a.keys[0] != T else 13
+    keys = uniform_key_steps(T, k, 3)
+    full_t, ratio, secs = [], {f[0]: [] for f in FORECASTERS}, {f[0]: [] for f in FORECASTERS}
+    for r in range(a.repeats):
+        t0 = time.perf_counter()
+        toy_model.sample(model, noise, cond, T, SHIFT)
+        full_t.append(time.perf_counter() - t0)
+        for label, predictor, order in FORECASTERS:
+            schedule = Schedule(tuple(keys), T, "flux", order, "reference", "manual", first_full_steps=3, predictor=predictor)
+            t0 = time.perf_counter()
+            accelerated_sample(model, noise, cond, schedule, SHIFT)
+            secs[label].append(time.perf_counter() - t0)
+            ratio[label].append(full_t[-1] / secs[label][-1])
+        print(f"repeat {r + 1}/{a.repeats}: full {full_t[-1]:.2f} s, "
+              + ", ".join(f"{f[0]} {secs[f[0]][-1]:.2f} s" for f in FORECASTERS), flush=True)
+    big = torch.randn(1, 4096, 3072, dtype=torch.bfloat16)  # FLUX.1's cache point at 1024x1024
+    rows = []
+    for label, predictor, order in FORECASTERS:
+        schedule = Schedule(tuple(keys), T, "flux", order, "reference", "manual", first_full_steps=3, predictor=predictor)
+        own = own_time(schedule, big)
+        rows.append([label, f"{statistics.median(secs[label]):.2f}", f"{statistics.median(ratio[label]):.3f}x",
+                     f"{T / k:.2f}x", f"{own:.2f}"])
+    fastest = sorted(rows, key=lambda r: float(r[4]))
+    text = "\n\n".join([
+        f"Command: `python -m bench.speed --forecasters --keys {k} --repeats {a.repeats} --threads {a.threads}`. Model: "
+        f"FLUX-like DiT, config `{a.config}`, batch 1, T={T} Euler evaluations, K={k} uniform key steps, the same for "
+        f"every forecaster. Full run: median {statistics.median(full_t):.2f} s over {a.repeats} repeats, each "
+        f"forecaster run right after the full one. The cache's own time: the forecaster's calls alone (update at "
+        f"the {k} keys, predict at the {T - k} others) over one run on FLUX.1's cache point at 1024x1024 "
+        f"(4096 x 3072, bf16), median of 5. Machine: {machine()}.",
+        md_table(["forecaster", "seconds (median)", "speed-up vs full (median of ratios)", "ideal T/K",
+                  "cache's own time per run, FLUX.1 1024x1024 (s)"], rows),
+        "Fastest first by the cache's own time: " + ", ".join(r[0] for r in fastest)
+        + " (dpcache_core.choose.SPEED_ORDER).",
+    ])
+    write_result("speed_forecasters", text)
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--keys", type=int, nargs="+", default=[50, 13, 10, 9, 7])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--config", choices=["bench", "toy"], default="bench")
+    ap.add_argument("--forecasters", action="store_true",
+                    help="Taylor 1, Taylor 2 and spectral at one K (the first of --keys below T, default 13)")
     a = ap.parse_args(argv)
     setup(a.threads)
     cfg = toy_model.BENCH_FLUX if a.config == "bench" else toy_model.TOY_FLUX
@@ -78,6 +142,8 @@ def main(argv=None) -> dict:
     params = sum(p.numel() for p in model.parameters()) / 1e6
     noise, cond = toy_model.make_noise(cfg, 0), torch.tensor([3])
     toy_model.sample(model, noise, cond, 3, SHIFT)            # warm-up
+    if a.forecasters:
+        return forecasters(a, model, cfg, noise, cond)
     share = block_share(model, noise, cond)
     full_t, acc_t, ratio = [], {k: [] for k in a.keys}, {k: [] for k in a.keys}
     blocks = {}

@@ -2,6 +2,7 @@
 
 Plain torch + numpy; no ComfyUI import, so it runs and is tested anywhere.
 """
+from . import choose, replay
 from .history import build_history, history_fits
 from .pact import PactAccumulator, build_pact, default_max_gap
 from .picture import render_image_rows, render_pact_path, render_timeline, to_comfy_image, write_png
@@ -18,10 +19,9 @@ from .schedule import (
     path_cost_history,
     solve_schedule,
     solve_schedule_history,
-    solve_schedule_reference,
     uniform_key_steps,
 )
-from .spectral import SpectralPredictor, spectrum_key_steps
+from .spectral import SpectralPredictor
 from .store import PACK_VERSION, PactFileError, import_reference, import_reference_pkl, load_pact, save_pact
 from .taylor import TaylorPredictor
 from .transfer import index_positions, positions_from_sigmas, transfer_pact
@@ -66,8 +66,6 @@ __all__ = [
     "save_pact",
     "solve_schedule",
     "solve_schedule_history",
-    "solve_schedule_reference",
-    "spectrum_key_steps",
     "to_comfy_image",
     "uniform_key_steps",
     "write_png",

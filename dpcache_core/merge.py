@@ -11,14 +11,17 @@ inputs included, is only replaced with --force; OUT is written atomically after 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
 from .pact import PactAccumulator
+from .settings import combine_records
 from .store import PactFileError, combine_sampling, load_pact, save_pact
 
 MUST_AGREE = ("model_family", "num_evals", "order", "scheme")
 SAMPLING_KEYS = ("sample_size", "sample_sizes", "sample_seed")
+RECORD_KEYS = ("sample_meta", "resolution")  # per-sample records: concatenated (settings.combine_records)
 TRAJECTORY_KEYS = ("eval_sigmas", "positions")  # per-evaluation lists: one trajectory's, never listed
 
 
@@ -52,7 +55,7 @@ def merge_pacts(paths: list[str]) -> tuple[PactAccumulator, dict]:
                             "merge PACTs of whole runs, or calibrate the windows into one file")
     meta = {}
     conventions = {m.get("convention", "reference") for _, _, m in loaded}
-    for key in sorted({k for _, _, m in loaded for k in m} - set(SAMPLING_KEYS) - {"samples", "pack_version", "merged_from", "convention"}):
+    for key in sorted({k for _, _, m in loaded for k in m} - set(SAMPLING_KEYS) - set(RECORD_KEYS) - {"samples", "pack_version", "merged_from", "convention"}):
         present = [m[key] for _, _, m in loaded if m.get(key) is not None]
         if not present:
             continue
@@ -60,11 +63,12 @@ def merge_pacts(paths: list[str]) -> tuple[PactAccumulator, dict]:
             meta[key] = present[0]  # the first file's, as DPCache Calibrate keeps one run's
             continue
         flat = [x for v in present for x in (v if isinstance(v, list) else [v])]
-        values = list(dict.fromkeys(flat))  # differing settings (resolution, sampler, ...) are listed
+        values = list({json.dumps(v, sort_keys=True): v for v in flat}.values())  # differing settings are listed
         meta[key] = values[0] if len(values) == 1 else values
     # The planning convention (issue 11): kept when every input agrees, else the reference one.
     meta["convention"] = conventions.pop() if len(conventions) == 1 else "reference"
     meta.update(combine_sampling([m for _, _, m in loaded]))
+    meta.update(combine_records([m for _, _, m in loaded]))
     meta["merged_from"] = merged_from
     return merged, meta
 

@@ -162,13 +162,15 @@ class PactAccumulator:
         self.samples = 0
         self.history_sums: np.ndarray | None = None  # optional history cost tensor (order >= 2)
         self.history_counts: np.ndarray | None = None
+        self.trajectories: np.ndarray | None = None  # optional replay trajectories (n, T, elements), ``replay``
 
     @property
     def shape(self) -> tuple[int, int, int]:
         return self.sums.shape
 
-    def add(self, cost: np.ndarray, history: np.ndarray | None = None) -> None:
-        """Add one PACT sample, and its history cost tensor (``dpcache_core.history``) if given."""
+    def add(self, cost: np.ndarray, history: np.ndarray | None = None, trajectories: np.ndarray | None = None) -> None:
+        """Add one PACT sample, and its history cost tensor (``dpcache_core.history``) and replay
+        trajectories (``dpcache_core.replay``) if given."""
         cost = np.asarray(cost, dtype=np.float64)
         if cost.shape != self.shape:
             raise ValueError(
@@ -181,6 +183,14 @@ class PactAccumulator:
         self.samples += 1
         if history is not None:
             self.add_history(history)
+        if trajectories is not None:
+            self.add_trajectories(trajectories)
+
+    def add_trajectories(self, trajectories: np.ndarray) -> None:
+        """Keep replay trajectories (n, T, elements) after the ones held, up to ``replay.REPLAY_BYTE_CAP``."""
+        from .replay import combine
+
+        self.trajectories = combine(self.trajectories, trajectories, self.num_evals)
 
     def add_history(self, history: np.ndarray, counts: np.ndarray | None = None) -> None:
         """Add one history cost tensor (or, with ``counts``, sums and counts accumulated elsewhere)."""
@@ -219,6 +229,8 @@ class PactAccumulator:
         self.samples += other.samples
         if other.history_sums is not None:
             self.add_history(other.history_sums, other.history_counts)
+        if other.trajectories is not None:
+            self.add_trajectories(other.trajectories)
 
     def mean(self) -> np.ndarray:
         """The averaged cost tensor."""

@@ -80,13 +80,17 @@ def prior_cost(num_evals: int = PRIOR_EVALS, positions=None, folder: str = SHIPP
     return transfer_pact(base, int(num_evals), PRIOR_ORDER, None, positions)
 
 
-def solve_prior(cost: np.ndarray, num_keys: int, first_full_steps: int, last_full_steps: int = 0) -> tuple[list[int], int]:
-    """(keys, last evaluations kept): the skip-only DP on the prior ``cost`` keeping the last
-    ``PRIOR_LAST_FULL_STEPS`` evaluations as keys (or ``last_full_steps`` if more), fewer, down to
-    ``last_full_steps``, where ``num_keys`` cannot afford them under the hop cap."""
+def solve_prior(cost: np.ndarray, num_keys: int, first_full_steps: int, last_full_steps: int = 0, required=(),
+                convention: str = "skip") -> tuple[list[int], int]:
+    """(keys, last evaluations kept): the DP (skip-only by default) on the prior ``cost`` keeping the
+    last ``PRIOR_LAST_FULL_STEPS`` evaluations as keys (or ``last_full_steps`` if more), fewer, down to
+    ``last_full_steps``, where ``num_keys`` cannot afford them under the hop cap. ValueError when
+    ``num_keys`` cannot plan the run even without them. Used at the Schedule's T and when the plan
+    is made again for a run of another length (``replan.Planner.solve``)."""
     for last in range(max(last_full_steps, PRIOR_LAST_FULL_STEPS), last_full_steps, -1):
         try:
-            return solve_schedule(cost, num_keys, first_full_steps, last, convention="skip"), last
+            return solve_schedule(cost, num_keys, first_full_steps, last, required=required, convention=convention), last
         except ValueError:
             continue
-    return solve_schedule(cost, num_keys, first_full_steps, last_full_steps, convention="skip"), last_full_steps
+    keys = solve_schedule(cost, num_keys, first_full_steps, last_full_steps, required=required, convention=convention)
+    return keys, last_full_steps

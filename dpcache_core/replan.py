@@ -201,7 +201,8 @@ class Planner:
     order: int = 2
     label: str = ""
     #: (prior): ``cost`` is the calibration-free cost prior at T; other counts are planned on the
-    #: prior made afresh from its source (``prior.prior_cost``), not on a transfer of ``cost``.
+    #: prior made afresh from its source (``prior.prior_cost``), not on a transfer of ``cost``, with
+    #: its kept-last rule (``prior.solve_prior``); ``last_full_steps`` is then the typed minimum.
     prior: bool = False
 
     def __post_init__(self):
@@ -249,7 +250,11 @@ class Planner:
         extra = {} if convention == "reference" else {"convention": convention}
         for k in range(max(num_keys, len(mandatory)), num_evals + 1):
             try:
-                keys = solve_schedule(cost, k, self.first_full_steps, self.last_full_steps, required=required, **extra)
+                if self.prior:  # the prior's kept-last rule: fewer last keys where k cannot afford them
+                    keys, _ = cost_prior.solve_prior(cost, k, self.first_full_steps, self.last_full_steps, required,
+                                                     convention)
+                else:
+                    keys = solve_schedule(cost, k, self.first_full_steps, self.last_full_steps, required=required, **extra)
             except ValueError:
                 continue
             return keys, path_cost(cost, keys, **extra), k

@@ -1,8 +1,9 @@
 """What a "setting" is for the automatic mode, and its PACT files (no ComfyUI import).
 
 A PACT only plans the runs it describes. The automatic mode keys a file by a ``Setting``: the model
-family, a cheap fingerprint of the weights as patched (``weights_fingerprint``: a few fixed slices
-of a few parameters plus the patch keys and strengths, so a LoRA set changes it), the sampler, the
+family, a cheap fingerprint of the weights as patched (``weights_fingerprint``: values spread over
+every weight tensor, read once per loaded model, plus the weight patches and weight hooks with their
+strengths, so a merged checkpoint, a LoRA set or a hooked LoRA changes it), the sampler, the
 scheduler (a hash of the sigmas themselves), the evaluation count, the conditionings per evaluation
 (cfg batching) and, for a run over a slice of the sigmas, that window. Measurements on the benchmark
 model (BENCHMARKS.md, "Automatic calibration") decide whether the resolution is part of the key
@@ -10,8 +11,8 @@ model (BENCHMARKS.md, "Automatic calibration") decide whether the resolution is 
 
 Files are ``auto_<family>_<sampler>_<scheduler>_<T>_<hash>.safetensors``: readable, and the hash of
 the whole key keeps two settings apart. ``add_sample`` merges a calibration sample into a file
-under a lock file (read, add, write atomically), so two runs calibrating the same setting at once
-both land in one whole file.
+under its lock (``store.update_pact``: read, add, write atomically), so two runs calibrating the
+same setting at once both land in one whole file.
 """
 from __future__ import annotations
 
@@ -20,14 +21,14 @@ import json
 import math
 import os
 import re
-import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import torch
 from safetensors import safe_open
 
 from .pact import PactAccumulator
-from .store import FORMAT, PactFileError, combine_sampling, load_pact, save_pact
+from .store import FORMAT, PactFileError, combine_sampling, update_pact
 
 PREFIX = "auto_"
 DEFAULT_TARGET_SPEEDUP = 3.85  # DPCache Schedule's default: K = 13 of T = 50
@@ -35,7 +36,6 @@ DEFAULT_OWN_EVALS = 50
 #: Whether the resolution (token count bucket) is part of a setting. Measured on the benchmark
 #: model: see BENCHMARKS.md "Automatic calibration" and docs/auto.md.
 RESOLUTION_KEYED = False
-LOCK_STALE_S = 600.0  # a lock file older than this is left over from a crashed process
 
 
 def digest(*parts) -> str:
@@ -51,19 +51,82 @@ def sigmas_hash(sigmas) -> str:
     return digest("sigmas", values)[:12]
 
 
-def weights_fingerprint(slices: dict[str, np.ndarray], shapes: list, patches: list) -> str:
-    """A cheap fingerprint of the weights as patched.
+SAMPLED_VALUES = 16  # values read per weight tensor, spread over the whole tensor
+MAX_SAMPLED_TENSORS = 4096  # tensors read at most (evenly picked beyond): bounds the time on any model
 
-    ``slices``: a few fixed slices of a few parameters (name -> small array); ``shapes``: (name,
-    shape) of every parameter (cheap: no values); ``patches``: (key, strengths, digest of the patch
-    data) of every patched weight (a LoRA set and its strengths). Never reads all the weights."""
-    parts = [("shapes", [(str(n), list(map(int, s))) for n, s in shapes]), ("patches", sorted(patches, key=str))]
-    h = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode())
-    for name in sorted(slices):
-        a = np.ascontiguousarray(np.asarray(slices[name], dtype=np.float32))
-        h.update(name.encode())
-        h.update(a.tobytes())
+
+def strided_values(tensor, count: int = SAMPLED_VALUES):
+    """``count`` values spread evenly over the whole of ``tensor`` (a strided view: nothing else is
+    read), as float32 on the tensor's device; None when they cannot be read (a meta or quantised tensor)."""
+    try:
+        flat = tensor.detach().reshape(-1)
+        if flat.is_complex():
+            flat = torch.view_as_real(flat).reshape(-1)
+        return flat[:: max(1, flat.numel() // count)][:count].float()
+    except Exception:
+        return None
+
+
+def tensors_digest(named) -> str:
+    """A hash of ``named`` tensors [(name, tensor)]: every name, shape and dtype, and
+    ``SAMPLED_VALUES`` values spread over each (``MAX_SAMPLED_TENSORS`` tensors read at most),
+    gathered per device and copied to the CPU once. Never raises: an unreadable tensor counts by
+    its name, shape and dtype."""
+    named = sorted(((str(n), t) for n, t in named if isinstance(t, torch.Tensor)), key=lambda nt: nt[0])
+    h = hashlib.sha256(json.dumps([(n, list(t.shape), str(t.dtype)) for n, t in named]).encode())
+    step = max(1.0, len(named) / MAX_SAMPLED_TENSORS)
+    picked = [named[int(i * step)] for i in range(min(len(named), MAX_SAMPLED_TENSORS))]
+    by_device: dict = {}
+    for name, t in picked:
+        values = strided_values(t)
+        if values is not None:
+            by_device.setdefault(str(values.device), []).append(values)
+    for device in sorted(by_device):
+        try:
+            h.update(device.split(":")[0].encode())
+            h.update(torch.cat(by_device[device]).cpu().numpy().tobytes())
+        except Exception:  # a device that cannot copy out (meta): its shapes are hashed above
+            pass
     return h.hexdigest()[:16]
+
+
+def describe_patch(obj, depth: int = 0):
+    """A JSON-able description of a weight patch (LoRA, diff, set, an adapter object, a function, ...):
+    numbers and strings as they are, a tensor as its shape, dtype and ``SAMPLED_VALUES`` values spread
+    over it, an object as its type and its ``weights``. Never raises."""
+    try:
+        if obj is None or isinstance(obj, (bool, int, str)):
+            return obj
+        if isinstance(obj, float):
+            return round(obj, 9)
+        if isinstance(obj, torch.Tensor):
+            values = strided_values(obj)
+            try:
+                values = None if values is None else [round(float(v), 6) for v in values.cpu()]
+            except Exception:
+                values = None
+            return ["tensor", list(obj.shape), str(obj.dtype), values]
+        if depth > 6:
+            return type(obj).__name__
+        if isinstance(obj, (list, tuple)):
+            return [describe_patch(x, depth + 1) for x in obj]
+        if isinstance(obj, dict):
+            return sorted([str(k), describe_patch(v, depth + 1)] for k, v in obj.items())
+        if hasattr(obj, "weights"):  # a LoRA adapter object (comfy.weight_adapter): its type and tensors
+            return [type(obj).__name__, describe_patch(obj.weights, depth + 1)]
+        return getattr(obj, "__qualname__", type(obj).__name__)  # a function or another object: its name
+    except Exception:
+        return type(obj).__name__
+
+
+def weights_fingerprint(weights: str, patches: dict | None = None, hook_patches: dict | None = None) -> str:
+    """The fingerprint of the weights as the run uses them: ``weights``, a digest of the weights as
+    loaded (``tensors_digest``), ``patches``, the patcher's weight patches {key: [entries]} (a LoRA
+    set and its strengths), and ``hook_patches``, the weight hooks registered for this run (Create
+    Hook LoRA: {hook: {key: [entries]}}; the hooks' identities do not count, their content does)."""
+    hooks = sorted(json.dumps(describe_patch(p), sort_keys=True) for p in (hook_patches or {}).values())
+    parts = [weights, describe_patch(patches or {}), hooks]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def resolution_bucket(tokens: int) -> str:
@@ -176,46 +239,6 @@ def nearest(folder: str, setting: Setting, skip: set | None = None) -> Found | N
     return best
 
 
-class FileLock:
-    """An exclusive lock file ``<path>.lock`` (O_CREAT | O_EXCL): works between processes on one
-    machine and on most network file systems. A lock older than ``stale_s`` is left over from a
-    crashed process and is taken over."""
-
-    def __init__(self, path: str, timeout_s: float = 120.0, stale_s: float = LOCK_STALE_S):
-        self.path = path + ".lock"
-        self.timeout_s, self.stale_s = timeout_s, stale_s
-        self.fd = None
-
-    def __enter__(self):
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        deadline = time.monotonic() + self.timeout_s
-        while True:
-            try:
-                self.fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
-                os.write(self.fd, str(os.getpid()).encode())
-                return self
-            except FileExistsError:
-                try:
-                    if time.time() - os.stat(self.path).st_mtime > self.stale_s:
-                        os.unlink(self.path)
-                        continue
-                except FileNotFoundError:
-                    continue
-                if time.monotonic() > deadline:
-                    raise TimeoutError(
-                        f"{os.path.basename(self.path)} is held by another process for more than {self.timeout_s:.0f} s; "
-                        "if no ComfyUI is calibrating, delete it") from None
-                time.sleep(0.05)
-
-    def __exit__(self, *exc):
-        os.close(self.fd)
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
-        return False
-
-
 def sample_record(resolution: str, seed, sampler: str, scheduler: str, **extra) -> dict:
     """The per-sample metadata a file keeps as a list (never overwritten by the next run)."""
     rec = {"resolution": resolution, "seed": None if seed is None else int(seed), "sampler": sampler,
@@ -231,37 +254,49 @@ def distinct(values) -> object:
     return vals[0] if len(vals) == 1 else vals
 
 
-def with_record(old_meta: dict, record: dict) -> dict:
-    """The per-sample fields of a file after adding ``record``: ``sample_meta``, the list of every
-    sample's record, and ``resolution``, the one value or the distinct ones (a file written before
+def combine_records(metas: list[dict]) -> dict:
+    """The per-sample fields of the union of files with ``metas``: ``sample_meta``, every sample's
+    record in order, and ``resolution``, the one value or the distinct ones (a file written before
     records were kept contributes its single ``resolution``)."""
-    records = list(old_meta.get("sample_meta") or []) + [record]
-    resolutions = [r.get("resolution") for r in records]
-    if old_meta.get("resolution") and not old_meta.get("sample_meta"):
-        old = old_meta["resolution"]
-        resolutions = (old if isinstance(old, list) else [old]) + resolutions
+    records, resolutions = [], []
+    for meta in metas:
+        own = list(meta.get("sample_meta") or [])
+        records += own
+        if own:
+            resolutions += [r.get("resolution") for r in own]
+        elif meta.get("resolution"):
+            old = meta["resolution"]
+            resolutions += old if isinstance(old, list) else [old]
     return {"sample_meta": records, "resolution": distinct(resolutions)}
 
 
+def with_record(old_meta: dict, record: dict) -> dict:
+    """The per-sample fields of a file after adding ``record`` (see ``combine_records``)."""
+    return combine_records([old_meta, {"sample_meta": [record]}])
+
+
 def add_sample(path: str, setting: Setting, sample: np.ndarray, metadata: dict, record: dict,
-               history: np.ndarray | None = None) -> dict:
-    """Add one calibration sample of ``setting`` to its file, under the file's lock: read what is
-    there (another process may have written since), check it is the same setting, add, write
-    atomically. A damaged file is refused with its name. Returns the metadata written."""
-    with FileLock(path):
-        if os.path.exists(path):
-            acc, old = load_pact(path)
+               history: np.ndarray | None = None, trajectories: np.ndarray | None = None) -> dict:
+    """Add one calibration sample of ``setting`` to its file (``store.update_pact``: under the file's
+    lock, read what is there, since another process may have written, check it is the same setting,
+    add, write atomically). A damaged file is refused with its name. Returns the metadata written."""
+
+    def add(existing):
+        if existing is not None:
+            acc, old = existing
             if Setting.from_meta(old.get("setting") or {}) != setting:
                 raise PactFileError(
                     f"{os.path.basename(path)} holds another setting ({old.get('setting')}); it is not added to. "
                     "Move the file away to calibrate this setting")
         else:
             acc, old = PactAccumulator(setting.num_evals), {}
-        acc.add(sample, history=history)
+        acc.add(sample, history=history, trajectories=trajectories)
         size = metadata.get("sample_size", "all")
         this = {"samples": 1, "sample_size": size, "sample_seed": metadata.get("sample_seed")}
         meta = dict(metadata, setting=setting.as_meta(), **with_record(old, record))
         meta.update(combine_sampling([old, this] if old else [this]))
         if "convention" in old:
             meta["convention"] = old["convention"]
-        return save_pact(path, acc, meta)
+        return acc, meta
+
+    return update_pact(path, add)

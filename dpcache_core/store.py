@@ -2,20 +2,33 @@
 the reference implementation's cost tensors (its pickles, or plain .npy arrays)."""
 from __future__ import annotations
 
+import errno
 import io
 import json
+import logging
 import os
 import pickle
+import socket
 import tempfile
+import time
+from typing import Callable
 
 import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save
 
 from .pact import PactAccumulator
+from .replay import check_trajectories
+
+try:  # the lock: a kernel lock on the lock file, released by the system when its holder dies
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+    import msvcrt
 
 FORMAT = "dpcache-pact/1"
 PACK_VERSION = "0.1.0"
+log = logging.getLogger("dpcache")
 
 
 class PactFileError(ValueError):
@@ -68,6 +81,8 @@ def save_pact(path: str, acc: PactAccumulator, metadata: dict | None = None) -> 
     tensors = {"sums": acc.sums, "counts": acc.counts.astype(np.int32)}
     if acc.history_sums is not None:  # optional (issue 11); files without it load as before
         tensors.update(history_sums=acc.history_sums, history_counts=acc.history_counts.astype(np.int32))
+    if getattr(acc, "trajectories", None) is not None:  # optional replay trajectories; files without them plan as before
+        tensors["trajectories"] = np.ascontiguousarray(acc.trajectories, dtype=np.float32)
     data = save(tensors, metadata={"format": FORMAT, "dpcache": json.dumps(meta, sort_keys=True)})
     write_atomic(path, data)
     return meta
@@ -112,6 +127,45 @@ def combine_sampling(metas: list[dict]) -> dict:
     }
 
 
+SCHEMES = ("reference", "exact")  # taylor.SCHEMES
+CONVENTIONS = ("reference", "skip")  # schedule.CONVENTIONS
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
+
+
+def check_metadata(meta: dict, num_evals: int, name: str) -> dict:
+    """``meta`` of a PACT of ``num_evals`` evaluations, every field the pack reads checked: a
+    ``PactFileError`` naming the field when one is of the wrong type or length (never used silently)."""
+
+    def bad(field: str, want: str):
+        raise PactFileError(f"{name}: metadata field {field!r} is {meta.get(field)!r:.80}, expected {want}; "
+                            "calibrate again, or fix or remove that field")
+
+    order = meta.get("order")
+    if order is not None and not (isinstance(order, int) and not isinstance(order, bool) and 1 <= order < num_evals):
+        bad("order", f"a whole number from 1 to {num_evals - 1}")
+    if meta.get("scheme") is not None and meta["scheme"] not in SCHEMES:
+        bad("scheme", " or ".join(map(repr, SCHEMES)))
+    if meta.get("convention") is not None and meta["convention"] not in CONVENTIONS:
+        bad("convention", " or ".join(map(repr, CONVENTIONS)))
+    for field in ("positions", "eval_sigmas"):  # the evaluations and the end: T + 1 numbers
+        values = meta.get(field)
+        if values is not None and not (isinstance(values, list) and len(values) == num_evals + 1
+                                       and all(is_number(v) for v in values)):
+            bad(field, f"a list of {num_evals + 1} numbers (one per evaluation and the end, T={num_evals})")
+    windows = meta.get("windows")
+    if windows is not None and not (isinstance(windows, list) and all(
+            isinstance(w, list) and len(w) == 3 and all(isinstance(v, int) and v >= 0 for v in w)
+            and w[0] + w[1] <= num_evals for w in windows)):
+        bad("windows", f"a list of [first evaluation, evaluations, samples] within T={num_evals}")
+    samples = meta.get("samples")
+    if samples is not None and not (isinstance(samples, int) and not isinstance(samples, bool) and samples >= 0):
+        bad("samples", "a whole number >= 0")
+    return meta
+
+
 def load_pact(path: str) -> tuple[PactAccumulator, dict]:
     """Read a PACT file written by ``save_pact``; ``PactFileError`` if it is missing, damaged or foreign."""
     if not os.path.isfile(path):
@@ -139,6 +193,7 @@ def load_pact(path: str) -> tuple[PactAccumulator, dict]:
         raise PactFileError(f"{name} has tensors of the wrong shape ({got}, expected {shape}); calibrate again")
     if (counts < 0).any() or not np.isfinite(sums).all():
         raise PactFileError(f"{name} holds invalid sums or counts; calibrate again")
+    check_metadata(meta, num_evals, name)
     acc = PactAccumulator(num_evals)
     acc.sums = sums.astype(np.float64)
     acc.counts = counts.astype(np.int64)
@@ -153,7 +208,111 @@ def load_pact(path: str) -> tuple[PactAccumulator, dict]:
             acc.add_history(h_sums.astype(np.float64), h_counts.astype(np.int64))
         except ValueError as exc:
             raise PactFileError(f"{name} has a broken history cost tensor ({exc}); calibrate again") from None
+    if "trajectories" in tensors:
+        try:
+            acc.trajectories = check_trajectories(tensors["trajectories"], num_evals)
+        except ValueError as exc:
+            raise PactFileError(f"{name} has broken replay trajectories ({exc}); calibrate again") from None
     return acc, meta
+
+
+def try_lock(fd: int) -> bool:
+    """Take the kernel lock on ``fd`` without waiting: True when taken, False when another holds it."""
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        else:  # the first byte of the file (msvcrt locks from the current position)
+            os.lseek(fd, 0, os.SEEK_SET)
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        return True
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK, errno.EDEADLK):
+            return False
+        raise
+
+
+class FileLock:
+    """An exclusive lock on ``<path>.lock`` between processes and threads: the kernel's (flock, or
+    msvcrt.locking on Windows) on an open lock file, so a holder that crashed or was killed holds
+    nothing (the system releases it at once; no stale lock to detect or take over), and two waiters
+    can never both get it. The lock file names its holder (pid and host) for the timeout message.
+    Where the file system has no locks, the work goes on unlocked with a warning (files are still
+    written atomically: at worst one sample is lost)."""
+
+    def __init__(self, path: str, timeout_s: float = 120.0):
+        self.path = path + ".lock"
+        self.timeout_s = timeout_s
+        self.fd = None
+
+    def __enter__(self):
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            fd = os.open(self.path, os.O_CREAT | os.O_RDWR, new_file_mode())
+            try:
+                locked = try_lock(fd)
+            except OSError as exc:
+                os.close(fd)
+                log.warning("DPCache: %s cannot be locked on this file system (%s); going on without the lock",
+                            self.path, exc)
+                return self
+            if locked and self.still_there(fd):
+                os.ftruncate(fd, 0)
+                os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode())
+                self.fd = fd
+                return self
+            os.close(fd)  # held by another, or its holder removed this file as it let go: try again
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{os.path.basename(self.path)} is held by another process for more than "
+                                   f"{self.timeout_s:.0f} s ({self.holder()}); wait for it to finish or stop it")
+            time.sleep(0.05)
+
+    def still_there(self, fd: int) -> bool:
+        """True when ``fd`` is the file now at the lock's path (not one a previous holder removed)."""
+        try:
+            return os.path.samestat(os.fstat(fd), os.stat(self.path))
+        except FileNotFoundError:
+            return False
+
+    def holder(self) -> str:
+        try:
+            with open(self.path) as f:
+                who = json.load(f)
+            return f"pid {who['pid']} on {who['host']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            return "holder unknown"
+
+    def __exit__(self, *exc):
+        if self.fd is None:
+            return False
+        if fcntl is not None:  # removed while held: a waiter that opened it sees it gone and opens anew
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+        else:  # Windows cannot remove an open file: it stays, empty and unlocked
+            os.ftruncate(self.fd, 0)
+            os.lseek(self.fd, 0, os.SEEK_SET)
+            msvcrt.locking(self.fd, msvcrt.LK_UNLCK, 1)
+        os.close(self.fd)
+        self.fd = None
+        return False
+
+
+def update_pact(path: str, update: Callable[[tuple | None], tuple[PactAccumulator, dict]],
+                read: Callable[[str], tuple | None] | None = None) -> dict:
+    """Read, add, write a PACT file under its lock (``FileLock``): ``update(existing)`` gets the
+    file's (accumulator, metadata), or None when there is none, and returns what to write; written
+    atomically before the lock is let go, so two processes adding samples never lose one. ``read``:
+    how the caller reads the file (DPCache Calibrate's reset starts afresh), default ``load_pact``.
+    Used by DPCache Calibrate and the automatic mode. Returns the metadata written."""
+    with FileLock(path):
+        if read is not None:
+            existing = read(path)
+        else:
+            existing = load_pact(path) if os.path.exists(path) else None
+        acc, meta = update(existing)
+        return save_pact(path, acc, meta)
 
 
 # The only globals numpy needs to rebuild a pickled array; anything else is refused unexecuted.

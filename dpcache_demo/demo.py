@@ -1,10 +1,12 @@
 """The whole DPCache pipeline on the built-in model: calibrate -> PACT -> schedule -> accelerated run.
 
     python -m dpcache_demo.demo            # T=50, K=13, 4 calibration prompts, 4 held-out ones
+    python -m dpcache_demo.demo --steps 20 # K follows T: round(T / 3.85), 5 here
 
 Prints evaluations computed, the wall-clock speed-up against the full run measured side by side
 in this process, and fidelity (PSNR, relative L1) of the final output; writes the PACT, a picture
-of it with the chosen path, and the images to ``--out``.
+of it with the chosen path, and the images to ``--out``, each as soon as it is made (an interrupted
+run keeps what finished).
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import argparse
 import math
 import os
 import statistics
+import sys
 import time
 
 import numpy as np
@@ -88,8 +91,20 @@ def smallest_feasible_keys(num_evals: int, first_full_steps: int, order: int) ->
     return start + math.ceil((num_evals - start + 1) / default_max_gap(num_evals)) - 1
 
 
+IDEAL_SPEEDUP = 3.85  # the default K is about T / 3.85: 13 of 50, the paper's FLUX setting
+
+
+def default_keys(num_evals: int, first_full_steps: int, order: int) -> int:
+    """K when --keys is not given: round(T / 3.85), at least first_full_steps + 1 and the smallest K
+    the hop cap allows, at most T."""
+    wanted = max(round(num_evals / IDEAL_SPEEDUP), first_full_steps + 1,
+                 smallest_feasible_keys(num_evals, first_full_steps, order))
+    return min(wanted, num_evals)
+
+
 def argument_problem(args) -> str | None:
-    """The first argument out of its valid range, as one line that gives the range; None if all are fine."""
+    """The first argument out of its valid range, as one line that gives the range; None if all are fine.
+    Fills in the default --keys for --steps once the step count is known to be valid."""
     if not 1 <= args.order <= 3:
         return f"--order must be 1, 2 or 3, got {args.order}"
     if not args.order + 1 <= args.steps <= MAX_STEPS:
@@ -97,6 +112,8 @@ def argument_problem(args) -> str | None:
     if not 1 <= args.first_full_steps <= args.steps:
         return f"--first-full-steps must be between 1 and --steps ({args.steps}), got {args.first_full_steps}"
     low = smallest_feasible_keys(args.steps, args.first_full_steps, args.order)
+    if args.keys is None:
+        args.keys = default_keys(args.steps, args.first_full_steps, args.order)
     if not low <= args.keys <= args.steps:
         return (f"--keys must be between {low} and {args.steps} for --steps {args.steps} and --first-full-steps "
                 f"{args.first_full_steps} (hop cap {default_max_gap(args.steps)}), got {args.keys}")
@@ -129,19 +146,64 @@ def speedup_note(measured: float, ideal: float) -> str:
             f"python -m bench.speed repeats it for careful figures)")
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=50, help="sampling steps T (Euler: one evaluation each)")
-    parser.add_argument("--keys", type=int, default=13, help="key evaluations K computed in full")
-    parser.add_argument("--first-full-steps", type=int, default=3)
-    parser.add_argument("--calibration-prompts", type=int, default=4)
-    parser.add_argument("--test-prompts", type=int, default=4, help="held-out prompts for speed and fidelity")
-    parser.add_argument("--order", type=int, default=1, help="Taylor order (1: the PACT models the run-time predictor exactly; see BENCHMARKS.md)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed full/accelerated pairs per test prompt")
-    parser.add_argument("--shift", type=float, default=3.0, help="sigma shift of the sampler")
+def time_one_evaluation(model) -> float:
+    """Seconds of one model evaluation on this machine: the median of 3 after a warm-up (a shared
+    machine makes single timings noisy)."""
+    noise = toy_model.make_noise(model.config, 0)
+    toy_model.sample(model, noise, 0, 1)
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        toy_model.sample(model, noise, 0, 1)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def expected_seconds(args, per_evaluation: float) -> float:
+    """Calibration runs and, per held-out prompt and repeat, one full run and one DPCache run (its
+    predicted evaluations cost next to nothing where the blocks dominate)."""
+    evaluations = args.calibration_prompts * args.steps + args.test_prompts * args.repeats * (args.steps + args.keys)
+    return evaluations * per_evaluation
+
+
+def duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+
+
+def image_rows(render_image_rows, images, held_out, psnrs, keys):
+    """The picture of the prompts done so far: rows full run and DPCache, a column per prompt."""
+    return render_image_rows([
+        ("full run", [toy_model.to_uint8(full)[0] for full, _ in images]),
+        (f"DPCache K={keys}", [toy_model.to_uint8(fast)[0] for _, fast in images]),
+    ], scale=8, font_px=16, columns=[f"prompt {n + 1}: {toy_model.CLASS_NAMES[cls]}" for n, (cls, _) in enumerate(held_out[:len(images)])],
+        captions={1: [f"PSNR {p:.1f} dB vs full run" for p in psnrs]})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Hop cap: no two consecutive key evaluations may be more than max(int(0.3 T), 1) evaluations apart "
+               "(15 at T = 50), which sets the smallest K for each T.")
+    parser.add_argument("--steps", type=int, default=50, help="sampling steps T, one evaluation each (Euler) (default: %(default)s)")
+    parser.add_argument("--keys", type=int, default=None,
+                        help="key evaluations K computed in full (default: round(T / 3.85), at least --first-full-steps + 1 "
+                             "and the smallest K the hop cap allows: 13 at T = 50)")
+    parser.add_argument("--first-full-steps", type=int, default=3, help="first evaluations always computed (default: %(default)s)")
+    parser.add_argument("--calibration-prompts", type=int, default=4, help="prompts run in full to build the PACT (default: %(default)s)")
+    parser.add_argument("--test-prompts", type=int, default=4, help="held-out prompts for speed and fidelity (default: %(default)s)")
+    parser.add_argument("--order", type=int, default=1,
+                        help="Taylor order; 1: the PACT models the run-time predictor exactly, see BENCHMARKS.md (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed full/DPCache pairs per held-out prompt (default: %(default)s)")
+    parser.add_argument("--shift", type=float, default=3.0, help="sigma shift of the sampler (default: %(default)s)")
     parser.add_argument("--model", choices=["builtin", "bench"], default="builtin",
-                        help="builtin: the trained small model; bench: a larger random-weight one where the blocks dominate")
-    parser.add_argument("--out", default="out/demo", help="folder for the PACT, its picture and the images")
+                        help="builtin: the trained small model (about 30 s); bench: a larger random-weight one where the "
+                             "blocks dominate, as in a real model (about 20 min on 2 CPU cores) (default: %(default)s)")
+    parser.add_argument("--out", default="out/demo", help="folder for the PACT, its picture and the images (default: %(default)s)")
+    return parser
+
+
+def main(argv=None) -> dict:
+    parser = build_parser()
     args = parser.parse_args(argv)
     problem = argument_problem(args)
     if problem:  # before any work: one line, exit code 2 (argparse's code for bad arguments)
@@ -153,11 +215,28 @@ def main(argv=None) -> dict:
     classes = len(toy_model.CLASS_NAMES)
     calib = [(n % classes, 1000 + n) for n in range(args.calibration_prompts)]
     held_out = [((7 * n + 3) % classes, 5000 + n) for n in range(args.test_prompts)]
+    per_evaluation = time_one_evaluation(model)
+    print(f"expected time    about {duration(expected_seconds(args, per_evaluation))} here ({args.model} model, "
+          f"{per_evaluation:.2f} s per evaluation; writes to {args.out} as it goes)", flush=True)
 
+    kept = []  # what is written so far, said if the run is interrupted
+    try:
+        return run_demo(args, model, calib, held_out, kept)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; kept {', '.join(kept) if kept else 'nothing yet (calibration had not finished)'}", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+def run_demo(args, model, calib, held_out, kept: list) -> dict:
+    """Calibrate, plan, and time full against DPCache runs; each file is written (and added to ``kept``) when made."""
     t0 = time.perf_counter()
     acc = calibrate(model, calib, args.steps, args.order, args.shift)
-    cost = cost_for(acc.mean(), "skip")  # skip-only costs (issue 11, BENCHMARKS.md)
+    cost = cost_for(acc.mean(), "skip")  # skip-only costs (BENCHMARKS.md, planning objective)
     calibration_s = time.perf_counter() - t0
+    pact_path = os.path.join(args.out, "demo_pact.safetensors")
+    save_pact(pact_path, acc, {"model_family": "flux", "order": args.order, "scheme": "reference", "convention": "skip",
+                               "sampler": "euler", "resolution": [model.config["image_size"]] * 2})
+    kept.append(pact_path)
     t0 = time.perf_counter()
     hops = None
     if args.order >= 2:  # history-exact: the costs of the keys the run's predictor really holds
@@ -169,36 +248,32 @@ def main(argv=None) -> dict:
     schedule = Schedule(tuple(keys), args.steps, "flux", args.order, "reference", "pact:demo",
                         sum(hops) if hops else path_cost(cost, keys), args.first_full_steps,
                         convention="history" if hops else "skip")
-
-    ratios, psnrs, l1s, computed, images = [], [], [], [], []
-    for cls, seed in tqdm(held_out, desc="full vs DPCache", unit="prompt"):
-        noise = toy_model.make_noise(model.config, seed)
-        for _ in range(args.repeats):  # interleaved, so machine drift hits both alike
-            start = time.perf_counter()
-            full = toy_model.sample(model, noise, cls, args.steps, args.shift)
-            full_s = time.perf_counter() - start
-            start = time.perf_counter()
-            fast, run = accelerated_sample(model, noise, cls, schedule, args.shift)
-            ratios.append(full_s / (time.perf_counter() - start))
-        psnrs.append(psnr(fast, full))
-        l1s.append(relative_l1(fast, full))
-        computed.append(run.computed)
-        images.append((full, fast))
-
-    os.makedirs(args.out, exist_ok=True)
-    pact_path = os.path.join(args.out, "demo_pact.safetensors")
-    save_pact(pact_path, acc, {"model_family": "flux", "order": args.order, "scheme": "reference", "convention": "skip",
-                               "sampler": "euler", "resolution": [model.config["image_size"]] * 2})
-    picture_path = os.path.join(args.out, "pact_schedule.png")
-    images_path = os.path.join(args.out, "full_vs_dpcache.png")
     from dpcache_core.picture import render_image_rows, render_pact_path, write_png
 
+    picture_path = os.path.join(args.out, "pact_schedule.png")
+    images_path = os.path.join(args.out, "full_vs_dpcache.png")
     write_png(picture_path, render_pact_path(cost, keys, title=f"demo PACT, {len(calib)} prompts, {schedule.planned_by}", hop_costs=hops))
-    write_png(images_path, render_image_rows([
-        ("full run", [toy_model.to_uint8(full)[0] for full, _ in images]),
-        (f"DPCache K={args.keys}", [toy_model.to_uint8(fast)[0] for _, fast in images]),
-    ], scale=8, font_px=16, columns=[f"prompt {n + 1}: {toy_model.CLASS_NAMES[cls]}" for n, (cls, _) in enumerate(held_out)],
-        captions={1: [f"PSNR {p:.1f} dB vs full run" for p in psnrs]}))
+    kept.append(picture_path)
+
+    ratios, psnrs, l1s, computed, images = [], [], [], [], []
+    with tqdm(total=len(held_out) * args.repeats, desc="full vs DPCache", unit="pair") as progress:
+        for cls, seed in held_out:
+            noise = toy_model.make_noise(model.config, seed)
+            for _ in range(args.repeats):  # interleaved, so machine drift hits both alike
+                start = time.perf_counter()
+                full = toy_model.sample(model, noise, cls, args.steps, args.shift)
+                full_s = time.perf_counter() - start
+                start = time.perf_counter()
+                fast, run = accelerated_sample(model, noise, cls, schedule, args.shift)
+                ratios.append(full_s / (time.perf_counter() - start))
+                progress.update()
+            psnrs.append(psnr(fast, full))
+            l1s.append(relative_l1(fast, full))
+            computed.append(run.computed)
+            images.append((full, fast))
+            write_png(images_path, image_rows(render_image_rows, images, held_out, psnrs, args.keys))
+            if images_path not in kept:
+                kept.append(images_path)
 
     result = {
         "evaluations": args.steps,

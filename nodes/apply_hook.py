@@ -43,7 +43,8 @@ def report_plan_run(run: run_state.ApplyRun, node_ids, source: str, label: str |
     m = f", measured {measured:.2f}x" if measured else ""
     head = f"{run.plan_text}: " if run.plan_text else ""
     line = (f"{head}keys {keys}: {run.cache.computed} of {run.evaluations} evaluations computed, "
-            f"T={n}, ideal {n / len(keys):.2f}x{m}, {sched.predictor} forecaster")
+            f"T={n}, ideal {n / len(keys):.2f}x{m}, {sched.predictor} forecaster"
+            + (f" of order {sched.order}" if sched.predictor == "taylor" else ""))
     if len(keys) >= n:
         why = "" if asked is None else (f" (K={asked} asked, at least {min(first_full, n)} first evaluations are "
                                         "always computed)")

@@ -20,10 +20,10 @@ from __future__ import annotations
 import logging
 import os
 import time
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 try:  # inside ComfyUI the pack is a package; in the CPU tests the repo root is on sys.path
     from .. import dpcache_core as core
@@ -85,58 +85,35 @@ class AutoSchedule:
 # What the run is
 
 
-def param_slices(model_patcher, count: int = 4, length: int = 64) -> tuple[dict, list]:
-    """({name: first ``length`` values} of ``count`` parameters at fixed places in the sorted list,
-    [(name, shape)] of all): reads a few hundred numbers, never the whole model. A weight a patch
-    changed in place is read from the patcher's backup (the weight as loaded)."""
+#: The digest of each loaded diffusion model's weights as loaded (computed once per model, not per run)
+BASE_WEIGHTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def base_weights(model_patcher) -> str:
+    """``settings.tensors_digest`` of the diffusion model's parameters as loaded: a weight a patch
+    changed in place is read from the patcher's backup. Cached per model object: read once."""
     dm = model_patcher.get_model_object("diffusion_model")
-    params = sorted(dm.named_parameters(), key=lambda kv: kv[0])
-    shapes = [(name, tuple(p.shape)) for name, p in params]
+    try:
+        return BASE_WEIGHTS[dm]
+    except (KeyError, TypeError):
+        pass
     backup = getattr(model_patcher, "backup", None) or {}
-    picks = sorted({round(i * (len(params) - 1) / max(count - 1, 1)) for i in range(count)}) if params else []
-    slices = {}
-    for i in picks:
-        name, p = params[i]
+    named = []
+    for name, p in dm.named_parameters():
         saved = backup.get("diffusion_model." + name)
-        t = getattr(saved, "weight", saved) if saved is not None else p
-        try:
-            slices[name] = t.detach().reshape(-1)[:length].float().cpu().numpy()
-        except Exception:  # a quantised or meta tensor: its shape is in ``shapes``
-            pass
-    return slices, shapes
+        named.append((name, getattr(saved, "weight", saved) if saved is not None else p))
+    digest = settings.tensors_digest(named)
+    try:
+        BASE_WEIGHTS[dm] = digest
+    except TypeError:  # not weakly referable: computed per run
+        pass
+    return digest
 
 
-def first_tensor(obj, depth: int = 0):
-    if isinstance(obj, torch.Tensor):
-        return obj
-    if depth > 3:
-        return None
-    items = obj if isinstance(obj, (list, tuple)) else getattr(obj, "weights", None)
-    for item in items if isinstance(items, (list, tuple)) else ():
-        t = first_tensor(item, depth + 1)
-        if t is not None:
-            return t
-    return None
-
-
-def patch_list(model_patcher, tensors: int = 16) -> list:
-    """[(key, strengths, digest)] of every weight patch (LoRAs and the like): the keys and
-    strengths of all, and the first values of the data of the first ``tensors`` keys."""
-    patches = getattr(model_patcher, "patches", None) or {}
-    out = []
-    for n, key in enumerate(sorted(patches)):
-        entries = []
-        for entry in patches[key]:
-            strength = [e for e in entry[:1] + entry[2:3]] if isinstance(entry, tuple) else []
-            data = entry[1] if isinstance(entry, tuple) and len(entry) > 1 else entry
-            values = None
-            if n < tensors:
-                t = first_tensor(data)
-                if t is not None:
-                    values = [round(float(v), 6) for v in t.detach().reshape(-1)[:8].float().cpu()]
-            entries.append((type(data).__name__, [float(s) if isinstance(s, (int, float)) else str(s) for s in strength], values))
-        out.append((str(key), entries))
-    return out
+def weights_key(model_patcher) -> str:
+    """The setting's weights: as loaded, with the weight patches (LoRAs) and weight hooks (Create Hook LoRA)."""
+    return settings.weights_fingerprint(base_weights(model_patcher), getattr(model_patcher, "patches", None),
+                                        getattr(model_patcher, "hook_patches", None))
 
 
 def conditionings_per_evaluation(guider) -> int:
@@ -150,12 +127,11 @@ def conditionings_per_evaluation(guider) -> int:
 
 
 def run_setting(guider, family: str, sampler, sigmas, latent, shape) -> settings.Setting:
-    slices, shapes = param_slices(guider.model_patcher)
     window = f"{shape.start:.2f}-{shape.end:.2f}" if shape.partial else ""
     bucket = settings.resolution_bucket(int(np.prod(latent.shape[2:]))) if settings.RESOLUTION_KEYED else ""
     return settings.Setting(
         family=family,
-        weights=settings.weights_fingerprint(slices, shapes, patch_list(guider.model_patcher)),
+        weights=weights_key(guider.model_patcher),
         sampler=sampler_name(sampler) or "sampler",
         scheduler=guess_scheduler(guider, sigmas) or "custom",
         sigmas=settings.sigmas_hash(sigmas.detach().float().cpu().reshape(-1).tolist()),
@@ -171,7 +147,9 @@ def run_setting(guider, family: str, sampler, sigmas, latent, shape) -> settings
 
 
 def plan_keys(acc, meta: dict, shape, budget: core.Budget, own_num_evals: int, first_full_steps: int):
-    """(keys, K asked for) for a run of ``shape`` from a PACT (its own T, or transferred)."""
+    """(keys, K asked for, replay choice or None) for a run of ``shape`` from a PACT (its own T, or
+    transferred). With replay trajectories in the file (``dpcache_core.choose``), a run at the file's
+    own positions takes the chosen keys; another count takes the forecaster chosen at the file's T."""
     n = shape.num_evals
     cost = acc.mean()
     file_positions = meta.get("positions")
@@ -181,9 +159,18 @@ def plan_keys(acc, meta: dict, shape, budget: core.Budget, own_num_evals: int, f
     planner = core.Planner(cost.shape[0], budget, first_full_steps, 0, cost=cost, positions=file_positions,
                            order=int(meta.get("order", AUTO_ORDER)))
     k = budget.keys_for(n, own_num_evals)
+    choice = None
+    if not shape.partial:
+        try:
+            choice = core.choose.replay_choice(acc, meta, budget.keys_for(planner.num_evals, own_num_evals),
+                                               first_full_steps, 0)
+        except ValueError:  # no finite plan at this K on the file's T: plan as without trajectories
+            choice = None
+    if choice is not None and planner.same_positions(run_positions, by_sigma=shape.positions is not None):
+        return list(choice.best.keys), k, choice
     convention = meta.get("convention", "reference")
     keys, _, _ = planner.solve(run_positions, k, (), "skip" if convention == "skip" else "reference")
-    return keys, k
+    return keys, k, choice
 
 
 # --------------------------------------------------------------------------------------------
@@ -227,6 +214,7 @@ class AutoHook:
         self.first_full_steps = int(first_full_steps)
         self.sample_size = int(sample_size)
         self.runs: dict[str, int] = {}  # runs per setting key, for refine_every (shared by every run of this node output)
+        self.plans: dict = {}  # the last plan made (``plan``)
 
     def __deepcopy__(self, memo):
         return self
@@ -287,7 +275,7 @@ class AutoHook:
     def planned_run(self, guider, sampler, setting, shape, found, acc):
         n = shape.num_evals
         try:
-            keys, asked = plan_keys(acc, found.meta, shape, self.budget, self.own_num_evals, self.first_full_steps)
+            keys, asked, choice = self.plan(found, acc, shape)
         except ValueError as exc:
             self.say(f"{found.name} cannot plan this run ({exc}); every evaluation is computed")
             return self.full_run("no plan")
@@ -295,16 +283,35 @@ class AutoHook:
         how = (f"planned from {found.name} ({found.meta.get('samples', '?')} sample(s), calibrated at this setting)"
                if found.exact else f"transferred from {found.name} (T={T}, {found.meta.get('sampler')}/"
                f"{(found.meta.get('setting') or {}).get('scheduler')}) to T={n}")
-        schedule = core.Schedule(tuple(keys), n, model_family=self.family, order=int(found.meta.get("order", AUTO_ORDER)),
+        if choice is not None:  # the forecaster the file's replay trajectories chose
+            predictor, order = choice.best.predictor, choice.best.order
+            how += f"; {choice.describe()}"
+        else:  # as DPCache Schedule's "auto" without data
+            predictor, order = core.spectral.auto_forecaster(n / len(keys)), int(found.meta.get("order", AUTO_ORDER))
+        schedule = core.Schedule(tuple(keys), n, model_family=self.family, order=order,
                                  scheme=found.meta.get("scheme", "reference"), source=f"auto:{found.name}",
                                  first_full_steps=self.first_full_steps,
                                  convention="skip" if found.meta.get("convention") == "skip" else "reference",
-                                 predictor=core.spectral.auto_forecaster(n / len(keys)))  # as DPCache Schedule's "auto"
+                                 predictor=predictor)
         force_all = uses_controlnet(guider)
         run = run_state.ApplyRun(self.family, schedule, force_all, sampler_name(sampler), how)
         run.auto = ("plan", setting, found, asked)
         self.say(f"{how}: keys {list(keys)}; {plan_line(keys, n)}")
         return run
+
+    def plan(self, found, acc, shape):
+        """``plan_keys`` for this run, remembered per file version, run shape and budget (the replay
+        takes a second or two; every later run at the setting reuses it)."""
+        try:
+            stat = os.stat(found.path)
+            version = (found.path, stat.st_mtime_ns, stat.st_size)
+        except OSError:
+            version = (found.path, None, None)
+        key = (version, shape, self.budget, self.own_num_evals, self.first_full_steps)
+        if key not in self.plans:
+            self.plans.clear()  # one entry per node: the last setting planned
+            self.plans[key] = plan_keys(acc, found.meta, shape, self.budget, self.own_num_evals, self.first_full_steps)
+        return self.plans[key]
 
     # ---- finish
 
@@ -337,7 +344,8 @@ class AutoHook:
         meta.update(calibrate_hook.trajectory_metadata(run))
         record = settings.sample_record(run.resolution, run.seed, setting.sampler, setting.scheduler)
         try:
-            written = settings.add_sample(path, setting, sample, meta, record)
+            written = settings.add_sample(path, setting, sample, meta, record,
+                                          trajectories=core.replay.replay_sample(run.recorder))
         except (core.PactFileError, TimeoutError) as exc:
             self.say(f"the sample was not saved: {exc}")
             return

@@ -6,21 +6,23 @@ import os
 import re
 
 try:  # inside ComfyUI the pack is a package; in the CPU tests the repo root is on sys.path
-    from ..dpcache_core import PactAccumulator, PactFileError, history_fits, load_pact, save_pact
+    from ..dpcache_core import PactAccumulator, PactFileError, history_fits, load_pact
     from ..dpcache_core import windows
+    from ..dpcache_core.replay import replay_sample
     from ..dpcache_core.pact import default_max_gap
     from ..dpcache_core.replan import RunShape, joint_trajectory
     from ..dpcache_core.runtime import DEFAULT_SAMPLE_SIZE
-    from ..dpcache_core.store import combine_sampling
+    from ..dpcache_core.store import combine_sampling, update_pact
     from ..dpcache_core.transfer import positions_from_sigmas, spread_ties
     from ..dpcache_core.settings import sample_record, sigmas_hash as settings_sigmas_hash, with_record
 except ImportError:  # pragma: no cover - depends on how the pack is imported
-    from dpcache_core import PactAccumulator, PactFileError, history_fits, load_pact, save_pact
+    from dpcache_core import PactAccumulator, PactFileError, history_fits, load_pact
     from dpcache_core import windows
+    from dpcache_core.replay import replay_sample
     from dpcache_core.pact import default_max_gap
     from dpcache_core.replan import RunShape, joint_trajectory
     from dpcache_core.runtime import DEFAULT_SAMPLE_SIZE
-    from dpcache_core.store import combine_sampling
+    from dpcache_core.store import combine_sampling, update_pact
     from dpcache_core.transfer import positions_from_sigmas, spread_ties
     from dpcache_core.settings import sample_record, sigmas_hash as settings_sigmas_hash, with_record
 
@@ -232,6 +234,16 @@ class CalibrateHook:
         run.announce = lambda size: log.info("DPCache Calibrate: keeping %s", kept_text(size))
         return run
 
+    def refuse_other_file(self, run: CalibrateRun, existing, total: int) -> None:
+        """PactFileError when the file ``existing`` (accumulator, metadata) is of another model, T, order or sigmas."""
+        if existing is None:
+            return
+        problem = self.mismatch(run.path, existing[1], total) or sigmas_mismatch(
+            os.path.basename(run.path), existing[1], run.metadata.get("sigmas_hash"), run.metadata.get("scheduler"),
+            len(run.sigmas) + 1)
+        if problem:
+            raise PactFileError(problem)
+
     def finish(self, run: CalibrateRun, ok: bool) -> None:
         name = os.path.basename(run.path)
         if not ok:
@@ -244,12 +256,7 @@ class CalibrateHook:
         if window is None or window[2] != num_evals:  # count not known up front: place it from the recorded sigmas
             window = recorded_window(run)
         total = num_evals if window is None else window[1]
-        existing = self.load_existing(run.path, window)
-        if existing is not None:
-            problem = self.mismatch(run.path, existing[1], total) or sigmas_mismatch(
-                name, existing[1], run.metadata.get("sigmas_hash"), run.metadata.get("scheduler"), len(run.sigmas) + 1)
-            if problem:
-                raise PactFileError(problem)
+        self.refuse_other_file(run, self.load_existing(run.path, window), total)  # before the sample is built
         log.info("DPCache Calibrate: building the PACT sample (%d evaluations)", num_evals)
         sample = run.recorder.build_sample(self.order, "reference", progress=ui.progress_bar(num_evals, self.node_id),
                                            max_anchor_gap=default_max_gap(total))
@@ -257,32 +264,40 @@ class CalibrateHook:
         if window is None and self.order >= 2 and history_fits(num_evals, self.order):  # the history-exact cost (issue 11)
             log.info("DPCache Calibrate: building the order-%d history cost tensor", self.order)
             history = run.recorder.build_history_sample(self.order, "reference", progress=ui.progress_bar(num_evals, self.node_id))
-        acc, old_meta = existing if existing is not None else (PactAccumulator(total), {})
-        meta = dict(run.metadata, **trajectory_metadata(run))
         if window is not None:
-            if existing is not None and not old_meta.get("windows"):
-                raise PactFileError(
-                    f"PACT '{name}' was calibrated on whole sampling runs; this run samples only evaluations "
-                    f"{window[0]}..{window[0] + num_evals - 1} of T={total} (a KSamplerAdvanced window). "
-                    "Pick a new pact_name on DPCache Calibrate, or set reset"
-                )
             sample = windows.embed_window(sample, window[0], total)
-            meta["windows"] = windows.add_window(old_meta.get("windows"), window[0], num_evals)
-            meta.pop("eval_sigmas", None)  # this window's only; positions below cover the whole trajectory
-            meta["positions"] = windows.window_positions(old_meta.get("positions"), meta.get("positions"), window)
-        elif old_meta.get("windows"):
-            raise PactFileError(
-                f"PACT '{name}' holds windows of partial sampling runs (e.g. two Wan2.2 experts); this run samples the "
-                "whole trajectory. Pick a new pact_name on DPCache Calibrate, or set reset"
-            )
-        acc.add(sample, history=history)
-        if window is not None:
-            acc.samples = sum(w[2] for w in meta["windows"])
         size = run.recorder.sample_description()
-        this = {"samples": 1, "sample_size": size, "sample_seed": None if size == "all" else run.recorder.seed}
-        meta.update(combine_sampling([old_meta, this]))
-        meta.update(with_record(old_meta, run.record))  # per-sample metadata kept as a list, never overwritten
-        meta = save_pact(run.path, acc, file_metadata(meta, existing, self.order, history is not None, window is None))
+
+        def add(existing):
+            """The file with this sample added: run under the file's lock on what is there now (another
+            process may have added a sample since the check above)."""
+            self.refuse_other_file(run, existing, total)
+            acc, old_meta = existing if existing is not None else (PactAccumulator(total), {})
+            meta = dict(run.metadata, **trajectory_metadata(run))
+            if window is not None:
+                if existing is not None and not old_meta.get("windows"):
+                    raise PactFileError(
+                        f"PACT '{name}' was calibrated on whole sampling runs; this run samples only evaluations "
+                        f"{window[0]}..{window[0] + num_evals - 1} of T={total} (a KSamplerAdvanced window). "
+                        "Pick a new pact_name on DPCache Calibrate, or set reset"
+                    )
+                meta["windows"] = windows.add_window(old_meta.get("windows"), window[0], num_evals)
+                meta.pop("eval_sigmas", None)  # this window's only; positions below cover the whole trajectory
+                meta["positions"] = windows.window_positions(old_meta.get("positions"), meta.get("positions"), window)
+            elif old_meta.get("windows"):
+                raise PactFileError(
+                    f"PACT '{name}' holds windows of partial sampling runs (e.g. two Wan2.2 experts); this run samples "
+                    "the whole trajectory. Pick a new pact_name on DPCache Calibrate, or set reset"
+                )
+            acc.add(sample, history=history, trajectories=None if window is not None else replay_sample(run.recorder))
+            if window is not None:
+                acc.samples = sum(w[2] for w in meta["windows"])
+            this = {"samples": 1, "sample_size": size, "sample_seed": None if size == "all" else run.recorder.seed}
+            meta.update(combine_sampling([old_meta, this]))
+            meta.update(with_record(old_meta, run.record))  # per-sample metadata kept as a list, never overwritten
+            return acc, file_metadata(meta, existing, self.order, history is not None, window is None)
+
+        meta = update_pact(run.path, add, read=lambda path: self.load_existing(path, window))
         self.pending_reset[0] = False
         kept = kept_text(size)
         if window is None:

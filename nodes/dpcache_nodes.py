@@ -146,7 +146,7 @@ class DPCacheCalibrate:
             "required": {
                 "model": ("MODEL", {"tooltip": "A FLUX.1, Chroma, HunyuanVideo (T2V), Qwen-Image, Wan2.1 or Wan2.2 model (for Wan2.2 A14B: each expert). It is cloned; the input stays untouched."}),
                 "pact_name": ("STRING", {"default": "", "tooltip": "File name in models/dpcache/ (letters, digits, . _ -). Samples accumulate there across queued prompts. Empty: named after the model family, sampler, scheduler and step count when sampling starts (e.g. wan_uni_pc_simple_30). A run with other sigmas than the file's (scheduler, shift, denoise) is refused, not mixed in."}),
-                "order": ("INT", {"default": 1, "min": 1, "max": 3, "tooltip": "Taylor order of the predictor the PACT is built for. 1 (default): planned on the exact cost of the skipped evaluations; the best or near-best schedule at most K in our benchmarks. 2 is the paper's choice: the file also stores the cost given the last three key steps the run really uses (history-exact), which DPCache Schedule then plans on. Must match the file's order."}),
+                "order": ("INT", {"default": 1, "min": 1, "max": 3, "tooltip": "Taylor order of the predictor the PACT is built for. 1 (default): planned on the exact cost of the skipped evaluations; the best or near-best schedule at most K in our benchmarks. 2 is the paper's choice: the file also stores the cost given the last three key steps the run really uses (history-exact), which DPCache Schedule then plans on. Must match the file's order. It does not limit the forecaster: the file keeps recorded trajectories on which DPCache Schedule's forecaster auto replays Taylor 1, Taylor 2 and spectral."}),
                 "reset": ("BOOLEAN", {"default": False, "tooltip": "Start the file afresh on the next finished run (its old samples are dropped); later runs accumulate again."}),
             },
             "optional": {
@@ -185,7 +185,7 @@ class DPCacheSchedule:
                 "pact": ([PRIOR, UNIFORM, MANUAL] + pact_files() + [AUTO], {"default": PRIOR, "tooltip": "(prior: no calibration), the default: dynamic programming on a cost prior averaged from the shipped FLUX and Wan PACTs, for any model and step count, no calibration needed. A calibrated PACT (models/dpcache/ and the pack's cost_matrices/) plans for your own model and sampler. (uniform) spaces the key steps evenly, (manual) takes your list. (auto): Apply DPCache's automatic mode (calibrates on the first run at a new setting, plans every later one; budget from key_steps of total_evaluations or target_speedup). The plan follows the file: PACTs from this version's DPCache Calibrate count only the evaluations that are skipped (history-exact at order 2 or more when the file holds that cost); older files and the paper authors' PACTs plan with the reference costs, as before. The text and picture say which."}),
                 "key_steps": ("INT", {"default": 13, "min": 1, "max": 1000, "tooltip": "K: how many evaluations are computed in full, mandatory ones included. Ideal speed-up T/K. Ignored by (manual)."}),
                 "first_full_steps": ("INT", {"default": 3, "min": 1, "max": 1000, "tooltip": "The first evaluations are always computed (the picture changes fastest there)."}),
-                "last_full_steps": ("INT", {"default": 0, "min": 0, "max": 1000, "tooltip": "The last evaluations are always computed (fine detail). (prior: no calibration) keeps at least the last 3 as keys, fewer where key_steps cannot afford them."}),
+                "last_full_steps": ("INT", {"default": 0, "min": 0, "max": 1000, "tooltip": "The last evaluations are always computed (fine detail). (prior: no calibration) keeps the last 3 as keys (or this many if more) where the run's key budget affords them under the hop cap, fewer where it cannot, at every run length."}),
                 "total_evaluations": ("INT", {"default": 50, "min": 1, "max": 10000, "tooltip": "T for (uniform)/(manual): the model evaluations of your run (Euler: steps; Heun: about 2x steps). A PACT sets T itself."}),
                 "manual_key_steps": ("STRING", {"default": "", "tooltip": "For (manual): key evaluations such as '0, 1, 2, 5, 9-11' (0-based; 0 is added)."}),
             },
@@ -193,7 +193,7 @@ class DPCacheSchedule:
                 "budget": (list(BUDGET_RULES), {"default": BUDGET_RULES[0], "tooltip": "How many key evaluations a run gets. A run whose evaluation count differs from T (other steps or sampler) is re-planned when sampling starts, from the PACT transferred to its count. same speed-up: key_steps at T, scaled to the run's count; target speed-up: count / target_speedup; fixed K: key_steps whatever the count. Not used by (manual)."}),
                 "target_speedup": ("FLOAT", {"default": 3.85, "min": 1.0, "max": 100.0, "step": 0.05, "tooltip": "For budget = target speed-up: the ideal speed-up T/K to plan for."}),
                 "taylor_order": ("INT", {"default": DEFAULT_ORDER, "min": 1, "max": 3, "tooltip": "Taylor order of the prediction for (prior), (uniform) and (manual) schedules with forecaster = taylor. 2 was the better order for evenly spaced key steps in our benchmark (BENCHMARKS.md). A PACT brings its own order (DPCache Calibrate's), so this is ignored with one."}),
-                "forecaster": (list(FORECASTERS), {"default": DEFAULT_FORECASTER, "tooltip": "How skipped evaluations are predicted. auto (default): spectral at ideal speed-ups T/K of 2.9x and more (K <= 17 of 50), taylor below (order 1 with (prior)), the better one in our benchmark. spectral: a Chebyshev fit by ridge regression over the key evaluations so far, blended with a linear extrapolation (Spectrum, CVPR 2026); holds on long hops; keeps up to 8 features per stream (FLUX 1024x1024 bf16: 8 x 25 MB). taylor: the Taylor expansion of the PACT's (or taylor_order's) order from the last order+1 key evaluations; order+1 features per stream. Both planned on the same costs (docs/forecasters.md)."}),
+                "forecaster": (list(FORECASTERS), {"default": DEFAULT_FORECASTER, "tooltip": "How skipped evaluations are predicted. auto (default): with a PACT that keeps recorded trajectories (this version's DPCache Calibrate and automatic mode), Taylor 1, Taylor 2 and spectral are replayed on them, each on its DP plans, and the least replayed error wins (the text names the choice and the runner-up); without such data, spectral at ideal speed-ups T/K of 2.9x and more (K <= 17 of 50), taylor below (order 1 with (prior)). spectral: a Chebyshev fit by ridge regression over the key evaluations so far, blended with a linear extrapolation (Spectrum, CVPR 2026); holds on long hops; keeps up to 8 features per stream (FLUX 1024x1024 bf16: 8 x 25 MB). taylor: the Taylor expansion of the PACT's (or taylor_order's) order from the last order+1 key evaluations; order+1 features per stream. Both planned on the same costs (docs/forecasters.md)."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -219,7 +219,7 @@ class DPCacheSchedule:
         if sched.predictor == "spectral":
             how = f"spectral forecaster (keeps up to {core.spectral.DEFAULT_MAX_HISTORY} features per stream)"
         else:
-            where = "from the PACT" if pact not in NO_FILE else "auto" if forecaster == "auto" and pact == PRIOR else "taylor_order"
+            where = "chosen by replay" if "by replay" in " ".join(notes) else "from the PACT" if pact not in NO_FILE else "auto" if forecaster == "auto" and pact == PRIOR else "taylor_order"
             how = f"Taylor order {sched.order} ({where}; keeps {sched.order + 1} features per stream)"
         text = (
             f"key steps {list(sched.key_steps)}: {sched.num_keys} of {sched.num_evals} evaluations, "
@@ -268,10 +268,16 @@ def make_schedule(pact, key_steps, first_full_steps=3, last_full_steps=0, total_
     re-plans runs of another evaluation count when sampling starts (``replan.plan_run``). With
     budget = target speed-up, a K the plan cannot meet is raised to the fewest that works, and a
     line saying so (the target, and the most that T allows) is appended to ``notes``."""
+    notes = [] if notes is None else notes
     if forecaster not in FORECASTERS:
         raise ValueError(f"DPCache Schedule: unknown forecaster {forecaster!r}: use one of {', '.join(FORECASTERS)}")
     sched, cost, hop_costs = plan_entry(pact, key_steps, first_full_steps, last_full_steps, total_evaluations,
                                         manual_key_steps, budget, target_speedup, taylor_order, notes)
+    if forecaster == "auto" and pact not in NO_FILE:  # the file's replay trajectories choose, when it has them
+        chosen, choice = core.choose.replayed_schedule(sched, *core.load_pact(pact_path(pact)))
+        if choice is not None:
+            notes.append(choice.describe())
+            return chosen, cost, hop_costs if chosen.key_steps == sched.key_steps else None
     if forecaster == "auto":
         if core.spectral.auto_forecaster(sched.ideal_speedup) == "spectral":
             return dataclasses.replace(sched, predictor="spectral"), cost, hop_costs
@@ -310,7 +316,7 @@ def plan_entry(pact, key_steps, first_full_steps=3, last_full_steps=0, total_eva
             keys, last_full_steps = (fewest_feasible(solve_prior, key_steps, total_evaluations, target_speedup)
                                      if by_speedup else solve_prior(key_steps))
             notes += speedup_note(target_speedup, key_steps, len(keys), total_evaluations) if by_speedup else []
-            planner = core.Planner(total_evaluations, rule, first_full_steps, last_full_steps, cost=cost,
+            planner = core.Planner(total_evaluations, rule, first_full_steps, typed_last, cost=cost,
                                    order=core.prior.PRIOR_ORDER, label=f"(prior) made for T={total_evaluations}", prior=True)
             return core.Schedule(tuple(keys), total_evaluations, order=int(taylor_order), source="prior",
                                  cost=core.path_cost(cost, keys, "skip"), first_full_steps=first_full_steps,
@@ -456,8 +462,8 @@ class DPCacheApply:
         hook = auto.AutoHook(info.family, calibration_folder(), budget, own, refine_every, unique_id, schedule_node, first)
         m = model.clone()
         install(m, info, hook, "Apply DPCache")
-        ideal = own / budget.keys if budget.rule == "same speed-up" else float("inf")  # unknown until the run: the larger
-        memory.reserve(m, memory.cache_bytes(m, auto.AUTO_ORDER, core.spectral.auto_forecaster(ideal)))  # as planned runs predict
+        # the forecaster is chosen when a run starts (by replay on the file's data): room for the largest, the spectral ring
+        memory.reserve(m, memory.cache_bytes(m, auto.AUTO_ORDER, "spectral"))
         log.info("Apply DPCache: %s; automatic mode (%s), PACTs in %s", info.detail, auto.describe_budget(budget, own), hook.folder)
         return (m,)
 

@@ -159,6 +159,8 @@ class FakePatcher:
         n.wrappers = {k: list(v) for k, v in self.wrappers.items()}
         if hasattr(self, "patches"):  # weight patches (LoRAs): copied per key like ModelPatcher.clone
             n.patches = {k: list(v) for k, v in self.patches.items()}
+        if hasattr(self, "hook_patches"):  # weight hooks: {hook_ref: {key: [entries]}}, copied like ModelPatcher.clone
+            n.hook_patches = {ref: {k: list(v) for k, v in keyed.items()} for ref, keyed in self.hook_patches.items()}
         return n
 
     def set_model_patch_replace(self, patch, name, block_name, number):

@@ -12,9 +12,9 @@ from dpcache_core import (
     parse_key_steps,
     path_cost,
     solve_schedule,
-    solve_schedule_reference,
     uniform_key_steps,
 )
+from bench.reference_dp import solve_schedule_reference
 
 REFERENCE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference")
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from dpcache_core import load_pact
-from dpcache_core.settings import (FileLock, Setting, add_sample, nearest, sample_record, sigmas_hash,
-                                   weights_fingerprint)
-from dpcache_core.store import PactFileError, new_file_mode
+from dpcache_core.settings import (Setting, add_sample, nearest, sample_record, sigmas_hash,
+                                   tensors_digest, weights_fingerprint)
+from dpcache_core.store import FileLock, PactFileError, new_file_mode
 
 BASE = Setting("flux", "w" * 16, "euler", "simple", sigmas_hash([1.0, 0.5, 0.0]), 8, 1)
 
@@ -38,16 +38,28 @@ def test_sigmas_hash_ignores_float_noise_but_not_other_sigmas():
     assert sigmas_hash([1.0, 0.5, 0.0]) != sigmas_hash([1.0, 0.6, 0.0])
 
 
-def test_weights_fingerprint_sees_slices_shapes_and_patches():
-    slices = {"a": np.arange(8, dtype=np.float32)}
-    shapes = [("a", (8,))]
-    base = weights_fingerprint(slices, shapes, [])
-    assert base == weights_fingerprint({"a": np.arange(8, dtype=np.float64)}, shapes, [])
-    assert base != weights_fingerprint({"a": np.arange(8, dtype=np.float32) + 1}, shapes, [])
-    assert base != weights_fingerprint(slices, [("a", (9,))], [])
-    assert base != weights_fingerprint(slices, shapes, [("k", [("tuple", [1.0, 1.0], None)])])
-    assert weights_fingerprint(slices, shapes, [("k", [("tuple", [0.5, 1.0], None)])]) != \
-        weights_fingerprint(slices, shapes, [("k", [("tuple", [1.0, 1.0], None)])])
+def test_tensors_digest_sees_values_anywhere_in_every_tensor_shapes_and_dtypes():
+    import torch
+    weights = {f"blocks.{i}.{part}": torch.randn(64, 96) for i in range(3) for part in ("attn", "mlp", "norm")}
+    base = tensors_digest(weights.items())
+    assert base == tensors_digest(list(weights.items())[::-1])  # the order does not matter
+    for name in weights:  # a change spread over any one tensor (a merged LoRA) is seen
+        changed = dict(weights, **{name: weights[name] + 1e-3 * torch.randn(64, 2) @ torch.randn(2, 96)})
+        assert tensors_digest(changed.items()) != base, name
+    assert tensors_digest(dict(weights, extra=torch.zeros(1)).items()) != base
+    assert tensors_digest({k: v.half() for k, v in weights.items()}.items()) != base
+    meta = tensors_digest([("a", torch.empty(4, device="meta")), ("b", torch.ones(3))])  # never raises
+    assert meta != tensors_digest([("a", torch.empty(5, device="meta")), ("b", torch.ones(3))])
+
+
+def test_weights_fingerprint_sees_the_weights_patches_and_hooks():
+    import torch
+    lora = {"k": [(0.8, ("lora", (torch.ones(4, 2), torch.ones(2, 4))), 1.0, None, None)]}
+    base = weights_fingerprint("w")
+    assert base == weights_fingerprint("w", {}, {}) and base != weights_fingerprint("v")
+    assert weights_fingerprint("w", lora) not in (base, weights_fingerprint("w", {"k": [(1.0,) + lora["k"][0][1:]]}))
+    assert weights_fingerprint("w", None, {object(): lora}) == weights_fingerprint("w", None, {object(): lora})
+    assert weights_fingerprint("w", None, {object(): lora}) != base
 
 
 def write(folder, setting, n=1):
@@ -128,7 +140,7 @@ def test_a_stale_lock_is_taken_over_and_a_held_one_times_out(tmp_path):
     os.utime(path + ".lock", (old, old))
     with FileLock(path):
         assert os.path.exists(path + ".lock")
-        with pytest.raises(TimeoutError, match="x.safetensors.lock"):
+        with pytest.raises(TimeoutError, match=rf"x.safetensors.lock is held .*pid {os.getpid()} on "):
             with FileLock(path, timeout_s=0.2):
                 pass
     assert not os.path.exists(path + ".lock")

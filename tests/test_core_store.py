@@ -1,6 +1,7 @@
 """PACT files: round trip, damaged files, and the pickle importer that never runs code."""
 import os
 import pickle
+import time
 
 import numpy as np
 import pytest
@@ -153,3 +154,122 @@ def test_new_pact_gets_the_umask_mode_and_overwrite_keeps_the_old_mode(tmp_path,
         assert sorted(p.name for p in tmp_path.iterdir()) == ["p.safetensors"]
     finally:
         os.umask(old)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("positions", [0.0, 0.5, 1.0]),  # 3 values for T=6: 7 expected
+    ("positions", "0 0.2 0.4"),
+    ("eval_sigmas", [1.0] * 6),
+    ("order", "two"),
+    ("order", 2.5),
+    ("order", 0),
+    ("scheme", "magic"),
+    ("convention", "history"),
+    ("windows", [[0, 9, 1]]),
+    ("samples", -1),
+])
+def test_metadata_of_the_wrong_type_or_length_is_a_pact_file_error_naming_the_field(tmp_path, field, value):
+    path = str(tmp_path / "p.safetensors")
+    save_pact(path, sample_acc(), {"model_family": "flux", "order": 2, "scheme": "reference"})
+    import json
+    from safetensors.numpy import load_file, save_file
+    from safetensors import safe_open
+    with safe_open(path, framework="np") as f:
+        header = f.metadata()
+    meta = json.loads(header["dpcache"])
+    meta[field] = value
+    header["dpcache"] = json.dumps(meta)
+    save_file(load_file(path), path, metadata=header)
+    with pytest.raises(PactFileError, match=f"p.safetensors: metadata field '{field}'"):
+        load_pact(path)
+    from dpcache_core.merge import merge_pacts  # every reader goes through the one check
+    with pytest.raises(PactFileError, match=f"'{field}'"):
+        merge_pacts([path, str(tmp_path / "q.safetensors")])
+
+
+def test_metadata_of_the_right_shape_loads(tmp_path):
+    path = str(tmp_path / "p.safetensors")
+    meta = {"model_family": "flux", "order": 2, "scheme": "reference", "convention": "skip",
+            "positions": [k / 6 for k in range(7)], "eval_sigmas": [1 - k / 6 for k in range(7)]}
+    save_pact(path, sample_acc(), meta)
+    assert load_pact(path)[1]["positions"] == meta["positions"]
+
+
+def hold_until_killed(path, held):
+    from dpcache_core.store import FileLock
+    lock = FileLock(path)
+    lock.__enter__()
+    held.set()
+    time.sleep(60)
+
+
+def test_a_lock_whose_holder_was_killed_is_free_at_once(tmp_path):
+    """A crash while holding the lock (ComfyUI killed mid-write) must not stall the next calibration."""
+    import multiprocessing
+    import signal
+    from dpcache_core.store import FileLock
+    path = str(tmp_path / "x.safetensors")
+    ctx = multiprocessing.get_context("fork")
+    held = ctx.Event()
+    holder = ctx.Process(target=hold_until_killed, args=(path, held))
+    holder.start()
+    assert held.wait(10)
+    with pytest.raises(TimeoutError, match="x.safetensors.lock is held"):
+        with FileLock(path, timeout_s=0.3):
+            pass
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.join()
+    start = time.monotonic()
+    with FileLock(path, timeout_s=5):
+        assert time.monotonic() - start < 1.0
+    assert not os.path.exists(path + ".lock")
+
+
+def test_two_waiters_on_a_stale_lock_never_both_take_it(tmp_path, monkeypatch):
+    """A lock file left by a crash (an hour old, a dead pid in it). Waiter B judges it stale, then is
+    held up (as a busy machine might) while waiter A takes the lock; B must not take it as well."""
+    import threading
+    path = str(tmp_path / "x.safetensors")
+    lock_path = path + ".lock"
+    with open(lock_path, "w") as f:
+        f.write("999999")
+    old = time.time() - 3600
+    os.utime(lock_path, (old, old))
+    a_holds, inside, log = threading.Event(), [], []
+    real_stat = os.stat
+
+    def slow_stat(p, *args, **kwargs):
+        result = real_stat(p, *args, **kwargs)
+        if str(p) == lock_path and threading.current_thread().name == "B" and not log:
+            log.append("B looked at the lock")
+            a_holds.wait(1.0)  # B has read the old file's state; A goes first
+        return result
+    monkeypatch.setattr(os, "stat", slow_stat)
+    from dpcache_core.store import FileLock
+
+    def waiter(name):
+        with FileLock(path, timeout_s=10):
+            inside.append(name)
+            if name == "A":
+                a_holds.set()
+            time.sleep(0.3)
+            assert inside == [name], f"{inside} hold the lock at once"
+            inside.remove(name)
+
+    errors = []
+
+    def run(name):
+        try:
+            waiter(name)
+        except AssertionError as exc:
+            errors.append(str(exc))
+
+    b = threading.Thread(target=run, args=("B",), name="B")
+    b.start()
+    while not log:
+        time.sleep(0.01)
+    a = threading.Thread(target=run, args=("A",), name="A")
+    a.start()
+    a.join(15)
+    b.join(15)
+    assert not errors

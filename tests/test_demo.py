@@ -72,3 +72,76 @@ def test_smallest_feasible_keys_matches_the_dp_on_a_real_pact(steps, first, orde
     if low > max(first, 1):
         with pytest.raises(ValueError, match=f"the smallest K that works is {low}"):
             solve_schedule(cost, low - 1, first)
+
+
+@pytest.mark.parametrize("steps, keys", [(50, 13), (30, 8), (20, 5), (10, 5), (8, 5), (200, 52)])
+def test_the_default_keys_follow_the_step_count(steps, keys, tmp_path):
+    """--steps 10 alone used to fail (K stayed 13); K = round(T / 3.85), raised to what the hop cap needs."""
+    from dpcache_demo.demo import build_parser, argument_problem
+
+    args = build_parser().parse_args(["--steps", str(steps), "--out", str(tmp_path)])
+    assert argument_problem(args) is None and args.keys == keys
+
+
+def test_every_step_count_has_a_default_k_that_plans():
+    from dpcache_demo.demo import default_keys, smallest_feasible_keys
+
+    for order in (1, 2, 3):
+        for first in (1, 3, 5):
+            for steps in range(max(order + 1, first), 201):
+                k = default_keys(steps, first, order)
+                assert smallest_feasible_keys(steps, first, order) <= k <= steps and k >= min(first + 1, steps)
+
+
+def test_help_shows_the_defaults_and_the_hop_cap(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for default in ("(default: 50)", "(default: 3)", "(default: 4)", "(default: builtin)", "(default: out/demo)", "13 at T = 50"):
+        assert default in text, default
+    assert "Hop cap: no two consecutive key evaluations may be more than max(int(0.3 T), 1)" in text
+    assert "about 20 min on 2 CPU cores" in text
+
+
+def test_an_interrupted_run_keeps_what_finished_and_says_the_time_first(tmp_path, capsys, monkeypatch):
+    import dpcache_demo.demo as demo
+
+    real, calls = demo.accelerated_sample, []
+
+    def interrupted_on_the_second_prompt(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(demo, "accelerated_sample", interrupted_on_the_second_prompt)
+    out = tmp_path / "demo"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--steps", "12", "--keys", "6", "--calibration-prompts", "1", "--test-prompts", "3", "--repeats", "1",
+              "--out", str(out)])
+    assert exit_info.value.code == 130
+    captured = capsys.readouterr()
+    assert captured.out.lstrip().startswith("expected time    about ")
+    assert "interrupted; kept " in captured.err and "full_vs_dpcache.png" in captured.err
+    assert sorted(os.listdir(out)) == ["demo_pact.safetensors", "full_vs_dpcache.png", "pact_schedule.png"]
+    from PIL import Image
+
+    with Image.open(out / "full_vs_dpcache.png") as picture:  # one column: the prompt that finished
+        one_column = picture.size
+    main(["--steps", "12", "--keys", "6", "--calibration-prompts", "1", "--test-prompts", "2", "--repeats", "1",
+          "--out", str(tmp_path / "two")])
+    with Image.open(tmp_path / "two" / "full_vs_dpcache.png") as picture:
+        assert picture.size[0] > one_column[0]
+
+
+def test_an_interrupt_during_calibration_ends_with_one_line(tmp_path, capsys, monkeypatch):
+    import dpcache_demo.demo as demo
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "calibrate", interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--steps", "12", "--out", str(tmp_path)])
+    assert exit_info.value.code == 130
+    assert "interrupted; kept nothing yet (calibration had not finished)" in capsys.readouterr().err

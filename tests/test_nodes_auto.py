@@ -9,6 +9,7 @@ import torch
 
 import nodes_fakes as F
 from nodes_fakes import block_calls, reset_calls
+import dpcache_core as core
 from dpcache_core import load_pact
 from nodes import auto, ui
 from nodes.dpcache_nodes import DPCacheApply, DPCacheCalibrate, DPCacheSchedule
@@ -129,7 +130,119 @@ def test_a_lora_set_is_another_setting(folder, events):
     assert len(auto_files(folder)) == 2
     stronger = model.clone()
     stronger.patches = {k: [(1.0,) + v[0][1:]] for k, v in lora.patches.items()}
-    assert auto.patch_list(stronger) != auto.patch_list(lora)  # the strength is part of the key
+    assert auto.weights_key(stronger) != auto.weights_key(lora)  # the strength is part of the key
+
+
+FLUX_BLOCK = [f"{s}_{part}" for s in ("img", "txt") for part in (
+    "attn.norm.key_norm.scale", "attn.norm.query_norm.scale", "attn.proj.bias", "attn.proj.weight", "attn.qkv.bias",
+    "attn.qkv.weight", "mlp.0.bias", "mlp.0.weight", "mlp.2.bias", "mlp.2.weight", "mod.lin.bias", "mod.lin.weight")]
+
+
+def with_weights(dm, seed=0):
+    """``dm`` with the parameters of a 2-block FLUX checkpoint (the fake blocks hold plain tensors),
+    named as in FLUX: attention, MLP, norms, modulation, ``vector_in`` ..."""
+    g = torch.Generator().manual_seed(seed)
+    names = ["vector_in.in_layer.weight", "vector_in.in_layer.bias", "vector_in.out_layer.weight",
+             "final_layer.linear.weight", "img_in.weight", "txt_in.weight"]
+    names += [f"double_blocks.{i}.{part}" for i in range(2) for part in FLUX_BLOCK]
+    dm.weights = torch.nn.Module()
+    for name in names:
+        *path, leaf = name.split(".")
+        module = dm.weights
+        for part in path:
+            if not hasattr(module, part):
+                module.add_module(part, torch.nn.Module())
+            module = getattr(module, part)
+        shape = (8,) if leaf in ("bias", "scale") else (8, 24)
+        module.register_parameter(leaf, torch.nn.Parameter(torch.randn(shape, generator=g)))
+    return dm
+
+
+def merged_lora(dm, scale=1e-3):
+    """A copy of ``dm`` whose attention and MLP weights carry a merged rank-2 LoRA (nothing else changes)."""
+    import copy
+    other = copy.deepcopy(dm)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in other.weights.named_parameters():
+            if ("attn.qkv" in name or "attn.proj" in name or "mlp" in name) and p.ndim == 2:
+                p += scale * torch.randn(p.shape[0], 2, generator=g) @ torch.randn(2, p.shape[1], generator=g)
+    return other
+
+
+def test_a_checkpoint_with_a_merged_lora_is_another_setting(folder, events):
+    base = with_weights(F.Flux())
+    merged = merged_lora(base)
+    for dm in (base, merged):
+        (patched,) = DPCacheApply().apply(F.FakePatcher(dm))
+        F.sample(patched, steps=10, cfg=1.0)
+    assert len(auto_files(folder)) == 2  # the merged checkpoint calibrated its own file
+    again = F.FakePatcher(merged_lora(base))  # the same merge loaded again: the same setting
+    assert auto.weights_key(again) == auto.weights_key(F.FakePatcher(merged))
+
+
+class FakeHookRef:
+    """ComfyUI's _HookRef: an identity object, new for every Create Hook LoRA execution."""
+
+
+def test_weight_hooks_are_part_of_the_setting(folder, events):
+    model = F.FakePatcher(with_weights(F.Flux()))
+    (patched,) = DPCacheApply().apply(model)
+    F.sample(patched, steps=10, cfg=1.0)
+    hooked = model.clone()
+    lora = ("lora", (torch.ones(8, 2), torch.ones(2, 24), 2.0, None, None))
+    hooked.hook_patches = {FakeHookRef(): {"diffusion_model.weights.double_blocks.0.img_attn.qkv.weight":
+                                           [(1.0, lora, 1.0, None, None)]}}
+    (patched_hooked,) = DPCacheApply().apply(hooked)
+    reset_calls(model)
+    F.sample(patched_hooked, steps=10, cfg=1.0)
+    assert computed(model) == 10 and len(auto_files(folder)) == 2  # a hooked LoRA calibrates its own file
+    again = model.clone()  # the same hook made again (a new HookRef): the same setting
+    again.hook_patches = {FakeHookRef(): {k: list(v) for k, v in next(iter(hooked.hook_patches.values())).items()}}
+    assert auto.weights_key(again) == auto.weights_key(hooked)
+    weaker = model.clone()
+    weaker.hook_patches = {FakeHookRef(): {k: [(0.5,) + v[0][1:]] for k, v in next(iter(hooked.hook_patches.values())).items()}}
+    assert auto.weights_key(weaker) != auto.weights_key(hooked)
+
+
+class FakeAdapter:
+    """A comfy.weight_adapter LoRA adapter object: loaded_keys and a tuple of weights (some None)."""
+
+    def __init__(self, up, down):
+        self.loaded_keys = {"a", "b"}
+        self.weights = (up, down, 4.0, None, None, None)
+
+
+@pytest.mark.parametrize("entry", [
+    (1.0, FakeAdapter(torch.ones(8, 2), torch.ones(2, 24)), 1.0, None, None),
+    (1.0, ("diff", (torch.ones(8, 24),)), 1.0, (0, 0, 4), None),  # an offset
+    (1.0, ("set", (torch.empty(8, 24, device="meta"),)), 1.0, None, None),  # a tensor that cannot be read
+    (1.0, torch.ones(8, 24, dtype=torch.float8_e4m3fn), 1.0, None, lambda w: w * 2),  # a function
+    (1.0, "model_as_lora", 1.0, None, None),  # not a tensor at all
+    (1.0, None, 1.0, None, None),
+    [0.5, {"odd": object()}],  # not even a tuple
+    (torch.tensor(0.5), (torch.ones(3, dtype=torch.complex64),)),
+])
+def test_unusual_patches_never_crash_the_setting_and_still_count(folder, events, entry):
+    model = F.FakePatcher(with_weights(F.Flux()))
+    patched_model = model.clone()
+    patched_model.patches = {"diffusion_model.weights.double_blocks.0.img_mlp.0.weight": [entry]}
+    (patched,) = DPCacheApply().apply(patched_model)
+    F.sample(patched, steps=10, cfg=1.0)  # no crash at sampling start
+    assert len(auto_files(folder)) == 1
+    assert auto.weights_key(patched_model) != auto.weights_key(model)
+
+
+def test_the_weights_are_read_once_per_loaded_model(folder, events, monkeypatch):
+    reads = []
+    digest = auto.settings.tensors_digest
+    monkeypatch.setattr(auto.settings, "tensors_digest", lambda named: reads.append(1) or digest(named))
+    model = F.FakePatcher(with_weights(F.Flux()))
+    (patched,) = DPCacheApply().apply(model)
+    for _ in range(3):
+        F.sample(patched, steps=10, cfg=1.0)
+    F.sample(DPCacheApply().apply(model.clone())[0], steps=10, cfg=1.0)  # another clone of the same model
+    assert len(reads) == 1
 
 
 def test_interrupted_first_run_leaves_no_file(folder, events):
@@ -225,11 +338,35 @@ def test_explicit_schedule_says_when_the_budget_leaves_no_speed_up(events):
 
 
 @pytest.mark.parametrize("target, forecaster", [(3.85, "spectral"), (2.0, "taylor")])
-def test_planned_runs_pick_the_forecaster_like_schedule_auto(folder, events, target, forecaster):
-    """Planned runs use DPCache Schedule's forecaster "auto" rule: spectral from T/K = 2.9 up, Taylor below."""
+def test_planned_runs_from_a_file_without_trajectories_pick_the_forecaster_like_schedule_auto(folder, events, target, forecaster):
+    """A file without replay trajectories (written before they were kept): DPCache Schedule's no-data
+    "auto" rule, spectral from T/K = 2.9 up, Taylor below."""
+    from dpcache_core import save_pact
     model = flux()
     (patched,) = DPCacheApply().apply(model, target_speedup=target, unique_id="7")
     F.sample(patched, steps=20, cfg=1.0)  # calibrates
+    (name,) = auto_files(folder)
+    acc, meta = load_pact(str(folder / name))
+    acc.trajectories = None
+    save_pact(str(folder / name), acc, meta)
     F.sample(patched, steps=20, cfg=1.0)  # planned
     text = [t for n, t in events["text"] if n == "7"][-1]
-    assert f"{forecaster} forecaster" in text, text
+    assert f"{forecaster} forecaster" in text and "by replay" not in text, text
+
+
+def test_the_first_run_keeps_trajectories_and_planned_runs_use_the_replay_choice(folder, events):
+    model = flux()
+    (patched,) = DPCacheApply().apply(model, unique_id="7")
+    F.sample(patched, steps=20, cfg=1.0)  # calibrates: the file keeps the run's replay trajectory
+    (name,) = auto_files(folder)
+    acc, meta = load_pact(str(folder / name))
+    assert acc.trajectories is not None and acc.trajectories.shape[:2] == (1, 20)
+    choice = core.choose.replay_choice(acc, meta, 5, 3, 0)
+    reset_calls(model)
+    F.sample(patched, steps=20, cfg=1.0)  # planned: the replay's keys and forecaster
+    text = [t for n, t in events["text"] if n == "7"][-1]
+    (_, data) = events["event"][-1]
+    assert data["key_steps"] == list(choice.best.keys) and computed(model) == 5
+    best, runner = choice.best, choice.runner_up
+    assert f"forecaster chosen by replay on 1 recorded trajectory: {core.choose.label(best.name)}" in text, text
+    assert f"runner-up {core.choose.label(runner.name)}" in text and f"{best.predictor} forecaster" in text

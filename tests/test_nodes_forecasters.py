@@ -57,7 +57,7 @@ def test_prior_replans_for_any_step_count(total, run_evals):
     if run_evals == total:
         assert plan.schedule is sched
     else:
-        want = core.solve_schedule(prior.prior_cost(run_evals), k, 3, sched.last_full_steps, convention="skip")
+        want, _ = prior.solve_prior(prior.prior_cost(run_evals), k, 3)  # the last 3 where k affords them
         assert list(plan.schedule.key_steps) == want and plan.schedule.num_evals == run_evals
         assert plan.schedule.predictor == "spectral"
         assert f"(prior) made for T={total}; planned for T={run_evals}" in plan.text
@@ -69,9 +69,12 @@ def test_prior_plans_keep_the_last_three_evaluations(k):
     and lost 1-3 dB to Spectrum on the trained Wan model; every prior plan keeps the last 3 now."""
     sched, _ = run_schedule(key_steps=k)
     assert list(sched.key_steps[-3:]) == [47, 48, 49] and sched.last_full_steps == 3 and sched.num_keys == k
-    for run_evals in (30, 100):  # and the plans re-made for another step count
+    for run_evals in (30, 100):  # and the plans re-made for another step count, where their K affords them
         plan = core.plan_run(sched, core.RunShape(run_evals))
-        assert list(plan.schedule.key_steps[-3:]) == [run_evals - 3, run_evals - 2, run_evals - 1]
+        asked = sched.planner.budget.keys_for(run_evals, 50)
+        fewest = next(n for n in range(asked, run_evals + 1) if feasible(run_evals, n))
+        keys, kept = prior.solve_prior(prior.prior_cost(run_evals), fewest, 3)
+        assert list(plan.schedule.key_steps) == keys and (kept == 3 or run_evals == 30 and k < 13)
     more, _ = run_schedule(key_steps=k, last_full_steps=4)  # a larger last_full_steps is kept as typed
     assert list(more.key_steps[-4:]) == [46, 47, 48, 49] and more.last_full_steps == 4
     fewer, _ = run_schedule(key_steps=7)  # K too small for 3 last keys under the hop cap: as many as fit
@@ -115,3 +118,31 @@ def test_prior_plans_a_partial_run_on_the_joint_trajectory():
                                convention="skip")
     assert list(plan.joint_keys) == want
     assert list(plan.schedule.key_steps) == [k - 10 for k in want if k >= 10] and plan.schedule.key_steps[:3] == (0, 1, 2)
+
+
+@pytest.mark.parametrize("steps", [20, 24, 50])
+def test_prior_replanned_keeps_the_budget_and_drops_last_keys_it_cannot_afford(steps):
+    """Schedule defaults (K = 13 of 50) re-planned at sampling start: the same speed-up at every run
+    length; the last 3 evaluations are kept only where that K affords them under the hop cap."""
+    sched, _ = run_schedule()
+    plan = core.plan_run(sched, core.RunShape(steps))
+    k = sched.planner.budget.keys_for(steps, 50)
+    assert plan.schedule.num_keys == k and "raised" not in plan.text
+    assert steps / k >= 3.85 - 0.5  # 20 steps: 5 keys (4x), not 8 (2.5x)
+    keys, kept = prior.solve_prior(prior.prior_cost(steps), k, 3, 0)
+    assert list(plan.schedule.key_steps) == keys
+    assert (kept == 3) == (steps == 50) and keys[len(keys) - kept:] == list(range(steps - kept, steps))
+    # where K must be raised, the note is true: the fewest keys the first steps and the hop cap allow
+    few, _ = run_schedule(key_steps=10)
+    asked = few.planner.budget.keys_for(steps, 50)
+    short = core.plan_run(few, core.RunShape(steps))
+    fewest = next(n for n in range(asked, steps + 1) if feasible(steps, n))
+    assert short.schedule.num_keys == fewest and (f"raised from {asked}: the fewest" in short.text) == (fewest > asked)
+
+
+def feasible(steps, k):
+    try:
+        prior.solve_prior(prior.prior_cost(steps), k, 3)
+        return True
+    except ValueError:
+        return False

@@ -93,5 +93,5 @@ def test_apply_declares_the_memory_of_the_forecaster_that_will_run(monkeypatch):
     sched, _, _ = nd.make_schedule(nd.PRIOR, 13)  # forecaster auto: spectral at 3.85x
     nd.DPCacheApply().apply(F.FakePatcher(F.Flux()), sched)
     nd.DPCacheApply().apply(F.FakePatcher(F.Flux()))  # the automatic mode at its default 3.85x
-    nd.DPCacheApply().apply(F.FakePatcher(F.Flux()), target_speedup=2.0)  # Taylor below 2.9x
-    assert seen == [(sched.order, "spectral"), (1, "spectral"), (1, "taylor")]
+    nd.DPCacheApply().apply(F.FakePatcher(F.Flux()), target_speedup=2.0)  # replay may choose spectral at any speed-up
+    assert seen == [(sched.order, "spectral"), (1, "spectral"), (1, "spectral")]

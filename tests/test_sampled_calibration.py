@@ -286,10 +286,11 @@ def test_a_file_written_before_sampling_loads_and_schedules_the_same(tmp_path):
 
 
 def test_merge_keeps_one_trajectory_and_refuses_windows(tmp_path):
-    a = write(tmp_path, "a.safetensors", random_pact(6, 0), eval_sigmas=[1.0, 0.5, 0.0], positions=[0.0, 0.5, 1.0])
-    b = write(tmp_path, "b.safetensors", random_pact(6, 1), eval_sigmas=[1.0, 0.6, 0.0], positions=[0.0, 0.4, 1.0])
+    sigmas_a, sigmas_b = [1 - k / 6 for k in range(7)], [(1 - k / 6) ** 2 for k in range(7)]
+    a = write(tmp_path, "a.safetensors", random_pact(6, 0), eval_sigmas=sigmas_a, positions=[k / 6 for k in range(7)])
+    b = write(tmp_path, "b.safetensors", random_pact(6, 1), eval_sigmas=sigmas_b, positions=[k / 7 for k in range(7)])
     _, meta = merge_pacts([a, b])
-    assert meta["eval_sigmas"] == [1.0, 0.5, 0.0] and meta["positions"] == [0.0, 0.5, 1.0]  # lists stay lists
+    assert meta["eval_sigmas"] == sigmas_a and meta["positions"] == [k / 6 for k in range(7)]  # lists stay lists
     w = write(tmp_path, "w.safetensors", random_pact(6, 2), windows=[[0, 3, 1]])
     with pytest.raises(PactFileError, match="partial sampling runs"):
         merge_pacts([a, w])

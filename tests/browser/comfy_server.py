@@ -23,6 +23,9 @@ import time
 import urllib.error
 import urllib.request
 
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/, for real_tier
+from real_tier import unset_reason  # noqa: E402
+
 PACK_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HOST = "127.0.0.1"
 PACK_NAME = "ComfyUI-DPCache"  # the folder name users get from git clone
@@ -32,7 +35,7 @@ def comfy_paths():
     """(comfy_dir, python) or (None, reason)."""
     comfy = os.environ.get("COMFYUI_PATH")
     if not comfy:
-        return None, "COMFYUI_PATH is not set (point it at a ComfyUI checkout to run the real-host tier)"
+        return None, unset_reason()
     if not os.path.isfile(os.path.join(comfy, "main.py")):
         return None, f"COMFYUI_PATH={comfy} has no main.py"
     py = os.environ.get("COMFYUI_PYTHON")

@@ -18,6 +18,9 @@ import sys
 
 import pytest
 
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/, for real_tier
+from real_tier import unset_reason  # noqa: E402
+
 PACK_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 try:
     from bench.comfy_env import with_host_fields
@@ -94,7 +97,7 @@ _state = {}
 
 def _skip_reason():
     if not COMFY:
-        return "COMFYUI_PATH is not set: the real-host tier needs a ComfyUI checkout (see tests/comfy/conftest.py)"
+        return unset_reason()
     if not os.path.isfile(os.path.join(COMFY, "main.py")):
         return f"COMFYUI_PATH={COMFY} has no main.py"
     return None

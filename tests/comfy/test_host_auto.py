@@ -49,6 +49,7 @@ def test_first_run_calibrates_then_runs_are_planned(host, pact_dir, caplog):
     acc, meta = host["core"].load_pact(str(pact_dir / name))
     assert name.startswith("auto_flux_euler_simple_20_") and acc.samples == 1 and meta["scheduler"] == "simple"
     assert meta["sample_meta"] == [{"resolution": "64x64", "seed": 42, "sampler": "euler", "scheduler": "simple"}]
+    assert acc.trajectories is not None and acc.trajectories.shape[:2] == (1, STEPS)  # the replay's data, from run 1
 
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="dpcache"), BlockCounter(model) as c2:
@@ -62,6 +63,7 @@ def test_first_run_calibrates_then_runs_are_planned(host, pact_dir, caplog):
     k = 5  # K = 13 of 50 scaled to 20 evaluations
     assert set(c2.counts.values()) == {k} and c2.total == k * BLOCKS
     assert any(f"planned from {name}" in line and f"{k} of {STEPS} evaluations computed" in line for line in lines2)
+    assert any("forecaster chosen by replay on 1 recorded trajectory" in line and "runner-up" in line for line in lines2)
     assert db > 25.0
     assert auto_files(pact_dir) == [name]
 
@@ -91,6 +93,30 @@ def test_other_scheduler_or_sampler_is_transferred_and_a_lora_is_a_new_setting(h
         sample(apply_auto(lora), "flux", steps=STEPS, seed=3)
     assert c.total == STEPS * BLOCKS and any("calibrating this setting" in m for m in auto_lines(caplog))
     assert len(auto_files(pact_dir)) == 2
+
+
+def test_a_hooked_lora_is_a_new_setting(host, pact_dir, caplog):
+    """Create Hook LoRA: the LoRA rides on the conditioning and is registered as the patcher's
+    hook_patches when sampling starts (before the automatic mode keys the run)."""
+    import torch
+    import comfy.hooks
+    import comfy.sample
+    from comfy_host import conditioning
+    model = build_model("flux")
+    patched = apply_auto(model)
+    sample(patched, "flux", steps=STEPS, seed=1)
+    (name,) = auto_files(pact_dir)
+    weight = model.model.state_dict()["diffusion_model.double_blocks.0.img_attn.qkv.weight"]
+    hooks = comfy.hooks.create_hook_lora({"diffusion_model.double_blocks.0.img_attn.qkv.diff": torch.full_like(weight, 0.01)},
+                                         1.0, 1.0)
+    pos, neg, latent = conditioning("flux")
+    pos = comfy.hooks.set_hooks_for_conditioning(pos, hooks)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="dpcache"), BlockCounter(model) as c:
+        comfy.sample.sample(patched, comfy.sample.prepare_noise(latent, 2), STEPS, 1.0, "euler", "simple", pos, neg,
+                            latent, seed=2, disable_pbar=True)
+    assert c.total == STEPS * BLOCKS and any("calibrating this setting" in m for m in auto_lines(caplog))
+    assert len(auto_files(pact_dir)) == 2 and name in auto_files(pact_dir)
 
 
 def test_schedule_auto_entry_drives_the_automatic_mode(host, pact_dir):

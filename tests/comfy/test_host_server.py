@@ -13,6 +13,9 @@ import sys
 
 import pytest
 
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/, for real_tier
+from real_tier import unset_reason  # noqa: E402
+
 pytestmark = pytest.mark.comfy
 
 HARNESS = os.environ.get("DPCACHE_HOST_HARNESS", "")
@@ -42,7 +45,7 @@ def free_port():
 
 @pytest.mark.skipif(not os.path.isfile(os.path.join(HARNESS, "run_server.py")),
                     reason="optional: DPCACHE_HOST_HARNESS is not set (an external harness with run_server.py, tiny model files and stand-in nodes, not shipped in this repository)")
-@pytest.mark.skipif(not os.environ.get("COMFYUI_PATH"), reason="COMFYUI_PATH is not set")
+@pytest.mark.skipif(not os.environ.get("COMFYUI_PATH"), reason=unset_reason())
 def test_apply_through_the_http_server(tmp_path):
     wf = tmp_path / "wan_dpcache.json"
     wf.write_text(json.dumps(WORKFLOW))

@@ -1,0 +1,269 @@
+"""The forecaster chosen by replay against the best forecaster in hindsight, inside a real ComfyUI.
+
+    COMFYUI_PATH=<ComfyUI> <its python> -m bench.replay_choice --model flux --steps 50 --ks 9 13 17 25 --prompts 6
+
+One trained bench model of ``bench.comfy_compare`` (its sampler, cfg and held-out prompts). DPCache
+Calibrate at order 1 (its default) and order 2 on --calib other prompts; then at each K:
+
+- the replay's best candidate of each forecaster (Taylor 1, Taylor 2, spectral, each on the key set
+  whose replay was best for it; ``dpcache_core.choose``) on the order-1 file: the choice DPCache
+  Schedule's forecaster "auto" makes is one of them;
+- the choice when planning and scoring on the --quantile of the per-sample costs and replay errors;
+- the K sweep's calibrated rows (``comfy_compare``: Taylor 1 on the order-1 PACT, Taylor 2 on the
+  order-2 PACT's history-exact costs, spectral on the order-2 PACT).
+
+PSNR against the plain run of the decoded RGB image (the K sweep's measure) and of the final latent
+(peak: the plain latent's range), mean and worst over the held-out prompts. "Best in hindsight" is the
+best row of the six forecaster rows; the gap is best minus chosen. Per forecaster the replayed errors
+under both measures of ``choose.MEASURES`` are listed, to see which tracks the PSNR. Writes
+bench/results/replay_choice_<model>_<steps>.md.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import statistics
+import subprocess
+import tempfile
+import time
+
+import torch
+
+from bench import comfy_compare as cc
+from bench import comfy_env
+
+QUANTILE = 0.9
+COMMIT: dict = {}
+
+
+def latent_psnr(out: torch.Tensor, ref: torch.Tensor) -> float:
+    mse = torch.mean((out.double() - ref.double()) ** 2).item()
+    peak = (ref.max() - ref.min()).item()
+    return float("inf") if mse == 0 else 10 * math.log10(peak * peak / mse)
+
+
+def schedule_of(core, candidate, num_evals: int, family):
+    return core.Schedule(tuple(candidate.keys), num_evals, model_family=family, order=candidate.order,
+                         source="replay", first_full_steps=3, predictor=candidate.predictor)
+
+
+def commit() -> str:
+    """The short hash of the checkout's HEAD, read once (when the run starts)."""
+    if "commit" in COMMIT:
+        return COMMIT["commit"]
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
+    except OSError:
+        out = "unknown"
+    return COMMIT.setdefault("commit", out)
+
+
+def run(args) -> dict:
+    bench = cc.MODELS[args.model]
+    extra = (cc.flux_detect_fix_dir(),) if bench.detect_fix else ()
+    env = comfy_env.boot(cpu=True, extra_nodes=extra)
+    core = env["core"]
+    torch.set_num_threads(args.threads)
+    prompts = bench.trainer.load_prompts(bench.weights)
+    model = cc.load_model(bench.weights, bench)
+    held_out = cc.prompt_list(args.prompts, 9000, offset=0)
+    calib = cc.prompt_list(args.calib, 1000, offset=2)
+    num_evals = cc.count_evaluations(model, prompts, bench, args.steps)
+    ks = tuple(args.ks) if args.ks else cc.compare_ks(args.steps)
+    apply = env["nodes"]["DPCacheApply"]()
+    plain = [cc.sample(model, prompts, c, s, args.steps, bench) for c, s in held_out]
+    plain_rgb = cc.decode(model, torch.cat(plain), prompts, bench)
+    measured: dict = {}
+
+    def measure(sched):
+        key = (tuple(sched.key_steps), sched.predictor, sched.order if sched.predictor == "taylor" else 0)
+        if key not in measured:
+            patched = apply.apply(model, sched)["result"][0]
+            lat = [cc.sample(patched, prompts, c, s, args.steps, bench) for c, s in held_out]
+            rgb = cc.decode(model, torch.cat(lat), prompts, bench)
+            ps = [cc.psnr(rgb[i], plain_rgb[i]) for i in range(len(held_out))]
+            pl = [latent_psnr(lat[i], plain[i]) for i in range(len(held_out))]
+            measured[key] = dict(mean=statistics.fmean(ps), worst=min(ps), latent=statistics.fmean(pl),
+                                 latent_worst=min(pl), keys=list(sched.key_steps))
+        return measured[key]
+
+    cells = []
+    with tempfile.TemporaryDirectory() as folder:
+        t0 = time.perf_counter()
+        pacts = {o: cc.calibrate(model, prompts, calib, o, folder, args.steps, bench) for o in (1, 2)}
+        print(f"calibrated orders 1 and 2 on {len(calib)} prompts in {time.perf_counter() - t0:.0f}s", flush=True)
+        acc, meta = core.load_pact(os.path.join(folder, pacts[1]))
+        for k in ks:
+            t1 = time.perf_counter()
+            choice = core.choose.replay_choice(acc, meta, k, 3, 0)
+            q_choice = core.choose.replay_choice(acc, meta, k, 3, 0, quantile=args.quantile)
+            r_choice = core.choose.replay_choice(acc, meta, k, 3, 0, refined=True)
+            refined = measure(schedule_of(core, r_choice.best, num_evals, meta.get("model_family")))
+            node = cc.node_schedule(pacts[1], k, num_evals)  # DPCache Schedule's forecaster auto: the choice
+            assert node.key_steps == choice.best.keys and node.predictor == choice.best.predictor
+            rows = {}
+            for name in core.choose.SPEED_ORDER:
+                cand = min((c for c in choice.candidates if c.name == name), key=lambda c: c.error)
+                weights = core.choose.step_weights(meta, num_evals)
+                scores = {m: float(core.choose.replay_errors(acc.trajectories, cand.keys, name, 3, measure=m,
+                                                             weights=weights).mean()) for m in core.choose.MEASURES}
+                rows[f"replay's {core.choose.label(name)}"] = dict(
+                    measure(schedule_of(core, cand, num_evals, meta.get("model_family"))),
+                    db=cand.db, scores=scores, plan=cand.plan)
+            for name, sched in cc.sweep_schedules(k, num_evals, pacts, (cc.CAL_O1, cc.CAL_O2, cc.CAL_SPECTRAL)).items():
+                rows[name] = measure(sched)
+            chosen = rows[f"replay's {core.choose.label(choice.best.name)}"]
+            quantile = measure(schedule_of(core, q_choice.best, num_evals, meta.get("model_family")))
+            best_name = max(rows, key=lambda n: rows[n]["mean"])
+            cell = dict(k=k, choice=choice, q_choice=q_choice, rows=rows, chosen=chosen, quantile=quantile,
+                        r_choice=r_choice, refined=refined,
+                        best_name=best_name, best=rows[best_name])
+            cells.append(cell)
+            print(f"K={k}: chosen {choice.best.name} {chosen['mean']:.2f} ({chosen['worst']:.2f}), best {best_name} "
+                  f"{rows[best_name]['mean']:.2f}, quantile {q_choice.best.name} {quantile['mean']:.2f} "
+                  f"({quantile['worst']:.2f}), refined {r_choice.best.name} {refined['mean']:.2f} ({refined['worst']:.2f}); "
+                  f"{time.perf_counter() - t1:.0f}s", flush=True)
+            write(args, bench, num_evals, held_out, calib, cells)
+    return dict(cells=cells)
+
+
+def write(args, bench, num_evals, held_out, calib, cells) -> str:
+    lines = [
+        f"Command: `<ComfyUI's python> -m bench.replay_choice --model {args.model} --steps {args.steps} --ks "
+        f"{' '.join(str(c['k']) for c in cells)} --prompts {args.prompts} --calib {args.calib}` at commit {commit()} "
+        f"(real ComfyUI). Model: {bench.text}; {args.steps} steps = {num_evals} evaluations. {len(held_out)} held-out "
+        f"prompts; PACTs from DPCache Calibrate (order 1 with its replay trajectories, and order 2) on {len(calib)} other "
+        "prompts. PSNR against the plain run in dB, mean / worst over the prompts: decoded RGB (latent in brackets).",
+        "",
+        "| model | steps | K | chosen | runner-up (replayed dB) | chosen PSNR mean / worst | best in hindsight | "
+        "best PSNR | gap | latent gap | quantile {:g}: choice, mean / worst | refined by replay: choice, mean / worst |"
+        .format(args.quantile),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in cells:
+        ch, run, best = c["chosen"], c["choice"].runner_up, c["best"]
+        runner = f"{cc_label(run.name)} ({run.db:.1f}; chosen {c['choice'].best.db:.1f})" if run else "-"
+        lines.append(
+            f"| {args.model} | {args.steps} | {c['k']} | {cc_label(c['choice'].best.name)} | {runner} | "
+            f"{ch['mean']:.1f} / {ch['worst']:.1f} ({ch['latent']:.1f} / {ch['latent_worst']:.1f}) | {c['best_name']} | "
+            f"{best['mean']:.1f} / {best['worst']:.1f} | {best['mean'] - ch['mean']:.1f} | "
+            f"{max(r['latent'] for r in c['rows'].values()) - ch['latent']:.1f} | "
+            f"{cc_label(c['q_choice'].best.name)}, {c['quantile']['mean']:.1f} / {c['quantile']['worst']:.1f} | "
+            f"{cc_label(c['r_choice'].best.name)}, {c['refined']['mean']:.1f} / {c['refined']['worst']:.1f} |")
+    lines += ["", "Every forecaster row: PSNR mean / worst (latent mean), and for the replay's candidates the replayed "
+              "error under each measure of `choose.MEASURES` (integrated and relative L2 in dB, the PACT's summed "
+              "mean-abs error) and the cost that planned the keys:", "",
+              "| K | row | PSNR mean / worst | latent | integrated (dB) | rel. L2 (dB) | PACT error | keys planned on | keys |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for c in cells:
+        for name, r in c["rows"].items():
+            sc = r.get("scores")
+            extra = (f"{db(sc['integrated'])} | {db(sc['relative L2'])} | {sc['PACT']:.4g} | {r['plan']}" if sc
+                     else " | | | ")
+            lines.append(f"| {c['k']} | {name} | {r['mean']:.1f} / {r['worst']:.1f} | {r['latent']:.1f} | {extra} | "
+                         f"{r['keys']} |")
+    lines += ["", f"Machine: {cc.machine_name()}."]
+    text = "\n".join(lines)
+    os.makedirs(args.out_dir, exist_ok=True)
+    with open(os.path.join(args.out_dir, f"replay_choice_{args.model}_{args.steps}.md"), "w") as f:
+        f.write(text + "\n")
+    return text
+
+
+def db(error: float) -> str:
+    return f"{20 * math.log10(max(error, 1e-30)):.1f}"
+
+
+def cc_label(name: str) -> str:
+    return "spectral" if name == "spectral" else name.replace("taylor", "Taylor")
+
+
+SUMMARY_ROW = re.compile(r"^\| (\w+) \| (\d+) \| (\d+) \| ")
+REPLAY_ROW = re.compile(r"^\| (\d+) \| replay's (Taylor \d|spectral) \| ([\d.]+) / ([\d.]+) \| ([\d.]+) \| "
+                        r"(-?[\d.]+) \| (-?[\d.]+) \| ([\d.e+-]+) \|")
+
+
+def summary(out_dir: str) -> str:
+    """bench/results/replay_choice.md: every model's choice table in one, the gap per model, and which
+    replayed measure picks the forecaster the PSNR picks (from the replay_choice_<model>_<steps>.md files)."""
+    table, per_model, picks = [], {}, {m: [] for m in ("integrated", "rel. L2", "PACT")}
+    variants: dict = {}
+    for name in sorted(os.listdir(out_dir)):
+        match = re.fullmatch(r"replay_choice_(\w+)_(\d+)\.md", name)
+        if not match:
+            continue
+        text = open(os.path.join(out_dir, name)).read()
+        made = re.search(r"at commit (\w+)", text)[1]
+        cells: dict = {}
+        for line in text.splitlines():
+            if SUMMARY_ROW.match(line):
+                c = [x.strip() for x in line.strip().strip("|").split("|")]
+                table.append(f"| {' | '.join(c[:5])} | {c[5].split(' (')[0]} | {' | '.join(c[6:9])} | {c[10]} | {made} |")
+                for what, cell in (("chosen", c[5].split(" (")[0]), ("best in hindsight", c[7]),
+                                   ("quantile 0.9", c[10].split(", ")[1]), ("refined by replay", c[11].split(", ")[1])):
+                    variants.setdefault(what, []).append([float(x) for x in cell.split(" / ")])
+                per_model.setdefault(f"{c[0]} {c[1]}", []).append(float(c[8]))
+            row = REPLAY_ROW.match(line)
+            if row:
+                cells.setdefault(row[1], []).append(dict(psnr=float(row[3]), integrated=float(row[6]),
+                                                         **{"rel. L2": float(row[7]), "PACT": float(row[8])}))
+        for rows in cells.values():
+            best = max(r["psnr"] for r in rows)
+            for m in picks:
+                picks[m].append(best - min(rows, key=lambda r: r[m])["psnr"])
+    gaps = [g for v in per_model.values() for g in v]
+    lines = ["Made by `<ComfyUI's python> -m bench.replay_choice --summary` from the per-model files (their commit in "
+             "the last column).", "",
+             "| model | steps | K | chosen | runner-up (replayed dB; chosen's) | chosen PSNR mean / worst | best in "
+             "hindsight | best mean / worst | gap | quantile 0.9: choice, mean / worst | commit |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"] + table
+    lines += ["", f"{len(gaps)} cells: within 0.5 dB in {sum(g <= 0.5 for g in gaps)}, mean gap {statistics.fmean(gaps):.2f} "
+              f"dB, largest {max(gaps):.1f}.", "", "| model, steps | cells within 0.5 dB | mean gap | largest gap |",
+              "|---|---|---|---|"]
+    lines += [f"| {k} | {sum(g <= 0.5 for g in v)} of {len(v)} | {statistics.fmean(v):.2f} | {max(v):.1f} |"
+              for k, v in per_model.items()]
+    lines += ["", "Which replayed error picks the forecaster the PSNR picks (among the replay's three rows of each cell):",
+              "", "| measure | cells | the PSNR's best | within 0.5 dB | mean gap (dB) | largest |", "|---|---|---|---|---|---|"]
+    lines += [f"| {m} | {len(v)} | {sum(g == 0 for g in v)} | {sum(g <= 0.5 for g in v)} | {statistics.fmean(v):.2f} | "
+              f"{max(v):.1f} |" for m, v in picks.items() if v]
+    chosen = variants["chosen"]
+    lines += ["", "The variants over the same cells (PSNR, dB; worst: each cell's worst prompt):", "",
+              "| plan | mean of the means | mean of the worsts | cells where the worst rose / fell against the chosen |",
+              "|---|---|---|---|"]
+    for what, cells in variants.items():
+        up = sum(v[1] > c[1] + 0.05 for v, c in zip(cells, chosen))
+        down = sum(v[1] < c[1] - 0.05 for v, c in zip(cells, chosen))
+        lines.append(f"| {what} | {statistics.fmean(v[0] for v in cells):.2f} | {statistics.fmean(v[1] for v in cells):.2f} | "
+                     f"{up} / {down} |")
+    text = "\n".join(lines)
+    with open(os.path.join(out_dir, "replay_choice.md"), "w") as f:
+        f.write(text + "\n")
+    return text
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=sorted(cc.MODELS), default="flux")
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--ks", type=int, nargs="*", default=None, help="default: the K sweep's (7..25 of 50, scaled)")
+    ap.add_argument("--prompts", type=int, default=6, help="held-out prompts")
+    ap.add_argument("--calib", type=int, default=4, help="calibration prompts")
+    ap.add_argument("--quantile", type=float, default=QUANTILE)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out-dir", default=cc.RESULTS)
+    ap.add_argument("--summary", action="store_true", help="only gather the per-model files into replay_choice.md")
+    args = ap.parse_args()
+    if args.summary:
+        print(summary(args.out_dir))
+        return
+    t0 = time.perf_counter()
+    commit()
+    run(args)
+    print(f"wall {time.perf_counter() - t0:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
