@@ -4,9 +4,10 @@
     ... -m bench.comfy_compare --prompts 2 --rounds 1 --quick --out-dir out/compare_smoke   # smoke run
     ... -m bench.comfy_compare --compare --model wan --steps 30 --prompts 8   # the K sweep against Spectrum
 
---compare (issue 18) runs one trained model (--model flux: euler, cfg 1; --model wan: the trained Wan2.1
+--compare runs one trained model (--model flux: euler, cfg 1; --model wan: the trained Wan2.1
 of bench/train_comfy_wan.py with uni_pc, scheduler simple, ModelSamplingSD3 shift 8, cfg 5 against a
-negative prompt) at --steps, and compares at equal full evaluations K (7..25 of 50, scaled to other
+negative prompt; --model qwen / hunyuan: the Qwen-Image- and HunyuanVideo-architecture models of
+bench/train_comfy_more.py, see MODELS) at --steps, and compares at equal full evaluations K (7..25 of 50, scaled to other
 step counts): Spectrum (its own key steps, ``spectrum_key_steps``, and the spectral forecaster, run by
 Apply DPCache as a (manual) schedule), DPCache Schedule's (uniform) and default entries, calibrated
 DPCache with Taylor 1, Taylor 2 and the spectral forecaster and with the forecaster chosen by replay

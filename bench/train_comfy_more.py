@@ -30,6 +30,7 @@ in place). Weights: bench/weights/comfy_qwen_patterns*.safetensors, comfy_hunyua
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import time
@@ -237,7 +238,8 @@ def train(kind: str, steps: int, batch: int, lr: float, seed: int, out: str, thr
     elapsed = time.time() - t0
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     config = QWEN_CONFIG if kind == "qwen" else HUNYUAN_CONFIG
-    meta = {"config": str(config), "trained": str(dict(steps=steps, batch=batch, lr=lr, seed=seed, cond_drop=spec.cond_drop,
+    meta = {"config": json.dumps(config),  # JSON: ComfyUI 0.33 parses a file's "config"
+            "trained": str(dict(steps=steps, batch=batch, lr=lr, seed=seed, cond_drop=spec.cond_drop,
                                                           seconds=round(elapsed), final_loss=round(running, 4))),
             "dataset": f"bench.train_comfy_more.{spec.draw.__name__} at {spec.frames}x{LATENT_SIZE}x{LATENT_SIZE}"}
     tmp = out + ".tmp"

@@ -22,6 +22,7 @@ from .schedule import (
     uniform_key_steps,
 )
 from .spectral import SpectralPredictor
+from .spectrum_keys import spectrum_key_steps
 from .store import PACK_VERSION, PactFileError, import_reference, import_reference_pkl, load_pact, save_pact
 from .taylor import TaylorPredictor
 from .transfer import index_positions, positions_from_sigmas, transfer_pact
@@ -44,6 +45,7 @@ __all__ = [
     "PactFileError",
     "Schedule",
     "SpectralPredictor",
+    "spectrum_key_steps",
     "ScheduleMismatchError",
     "TaylorPredictor",
     "TrajectoryRecorder",

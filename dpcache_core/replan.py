@@ -28,6 +28,7 @@ from .pact import default_max_gap
 from .schedule import Schedule, mandatory_steps, path_cost, solve_schedule, uniform_key_steps
 from .transfer import index_positions, transfer_pact
 from . import prior as cost_prior
+from .spectrum_keys import spectrum_key_steps
 
 BUDGET_RULES = ("same speed-up", "target speed-up", "fixed K")
 TRANSFERABLE = ("reference", "skip")  # objectives over the (T, T+1, T+1) tensor the transfer rebuilds
@@ -85,6 +86,12 @@ class Budget:
         else:
             k = int(round(self.keys * num_evals / own_num_evals))
         return max(1, min(k, num_evals))
+
+    def window_keys(self, run_evals: int, own_num_evals: int) -> int | None:
+        """The keys a partial run (a window of a longer trajectory) should compute among its own
+        ``run_evals`` evaluations: K scaled to them by the rule's ratio (the same speed-up as a whole
+        run); None for fixed K (K counts over the whole trajectory)."""
+        return None if self.rule == "fixed K" else self.keys_for(run_evals, own_num_evals)
 
     def describe(self, own_num_evals: int) -> str:
         if self.rule == "fixed K":
@@ -204,6 +211,8 @@ class Planner:
     #: prior made afresh from its source (``prior.prior_cost``), not on a transfer of ``cost``, with
     #: its kept-last rule (``prior.solve_prior``); ``last_full_steps`` is then the typed minimum.
     prior: bool = False
+    #: (spectrum): no cost; every count is planned with Spectrum's own key steps (``spectrum_plan``).
+    spectrum: bool = False
 
     def __post_init__(self):
         if self.cost is not None:
@@ -291,6 +300,17 @@ def uniform_plan(num_evals: int, num_keys: int, first_full_steps: int = 3, last_
     return sorted(keys), used
 
 
+def spectrum_plan(num_evals: int, num_keys: int, first_full_steps: int = 3, last_full_steps: int = 0,
+                  required=()) -> list[int]:
+    """Spectrum's key steps (``spectrum_key_steps``: warm-up round(T / 10), growing windows, a tail of
+    up to 3) with a warm-up of at least ``first_full_steps`` and a tail of at least ``last_full_steps``,
+    plus the ``required`` keys (the first evaluations of a partial run's windows)."""
+    warmup = max(1, round(num_evals / 10), int(first_full_steps))
+    tail = int(last_full_steps) if last_full_steps > 3 else None
+    keys = spectrum_key_steps(num_evals, max(int(num_keys), min(warmup + (tail or 1), num_evals)), warmup=warmup, tail=tail)
+    return sorted(set(keys) | {int(r) for r in required if 0 <= r < num_evals})
+
+
 def schedule_label(schedule: Schedule) -> str:
     planner = schedule.planner
     if planner is not None and planner.label:
@@ -321,8 +341,20 @@ def plan_run(schedule: Schedule, run: RunShape) -> RunPlan:
         joint = joint_trajectory(run, planner.first_full_steps) if run.partial else None
         total = joint.total if joint else n
         k = budget.keys_for(total, planner.num_evals)
-        keys, used = uniform_plan(total, k, planner.first_full_steps, planner.last_full_steps if joint is None else 0,
-                                  joint.required if joint else ())
+
+        def fixed(k):
+            """The entry's own key rule (Spectrum's or evenly spaced) for k keys on the whole trajectory."""
+            last = planner.last_full_steps if joint is None else 0
+            required = joint.required if joint else ()
+            if planner.spectrum:
+                keys = spectrum_plan(total, k, planner.first_full_steps, last, required)
+                return keys, len(keys)
+            return uniform_plan(total, k, planner.first_full_steps, last, required)
+
+        keys, used = fixed(k)
+        if joint is not None:
+            (keys, used), k, note = sized_for_window(fixed, k, joint, budget.window_keys(n, planner.num_evals))
+            return executed(schedule, label, rule, run, joint, keys, note or raised_note(k, used, total), None)
         return executed(schedule, label, rule, run, joint, keys, raised_note(k, used, total), None)
     convention = getattr(schedule, "convention", None) or "reference"
     if convention == "history":  # the history-exact tensor does not transfer: the skip-only reading does
@@ -338,12 +370,47 @@ def plan_run(schedule: Schedule, run: RunShape) -> RunPlan:
     if not by_sigma:  # no sigmas on one side: index / T
         positions = tuple(index_positions(joint.total))
     k = budget.keys_for(joint.total, planner.num_evals)
-    keys, cost, used = planner.solve(positions, k, joint.required, convention, by_sigma)
+
+    def solve(k):
+        keys, cost, used = planner.solve(positions, k, joint.required, convention, by_sigma)
+        return keys, used, cost
+
+    keys, used, cost = solve(k)
     if joint.total != n or run.partial:
-        return executed(schedule, label, rule, run, joint, keys, raised_note(k, used, joint.total), None)
+        (keys, used, _), k, note = sized_for_window(solve, k, joint, budget.window_keys(n, planner.num_evals))
+        return executed(schedule, label, rule, run, joint, keys, note or raised_note(k, used, joint.total), None)
     if n == planner.num_evals:  # the same count at other sigmas: the PACT re-mapped onto the run's positions
         label += "; this run's sigmas put its evaluations elsewhere on the trajectory, so it is re-mapped by sigma"
     return executed(schedule, label, rule, run, None, keys, raised_note(k, used, n), cost)
+
+
+def sized_for_window(solve, k: int, joint: JointTrajectory, want: int | None):
+    """(plan, K asked, note): the joint plan ``solve(k)`` (keys first, K used second) whose keys inside
+    the run's window (``joint.offset`` .. + ``joint.num_evals``) are ``want``, the budget's share of the
+    evaluations the run computes (``Budget.window_keys``): the joint K raised or lowered until the window
+    holds that many, or as near as the window's mandatory keys and the hop cap allow. ``want`` None
+    (fixed K): the plan of ``k`` as it is. The note says what the window got."""
+    plan = solve(k)
+    if want is None:
+        return plan, k, ""
+
+    def inside(p):
+        return sum(joint.offset <= key < joint.offset + joint.num_evals for key in p[0])
+
+    if inside(plan) < want:
+        for more in range(plan[1] + 1, joint.total + 1):
+            plan, k = solve(more), more
+            if inside(plan) >= want:
+                break
+    while inside(plan) > want and plan[1] > 1:
+        fewer = solve(plan[1] - 1)
+        if fewer[1] >= plan[1] or inside(fewer) < want:
+            break
+        plan, k = fewer, plan[1] - 1
+    got = inside(plan)
+    why = "" if got == want else (f"; {got}, not {want}: the fewest the call's first keys and the hop cap allow"
+                                  if got > want else f"; {got}, not {want}: the most the joint plan places there")
+    return plan, k, f" (the joint K sized so that this call computes the budget's share of its {joint.num_evals} evaluations, {want}{why})"
 
 
 def raised_note(asked: int, used: int, num_evals: int) -> str:

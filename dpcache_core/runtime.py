@@ -36,8 +36,9 @@ class CacheRun:
     stream either ``update(stream, feature)`` (key) or ``predict(stream)`` (skipped).
     """
 
-    def __init__(self, schedule: Schedule):
+    def __init__(self, schedule: Schedule, spectral_history: int | None = None):
         self.schedule = schedule
+        self.spectral_history = spectral_history  # the spectral ring's length (None: its default of 8)
         self.index = -1
         self.is_key = False
         self.computed = 0
@@ -70,7 +71,7 @@ class CacheRun:
     def new_predictor(self):
         """The schedule's forecaster for a new stream: Taylor of its order, or spectral."""
         if self.schedule.predictor == "spectral":
-            return SpectralPredictor()
+            return SpectralPredictor() if self.spectral_history is None else SpectralPredictor(max_history=self.spectral_history)
         return TaylorPredictor(self.schedule.order, self.schedule.scheme, self.derivatives_after)
 
     def time(self) -> float:

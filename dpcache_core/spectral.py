@@ -1,4 +1,4 @@
-"""A spectral forecaster of the cache-point feature (Spectrum's key-step schedule, for the benchmarks, is in bench/spectrum.py).
+"""A spectral forecaster of the cache-point feature (Spectrum's key-step schedule is in spectrum_keys.py).
 
 Written from the Spectrum paper (Han et al., "Adaptive Spectral Feature Forecasting for Diffusion
 Sampling Acceleration", CVPR 2026, arXiv 2603.01623): the feature is a function of a time
@@ -28,14 +28,14 @@ from collections import deque
 import numpy as np
 import torch
 
-from .taylor import block_elements, element_blocks
+from .taylor import block_elements, clamp_for, element_blocks
 
 DEFAULT_DEGREE = 4  # Chebyshev T_0 .. T_4 (the paper's m = 4)
 DEFAULT_RIDGE = 0.1  # the paper's lambda
 DEFAULT_BLEND = 0.5  # weight of the spectral fit; 1 - blend goes to the local linear extrapolation
 DEFAULT_MAX_HISTORY = 8  # features kept per stream (a ring): memory = 8 x one feature; 8 measured as good as 16 (BENCHMARKS.md)
 # forecaster "auto": spectral from this ideal speed-up T/K up (K <= 17 of 50), Taylor below, where the
-# spectral fit lost to Taylor on the trained FLUX benchmark (BENCHMARKS.md, "Forecasters and a calibration-free default")
+# spectral fit lost to Taylor on the trained FLUX benchmark (bench/results/history_spectrum.md, "Forecasters and a calibration-free default")
 AUTO_SPECTRAL_SPEEDUP = 2.9
 
 
@@ -154,7 +154,7 @@ class SpectralPredictor:
             acc = buffer[: last[index].numel()].view(last[index].shape).zero_()
             for w, feature in zip(weights, self.features):
                 acc.add_(feature[index], alpha=w)
-            out[index].copy_(acc)
+            out[index].copy_(clamp_for(acc, out.dtype))
         return out
 
     def nbytes(self) -> int:

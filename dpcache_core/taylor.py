@@ -147,12 +147,23 @@ class TaylorPredictor:
             acc = buffer[: block.numel()].view(block.shape).copy_(block)
             for w, factor in zip(weights[1:], self.factors[1:]):
                 acc.add_(factor[index], alpha=w)
-            out[index].copy_(acc)
+            out[index].copy_(clamp_for(acc, out.dtype))
         return out
 
     def nbytes(self) -> int:
         """Bytes held by the factors."""
         return sum(f.numel() * f.element_size() for f in self.factors)
+
+
+def clamp_for(acc: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``acc`` (a float32 block of a prediction) clamped in place to the finite range of ``dtype`` when
+    that range is narrower than float32's (float16: +-65504): an extrapolation past it would be written
+    as inf, then NaN after the model's final norm (a black image), as ComfyUI's FLUX blocks clamp fp16.
+    float32 and bfloat16 (float32's range) are left as they are, at no cost."""
+    if dtype.is_floating_point and dtype.itemsize < 4 and dtype != torch.bfloat16:
+        top = torch.finfo(dtype).max
+        acc.clamp_(-top, top)
+    return acc
 
 
 def copy_of(feature: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

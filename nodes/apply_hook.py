@@ -13,9 +13,9 @@ except ImportError:  # pragma: no cover - depends on how the pack is imported
     from dpcache_core.replan import plan_run
     from dpcache_core.runtime import mismatch_message
 
-from . import run_state, ui
+from . import memory, run_state, ui
 from .sampler_counts import sampler_name
-from .sampling_hooks import refuse_context_windows, run_shape, sample_with_run, uses_controlnet
+from .sampling_hooks import failure_text, refuse_context_windows, run_shape, sample_with_run, uses_controlnet
 
 log = logging.getLogger("dpcache")
 
@@ -82,6 +82,9 @@ class ApplyHook:
             schedule, plan_text = plan.schedule, plan.text
             if plan_text:
                 log.info("DPCache: %s", plan_text)
+        schedule, fit = memory.fit_run(schedule, guider, args[0].shape)  # the forecaster whose cache fits
+        if fit is not None and fit.note:
+            plan_text = f"{plan_text}; {fit.note}" if plan_text else fit.note
         line = plan_line(schedule.key_steps, schedule.num_evals)
         log.info("DPCache: %s", line)
         ui.send_text(line, self.node_id)
@@ -90,7 +93,7 @@ class ApplyHook:
             msg = "DPCache: ControlNet detected; it adds residuals between blocks, so every evaluation is computed in full"
             log.warning(msg)
             ui.send_text(msg, self.node_id)
-        return run_state.ApplyRun(self.family, schedule, force_all, sampler_name(sampler), plan_text)
+        return run_state.ApplyRun(self.family, schedule, force_all, sampler_name(sampler), plan_text, fit)
 
     def finish(self, run: run_state.ApplyRun, ok: bool) -> None:
         if not ok:
@@ -99,11 +102,22 @@ class ApplyHook:
         log.info(run.summary())
         schedule_node = getattr(self.schedule, "ui_node", None)  # the DPCache Schedule that fed it: shows the plan that ran
         report_plan_run(run, (self.node_id, schedule_node), run.cache.schedule.source)
-        if run.evaluations != run.cache.schedule.num_evals:
-            raise ScheduleMismatchError(mismatch_message(run.evaluations, run.cache.schedule.num_evals, run.sampler))
+        if run.evaluations != run.cache.schedule.num_evals:  # a sampler whose count is only known while it samples
+            self.warn(f"{mismatch_message(run.evaluations, run.cache.schedule.num_evals, run.sampler)}. This run's "
+                      "output is returned (its last planned key evaluations did not come)")
+
+    def warn(self, text: str) -> None:
+        """One log line, and the text on this node and on the DPCache Schedule that fed it."""
+        log.warning("Apply DPCache: %s", text)
+        for node in (self.node_id, getattr(self.schedule, "ui_node", None)):
+            ui.send_text(f"Apply DPCache: {text}", node)
+
+    def failed(self, run: run_state.ApplyRun, exc: Exception) -> None:
+        """The end-of-run work failed after the sampler returned (``sample_with_run``): say so."""
+        self.warn(f"after the sampling run: {failure_text(exc)}; the sampler's output is returned")
 
     def outer_sample(self, executor, *args, **kwargs):
-        return sample_with_run(executor, args, kwargs, self.start, self.finish)
+        return sample_with_run(executor, args, kwargs, self.start, self.finish, self.failed)
 
     def __deepcopy__(self, memo):  # ComfyUI deep-copies model_options on clone: share, it is immutable
         return self

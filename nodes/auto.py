@@ -9,7 +9,10 @@ At the start of every sampling run the run's setting is worked out (``dpcache_co
 - none at all: the run computes every evaluation (its output is the plain run's, bit for bit),
   records a sampled PACT sample and, when it finishes, saves it atomically under a lock file; an
   interrupted run writes nothing;
-- a damaged file of that setting: refused with the file named; the run computes in full.
+- a damaged file of that setting: refused with the file named; the run computes in full;
+- a setting whose sample could not be saved earlier in this process (an unwritable models/dpcache):
+  planned on the calibration-free cost prior (``dpcache_core.prior``), with a note, instead of being
+  computed in full again. The run that failed to save returned its output and said why (``failed``).
 
 ``refine_every`` = N > 0 makes every N-th run of a setting (counted per node) a calibration run that
 adds a sample to the file. After every run the node (and the DPCache Schedule that fed it) shows the
@@ -36,12 +39,15 @@ except ImportError:  # pragma: no cover - depends on how the pack is imported
     from dpcache_core.pact import default_max_gap
     from dpcache_core.transfer import index_positions
 
-from . import calibrate_hook, run_state, ui
+from . import calibrate_hook, memory, run_state, ui
 from .apply_hook import plan_line, report_plan_run
-from .sampling_hooks import guess_scheduler, refuse_context_windows, run_shape, sample_with_run, uses_controlnet
+from .sampling_hooks import failure_text, guess_scheduler, refuse_context_windows, run_shape, sample_with_run, uses_controlnet
 from .sampler_counts import sampler_name
 
 log = logging.getLogger("dpcache")
+
+#: PACT paths whose calibration sample could not be saved in this process -> why (``AutoHook.failed``)
+UNSAVED: dict[str, str] = {}
 
 AUTO_ORDER = 1  # calibrated at order 1: the sampled sample costs ~6 % of a run (BENCHMARKS.md §9)
 FIRST_FULL_STEPS = 3  # DPCache Schedule's default
@@ -255,9 +261,12 @@ class AutoHook:
                 except core.PactFileError:
                     found = None
         refine = found is not None and found.exact and self.refine_every and count % self.refine_every == 0
-        if found is None or refine:
+        unsaved = UNSAVED.get(path)
+        if unsaved is not None and found is None:  # its sample could not be saved: not recomputed in full forever
+            return self.prior_run(guider, sampler, args[0].shape, setting, shape, path, unsaved)
+        if (found is None or refine) and unsaved is None:
             return self.calibration_run(guider, args, setting, path, shape, count, refine)
-        return self.planned_run(guider, sampler, setting, shape, found, acc)
+        return self.planned_run(guider, sampler, args[0].shape, setting, shape, found, acc)
 
     def full_run(self, why: str):
         run = FullRun(self.family)
@@ -272,7 +281,7 @@ class AutoHook:
                  f"{os.path.basename(path)}; setting {setting.describe()}")
         return run
 
-    def planned_run(self, guider, sampler, setting, shape, found, acc):
+    def planned_run(self, guider, sampler, noise_shape, setting, shape, found, acc):
         n = shape.num_evals
         try:
             keys, asked, choice = self.plan(found, acc, shape)
@@ -287,15 +296,47 @@ class AutoHook:
             predictor, order = choice.best.predictor, choice.best.order
             how += f"; {choice.describe()}"
         else:  # as DPCache Schedule's "auto" without data
-            predictor, order = core.spectral.auto_forecaster(n / len(keys)), int(found.meta.get("order", AUTO_ORDER))
-        schedule = core.Schedule(tuple(keys), n, model_family=self.family, order=order,
-                                 scheme=found.meta.get("scheme", "reference"), source=f"auto:{found.name}",
-                                 first_full_steps=self.first_full_steps,
-                                 convention="skip" if found.meta.get("convention") == "skip" else "reference",
-                                 predictor=predictor)
+            predictor, order = None, int(found.meta.get("order", AUTO_ORDER))
+        return self.keyed_run(guider, sampler, noise_shape, setting, keys, n, how, found.name, asked, order,
+                              found.meta.get("scheme", "reference"),
+                              "skip" if found.meta.get("convention") == "skip" else "reference", predictor)
+
+    def prior_run(self, guider, sampler, noise_shape, setting, shape, path, why: str):
+        """A run planned on the calibration-free cost prior, for a setting whose sample could not be saved."""
+        n = shape.num_evals
+        asked = self.budget.keys_for(n, self.own_num_evals)
+        try:
+            positions = (list(shape.positions) + [shape.end]) if shape.positions else None
+            cost = core.prior_cost(n, positions)
+            keys = None
+            for k in range(asked, n + 1):  # raised to the fewest keys the first steps and the hop cap allow
+                try:
+                    keys, _ = core.prior.solve_prior(cost, k, self.first_full_steps)
+                    break
+                except ValueError:
+                    if k == n:
+                        raise
+        except ValueError as exc:
+            self.say(f"{os.path.basename(path)} could not be saved earlier ({why}) and the cost prior cannot plan this "
+                     f"run ({exc}); every evaluation is computed")
+            return self.full_run("no plan")
+        how = (f"planned on the cost prior (no calibration): {os.path.basename(path)} could not be saved earlier in "
+               f"this session ({why})")
+        return self.keyed_run(guider, sampler, noise_shape, setting, keys, n, how, "prior", asked, AUTO_ORDER, "reference", "skip")
+
+    def keyed_run(self, guider, sampler, noise_shape, setting, keys, n, how, name, asked, order, scheme, convention,
+                  predictor=None):
+        """The ApplyRun of ``keys`` (``predictor`` None: as DPCache Schedule's "auto" without data), with the
+        forecaster whose cache fits the free GPU memory (``memory.fit_run``)."""
+        schedule = core.Schedule(tuple(keys), n, model_family=self.family, order=order, scheme=scheme,
+                                 source=f"auto:{name}", first_full_steps=self.first_full_steps, convention=convention,
+                                 predictor=predictor or core.spectral.auto_forecaster(n / len(keys)))
+        schedule, fit = memory.fit_run(schedule, guider, noise_shape)  # the forecaster whose cache fits
+        if fit is not None and fit.note:
+            how = f"{how}; {fit.note}"
         force_all = uses_controlnet(guider)
-        run = run_state.ApplyRun(self.family, schedule, force_all, sampler_name(sampler), how)
-        run.auto = ("plan", setting, found, asked)
+        run = run_state.ApplyRun(self.family, schedule, force_all, sampler_name(sampler), how, fit)
+        run.auto = ("plan", setting, name, asked)
         self.say(f"{how}: keys {list(keys)}; {plan_line(keys, n)}")
         return run
 
@@ -343,12 +384,9 @@ class AutoHook:
                 "sample_seed": None if size == "all" else run.recorder.seed, "automatic": True}
         meta.update(calibrate_hook.trajectory_metadata(run))
         record = settings.sample_record(run.resolution, run.seed, setting.sampler, setting.scheduler)
-        try:
-            written = settings.add_sample(path, setting, sample, meta, record,
-                                          trajectories=core.replay.replay_sample(run.recorder))
-        except (core.PactFileError, TimeoutError) as exc:
-            self.say(f"the sample was not saved: {exc}")
-            return
+        written = settings.add_sample(path, setting, sample, meta, record,  # an error: ``failed``
+                                      trajectories=core.replay.replay_sample(run.recorder))
+        UNSAVED.pop(path, None)
         wall = time.perf_counter() - t0
         line = (f"calibrated this setting (run {count}): {n} of {n} evaluations computed (the plain run), "
                 f"{os.path.basename(path)} now holds {written['samples']} sample(s); the next run at this setting "
@@ -357,9 +395,23 @@ class AutoHook:
         ui.report_event((self.node_id, self.schedule_node), range(n), n, n, 0, line, f"auto:{os.path.basename(path)}")
 
     def finish_planned(self, run) -> None:
-        _, setting, found, asked = run.auto
-        report_plan_run(run, (self.node_id, self.schedule_node), f"auto:{found.name}", "DPCache (auto)", asked,
+        _, setting, name, asked = run.auto
+        report_plan_run(run, (self.node_id, self.schedule_node), f"auto:{name}", "DPCache (auto)", asked,
                         self.first_full_steps)
 
+    def failed(self, run, exc: Exception) -> None:
+        """The end-of-run work failed after the sampler returned (``sample_with_run``): the output is
+        returned; a calibration whose sample was not saved is remembered, so later runs at that setting
+        (in this process) are planned on the cost prior instead of computed in full again."""
+        if run.auto[0] != "calibrate":
+            self.say(f"after the sampling run: {failure_text(exc)}; the sampler's output is returned")
+            return
+        path = run.auto[2]
+        UNSAVED[path] = failure_text(exc)
+        fix = f" Make {os.path.dirname(path)} a writable folder to calibrate" if isinstance(exc, OSError) else ""
+        self.say(f"the PACT sample of this setting was not saved to {path}: {failure_text(exc)}. This run's output "
+                 "(the plain run's) is returned; later runs at this setting are planned on the cost prior (no "
+                 f"calibration) until ComfyUI restarts.{fix}")
+
     def outer_sample(self, executor, *args, **kwargs):
-        return sample_with_run(executor, args, kwargs, self.start, self.finish)
+        return sample_with_run(executor, args, kwargs, self.start, self.finish, self.failed)

@@ -29,7 +29,7 @@ except ImportError:  # pragma: no cover - depends on how the pack is imported
 from . import ui
 from .run_state import CalibrateRun
 from .sampler_counts import expected_evaluations, is_rectified_flow, sampler_name
-from .sampling_hooks import guess_scheduler, refuse_context_windows, resolution_of, run_shape, sample_with_run, sigma_table
+from .sampling_hooks import failure_text, guess_scheduler, refuse_context_windows, resolution_of, run_shape, sample_with_run, sigma_table
 
 log = logging.getLogger("dpcache")
 
@@ -315,5 +315,12 @@ class CalibrateHook:
         log.info("DPCache Calibrate: %s", line)
         ui.send_text(line, self.node_id)
 
+    def failed(self, run: CalibrateRun, exc: Exception) -> None:
+        """Adding the sample failed after the sampler returned (``sample_with_run``): say so on the node."""
+        fix = "; make the folder writable to calibrate" if isinstance(exc, OSError) else ""
+        line = f"nothing added to {run.path}: {failure_text(exc)}. The sampler's output is returned{fix}"
+        log.warning("DPCache Calibrate: %s", line)
+        ui.send_text(f"DPCache Calibrate: {line}", self.node_id)
+
     def outer_sample(self, executor, *args, **kwargs):
-        return sample_with_run(executor, args, kwargs, self.start, self.finish)
+        return sample_with_run(executor, args, kwargs, self.start, self.finish, self.failed)

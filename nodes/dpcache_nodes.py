@@ -37,8 +37,9 @@ EXTENSIONS = {".safetensors"}
 PACK_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED_DIR = os.path.join(PACK_DIR, "cost_matrices")
 UNIFORM, MANUAL, AUTO = "(uniform)", "(manual)", "(auto)"
-PRIOR = "(prior: no calibration)"  # the default: DP on the cost prior from the shipped PACTs (dpcache_core.prior)
-NO_FILE = (PRIOR, UNIFORM, MANUAL)  # pact entries that are not files
+SPECTRUM = "(spectrum: no calibration)"  # the default: Spectrum's key steps (dpcache_core.replan.spectrum_plan)
+PRIOR = "(prior: no calibration)"  # DP on the cost prior from the shipped PACTs (dpcache_core.prior)
+NO_FILE = (SPECTRUM, PRIOR, UNIFORM, MANUAL)  # pact entries that are not files
 FORECASTERS = ("auto", "spectral", "taylor")
 DEFAULT_FORECASTER = "auto"
 PRIOR_TAYLOR_ORDER = 1  # auto's Taylor order with (prior): order 1 beat order 2 there at K = 20 and 25 of 50
@@ -182,10 +183,10 @@ class DPCacheSchedule:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "pact": ([PRIOR, UNIFORM, MANUAL] + pact_files() + [AUTO], {"default": PRIOR, "tooltip": "(prior: no calibration), the default: dynamic programming on a cost prior averaged from the shipped FLUX and Wan PACTs, for any model and step count, no calibration needed. A calibrated PACT (models/dpcache/ and the pack's cost_matrices/) plans for your own model and sampler. (uniform) spaces the key steps evenly, (manual) takes your list. (auto): Apply DPCache's automatic mode (calibrates on the first run at a new setting, plans every later one; budget from key_steps of total_evaluations or target_speedup). The plan follows the file: PACTs from this version's DPCache Calibrate count only the evaluations that are skipped (history-exact at order 2 or more when the file holds that cost); older files and the paper authors' PACTs plan with the reference costs, as before. The text and picture say which."}),
+                "pact": ([SPECTRUM, PRIOR, UNIFORM, MANUAL] + pact_files() + [AUTO], {"default": SPECTRUM, "tooltip": "(spectrum: no calibration), the default: Spectrum's key steps (a warm-up of T/10 or first_full_steps, windows that grow, the last 3) with the spectral forecaster, for any model and step count, no calibration needed; chosen by leave-one-model-out on four trained bench models, where no rule on the cost prior stayed at or above it at every K (BENCHMARKS.md). (prior: no calibration): dynamic programming on a cost prior averaged from the shipped FLUX and Wan PACTs. A calibrated PACT (models/dpcache/ and the pack's cost_matrices/) plans for your own model and sampler. (uniform) spaces the key steps evenly, (manual) takes your list. (auto): Apply DPCache's automatic mode (calibrates on the first run at a new setting, plans every later one; budget from key_steps of total_evaluations or target_speedup). The plan follows the file: PACTs from this version's DPCache Calibrate count only the evaluations that are skipped (history-exact at order 2 or more when the file holds that cost); older files and the paper authors' PACTs plan with the reference costs, as before. The text and picture say which."}),
                 "key_steps": ("INT", {"default": 13, "min": 1, "max": 1000, "tooltip": "K: how many evaluations are computed in full, mandatory ones included. Ideal speed-up T/K. Ignored by (manual)."}),
                 "first_full_steps": ("INT", {"default": 3, "min": 1, "max": 1000, "tooltip": "The first evaluations are always computed (the picture changes fastest there)."}),
-                "last_full_steps": ("INT", {"default": 0, "min": 0, "max": 1000, "tooltip": "The last evaluations are always computed (fine detail). (prior: no calibration) keeps the last 3 as keys (or this many if more) where the run's key budget affords them under the hop cap, fewer where it cannot, at every run length."}),
+                "last_full_steps": ("INT", {"default": 0, "min": 0, "max": 1000, "tooltip": "The last evaluations are always computed (fine detail). (spectrum: no calibration) keeps Spectrum's tail (the last 3, fewer at small key_steps, or this many if more); (prior: no calibration) keeps the last 3 as keys (or this many if more) where the run's key budget affords them under the hop cap, fewer where it cannot, at every run length."}),
                 "total_evaluations": ("INT", {"default": 50, "min": 1, "max": 10000, "tooltip": "T for (uniform)/(manual): the model evaluations of your run (Euler: steps; Heun: about 2x steps). A PACT sets T itself."}),
                 "manual_key_steps": ("STRING", {"default": "", "tooltip": "For (manual): key evaluations such as '0, 1, 2, 5, 9-11' (0-based; 0 is added)."}),
             },
@@ -193,7 +194,7 @@ class DPCacheSchedule:
                 "budget": (list(BUDGET_RULES), {"default": BUDGET_RULES[0], "tooltip": "How many key evaluations a run gets. A run whose evaluation count differs from T (other steps or sampler) is re-planned when sampling starts, from the PACT transferred to its count. same speed-up: key_steps at T, scaled to the run's count; target speed-up: count / target_speedup; fixed K: key_steps whatever the count. Not used by (manual)."}),
                 "target_speedup": ("FLOAT", {"default": 3.85, "min": 1.0, "max": 100.0, "step": 0.05, "tooltip": "For budget = target speed-up: the ideal speed-up T/K to plan for."}),
                 "taylor_order": ("INT", {"default": DEFAULT_ORDER, "min": 1, "max": 3, "tooltip": "Taylor order of the prediction for (prior), (uniform) and (manual) schedules with forecaster = taylor. 2 was the better order for evenly spaced key steps in our benchmark (BENCHMARKS.md). A PACT brings its own order (DPCache Calibrate's), so this is ignored with one."}),
-                "forecaster": (list(FORECASTERS), {"default": DEFAULT_FORECASTER, "tooltip": "How skipped evaluations are predicted. auto (default): with a PACT that keeps recorded trajectories (this version's DPCache Calibrate and automatic mode), Taylor 1, Taylor 2 and spectral are replayed on them, each on its DP plans, and the least replayed error wins (the text names the choice and the runner-up); without such data, spectral at ideal speed-ups T/K of 2.9x and more (K <= 17 of 50), taylor below (order 1 with (prior)). spectral: a Chebyshev fit by ridge regression over the key evaluations so far, blended with a linear extrapolation (Spectrum, CVPR 2026); holds on long hops; keeps up to 8 features per stream (FLUX 1024x1024 bf16: 8 x 25 MB). taylor: the Taylor expansion of the PACT's (or taylor_order's) order from the last order+1 key evaluations; order+1 features per stream. Both planned on the same costs (docs/forecasters.md)."}),
+                "forecaster": (list(FORECASTERS), {"default": DEFAULT_FORECASTER, "tooltip": "How skipped evaluations are predicted. auto (default): with a PACT that keeps recorded trajectories (this version's DPCache Calibrate and automatic mode), Taylor 1, Taylor 2 and spectral are replayed on them, each on its DP plans, and the least replayed error wins (the text names the choice and the runner-up); without such data, spectral at every K with (spectrum: no calibration), and with the other entries spectral at ideal speed-ups T/K of 2.9x and more (K <= 17 of 50), taylor below (order 1 with (prior)). spectral: a Chebyshev fit by ridge regression over the key evaluations so far, blended with a linear extrapolation (Spectrum, CVPR 2026); holds on long hops; keeps up to 8 features per stream (FLUX 1024x1024 bf16: 8 x 25 MB). taylor: the Taylor expansion of the PACT's (or taylor_order's) order from the last order+1 key evaluations; order+1 features per stream. Both planned on the same costs (docs/forecasters.md)."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -219,7 +220,7 @@ class DPCacheSchedule:
         if sched.predictor == "spectral":
             how = f"spectral forecaster (keeps up to {core.spectral.DEFAULT_MAX_HISTORY} features per stream)"
         else:
-            where = "chosen by replay" if "by replay" in " ".join(notes) else "from the PACT" if pact not in NO_FILE else "auto" if forecaster == "auto" and pact == PRIOR else "taylor_order"
+            where = "chosen by replay" if "by replay" in " ".join(notes) else "from the PACT" if pact not in NO_FILE else "auto" if forecaster == "auto" and pact in (PRIOR, SPECTRUM) else "taylor_order"
             how = f"Taylor order {sched.order} ({where}; keeps {sched.order + 1} features per stream)"
         text = (
             f"key steps {list(sched.key_steps)}: {sched.num_keys} of {sched.num_evals} evaluations, "
@@ -273,6 +274,8 @@ def make_schedule(pact, key_steps, first_full_steps=3, last_full_steps=0, total_
         raise ValueError(f"DPCache Schedule: unknown forecaster {forecaster!r}: use one of {', '.join(FORECASTERS)}")
     sched, cost, hop_costs = plan_entry(pact, key_steps, first_full_steps, last_full_steps, total_evaluations,
                                         manual_key_steps, budget, target_speedup, taylor_order, notes)
+    if forecaster == "auto" and pact == SPECTRUM:  # spectral at every K: chosen by leave-one-model-out (BENCHMARKS.md)
+        return dataclasses.replace(sched, predictor="spectral"), cost, hop_costs
     if forecaster == "auto" and pact not in NO_FILE:  # the file's replay trajectories choose, when it has them
         chosen, choice = core.choose.replayed_schedule(sched, *core.load_pact(pact_path(pact)))
         if choice is not None:
@@ -300,8 +303,14 @@ def plan_entry(pact, key_steps, first_full_steps=3, last_full_steps=0, total_eva
             asked = rule.keys_for(total_evaluations, total_evaluations)
             _, key_steps = core.replan.uniform_plan(total_evaluations, asked, first_full_steps, last_full_steps)
             notes += speedup_note(target_speedup, asked, key_steps, total_evaluations)
-        if by_speedup and pact == PRIOR:
+        if by_speedup and pact in (PRIOR, SPECTRUM):
             key_steps = rule.keys_for(total_evaluations, total_evaluations)
+        if pact == SPECTRUM:
+            keys = core.replan.spectrum_plan(total_evaluations, key_steps, first_full_steps, last_full_steps)
+            planner = core.Planner(total_evaluations, rule, first_full_steps, last_full_steps, order=int(taylor_order),
+                                   label=f"(spectrum) made for T={total_evaluations}", spectrum=True)
+            return core.Schedule(tuple(keys), total_evaluations, order=int(taylor_order), source="spectrum",
+                                 first_full_steps=first_full_steps, last_full_steps=last_full_steps, planner=planner), None, None
         if pact == MANUAL:
             keys = core.parse_key_steps(manual_key_steps, total_evaluations)
             return core.Schedule(tuple(keys), total_evaluations, order=int(taylor_order), source="manual",

@@ -196,9 +196,11 @@ class RunState:
 class ApplyRun(RunState):
     """Apply DPCache during one sampling run: key evaluations compute, the others predict."""
 
-    def __init__(self, family: str, schedule, force_all: bool = False, sampler: str | None = None, plan_text: str = ""):
+    def __init__(self, family: str, schedule, force_all: bool = False, sampler: str | None = None, plan_text: str = "",
+                 memory=None):
         super().__init__(family)
-        self.cache = CacheRun(schedule)
+        self.memory = memory  # the forecaster's memory fit (``nodes.memory.MemoryFit``), None when not checked
+        self.cache = CacheRun(schedule, memory.history if memory is not None else None)
         self.force_all = force_all
         self.sampler = sampler
         self.plan_text = plan_text

@@ -12,6 +12,8 @@ No ComfyUI import at module level: the CPU tests drive these functions with smal
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 
 try:  # inside ComfyUI the pack is a package; in the CPU tests the repo root is on sys.path
@@ -24,6 +26,8 @@ except ImportError:  # pragma: no cover - depends on how the pack is imported
 from .block_patches import CALL_KEY, PATCH_KEY, RUN_KEY, BlockPatches, ModelInfo, block_patch_owners
 from .run_state import RunState
 from .sampler_counts import expected_evaluations, is_rectified_flow, sampler_name
+
+log = logging.getLogger("dpcache")
 
 
 def evaluation_sigmas(sampler, sigmas, rectified_flow: bool = True) -> list[float] | None:
@@ -170,23 +174,51 @@ def predict_noise_wrapper(executor, *args, **kwargs):
     return executor(*args, **kwargs)
 
 
-def sample_with_run(executor, args, kwargs, start, finish):
-    """Run the sampler with a fresh run state from ``start(guider, args)``; ``finish(run, ok)`` always."""
+def is_cancel(exc: BaseException) -> bool:
+    """ComfyUI's Cancel (``InterruptProcessingException``): the user stops the prompt, not a failure."""
+    return type(exc).__name__ == "InterruptProcessingException"
+
+
+def failure_text(exc: BaseException) -> str:
+    """What failed, for the log and the node: the error's class and message (a file error names its path)."""
+    return f"{type(exc).__name__}: {exc}"
+
+
+def sample_with_run(executor, args, kwargs, start, finish, failed):
+    """Run the sampler with a fresh run state from ``start(guider, args)``; ``finish(run, ok)`` always.
+
+    Once the sampler has returned its output nothing here raises: an error in the end-of-run work
+    (``finish(run, True)``: writing a PACT, building its sample, the end-of-run checks) goes to
+    ``failed(run, error)``, the hook's one log line and node text, and the output is returned.
+    Only ComfyUI's Cancel, pressed during that work, still stops the prompt.
+    """
     guider = executor.class_obj
     original = guider.model_options
     run = start(guider, args)
-    ok = False
     try:
         guider.model_options = options_with_run(original, run)
         out = executor(*args, **kwargs)
-        ok = True
-        return out
-    finally:
+    except BaseException:
         guider.model_options = original
         try:
-            finish(run, ok)
+            finish(run, False)
         finally:
             run.close()
+        raise
+    guider.model_options = original
+    try:
+        finish(run, True)
+    except Exception as exc:
+        if is_cancel(exc):
+            raise
+        try:
+            failed(run, exc)
+        except Exception as again:  # the report itself failed: the log still says what happened
+            log.error("DPCache: after the sampler returned: %s (and reporting it failed: %s); the output is returned",
+                      failure_text(exc), failure_text(again))
+    finally:
+        run.close()
+    return out
 
 
 def install(model, info: ModelInfo, hook, label: str) -> None:

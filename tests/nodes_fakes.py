@@ -224,7 +224,8 @@ def sample(patcher, steps=10, cfg=2.0, batch=1, split=False, sampler="euler", ev
            control=None, interrupt_at=None, context_handler=False, streams=None, img=IMG, window=None,
            last_single=False, sigmas=None, shift=None, seed=0, slg=None, slg_blocks=(("double_block", 1),),
            slg_sigmas=(0.0, 1.0)):
-    """A sampling run of the fake model; returns the list of model outputs (one per evaluation).
+    """A sampling run of the fake model; returns the list of model outputs (one per evaluation), and
+    keeps what the OUTER_SAMPLE wrappers returned (the sampler's output) in ``sample.last_output``.
 
     ``window=(start, end)``: only steps start..end-1 of the ``steps``, like KSamplerAdvanced.
     ``last_single``: the last step makes one evaluation (like heun's step to sigma 0).
@@ -294,7 +295,8 @@ def sample(patcher, steps=10, cfg=2.0, batch=1, split=False, sampler="euler", ev
             x = x + 0.01 * out[: x.shape[0]]
         return x
 
-    Executor(outer_sample, guider, patcher.wrappers.get("outer_sample", []))(
+    sample.last_output = None
+    sample.last_output = Executor(outer_sample, guider, patcher.wrappers.get("outer_sample", []))(
         x0, x0 * 0, FakeSampler(sampler, evals_per_step), sigmas, None, None, True, seed)
     sample.last_guider = guider
     return outputs

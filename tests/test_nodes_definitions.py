@@ -51,7 +51,7 @@ def test_contract_inputs_and_defaults():
     assert (cal["order"][1]["default"], cal["order"][1]["min"], cal["order"][1]["max"]) == (1, 1, 3)
     assert cal["reset"][0] == "BOOLEAN" and cal["reset"][1]["default"] is False
     sch = nd.DPCacheSchedule.INPUT_TYPES()["required"]
-    assert sch["pact"][0][:3] == [nd.PRIOR, "(uniform)", "(manual)"] and sch["pact"][1]["default"] == nd.PRIOR
+    assert sch["pact"][0][:4] == [nd.SPECTRUM, nd.PRIOR, "(uniform)", "(manual)"] and sch["pact"][1]["default"] == nd.SPECTRUM
     assert [sch[k][1]["default"] for k in ("key_steps", "first_full_steps", "last_full_steps", "total_evaluations", "manual_key_steps")] == [13, 3, 0, 50, ""]
     assert nd.DPCacheSchedule.RETURN_TYPES == ("DPCACHE_SCHEDULE", "IMAGE")
     assert sch["pact"][0][-1] == "(auto)"  # offered, never the default entry
@@ -108,7 +108,7 @@ def test_schedule_from_a_pact_file(shipped):
     acc.add(cost)
     save_pact(os.path.join(shipped, "w.safetensors"), acc, {"model_family": "wan", "order": 2, "scheme": "reference"})
     (shipped / "notes.txt").write_text("not a PACT")
-    assert nd.DPCacheSchedule.INPUT_TYPES()["required"]["pact"][0] == [nd.PRIOR, "(uniform)", "(manual)", "w.safetensors", "(auto)"]
+    assert nd.DPCacheSchedule.INPUT_TYPES()["required"]["pact"][0] == [nd.SPECTRUM, nd.PRIOR, "(uniform)", "(manual)", "w.safetensors", "(auto)"]
     sched, image, text = run_schedule(pact="w.safetensors", key_steps=6)
     assert sched.num_evals == t and sched.num_keys == 6 and sched.model_family == "wan"
     assert sched.source == "pact:w.safetensors" and sched.cost is not None

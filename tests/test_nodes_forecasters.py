@@ -1,4 +1,4 @@
-"""DPCache Schedule's forecaster input and its calibration-free default entry, (prior: no calibration)."""
+"""DPCache Schedule's forecaster input and its calibration-free entry on the cost prior, (prior: no calibration)."""
 import numpy as np
 import pytest
 
@@ -14,10 +14,10 @@ def run_schedule(**kw):
     return out["result"][0], out["ui"]["text"][0]
 
 
-def test_prior_is_the_first_and_default_entry_and_auto_the_default_forecaster():
+def test_prior_is_an_entry_and_auto_the_default_forecaster():
     spec = nd.DPCacheSchedule.INPUT_TYPES()
     pact = spec["required"]["pact"]
-    assert pact[0][0] == nd.PRIOR and pact[1]["default"] == nd.PRIOR and "(uniform)" in pact[0]
+    assert nd.PRIOR in pact[0] and "(uniform)" in pact[0]
     forecaster = spec["optional"]["forecaster"]
     assert forecaster[0] == ["auto", "spectral", "taylor"] and forecaster[1]["default"] == "auto"
     assert "Spectrum" in forecaster[1]["tooltip"] and "no calibration" in pact[1]["tooltip"]
@@ -110,12 +110,13 @@ def test_prior_and_forecaster_errors_are_clear(tmp_path):
 
 
 def test_prior_plans_a_partial_run_on_the_joint_trajectory():
-    """A KSamplerAdvanced slice (e.g. Wan2.2 A14B's second expert): the joint plan on the prior."""
+    """A KSamplerAdvanced slice (e.g. Wan2.2 A14B's second expert): the joint plan on the prior, sized so
+    that the call computes the budget's share of its own evaluations (K = 10 of 20: 5 of its 10)."""
     sched, _ = run_schedule(key_steps=10, total_evaluations=20)
     plan = core.plan_run(sched, core.RunShape(10, positions=tuple(0.5 + 0.05 * np.arange(10)), end=1.0))
-    assert plan.joint_num_evals == 20 and plan.offset == 10
-    want = core.solve_schedule(prior.prior_cost(20, core.index_positions(20)), 10, 3, 3, required=[10, 11, 12],
-                               convention="skip")
+    assert plan.joint_num_evals == 20 and plan.offset == 10 and len(plan.schedule.key_steps) == 5
+    want, _ = prior.solve_prior(prior.prior_cost(20, core.index_positions(20)), len(plan.joint_keys), 3, 0,
+                                [10, 11, 12], "skip")  # the prior's kept-last rule, fewer where K cannot afford them
     assert list(plan.joint_keys) == want
     assert list(plan.schedule.key_steps) == [k - 10 for k in want if k >= 10] and plan.schedule.key_steps[:3] == (0, 1, 2)
 

@@ -111,8 +111,9 @@ def test_schedule_mismatch_errors():
     with pytest.raises(ValueError, match="dpm_adaptive.*at least 11 model evaluations.*T=10") as err:
         F.sample(apply(model, uniform(5)), steps=10, sampler="dpm_adaptive", evals_per_step=2)
     assert "heun" not in str(err.value)
-    with pytest.raises(ValueError, match="makes 6 model evaluations.*T=10"):
-        F.sample(apply(model, uniform(5)), steps=3, sampler="dpm_adaptive", evals_per_step=2)
+    # one that ends short of T: its output is returned and the node says so (test_nodes_after_output.py)
+    F.sample(apply(model, uniform(5)), steps=3, sampler="dpm_adaptive", evals_per_step=2)
+    assert F.sample.last_output is not None
     # 2-evaluation samplers whose count follows from the sigmas: checked before the first evaluation
     for sampler in ("dpmpp_sde", "dpmpp_2s_ancestral", "heun"):
         with pytest.raises(ValueError, match=f"\\({sampler}\\) makes 19 model evaluations.*T=10.*total_evaluations=19") as err:

@@ -95,3 +95,71 @@ def test_apply_declares_the_memory_of_the_forecaster_that_will_run(monkeypatch):
     nd.DPCacheApply().apply(F.FakePatcher(F.Flux()))  # the automatic mode at its default 3.85x
     nd.DPCacheApply().apply(F.FakePatcher(F.Flux()), target_speedup=2.0)  # replay may choose spectral at any speed-up
     assert seen == [(sched.order, "spectral"), (1, "spectral"), (1, "spectral")]
+
+
+GIB = 2 ** 30
+WAN720 = 21 * 45 * 80 * 5120  # Wan 14B at 1280x720 x 81 frames: tokens x width of one stream's feature
+
+
+def test_the_forecaster_that_fits_the_free_memory():
+    from dpcache_core import spectral
+    from dpcache_core.taylor import peak_bytes as taylor_bytes
+    ring8 = spectral.peak_bytes(WAN720, torch.bfloat16)
+    assert 6.4 * GIB < ring8 < 6.6 * GIB  # about 6.5 GiB per stream
+    kept = memory.fit_forecaster("spectral", 1, WAN720, torch.bfloat16, 2, 20 * GIB)
+    assert (kept.predictor, kept.history, kept.bytes, kept.note) == ("spectral", 8, 2 * ring8, "")
+    assert memory.fit_forecaster("spectral", 1, WAN720, torch.bfloat16, 2, None).history == 8  # unknown: kept
+    shorter = memory.fit_forecaster("spectral", 1, WAN720, torch.bfloat16, 2, 9 * GIB)
+    assert shorter.predictor == "spectral" and shorter.history == 5 and shorter.bytes <= 9 * GIB
+    assert "ring keeps 5 key features instead of 8" in shorter.note
+    taylor = memory.fit_forecaster("spectral", 1, WAN720, torch.bfloat16, 2, 5 * GIB)
+    assert (taylor.predictor, taylor.order, taylor.history) == ("taylor", 1, None)
+    assert taylor.bytes == 2 * taylor_bytes(WAN720, 1, torch.bfloat16) and "Taylor order 1" in taylor.note
+    none = memory.fit_forecaster("taylor", 2, WAN720, torch.bfloat16, 2, GIB)
+    assert none.predictor == "taylor" and none.order == 1 and "offload" in none.note
+
+
+def test_only_the_streams_that_run_are_counted():
+    from types import SimpleNamespace as NS
+    both = {"positive": [{}], "negative": [{}]}
+    assert memory.streams_that_run(NS(conds=both, cfg=1.0, model_options={})) == 1  # ComfyUI skips the uncond
+    assert memory.streams_that_run(NS(conds=both, cfg=3.5, model_options={})) == 2
+    assert memory.streams_that_run(NS(conds=both, cfg=1.0, model_options={"disable_cfg1_optimization": True})) == 2
+    assert memory.streams_that_run(NS(conds={"positive": [{}], "negative": []}, cfg=5.0, model_options={})) == 1
+
+
+def test_a_run_that_does_not_fit_downgrades_its_forecaster_and_declares_what_runs(fake_mm, monkeypatch):
+    """Apply with a spectral schedule on a GPU with too little free memory for its ring of 8: the run
+    keeps a shorter ring, the reservation is what that run keeps for the one stream that runs at cfg 1,
+    and the node says so."""
+    import nodes_fakes as F
+    import nodes.dpcache_nodes as nd
+    from dpcache_core import Schedule, uniform_key_steps
+    from nodes import block_patches, ui
+    texts = []
+    monkeypatch.setattr(ui, "send_text", lambda text, node: texts.append(text))
+    model = F.FakePatcher(F.Flux())
+    model.dm.hidden_size, model.dm.patch_size = F.HIDDEN, 1  # the fake's layout: tokens x width
+    model.model_dtype = lambda: torch.float32
+    numel = F.HIDDEN * F.HIDDEN  # the fake noise (1, IMG, HIDDEN): one latent axis of HIDDEN tokens x width HIDDEN
+    ring = memory.forecaster_bytes("spectral", 1, numel, torch.float32)
+    monkeypatch.setattr(memory, "free_vram", lambda guider, shape: ring - 1)  # no room for the ring of 8
+    sched = Schedule(tuple(uniform_key_steps(10, 5)), 10, predictor="spectral", order=1)
+    patched = nd.DPCacheApply().apply(model, sched, unique_id="9")["result"][0]
+    seen = {}
+    real_start = patched.wrappers["outer_sample"][0].__self__.start
+
+    def start(guider, args):
+        run = real_start(guider, args)
+        seen["run"] = run
+        (reserve,) = patched.wrappers["prepare_sampling"]
+        options = {"transformer_options": {block_patches.RUN_KEY: run}}
+        seen["reserved"] = reserve.bytes_for(args[0].shape, guider.conds, options)
+        return run
+
+    patched.wrappers["outer_sample"][0].__self__.start = start
+    F.sample(patched, steps=10, cfg=1.0)
+    run = seen["run"]
+    assert run.cache.schedule.predictor == "spectral" and run.cache.spectral_history == 7  # the longest that fits
+    assert seen["reserved"] == memory.forecaster_bytes("spectral", 1, numel, torch.float32, run.cache.spectral_history)
+    assert any("does not fit" in t and "ring keeps" in t for t in texts)

@@ -69,3 +69,29 @@ def test_skipped_evaluation_returns_the_prediction_in_the_models_dtype(name, ord
         assert torch.equal(rest, txt)
     first.add_(1)  # the model may modify the block output in place: the cache is not affected
     assert torch.equal(spec.cache_point(call.last_block(x, {}, None)["img"], where), expected)
+
+
+def rising_features(dtype):
+    """Key features climbing towards float16's limit (+-65504): an extrapolation passes it."""
+    base = torch.linspace(-1.0, 1.0, 64).reshape(1, 16, 4)
+    return [(t, (base * (20000.0 + 10000.0 * k)).to(dtype)) for k, t in enumerate((0.0, 0.1, 0.2, 0.3, 0.4))]
+
+
+@pytest.mark.parametrize("forecaster", ["taylor", "spectral"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_prediction_past_the_dtype_range_is_clamped_to_finite(forecaster, dtype):
+    from dpcache_core import SpectralPredictor, TaylorPredictor
+    predictor = TaylorPredictor(1, "reference") if forecaster == "taylor" else SpectralPredictor()
+    for t, feature in rising_features(dtype):
+        predictor.update(t * 10 if forecaster == "taylor" else t, feature)
+    out = torch.empty(1, 16, 4, dtype=dtype)
+    at = 10.0 if forecaster == "taylor" else 1.0  # the last evaluation, six hops after the last key
+    predictor.predict(at, out=out)
+    wide = predictor.predict(at)  # float32: the value past the limit
+    assert torch.isfinite(out).all()  # float16 wrote inf here before
+    normed = torch.nn.functional.layer_norm(out.float(), (4,))
+    assert torch.isfinite(normed).all()
+    if dtype == torch.float16:
+        assert wide.abs().max() > 65504 and out.abs().max() == 65504
+    else:  # bfloat16 has float32's range: nothing clamped
+        assert torch.equal(out, wide.to(dtype))

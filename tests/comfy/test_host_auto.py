@@ -219,3 +219,50 @@ def test_two_prompts_queued_at_once_through_the_server(host):
         assert len(files) == 1 and not [n for n in os.listdir(folder) if n.endswith((".lock", ".part"))]
         acc, _ = host["core"].load_pact(os.path.join(folder, files[0]))
         assert acc.samples == 1
+
+
+@pytest.fixture
+def unwritable_dir(host, tmp_path):
+    """models/dpcache under a parent that is a file: every write raises NotADirectoryError."""
+    import folder_paths
+    (tmp_path / "models").write_text("not a folder")
+    folder = str(tmp_path / "models" / "dpcache")
+    folder_paths.add_model_folder_path("dpcache", folder, is_default=True)
+    yield folder
+    paths = folder_paths.folder_names_and_paths["dpcache"][0]
+    if folder in paths:
+        paths.remove(folder)
+
+
+def test_unwritable_folder_returns_the_plain_image_then_plans_on_the_prior(host, unwritable_dir, caplog):
+    model = build_model("flux")
+    ref = sample(model, "flux", steps=STEPS, seed=42)
+    patched = apply_auto(model)
+    with caplog.at_level(logging.INFO, logger="dpcache"), BlockCounter(model) as c1:
+        first = sample(patched, "flux", steps=STEPS, seed=42)  # raised NotADirectoryError after the run before
+    lines1 = auto_lines(caplog)
+    for line in lines1:
+        print(f"\n[auto, unwritable] run 1: {line}")
+    assert (first - ref).abs().max().item() == 0.0 and c1.total == STEPS * BLOCKS
+    assert any("not saved" in m and "NotADirectoryError" in m and unwritable_dir in m for m in lines1)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="dpcache"), BlockCounter(model) as c2:
+        second = sample(patched, "flux", steps=STEPS, seed=43)
+    lines2 = auto_lines(caplog)
+    db = psnr(sample(model, "flux", steps=STEPS, seed=43), second)
+    for line in lines2:
+        print(f"\n[auto, unwritable] run 2: {line}")
+    print(f"\n[auto, unwritable] run 2: block calls {c2.total} of {STEPS * BLOCKS}, PSNR {db:.1f} dB against the plain run")
+    assert c2.total < STEPS * BLOCKS and any("cost prior" in m and "evaluations computed" in m for m in lines2)
+    assert db > 20.0
+
+
+def test_calibrate_into_an_unwritable_folder_returns_the_image(host, unwritable_dir, caplog):
+    import nodes
+    model = build_model("flux")
+    ref = sample(model, "flux", steps=8, seed=4)
+    (calib,) = nodes.NODE_CLASS_MAPPINGS["DPCacheCalibrate"]().calibrate(model, "flux_unwritable", 1, False)
+    with caplog.at_level(logging.INFO, logger="dpcache"):
+        out = sample(calib, "flux", steps=8, seed=4)
+    assert (out - ref).abs().max().item() == 0.0
+    assert any("nothing added" in r.getMessage() and "NotADirectoryError" in r.getMessage() for r in caplog.records)

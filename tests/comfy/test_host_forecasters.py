@@ -1,4 +1,4 @@
-"""DPCache Schedule's default entry, (prior: no calibration), and the spectral forecaster on every
+"""DPCache Schedule's default entry, (spectrum: no calibration), and the spectral forecaster on every
 model family inside a real ComfyUI: exact at K = T, blocks only at the K key evaluations."""
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def test_default_entry_and_spectral_forecaster(host, key):
     model = build_model(key)
     ref = sample(model, key, steps=STEPS, cfg=CFG)
     default = node_schedule(STEPS)
-    assert default.source == "prior" and default.num_keys == STEPS  # the default entry needs no calibration
+    assert default.source == "spectrum" and default.num_keys == STEPS  # the default entry needs no calibration
     for sched in (default, node_schedule(STEPS, "spectral")):
         with BlockCounter(model) as full:
             out = sample(apply(model, sched), key, steps=STEPS, cfg=CFG)
@@ -39,7 +39,7 @@ def test_default_entry_and_spectral_forecaster(host, key):
     line = [f"\n[host] {key} cfg={CFG}:"]
     for k, forecaster in ((6, None), (6, "spectral"), (8, "spectral"), (8, "taylor")):
         sched = node_schedule(k, forecaster)
-        assert sched.num_keys == k and sched.source == "prior"
+        assert sched.num_keys == k and sched.source == "spectrum"
         assert sched.predictor == (forecaster or "spectral")  # auto: spectral at 20/6 = 3.3x
         with BlockCounter(model) as fast:
             out = sample(apply(model, sched), key, steps=STEPS, cfg=CFG)

@@ -64,3 +64,19 @@ def test_comfy_keeps_room_for_the_cache(host, key, order, load_estimates, cached
     assert mm.EXTRA_RESERVED_VRAM == reserved  # nothing stays reserved after the load
     print(f"\n[host] {key:13s} order {order}: streams {[n for n, _ in streams]} ({streams[0][1]}), "
           f"declared {cache:,} bytes = {cache / sum(n for n, _ in streams):.2f} B/elem")
+
+
+def test_at_cfg_1_only_the_stream_that_runs_is_reserved(host, load_estimates, cached_features):
+    """At cfg 1 ComfyUI skips the negative conditioning: one stream runs, and one is reserved (two were)."""
+    import nodes
+    from dpcache_core.taylor import peak_bytes
+
+    model = build_model("flux")
+    sample(model, "flux", steps=STEPS, cfg=1.0)
+    plain = load_estimates[-1]
+    schedule = host["core"].Schedule(tuple(host["core"].uniform_key_steps(STEPS, K)), STEPS, order=1)
+    (fast,) = nodes.NODE_CLASS_MAPPINGS["DPCacheApply"]().apply(model, schedule)["result"]
+    sample(fast, "flux", steps=STEPS, cfg=1.0)
+    [streams] = cached_features
+    assert len(streams) == 1
+    assert load_estimates[-1][0] - plain[0] == peak_bytes(streams[0][0], 1, streams[0][1])

@@ -112,8 +112,8 @@ def advanced(model, key, noise, latent, steps, start, end, seed=42, cfg=1.0, add
 @pytest.mark.parametrize("steps", [20, 30])
 def test_partial_runs_plan_one_joint_trajectory(host, pact_dir, caplog, steps):
     """Two sampling calls over the halves of 20 or 30 steps (Wan2.2 A14B's high- then low-noise
-    expert): each computes only its keys of the joint plan, and each call's first evaluations are keys.
-    At 20 the joint trajectory is the PACT's own T (used as it is); at 30 it is transferred."""
+    expert): each computes only its keys of a joint plan, the budget's share of its own evaluations,
+    and each call's first evaluations are keys. At 30 the PACT is transferred."""
     import comfy.sample
     core = host["core"]
     model = calibrate(host, "wan_t2v", "wan_euler_20")
@@ -138,10 +138,30 @@ def test_partial_runs_plan_one_joint_trajectory(host, pact_dir, caplog, steps):
         assert f"evaluations {start}..{end - 1} of an estimated T={steps}" in line
         calls[part] = (mine, joint)
         print(f"\n[host] partial run {part} (steps {start}..{end} of {steps}): {line}; block calls {c.total}")
-    assert calls["high"][1] == calls["low"][1]  # both calls solved the same joint plan
-    joint = calls["high"][1]
-    assert calls["high"][0] == [k for k in joint if k < half] and calls["low"][0] == [k - half for k in joint if k >= half]
-    assert len(joint) == round(K * steps / CAL_STEPS)  # same speed-up, split between the calls by the DP
+    for part, offset in (("high", 0), ("low", half)):  # each call's keys are its part of the joint plan it solved
+        mine, joint = calls[part]
+        assert mine == [k - offset for k in joint if offset <= k < offset + half]
+        assert len(mine) == max(3, round(K * half / CAL_STEPS))  # the same speed-up on the evaluations it runs
     db = psnr(ref, out)
-    print(f"\n[host] partial runs of {steps} steps: joint keys {joint}, PSNR of the two-call result {db:.2f} dB")
+    print(f"\n[host] partial runs of {steps} steps: keys {calls['high'][0]} + {calls['low'][0]}, PSNR of the "
+          f"two-call result {db:.2f} dB")
     assert db > 25.0
+
+
+def test_a_denoise_run_computes_the_budgets_share(host, caplog):
+    """KSampler at denoise 0.6 over 10 steps, a (uniform) schedule of K = 5 of T = 10: 5 of the 10
+    evaluations it runs are computed (the joint plan placed 4 there before)."""
+    import comfy.sample
+    import nodes
+    sched = nodes.NODE_CLASS_MAPPINGS["DPCacheSchedule"]().schedule(
+        pact="(uniform)", key_steps=5, first_full_steps=3, last_full_steps=0, total_evaluations=10,
+        manual_key_steps="")["result"][0]
+    model = build_model("flux")
+    pos, neg, latent = conditioning("flux")
+    noise = comfy.sample.prepare_noise(latent, 7)
+    with caplog.at_level(logging.INFO, logger="dpcache"), KeyRecorder(model) as c:
+        comfy.sample.sample(apply(model, sched), noise, 10, 1.0, "euler", "simple", pos, neg, latent, denoise=0.6,
+                            seed=7, disable_pbar=True)
+    mine, line = reported_keys(caplog, r"this call computes \d+ of 10: ")
+    print(f"\n[host] denoise 0.6: {line}")
+    assert c.model_calls == 10 and len(mine) == 5 and c.computed_calls == mine
