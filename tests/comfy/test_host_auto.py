@@ -196,7 +196,10 @@ def test_two_prompts_queued_at_once_through_the_server(host):
         t0 = time.time()
         while len(entries) < 2 and time.time() - t0 < 600:
             for pid in ids:
-                code, hist = http("GET", f"{srv.url}/history/{pid}")
+                try:
+                    code, hist = http("GET", f"{srv.url}/history/{pid}")
+                except ConnectionError:  # a poll the busy server dropped (seen once on a loaded 2-core machine): poll again
+                    continue
                 if code == 200 and pid in (hist or {}) and hist[pid].get("status", {}).get("completed"):
                     entries[pid] = hist[pid]
             time.sleep(0.25)
