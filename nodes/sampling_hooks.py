@@ -217,7 +217,11 @@ def sample_with_run(executor, args, kwargs, start, finish, failed):
             log.error("DPCache: after the sampler returned: %s (and reporting it failed: %s); the output is returned",
                       failure_text(exc), failure_text(again))
     finally:
-        run.close()
+        try:
+            run.close()
+        except Exception as exc:  # freeing the run's state: never worth the output
+            log.error("DPCache: freeing the run's state failed after the sampler returned: %s; the output is returned",
+                      failure_text(exc))
     return out
 
 

@@ -113,3 +113,18 @@ def test_an_interrupted_run_still_raises_and_writes_nothing(unwritable, events):
     with pytest.raises(KeyboardInterrupt):
         F.sample(patched, steps=20, cfg=1.0, interrupt_at=4)
     assert "not saved" not in texts(events)
+
+
+def test_a_failure_freeing_the_run_state_after_the_output_is_logged_not_raised(events, caplog, monkeypatch):
+    from nodes import run_state
+
+    def broken_close(self):
+        raise RuntimeError("close failed")
+
+    monkeypatch.setattr(run_state.ApplyRun, "close", broken_close)
+    model = F.FakePatcher(F.WanModel())
+    patched = DPCacheApply().apply(model, Schedule(tuple(uniform_key_steps(10, 5)), 10), unique_id="3")["result"][0]
+    with caplog.at_level(logging.INFO, logger="dpcache"):
+        F.sample(patched, steps=10)  # raised RuntimeError before
+    assert F.sample.last_output is not None
+    assert "freeing the run's state failed" in caplog.text and "close failed" in caplog.text
