@@ -37,8 +37,10 @@ def test_ddim_uniform_is_a_whole_run(host, pact_dir, caplog):
     assert c.computed_calls == list(sched.key_steps)
 
 
-@pytest.mark.parametrize("k, joint", [(9, 9), (7, 8)])
-def test_uniform_two_calls_share_one_joint_plan(host, caplog, k, joint):
+@pytest.mark.parametrize("k, share", [(9, 4), (7, 4)])
+def test_uniform_two_calls_each_compute_the_budgets_share(host, caplog, k, share):
+    """Two KSamplerAdvanced calls of 10 of 20 steps: each computes round(K x 10 / 20) of its evaluations,
+    its part of a joint plan of the whole trajectory (as the CPU tier's expert test)."""
     import comfy.sample
     import nodes
     from comfy_host import conditioning
@@ -49,7 +51,6 @@ def test_uniform_two_calls_share_one_joint_plan(host, caplog, k, joint):
     fast = apply(model, sched)
     _, _, latent = conditioning("wan_t2v")
     noise = comfy.sample.prepare_noise(latent, 42)
-    computed, joints = 0, []
     mid = None
     for start, end in ((0, 10), (10, 20)):
         with caplog.at_level(logging.INFO, logger="dpcache"), KeyRecorder(model) as c:
@@ -58,10 +59,6 @@ def test_uniform_two_calls_share_one_joint_plan(host, caplog, k, joint):
             else:
                 advanced(fast, "wan_t2v", noise, mid, 20, start, end, add_noise=False)
         mine, line = reported_keys(caplog, r"this call computes \d+ of 10: ")
-        keys, _ = reported_keys(caplog, r"joint plan \d+ key evaluations.*?keys ")
         assert c.computed_calls == mine and mine[:3] == [0, 1, 2]
-        assert ("raised from 7" in line) == (k == 7)
-        computed += len(mine)
-        joints.append(keys)
+        assert len(mine) == share and "budget's share" in line, line
         print(f"\n[host] (uniform) K={k}, steps {start}..{end} of 20: {line}")
-    assert joints[0] == joints[1] and len(joints[0]) == joint and computed == joint
