@@ -78,9 +78,14 @@ export async function openComfy(context, url, { vueNodes = false } = {}) {
 }
 
 /** Messages that come from this pack (its files, its extension name, its node ids). */
+// ComfyUI's frontend asks the Comfy registry about every custom node type it shows (by the type's
+// name, so the URL names our nodes); without internet that request fails, and it is not the pack's.
+const FRONTEND_REGISTRY = "https://api.comfy.org/";
+
 export function ourProblems(log) {
   const bad = new Set(["error", "pageerror", "requestfailed", "warning"]);
   return log.filter((m) => {
+    if (m.url.startsWith(FRONTEND_REGISTRY)) return false;
     const ours =
       m.url.includes(`/extensions/${PACK_NAME}/`) || /dpcache/i.test(m.text) || /dpcache/i.test(m.url);
     return ours && (bad.has(m.kind) || m.kind.startsWith("http"));
