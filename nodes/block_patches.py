@@ -18,7 +18,6 @@ CALL_KEY = "dpcache_call"  # transformer_options key of the state of one model c
 PATCH_KEY = "dpcache"  # transformer_options marker of a patched model, and our wrapper key
 
 
-
 class ModelInfo:
     """The family entry of a MODEL and the block keys to patch, in execution order."""
 
@@ -42,7 +41,6 @@ def check_unpatched(model) -> None:
             f"this MODEL already went through '{marker}'; use one DPCache node per model "
             "(DPCache Calibrate and Apply DPCache cannot be chained)"
         )
-
 
 
 @families.not_compiled

@@ -99,8 +99,9 @@ def perp_neg(key):
     return add
 
 
-def lora(model):
-    """A rank-2 LoRA on every attention projection of the blocks, through comfy.lora and add_patches."""
+def lora(model, where=lambda target: "attn" in target):
+    """A rank-2 LoRA on the attention projections ``where(target)`` picks (every ``attn`` weight by
+    default), through comfy.lora and add_patches."""
     import torch
     import comfy.lora
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
@@ -108,7 +109,7 @@ def lora(model):
     g = torch.Generator().manual_seed(3)
     lora_sd = {}
     for name, target in key_map.items():
-        if not (name.startswith("diffusion_model.") and ("attn" in target) and target.endswith(".weight")):
+        if not (name.startswith("diffusion_model.") and where(target) and target.endswith(".weight")):
             continue
         w = sd[target]
         if w.ndim != 2:

@@ -8,6 +8,7 @@ for bit and K = 5 runs to a finite output with 5 x blocks block calls; the autom
 plain output and its run 2 is planned; the object patches are undone (the plain model after is unchanged)."""
 from __future__ import annotations
 
+import functools
 import logging
 
 import pytest
@@ -127,26 +128,9 @@ def test_weight_patches_reach_the_blocks_under_a_stand_in(host, key):
     assert (exact - ref).abs().max().item() == 0.0 and (ref - plain).abs().max().item() > 0
 
 
-def lora_on_attention(model):
-    """A rank-2 LoRA on the blocks' attention projections (NextDiT ``attention``, Krea2 ``attn``)."""
-    import torch
-    import comfy.lora
-    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
-    sd = model.model.state_dict()
-    g = torch.Generator().manual_seed(3)
-    lora_sd = {}
-    for name, target in key_map.items():
-        blocks = ".layers." in target or ".blocks." in target
-        attention = "attention." in target or ".attn." in target
-        if name.startswith("diffusion_model.") and blocks and attention and target.endswith(".weight") and sd[target].ndim == 2:
-            w = sd[target]
-            lora_sd[f"{name}.lora_up.weight"] = torch.randn(w.shape[0], 2, generator=g) * 0.05
-            lora_sd[f"{name}.lora_down.weight"] = torch.randn(2, w.shape[1], generator=g) * 0.05
-    patches = comfy.lora.load_lora(lora_sd, key_map, log_missing=False)
-    assert patches, "no LoRA key matched the model"
-    m = model.clone()
-    assert len(m.add_patches(patches, 1.0)) == len(patches)
-    return m
+def block_attention(target: str) -> bool:
+    """The blocks' attention projections: NextDiT's ``layers.*.attention``, Krea2's ``blocks.*.attn``."""
+    return (".layers." in target or ".blocks." in target) and ("attention." in target or ".attn." in target)
 
 
 @pytest.mark.parametrize("order", ["before", "after"])
@@ -154,8 +138,8 @@ def lora_on_attention(model):
                                       ("LoRA (add_patches)", "lumina2"), ("LoRA (add_patches)", "krea2")])
 def test_module_family_with_model_line_nodes(host, runs, node, key, order):
     """The rows of docs/compatibility.md for these families (test_host_compose.run_case prints them)."""
-    from test_host_compose import model_sampling, run_case
-    other = model_sampling("aura") if node == "ModelSamplingAuraFlow" else lora_on_attention
+    from test_host_compose import lora, model_sampling, run_case
+    other = model_sampling("aura") if node == "ModelSamplingAuraFlow" else functools.partial(lora, where=block_attention)
     run_case(host, runs, node, key, order, other)
 
 
