@@ -2,7 +2,7 @@
 
 Plain torch + numpy; no ComfyUI import, so it runs and is tested anywhere.
 """
-from . import choose, replay
+from . import check_runs, choose, replay
 from .history import build_history, history_fits
 from .pact import PactAccumulator, build_pact, default_max_gap
 from .picture import render_image_rows, render_pact_path, render_timeline, to_comfy_image, write_png

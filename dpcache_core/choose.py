@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from .check_runs import checked_ranking
 from .pact import build_pact, default_max_gap
 from .runtime import CacheRun
 from .schedule import Schedule, mandatory_steps, path_cost, solve_schedule, solve_schedule_history
@@ -71,9 +72,17 @@ class Choice:
     runner_up: Candidate | None
     candidates: tuple
     samples: int
+    checked: tuple | None = None  # (K checked, {forecaster: mean PSNR dB}) when check runs decided
 
     def describe(self) -> str:
         best = self.best
+        if self.checked is not None:
+            k, means = self.checked
+            text = (f"forecaster chosen by the calibration's check runs at K={k}: {label(best.name)} "
+                    f"({means[best.name]:.1f} dB PSNR of the final latent; keys planned on {best.plan})")
+            if self.runner_up is not None and self.runner_up.name in means:
+                text += f"; runner-up {label(self.runner_up.name)} ({means[self.runner_up.name]:.1f} dB)"
+            return text
         text = (f"forecaster chosen by replay on {self.samples} recorded trajector{'y' if self.samples == 1 else 'ies'}: "
                 f"{label(best.name)} (replayed error {best.db:.1f} dB, keys planned on {best.plan})")
         if self.runner_up is not None:
@@ -196,6 +205,25 @@ def pick(candidates, tie_db: float = TIE_DB) -> tuple[Candidate, Candidate | Non
     return best, min(others, key=lambda c: c.error) if others else None
 
 
+def pick_checked(choice: Choice, checked: tuple) -> Choice:
+    """``choice`` decided by check runs (``check_runs.checked_ranking``): of the forecasters whose
+    measured PSNR lies within ``TIE_DB`` of the best, the fastest, on its replay-best key set; the
+    runner-up is the best measured other forecaster. ``choice`` itself when no checked one is a candidate."""
+    k, means = checked
+    best_of = {}
+    for c in choice.candidates:
+        if c.name in means and (c.name not in best_of or c.error < best_of[c.name].error):
+            best_of[c.name] = c
+    if not best_of:
+        return choice
+    top = max(means[n] for n in best_of)
+    level = [n for n in best_of if means[n] >= top - TIE_DB]
+    name = min(level, key=lambda n: (SPEED_ORDER.index(n), -means[n]))
+    others = sorted((n for n in best_of if n != name), key=lambda n: -means[n])
+    return replace(choice, best=best_of[name], runner_up=best_of[others[0]] if others else None,
+                   checked=(k, {n: means[n] for n in best_of}))
+
+
 def refine(keys, score, num_evals: int, fixed, max_hop: int | None = None, rounds: int = 4):
     """(keys, score): ``keys`` improved by moving one free key (not in ``fixed``) one evaluation
     earlier or later while ``score(keys)`` drops, every hop (the last one to T included) within the
@@ -255,9 +283,11 @@ def choose(trajectories, plans: dict, first_full_steps: int = 3, scheme: str = "
 
 
 def replay_choice(acc, meta: dict, num_keys: int, first_full_steps: int = 3, last_full_steps: int = 0,
-                  quantile: float | None = PLAN_QUANTILE, refined: bool = REFINE) -> Choice | None:
+                  quantile: float | None = PLAN_QUANTILE, refined: bool = REFINE, checks: bool = True) -> Choice | None:
     """The data's choice for a PACT file (``PactAccumulator``, metadata) at K = ``num_keys``; None
-    when the file keeps no replay trajectories or holds windows of partial runs (plan as before)."""
+    when the file keeps no replay trajectories or holds windows of partial runs (plan as before).
+    The file's check runs (``check_runs``) at a K near ``num_keys`` decide the forecaster when it
+    has them (``checks``); its key set is still the replay's best for that forecaster."""
     trajectories = getattr(acc, "trajectories", None)
     if trajectories is None or not len(trajectories) or meta.get("windows"):
         return None
@@ -267,8 +297,10 @@ def replay_choice(acc, meta: dict, num_keys: int, first_full_steps: int = 3, las
     plans = candidate_plans(trajectories, num_keys, first_full_steps, last_full_steps, acc.mean(), order,
                             convention, history, scheme, quantile)
     fixed = mandatory_steps(trajectories.shape[1], first_full_steps, last_full_steps) if refined else None
-    return choose(trajectories, plans, first_full_steps, scheme, quantile,
-                  weights=step_weights(meta, trajectories.shape[1]), fixed=fixed)
+    choice = choose(trajectories, plans, first_full_steps, scheme, quantile,
+                    weights=step_weights(meta, trajectories.shape[1]), fixed=fixed)
+    checked = checked_ranking(meta, num_keys) if checks else None
+    return choice if checked is None else pick_checked(choice, checked)
 
 
 def replayed_schedule(schedule: Schedule, acc, meta: dict, quantile: float | None = PLAN_QUANTILE):

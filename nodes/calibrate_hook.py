@@ -27,12 +27,14 @@ except ImportError:  # pragma: no cover - depends on how the pack is imported
     from dpcache_core.settings import sample_record, sigmas_hash as settings_sigmas_hash, with_record
 
 from . import ui
+from .check_hook import copy_conds, run_checks
 from .run_state import CalibrateRun
 from .sampler_counts import expected_evaluations, is_rectified_flow, sampler_name
-from .sampling_hooks import failure_text, guess_scheduler, refuse_context_windows, resolution_of, run_shape, sample_with_run, sigma_table
+from .sampling_hooks import failure_text, guess_scheduler, is_cancel, refuse_context_windows, resolution_of, run_shape, sample_with_run, sigma_table
 
 log = logging.getLogger("dpcache")
 
+CHECK_RUNS = 1  # DPCache Calibrate's default: the first recorded run of a file samples the check runs
 PACT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
@@ -145,9 +147,12 @@ class CalibrateHook:
     """
 
     def __init__(self, family: str, folder: str, name: str, order: int, reset: bool, node_id=None,
-                 sample_size: int = DEFAULT_SAMPLE_SIZE):
+                 sample_size: int = DEFAULT_SAMPLE_SIZE, check_runs: int = CHECK_RUNS):
         if sample_size < 0:
             raise ValueError(f"sample_size must be >= 0 (0 keeps every element), got {sample_size}")
+        if check_runs < 0:
+            raise ValueError(f"check_runs must be >= 0 (0 samples no check run), got {check_runs}")
+        self.check_runs = int(check_runs)
         self.sample_size = int(sample_size)
         self.family = family
         self.folder = folder
@@ -289,6 +294,8 @@ class CalibrateHook:
                     f"PACT '{name}' holds windows of partial sampling runs (e.g. two Wan2.2 experts); this run samples "
                     "the whole trajectory. Pick a new pact_name on DPCache Calibrate, or set reset"
                 )
+            if old_meta.get("forecaster_checks") and existing is not None:
+                meta["forecaster_checks"] = old_meta["forecaster_checks"]  # the check runs stay with the file
             acc.add(sample, history=history, trajectories=None if window is not None else replay_sample(run.recorder))
             if window is not None:
                 acc.samples = sum(w[2] for w in meta["windows"])
@@ -299,6 +306,7 @@ class CalibrateHook:
 
         meta = update_pact(run.path, add, read=lambda path: self.load_existing(path, window))
         self.pending_reset[0] = False
+        run.added_whole_run = window is None
         kept = kept_text(size)
         if window is None:
             line = f"{name}: sample {meta['samples']} added ({num_evals} evaluations, {kept})"
@@ -323,4 +331,29 @@ class CalibrateHook:
         ui.send_text(f"DPCache Calibrate: {line}", self.node_id)
 
     def outer_sample(self, executor, *args, **kwargs):
-        return sample_with_run(executor, args, kwargs, self.start, self.finish, self.failed)
+        conds = copy_conds(getattr(executor.class_obj, "conds", None))  # before the sampler processes them
+        started = []
+
+        def start(guider, args):
+            started.append(self.start(guider, args))
+            return started[-1]
+
+        out = sample_with_run(executor, args, kwargs, start, self.finish, self.failed)
+        if self.check_runs and started and getattr(started[-1], "added_whole_run", False):
+            self.check(executor, args, kwargs, conds, out, started[-1].path)
+        return out
+
+    def check(self, executor, args, kwargs, conds, out, path: str) -> None:
+        """The check runs (``check_hook.run_checks``) after the output: a failure is reported, never raised."""
+        try:
+            line = run_checks(executor, args, kwargs, conds, out, path, self.family, self.check_runs, self.node_id)
+        except Exception as exc:
+            if is_cancel(exc):
+                raise
+            line = f"check runs not kept: {failure_text(exc)}. The sample was added and the sampler's output is returned"
+            log.warning("DPCache Calibrate: %s", line)
+            ui.send_text(f"DPCache Calibrate: {line}", self.node_id)
+            return
+        if line:
+            log.info("DPCache Calibrate: %s", line)
+            ui.send_text(line, self.node_id)

@@ -10,7 +10,7 @@ import torch
 from . import auto, memory, ui
 from .apply_hook import ApplyHook
 from .block_patches import check_unpatched, model_info
-from .calibrate_hook import CalibrateHook
+from .calibrate_hook import CHECK_RUNS, CalibrateHook
 from .run_state import DEFAULT_SAMPLE_SIZE
 from .sampling_hooks import install
 
@@ -152,14 +152,16 @@ class DPCacheCalibrate:
             },
             "optional": {
                 "sample_size": ("INT", {"default": DEFAULT_SAMPLE_SIZE, "min": 0, "max": 1 << 30, "step": 1024, "tooltip": "How many elements of the cache point (tokens x channels, a fixed seeded random pick per stream) estimate the PACT. Memory and time then stay about T x sample_size x 4 bytes per stream, whatever the resolution or frame count; 65536 picks the same schedules as all elements in our measurements. 0 = every element (exact, T x N x 4 bytes: gigabytes for FLUX at 1024x1024)."}),
+                "check_runs": ("INT", {"default": CHECK_RUNS, "min": 0, "max": 8, "tooltip": "How many of the file's recorded runs are followed by check runs: the same noise and prompt sampled again with the cache, by Taylor 1, Taylor 2 and spectral each at K = T/2, T/3, T/3.85 and T/5 (at T=50 about 4 more runs' time in all), and the PSNR of each result against the recorded one kept in the file. DPCache Schedule's forecaster auto then takes the forecaster these runs measured best (replay alone picks it within 0.5 dB of the best in about half of our bench cases). 0 = no check runs (faster calibration; the forecaster is chosen by replay)."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
-    def calibrate(self, model, pact_name, order, reset, sample_size=DEFAULT_SAMPLE_SIZE, unique_id=None):
+    def calibrate(self, model, pact_name, order, reset, sample_size=DEFAULT_SAMPLE_SIZE, check_runs=CHECK_RUNS,
+                  unique_id=None):
         info = model_info(model)
         check_unpatched(model)
-        hook = CalibrateHook(info.family, calibration_folder(), pact_name, order, reset, unique_id, sample_size)
+        hook = CalibrateHook(info.family, calibration_folder(), pact_name, order, reset, unique_id, sample_size, check_runs)
         m = model.clone()
         install(m, info, hook, "DPCache Calibrate")
         log.info("DPCache Calibrate: %s, recording into %s", info.detail, hook.describe_target())

@@ -1,0 +1,80 @@
+"""Check runs: each forecaster sampled for real, with the cache, at a few K during calibration.
+
+Replaying a forecaster on recorded trajectories (``choose``) is teacher-forced: every key step sees
+the recorded cache point, so it cannot see how a prediction error moves the latent and what the
+next key step then computes. On the bench it picked a forecaster within 0.5 dB of the best in
+hindsight in only about half the cells (BENCHMARKS.md). A check run closes the loop: DPCache
+Calibrate, after a run it recorded, samples the same noise and conditioning again with each
+forecaster on its replay-best key set at each K of ``check_ks`` and keeps the PSNR of the final
+latent against the recorded run's. DPCache Schedule's forecaster "auto" then takes the forecaster
+the checks measured best at the nearest checked K (``checked_ranking``), on its replay-best keys.
+
+Stored in the PACT's metadata as ``forecaster_checks``: {"runs": n, "ks": {"<K>": {"<forecaster>":
+[PSNR dB of each check run]}}}.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+# Speed-ups checked, the Schedule's default (3.85x) among them: at T = 50 the K are 25, 17, 13 and 10.
+CHECK_SPEEDUPS = (2.0, 3.0, 3.85, 5.0)
+CHECK_REACH = 1.25  # a check at K decides for K' when K' / K lies within 1 / 1.25 .. 1.25
+MAX_DB = 200.0  # a check run equal to the recorded one (mse 0) counts as this
+
+
+def check_ks(num_evals: int, first_full_steps: int = 3, last_full_steps: int = 0) -> list[int]:
+    """The K checked at T = ``num_evals``: T / each of ``CHECK_SPEEDUPS``, rounded, above the mandatory
+    key steps and below T; distinct, largest first."""
+    low = first_full_steps + last_full_steps + 1
+    ks = {int(round(num_evals / s)) for s in CHECK_SPEEDUPS}
+    return sorted((k for k in ks if low <= k < num_evals), reverse=True)
+
+
+def latent_psnr(out, ref) -> float:
+    """PSNR of ``out`` against ``ref`` (tensors of one shape), peak = the range of ``ref``; ``MAX_DB`` when equal."""
+    import torch
+
+    mse = torch.mean((out.detach().double().cpu() - ref.detach().double().cpu()) ** 2).item()
+    peak = (ref.max() - ref.min()).item()
+    if not math.isfinite(mse):
+        return -MAX_DB
+    if mse <= 0 or peak <= 0:
+        return MAX_DB if mse <= 0 else -MAX_DB
+    return float(min(MAX_DB, 10 * math.log10(peak * peak / mse)))
+
+
+def runs_of(meta: dict) -> int:
+    """How many calibration runs the file's checks came from."""
+    checks = meta.get("forecaster_checks") if meta else None
+    return int(checks.get("runs", 0)) if isinstance(checks, dict) else 0
+
+
+def with_check(checks: dict | None, results: dict) -> dict:
+    """``checks`` (the metadata entry, or None) with one more run's ``results`` {K: {forecaster: dB}}."""
+    old = checks if isinstance(checks, dict) else {}
+    ks = {k: {name: list(v) for name, v in row.items()} for k, row in (old.get("ks") or {}).items()}
+    for k, row in results.items():
+        for name, db in row.items():
+            ks.setdefault(str(int(k)), {}).setdefault(name, []).append(round(float(db), 3))
+    return {"runs": int(old.get("runs", 0)) + 1, "ks": ks}
+
+
+def checked_ranking(meta: dict, num_keys: int) -> tuple[int, dict[str, float]] | None:
+    """(the checked K nearest to ``num_keys``, {forecaster: mean PSNR dB over the check runs}) when one
+    lies within ``CHECK_REACH``; None otherwise (the replay decides alone)."""
+    checks = meta.get("forecaster_checks") if meta else None
+    if not isinstance(checks, dict) or not isinstance(checks.get("ks"), dict):
+        return None
+    best = None
+    for key, row in checks["ks"].items():
+        try:
+            k = int(key)
+            means = {str(name): float(np.mean(v)) for name, v in row.items() if len(v)}
+        except (TypeError, ValueError):
+            continue
+        distance = abs(math.log(max(num_keys, 1) / max(k, 1)))
+        if means and distance <= math.log(CHECK_REACH) and (best is None or distance < best[0]):
+            best = (distance, k, means)
+    return None if best is None else (best[1], best[2])
