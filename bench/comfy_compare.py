@@ -291,13 +291,14 @@ def dpcache(pact: str, k: int, order: int):
 
 
 def calibrate(model, prompts: dict, calib: list[tuple[int, int]], order: int, folder: str, steps: int = STEPS,
-              bench: BenchModel = FLUX) -> str:
-    """DPCache Calibrate on ``calib`` prompts (one sample each); returns the PACT's file name."""
+              bench: BenchModel = FLUX, check_runs: int = 0) -> str:
+    """DPCache Calibrate on ``calib`` prompts (one sample each; ``check_runs`` of them followed by
+    the check runs); returns the PACT's file name."""
     import folder_paths
     folder_paths.add_model_folder_path("dpcache", folder, is_default=True)
     nodes = comfy_env.boot()["nodes"]
     name = f"bench_compare_{bench.name}_{steps}_o{order}"
-    (recording,) = nodes["DPCacheCalibrate"]().calibrate(model, name, order, True)
+    (recording,) = nodes["DPCacheCalibrate"]().calibrate(model, name, order, True, check_runs=check_runs)
     for cls, seed in calib:
         sample(recording, prompts, cls, seed, steps, bench)
     return name + ".safetensors"

@@ -9,6 +9,7 @@ Calibrate at order 1 (its default) and order 2 on --calib other prompts; then at
   whose replay was best for it; ``dpcache_core.choose``) on the order-1 file: the choice DPCache
   Schedule's forecaster "auto" makes is one of them;
 - the choice when planning and scoring on the --quantile of the per-sample costs and replay errors;
+- the replay's choice alone, without the check runs (DPCache Calibrate's check_runs; the chosen row follows them);
 - the K sweep's calibrated rows (``comfy_compare``: Taylor 1 on the order-1 PACT, Taylor 2 on the
   order-2 PACT's history-exact costs, spectral on the order-2 PACT).
 
@@ -93,15 +94,17 @@ def run(args) -> dict:
     cells = []
     with tempfile.TemporaryDirectory() as folder:
         t0 = time.perf_counter()
-        pacts = {o: cc.calibrate(model, prompts, calib, o, folder, args.steps, bench) for o in (1, 2)}
+        pacts = {o: cc.calibrate(model, prompts, calib, o, folder, args.steps, bench,
+                                 check_runs=args.check_runs if o == 1 else 0) for o in (1, 2)}
         print(f"calibrated orders 1 and 2 on {len(calib)} prompts in {time.perf_counter() - t0:.0f}s", flush=True)
         acc, meta = core.load_pact(os.path.join(folder, pacts[1]))
+        print(f"check runs (PSNR of the final latent, dB): {meta.get('forecaster_checks')}", flush=True)
         for k in ks:
             t1 = time.perf_counter()
             choice = core.choose.replay_choice(acc, meta, k, 3, 0)
             q_choice = core.choose.replay_choice(acc, meta, k, 3, 0, quantile=args.quantile)
-            r_choice = core.choose.replay_choice(acc, meta, k, 3, 0, refined=True)
-            refined = measure(schedule_of(core, r_choice.best, num_evals, meta.get("model_family")))
+            r_choice = core.choose.replay_choice(acc, meta, k, 3, 0, checks=False)  # the replay alone
+            alone = measure(schedule_of(core, r_choice.best, num_evals, meta.get("model_family")))
             node = cc.node_schedule(pacts[1], k, num_evals)  # DPCache Schedule's forecaster auto: the choice
             assert node.key_steps == choice.best.keys and node.predictor == choice.best.predictor
             rows = {}
@@ -119,12 +122,12 @@ def run(args) -> dict:
             quantile = measure(schedule_of(core, q_choice.best, num_evals, meta.get("model_family")))
             best_name = max(rows, key=lambda n: rows[n]["mean"])
             cell = dict(k=k, choice=choice, q_choice=q_choice, rows=rows, chosen=chosen, quantile=quantile,
-                        r_choice=r_choice, refined=refined,
+                        r_choice=r_choice, alone=alone,
                         best_name=best_name, best=rows[best_name])
             cells.append(cell)
             print(f"K={k}: chosen {choice.best.name} {chosen['mean']:.2f} ({chosen['worst']:.2f}), best {best_name} "
                   f"{rows[best_name]['mean']:.2f}, quantile {q_choice.best.name} {quantile['mean']:.2f} "
-                  f"({quantile['worst']:.2f}), refined {r_choice.best.name} {refined['mean']:.2f} ({refined['worst']:.2f}); "
+                  f"({quantile['worst']:.2f}), replay alone {r_choice.best.name} {alone['mean']:.2f} ({alone['worst']:.2f}); "
                   f"{time.perf_counter() - t1:.0f}s", flush=True)
             write(args, bench, num_evals, held_out, calib, cells)
     return dict(cells=cells)
@@ -139,7 +142,7 @@ def write(args, bench, num_evals, held_out, calib, cells) -> str:
         "prompts. PSNR against the plain run in dB, mean / worst over the prompts: decoded RGB (latent in brackets).",
         "",
         "| model | steps | K | chosen | runner-up (replayed dB) | chosen PSNR mean / worst | best in hindsight | "
-        "best PSNR | gap | latent gap | quantile {:g}: choice, mean / worst | refined by replay: choice, mean / worst |"
+        "best PSNR | gap | latent gap | quantile {:g}: choice, mean / worst | replay alone: choice, mean / worst |"
         .format(args.quantile),
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -152,7 +155,7 @@ def write(args, bench, num_evals, held_out, calib, cells) -> str:
             f"{best['mean']:.1f} / {best['worst']:.1f} | {best['mean'] - ch['mean']:.1f} | "
             f"{max(r['latent'] for r in c['rows'].values()) - ch['latent']:.1f} | "
             f"{cc_label(c['q_choice'].best.name)}, {c['quantile']['mean']:.1f} / {c['quantile']['worst']:.1f} | "
-            f"{cc_label(c['r_choice'].best.name)}, {c['refined']['mean']:.1f} / {c['refined']['worst']:.1f} |")
+            f"{cc_label(c['r_choice'].best.name)}, {c['alone']['mean']:.1f} / {c['alone']['worst']:.1f} |")
     lines += ["", "Every forecaster row: PSNR mean / worst (latent mean), and for the replay's candidates the replayed "
               "error under each measure of `choose.MEASURES` (integrated and relative L2 in dB, the PACT's summed "
               "mean-abs error) and the cost that planned the keys:", "",
@@ -203,7 +206,7 @@ def summary(out_dir: str) -> str:
                 c = [x.strip() for x in line.strip().strip("|").split("|")]
                 table.append(f"| {' | '.join(c[:5])} | {c[5].split(' (')[0]} | {' | '.join(c[6:9])} | {c[10]} | {made} |")
                 for what, cell in (("chosen", c[5].split(" (")[0]), ("best in hindsight", c[7]),
-                                   ("quantile 0.9", c[10].split(", ")[1]), ("refined by replay", c[11].split(", ")[1])):
+                                   ("quantile 0.9", c[10].split(", ")[1]), ("replay alone", c[11].split(", ")[1])):
                     variants.setdefault(what, []).append([float(x) for x in cell.split(" / ")])
                 per_model.setdefault(f"{c[0]} {c[1]}", []).append(float(c[8]))
             row = REPLAY_ROW.match(line)
@@ -252,6 +255,8 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=6, help="held-out prompts")
     ap.add_argument("--calib", type=int, default=4, help="calibration prompts")
     ap.add_argument("--quantile", type=float, default=QUANTILE)
+    ap.add_argument("--check-runs", type=int, default=1, help="DPCache Calibrate's check_runs for the order-1 file "
+                    "(its default: 1); 0 = the replay alone decides")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out-dir", default=cc.RESULTS)
     ap.add_argument("--summary", action="store_true", help="only gather the per-model files into replay_choice.md")

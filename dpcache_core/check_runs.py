@@ -7,10 +7,11 @@ hindsight in only about half the cells (BENCHMARKS.md). A check run closes the l
 Calibrate, after a run it recorded, samples the same noise and conditioning again with each
 forecaster on its replay-best key set at each K of ``check_ks`` and keeps the PSNR of the final
 latent against the recorded run's. DPCache Schedule's forecaster "auto" then takes the forecaster
-the checks measured best at the nearest checked K (``checked_ranking``), on its replay-best keys.
+the checks measured best at the nearest checked K (``checked_ranking``): at a checked K on the very
+key set that was checked (the replay's best for it then), at another K on its replay-best key set.
 
 Stored in the PACT's metadata as ``forecaster_checks``: {"runs": n, "ks": {"<K>": {"<forecaster>":
-[PSNR dB of each check run]}}}.
+[PSNR dB of each check run]}}, "keys": {"<K>": {"<forecaster>": [its key steps in the last check run]}}}.
 """
 from __future__ import annotations
 
@@ -51,14 +52,33 @@ def runs_of(meta: dict) -> int:
     return int(checks.get("runs", 0)) if isinstance(checks, dict) else 0
 
 
-def with_check(checks: dict | None, results: dict) -> dict:
-    """``checks`` (the metadata entry, or None) with one more run's ``results`` {K: {forecaster: dB}}."""
+def with_check(checks: dict | None, results: dict, keys: dict | None = None) -> dict:
+    """``checks`` (the metadata entry, or None) with one more run's ``results`` {K: {forecaster: dB}}
+    and the key sets it sampled ``keys`` {K: {forecaster: keys}} (they replace the earlier ones)."""
     old = checks if isinstance(checks, dict) else {}
     ks = {k: {name: list(v) for name, v in row.items()} for k, row in (old.get("ks") or {}).items()}
     for k, row in results.items():
         for name, db in row.items():
             ks.setdefault(str(int(k)), {}).setdefault(name, []).append(round(float(db), 3))
-    return {"runs": int(old.get("runs", 0)) + 1, "ks": ks}
+    planned = {k: dict(row) for k, row in (old.get("keys") or {}).items()}
+    for k, row in (keys or {}).items():
+        planned.setdefault(str(int(k)), {}).update({name: [int(x) for x in v] for name, v in row.items()})
+    return {"runs": int(old.get("runs", 0)) + 1, "ks": ks, "keys": planned}
+
+
+def checked_keys(meta: dict, num_keys: int) -> dict[str, tuple]:
+    """{forecaster: the key set its last check run sampled} at K = ``num_keys`` exactly ({} when none)."""
+    checks = meta.get("forecaster_checks") if meta else None
+    row = (checks.get("keys") or {}).get(str(int(num_keys)), {}) if isinstance(checks, dict) else {}
+    out = {}
+    for name, keys in row.items() if isinstance(row, dict) else ():
+        try:
+            keys = tuple(int(k) for k in keys)
+        except (TypeError, ValueError):
+            continue
+        if len(keys) == num_keys:
+            out[str(name)] = keys
+    return out
 
 
 def checked_ranking(meta: dict, num_keys: int) -> tuple[int, dict[str, float]] | None:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from .check_runs import checked_ranking
+from .check_runs import checked_keys, checked_ranking
 from .pact import build_pact, default_max_gap
 from .runtime import CacheRun
 from .schedule import Schedule, mandatory_steps, path_cost, solve_schedule, solve_schedule_history
@@ -205,14 +205,21 @@ def pick(candidates, tie_db: float = TIE_DB) -> tuple[Candidate, Candidate | Non
     return best, min(others, key=lambda c: c.error) if others else None
 
 
-def pick_checked(choice: Choice, checked: tuple) -> Choice:
+def pick_checked(choice: Choice, checked: tuple, planned: dict | None = None) -> Choice:
     """``choice`` decided by check runs (``check_runs.checked_ranking``): of the forecasters whose
-    measured PSNR lies within ``TIE_DB`` of the best, the fastest, on its replay-best key set; the
-    runner-up is the best measured other forecaster. ``choice`` itself when no checked one is a candidate."""
+    measured PSNR lies within ``TIE_DB`` of the best, the fastest, on the key set its check sampled
+    (``planned`` {forecaster: keys}, at a checked K) or else its replay-best key set; the runner-up is
+    the best measured other forecaster. ``choice`` itself when no checked one is a candidate."""
     k, means = checked
+    planned = planned or {}
     best_of = {}
     for c in choice.candidates:
-        if c.name in means and (c.name not in best_of or c.error < best_of[c.name].error):
+        if c.name not in means:
+            continue
+        if c.name in planned:
+            if c.keys == planned[c.name]:
+                best_of[c.name] = c
+        elif c.name not in best_of or c.error < best_of[c.name].error:
             best_of[c.name] = c
     if not best_of:
         return choice
@@ -297,10 +304,19 @@ def replay_choice(acc, meta: dict, num_keys: int, first_full_steps: int = 3, las
     plans = candidate_plans(trajectories, num_keys, first_full_steps, last_full_steps, acc.mean(), order,
                             convention, history, scheme, quantile)
     fixed = mandatory_steps(trajectories.shape[1], first_full_steps, last_full_steps) if refined else None
-    choice = choose(trajectories, plans, first_full_steps, scheme, quantile,
-                    weights=step_weights(meta, trajectories.shape[1]), fixed=fixed)
+    weights = step_weights(meta, trajectories.shape[1])
+    choice = choose(trajectories, plans, first_full_steps, scheme, quantile, weights=weights, fixed=fixed)
     checked = checked_ranking(meta, num_keys) if checks else None
-    return choice if checked is None else pick_checked(choice, checked)
+    if checked is None:
+        return choice
+    must = set(mandatory_steps(trajectories.shape[1], first_full_steps, last_full_steps))
+    planned = {name: keys for name, keys in checked_keys(meta, num_keys).items()
+               if name in FORECASTERS and must <= set(keys)}
+    known = {(c.name, c.keys) for c in choice.candidates}
+    extra = tuple(Candidate(name, keys, "the check run's plan", float(replay_errors(
+        trajectories, keys, name, first_full_steps, scheme, weights=weights).mean()))
+        for name, keys in planned.items() if (name, keys) not in known)
+    return pick_checked(replace(choice, candidates=choice.candidates + extra), checked, planned)
 
 
 def replayed_schedule(schedule: Schedule, acc, meta: dict, quantile: float | None = PLAN_QUANTILE):

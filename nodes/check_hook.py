@@ -112,11 +112,16 @@ def run_checks(executor, args, kwargs, conds, reference, path: str, family: str,
              ", ".join(map(str, ks)), acc.num_evals)
     results = sample_checks(executor, args, kwargs, conds, reference, family, acc.num_evals, plans, node_id)
 
+    keys = {}
+    for k, cand in plans:
+        keys.setdefault(k, {})[cand.name] = list(cand.keys)
+
     def add(existing):
         if existing is None:
             raise FileNotFoundError(f"{path} is gone; the check runs are not kept")
         acc_now, meta_now = existing
-        return acc_now, dict(meta_now, forecaster_checks=check_runs.with_check(meta_now.get("forecaster_checks"), results))
+        checks = check_runs.with_check(meta_now.get("forecaster_checks"), results, keys)
+        return acc_now, dict(meta_now, forecaster_checks=checks)
 
     written = update_pact(path, add)
     return (f"check run {check_runs.runs_of(written)} of {wanted_runs} (PSNR of the final latent against this "

@@ -66,10 +66,87 @@ def test_calibrate_keeps_trajectories_and_schedule_replays_them(tmp_path, monkey
     import nodes_fakes as F
     monkeypatch.setattr(nd, "calibration_folder", lambda: str(tmp_path))
     monkeypatch.setattr(nd, "pact_path", lambda name: str(tmp_path / name))
-    (calib,) = nd.DPCacheCalibrate().calibrate(F.FakePatcher(F.Flux()), "cal", 1, False)
+    (calib,) = nd.DPCacheCalibrate().calibrate(F.FakePatcher(F.Flux()), "cal", 1, False, check_runs=0)
     F.sample(calib, steps=20, cfg=1.0)
     F.sample(calib, steps=20, cfg=1.0, seed=5)
     acc, meta = core.load_pact(str(tmp_path / "cal.safetensors"))
     assert acc.samples == 2 and acc.trajectories is not None and acc.trajectories.shape[:2] == (2, 20)
+    assert "forecaster_checks" not in meta
     out = nd.DPCacheSchedule().schedule("cal.safetensors", 6, 3, 0, 20)
     assert "forecaster chosen by replay on 2 recorded trajectories" in out["ui"]["text"][0]
+
+
+@pytest.fixture
+def calibration(tmp_path, monkeypatch):
+    monkeypatch.setattr(nd, "calibration_folder", lambda: str(tmp_path))
+    monkeypatch.setattr(nd, "pact_path", lambda name: str(tmp_path / name))
+    seen = []
+    from nodes import ui
+    monkeypatch.setattr(ui, "send_text", lambda text, node: seen.append(text))
+    return tmp_path, seen
+
+
+def test_check_runs_follow_the_first_recorded_run_and_decide_the_forecaster(calibration):
+    import nodes_fakes as F
+    folder, seen = calibration
+    model = F.FakePatcher(F.Flux())
+    F.sample(model, steps=20, cfg=2.0)
+    plain = F.sample.last_output
+    (calib,) = nd.DPCacheCalibrate().calibrate(model, "cal", 1, False, unique_id="4")
+    F.reset_calls(model)
+    F.sample(calib, steps=20, cfg=2.0)
+    assert torch.equal(F.sample.last_output, plain)  # the recorded run's output is returned
+    acc, meta = core.load_pact(str(folder / "cal.safetensors"))
+    checks = meta["forecaster_checks"]
+    ks = sorted(int(k) for k in checks["ks"])
+    assert checks["runs"] == 1 and ks == [5, 7, 10]  # K=4 of 20 has no plan under the hop cap: not checked
+    assert all(set(row) == set(choose.SPEED_ORDER) for row in checks["ks"].values())
+    assert F.block_calls(model)["single_blocks.0"] == 20 + 3 * sum(ks)  # recorded run + each check at its K keys
+    assert "check run 1 of 1" in seen[-1] and "K=10: Taylor 1" in seen[-1]
+
+    F.reset_calls(model)
+    F.sample(calib, steps=20, cfg=2.0, seed=3)  # the file has its check run: this run only records
+    assert F.block_calls(model)["single_blocks.0"] == 20
+    acc, meta = core.load_pact(str(folder / "cal.safetensors"))
+    assert acc.samples == 2 and meta["forecaster_checks"] == checks  # kept when a sample is added
+
+    out = nd.DPCacheSchedule().schedule("cal.safetensors", 6, 3, 0, 20)
+    sched, text = out["result"][0], out["ui"]["text"][0]
+    k, means = core.check_runs.checked_ranking(meta, 6)
+    assert k == 7 and "chosen by the calibration's check runs at K=7" in text
+    name = next(n for n, (p, o) in choose.FORECASTERS.items() if p == sched.predictor and (p == "spectral" or o == sched.order))
+    assert means[name] >= max(means.values()) - choose.TIE_DB
+
+    (again,) = nd.DPCacheCalibrate().calibrate(model, "cal", 1, True)  # reset: the file and its checks start afresh
+    F.reset_calls(model)
+    F.sample(again, steps=20, cfg=2.0, seed=9)
+    _, meta = core.load_pact(str(folder / "cal.safetensors"))
+    assert meta["samples"] == 1 and meta["forecaster_checks"]["runs"] == 1
+    assert F.block_calls(model)["single_blocks.0"] == 20 + 3 * sum(ks)  # checked again
+
+
+def test_a_failed_check_is_reported_and_the_output_returned(calibration, monkeypatch):
+    import nodes_fakes as F
+    from nodes import check_hook
+    folder, seen = calibration
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory in a check run")
+
+    monkeypatch.setattr(check_hook, "sample_checks", broken)
+    model = F.FakePatcher(F.Flux())
+    F.sample(model, steps=20, cfg=1.0)
+    plain = F.sample.last_output
+    (calib,) = nd.DPCacheCalibrate().calibrate(model, "cal", 1, False, unique_id="4")
+    F.sample(calib, steps=20, cfg=1.0)
+    assert torch.equal(F.sample.last_output, plain)
+    acc, meta = core.load_pact(str(folder / "cal.safetensors"))
+    assert acc.samples == 1 and "forecaster_checks" not in meta
+    assert "check runs not kept: RuntimeError: out of memory in a check run" in seen[-1]
+    assert "the sampler's output is returned" in seen[-1]
+
+
+def test_check_runs_is_checked(calibration):
+    import nodes_fakes as F
+    with pytest.raises(ValueError, match="check_runs must be >= 0"):
+        nd.DPCacheCalibrate().calibrate(F.FakePatcher(F.Flux()), "cal", 1, False, check_runs=-1)

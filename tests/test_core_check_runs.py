@@ -1,0 +1,90 @@
+"""Check runs (dpcache_core.check_runs): the K checked, how results accumulate in a PACT's metadata,
+and how they decide DPCache Schedule's forecaster "auto" (choose.replay_choice)."""
+import math
+
+import pytest
+import torch
+
+import dpcache_core as core
+from dpcache_core import check_runs, choose
+from test_core_choose import T, chebyshev, linear
+
+
+def test_checked_ks_are_the_speedups_of_the_schedule_node():
+    assert check_runs.check_ks(50) == [25, 17, 13, 10]
+    assert check_runs.check_ks(30) == [15, 10, 8, 6]
+    assert check_runs.check_ks(8) == [4]  # 8/3 and 8/5 round to 3 and 2: not above the 3 first full steps
+    assert check_runs.check_ks(4) == []
+
+
+def test_latent_psnr():
+    ref = torch.linspace(0, 2, 100)
+    assert check_runs.latent_psnr(ref.clone(), ref) == check_runs.MAX_DB
+    noisy = ref + 0.02
+    assert check_runs.latent_psnr(noisy, ref) == pytest.approx(10 * math.log10(4 / 0.0004))
+    assert check_runs.latent_psnr(ref * float("nan"), ref) == -check_runs.MAX_DB
+
+
+def test_results_accumulate_run_by_run():
+    one = check_runs.with_check(None, {13: {"taylor 1": 40.0, "spectral": 42.0}}, {13: {"taylor 1": [0, 1, 2, 5]}})
+    two = check_runs.with_check(one, {13: {"taylor 1": 44.0, "spectral": 41.0}, 25: {"taylor 1": 50.0}},
+                                {13: {"taylor 1": [0, 1, 2, 6]}})
+    assert one == {"runs": 1, "ks": {"13": {"taylor 1": [40.0], "spectral": [42.0]}}, "keys": {"13": {"taylor 1": [0, 1, 2, 5]}}}
+    assert two["keys"] == {"13": {"taylor 1": [0, 1, 2, 6]}}  # the last run's key sets
+    assert check_runs.checked_keys({"forecaster_checks": two}, 4) == {}  # kept only where K is the key count
+    assert two["runs"] == 2 and two["ks"]["13"] == {"taylor 1": [40.0, 44.0], "spectral": [42.0, 41.0]}
+    assert check_runs.runs_of({"forecaster_checks": two}) == 2 and check_runs.runs_of({}) == 0
+    k, means = check_runs.checked_ranking({"forecaster_checks": two}, 14)
+    assert k == 13 and means == {"taylor 1": 42.0, "spectral": 41.5}
+
+
+@pytest.mark.parametrize("asked, checked", [(13, 13), (11, 10), (12, 13), (16, 17), (21, 25), (9, 10), (8, 10), (7, None), (40, None)])
+def test_the_nearest_checked_k_decides_within_reach(asked, checked):
+    meta = {"forecaster_checks": check_runs.with_check(None, {k: {"taylor 1": 1.0} for k in (25, 17, 13, 10)})}
+    found = check_runs.checked_ranking(meta, asked)
+    assert (found[0] if found else None) == checked
+
+
+def file_with_checks(results, trajectories):
+    acc = core.PactAccumulator(T)
+    for traj in trajectories:
+        acc.add(core.build_pact(torch.from_numpy(traj), order=1), trajectories=traj[None])
+    meta = {"order": 1, "scheme": "reference", "convention": "skip", "model_family": "flux"}
+    if results is not None:
+        meta["forecaster_checks"] = check_runs.with_check(None, results)
+    return acc, meta
+
+
+def test_checks_override_the_replay_and_keep_its_key_set():
+    acc, meta = file_with_checks({13: {"taylor 1": 30.0, "taylor 2": 31.0, "spectral": 45.0}}, linear())
+    alone = choose.replay_choice(acc, meta, 13, checks=False)
+    assert alone.best.name == "taylor 1" and alone.checked is None  # the replay: Taylor is exact on lines
+    choice = choose.replay_choice(acc, meta, 13)
+    spectral = min((c for c in alone.candidates if c.name == "spectral"), key=lambda c: c.error)
+    assert choice.best == spectral and choice.runner_up.name == "taylor 2"
+    assert choice.checked == (13, {"taylor 1": 30.0, "taylor 2": 31.0, "spectral": 45.0})
+    text = choice.describe()
+    assert "check runs at K=13: spectral (45.0 dB" in text and "runner-up Taylor 2 (31.0 dB)" in text
+
+
+def test_level_checks_go_to_the_faster_forecaster():
+    acc, meta = file_with_checks({13: {"taylor 1": 40.0, "taylor 2": 40.2, "spectral": 40.25}}, chebyshev())
+    assert choose.replay_choice(acc, meta, 13).best.name == "taylor 1"  # within TIE_DB of the best
+
+
+def test_out_of_reach_or_no_checks_the_replay_decides():
+    acc, meta = file_with_checks({25: {"taylor 1": 30.0, "spectral": 45.0}}, linear())
+    assert choose.replay_choice(acc, meta, 13) == choose.replay_choice(acc, meta, 13, checks=False)
+    acc, meta = file_with_checks(None, linear())
+    assert choose.replay_choice(acc, meta, 13).checked is None
+
+
+def test_at_a_checked_k_the_checked_key_set_runs():
+    keys = (0, 1, 2, 4, 7, 11, 16, 22, 30, 38, 44, 47, 49)
+    results = {13: {"taylor 1": 30.0, "taylor 2": 44.0, "spectral": 31.0}}
+    acc, meta = file_with_checks(results, linear())
+    meta["forecaster_checks"] = check_runs.with_check(None, results, {13: {"taylor 2": list(keys)}})
+    choice = choose.replay_choice(acc, meta, 13)
+    assert choice.best.name == "taylor 2" and choice.best.keys == keys and choice.best.plan == "the check run's plan"
+    assert choose.replay_choice(acc, meta, 12).best.keys != keys  # another K: the replay's keys for it
+    assert choose.replay_choice(acc, meta, 13, first_full_steps=5).best.keys != keys  # lacks the mandatory 3 and 4
