@@ -5,13 +5,15 @@ the recorded cache point, so it cannot see how a prediction error moves the late
 next key step then computes. On the bench it picked a forecaster within 0.5 dB of the best in
 hindsight in only about half the cells (BENCHMARKS.md). A check run closes the loop: DPCache
 Calibrate, after a run it recorded, samples the same noise and conditioning again with each
-forecaster on its replay-best key set at each K of ``check_ks`` and keeps the PSNR of the final
-latent against the recorded run's. DPCache Schedule's forecaster "auto" then takes the forecaster
-the checks measured best at the nearest checked K (``checked_ranking``): at a checked K on the very
-key set that was checked (the replay's best for it then), at another K on its replay-best key set.
+forecaster at each K of ``check_ks`` and keeps the PSNR of the final latent against the recorded
+run's. The first check run samples each forecaster's replay-best key set; later check runs of the
+file sample the same key sets, so the mean over the check runs measures one plan on several
+prompts. DPCache Schedule's forecaster "auto" then takes the forecaster the checks measured best at
+the nearest checked K (``checked_ranking``): at a checked K on the very key set that was checked,
+at another K on its replay-best key set.
 
 Stored in the PACT's metadata as ``forecaster_checks``: {"runs": n, "ks": {"<K>": {"<forecaster>":
-[PSNR dB of each check run]}}, "keys": {"<K>": {"<forecaster>": [its key steps in the last check run]}}}.
+[PSNR dB of each check run]}}, "keys": {"<K>": {"<forecaster>": [the key steps it sampled]}}}.
 """
 from __future__ import annotations
 

@@ -45,9 +45,12 @@ def quiet_args(args, kwargs):
 
 
 def planned_checks(acc, meta: dict) -> list[tuple[int, object]]:
-    """(K, candidate) to sample: each forecaster's replay-best key set at each K of ``check_ks``."""
+    """(K, candidate) to sample at each K of ``check_ks``, for each forecaster: the key set its earlier
+    check runs sampled (so that every check run of the file measures the same plans), else its
+    replay-best key set on the file as it is now."""
     plans = []
     for k in check_runs.check_ks(acc.num_evals, FIRST_FULL_STEPS):
+        earlier = check_runs.checked_keys(meta, k)
         try:
             choice = choose.replay_choice(acc, meta, k, FIRST_FULL_STEPS, 0, checks=False)
         except ValueError:  # no finite plan at this K
@@ -56,7 +59,9 @@ def planned_checks(acc, meta: dict) -> list[tuple[int, object]]:
             return []
         for name in choose.SPEED_ORDER:
             of_name = [c for c in choice.candidates if c.name == name]
-            if of_name:
+            if name in earlier:
+                plans.append((k, choose.Candidate(name, earlier[name], "an earlier check run's plan", 0.0)))
+            elif of_name:
                 plans.append((k, min(of_name, key=lambda c: c.error)))
     return plans
 

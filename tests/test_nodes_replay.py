@@ -150,3 +150,18 @@ def test_check_runs_is_checked(calibration):
     import nodes_fakes as F
     with pytest.raises(ValueError, match="check_runs must be >= 0"):
         nd.DPCacheCalibrate().calibrate(F.FakePatcher(F.Flux()), "cal", 1, False, check_runs=-1)
+
+
+def test_later_check_runs_measure_the_same_plans(calibration):
+    import nodes_fakes as F
+    folder, seen = calibration
+    model = F.FakePatcher(F.Flux())
+    (calib,) = nd.DPCacheCalibrate().calibrate(model, "cal", 1, False, check_runs=2)
+    F.sample(calib, steps=20, cfg=2.0)
+    first = core.load_pact(str(folder / "cal.safetensors"))[1]["forecaster_checks"]
+    for seed in (3, 4):  # the second run is checked on the first run's key sets; the third is not checked
+        F.sample(calib, steps=20, cfg=2.0, seed=seed)
+    checks = core.load_pact(str(folder / "cal.safetensors"))[1]["forecaster_checks"]
+    assert checks["runs"] == 2 and checks["keys"] == first["keys"]
+    assert all(len(v) == 2 for row in checks["ks"].values() for v in row.values())
+    assert "check run 2 of 2" in " ".join(seen)
