@@ -255,8 +255,8 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=6, help="held-out prompts")
     ap.add_argument("--calib", type=int, default=4, help="calibration prompts")
     ap.add_argument("--quantile", type=float, default=QUANTILE)
-    ap.add_argument("--check-runs", type=int, default=1, help="DPCache Calibrate's check_runs for the order-1 file "
-                    "(its default: 1); 0 = the replay alone decides")
+    ap.add_argument("--check-runs", type=int, default=4, help="DPCache Calibrate's check_runs for the order-1 file "
+                    "(its default: 4, one per calibration prompt here); 0 = the replay alone decides")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out-dir", default=cc.RESULTS)
     ap.add_argument("--summary", action="store_true", help="only gather the per-model files into replay_choice.md")

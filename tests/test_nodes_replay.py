@@ -92,7 +92,7 @@ def test_check_runs_follow_the_first_recorded_run_and_decide_the_forecaster(cali
     model = F.FakePatcher(F.Flux())
     F.sample(model, steps=20, cfg=2.0)
     plain = F.sample.last_output
-    (calib,) = nd.DPCacheCalibrate().calibrate(model, "cal", 1, False, unique_id="4")
+    (calib,) = nd.DPCacheCalibrate().calibrate(model, "cal", 1, False, check_runs=1, unique_id="4")
     F.reset_calls(model)
     F.sample(calib, steps=20, cfg=2.0)
     assert torch.equal(F.sample.last_output, plain)  # the recorded run's output is returned
@@ -117,7 +117,7 @@ def test_check_runs_follow_the_first_recorded_run_and_decide_the_forecaster(cali
     name = next(n for n, (p, o) in choose.FORECASTERS.items() if p == sched.predictor and (p == "spectral" or o == sched.order))
     assert means[name] >= max(means.values()) - choose.TIE_DB
 
-    (again,) = nd.DPCacheCalibrate().calibrate(model, "cal", 1, True)  # reset: the file and its checks start afresh
+    (again,) = nd.DPCacheCalibrate().calibrate(model, "cal", 1, True, check_runs=1)  # reset: the file and its checks start afresh
     F.reset_calls(model)
     F.sample(again, steps=20, cfg=2.0, seed=9)
     _, meta = core.load_pact(str(folder / "cal.safetensors"))
