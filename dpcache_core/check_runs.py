@@ -6,20 +6,30 @@ next key step then computes. On the bench it picked a forecaster within 0.5 dB o
 hindsight in only about half the cells (BENCHMARKS.md). A check run closes the loop: DPCache
 Calibrate, after a run it recorded, samples the same noise and conditioning again with each
 forecaster at each K of ``check_ks`` and keeps the PSNR of the final latent against the recorded
-run's. The first check run samples each forecaster's replay-best key set; later check runs of the
-file sample the same key sets, so the mean over the check runs measures one plan on several
+run's. The first check run samples each forecaster's replay-best key set, and Taylor 2 and spectral
+also on the key set planned on the history-exact cost of the recorded runs (label
+"<forecaster> (history-exact plan)"); later check runs of the file sample the same key sets, so the mean over the check runs measures one plan on several
 prompts. DPCache Schedule's forecaster "auto" then takes the forecaster the checks measured best at
 the nearest checked K (``checked_ranking``): at a checked K on the very key set that was checked,
 at another K on its replay-best key set.
 
 Stored in the PACT's metadata as ``forecaster_checks``: {"runs": n, "ks": {"<K>": {"<forecaster>":
-[PSNR dB of each check run]}}, "keys": {"<K>": {"<forecaster>": [the key steps it sampled]}}}.
+[PSNR dB of each check run]}}, "keys": {"<K>": {"<forecaster>": [the key steps it sampled]}}}, a
+forecaster standing for each of its labels.
 """
 from __future__ import annotations
 
 import math
 
 import numpy as np
+
+HISTORY_PLAN = " (history-exact plan)"  # label suffix: the forecaster on the key set planned on the history-exact cost
+
+
+def forecaster_of(label: str) -> str:
+    """The forecaster of a check's label ("taylor 2", or "taylor 2 (history-exact plan)")."""
+    return label[: -len(HISTORY_PLAN)] if label.endswith(HISTORY_PLAN) else label
+
 
 # Speed-ups checked, the Schedule's default (3.85x) among them: at T = 50 the K are 25, 17, 13 and 10.
 CHECK_SPEEDUPS = (2.0, 3.0, 3.85, 5.0)

@@ -24,7 +24,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from .check_runs import checked_keys, checked_ranking
+from .check_runs import checked_keys, checked_ranking, forecaster_of
+from .history import build_history, history_fits
 from .pact import build_pact, default_max_gap
 from .runtime import CacheRun
 from .schedule import Schedule, mandatory_steps, path_cost, solve_schedule, solve_schedule_history
@@ -72,16 +73,16 @@ class Choice:
     runner_up: Candidate | None
     candidates: tuple
     samples: int
-    checked: tuple | None = None  # (K checked, {forecaster: mean PSNR dB}) when check runs decided
+    checked: tuple | None = None  # (K checked, {label: mean PSNR dB}, chosen label, runner-up label) when check runs decided
 
     def describe(self) -> str:
         best = self.best
         if self.checked is not None:
-            k, means = self.checked
-            text = (f"forecaster chosen by the calibration's check runs at K={k}: {label(best.name)} "
-                    f"({means[best.name]:.1f} dB PSNR of the final latent; keys planned on {best.plan})")
-            if self.runner_up is not None and self.runner_up.name in means:
-                text += f"; runner-up {label(self.runner_up.name)} ({means[self.runner_up.name]:.1f} dB)"
+            k, means, chosen, runner = self.checked
+            text = (f"forecaster chosen by the calibration's check runs at K={k}: {label(chosen)} "
+                    f"({means[chosen]:.1f} dB PSNR of the final latent; keys planned on {best.plan})")
+            if runner is not None:
+                text += f"; runner-up {label(runner)} ({means[runner]:.1f} dB)"
             return text
         text = (f"forecaster chosen by replay on {self.samples} recorded trajector{'y' if self.samples == 1 else 'ies'}: "
                 f"{label(best.name)} (replayed error {best.db:.1f} dB, keys planned on {best.plan})")
@@ -91,7 +92,8 @@ class Choice:
 
 
 def label(name: str) -> str:
-    return "spectral" if name == "spectral" else name.replace("taylor", "Taylor")
+    """How the node writes a forecaster (or a check's label): "Taylor 1", "spectral"."""
+    return name.replace("taylor", "Taylor")
 
 
 MEASURES = ("integrated", "relative L2", "PACT")
@@ -167,6 +169,23 @@ def trajectory_cost(trajectories, order: int, quantile: float | None = None,
     return out
 
 
+def trajectory_history_plan(trajectories, num_keys: int, first_full_steps: int, last_full_steps: int = 0,
+                            elements: int = COST_ELEMENTS) -> list[int] | None:
+    """The K key steps of least order-2 history-exact cost built from the trajectories (side by side,
+    at most ``elements`` of them; a few seconds at T = 50); None when its tensor would not fit or
+    no plan is finite."""
+    traj = np.asarray(trajectories)
+    if not history_fits(traj.shape[1], 2):
+        return None
+    per = max(1, min(traj.shape[2], elements // len(traj)))
+    side_by_side = torch.as_tensor(np.concatenate(list(traj[:, :, :per]), axis=1))
+    try:
+        return solve_schedule_history(build_history(side_by_side, order=2, scheme="reference"), num_keys,
+                                      first_full_steps, last_full_steps)
+    except ValueError:
+        return None
+
+
 def candidate_plans(trajectories, num_keys: int, first_full_steps: int, last_full_steps: int, cost=None,
                     order: int = 1, convention: str = "skip", history=None, scheme: str = "reference",
                     quantile: float | None = None) -> dict[str, list[int]]:
@@ -206,29 +225,30 @@ def pick(candidates, tie_db: float = TIE_DB) -> tuple[Candidate, Candidate | Non
 
 
 def pick_checked(choice: Choice, checked: tuple, planned: dict | None = None) -> Choice:
-    """``choice`` decided by check runs (``check_runs.checked_ranking``): of the forecasters whose
-    measured PSNR lies within ``TIE_DB`` of the best, the fastest, on the key set its check sampled
-    (``planned`` {forecaster: keys}, at a checked K) or else its replay-best key set; the runner-up is
-    the best measured other forecaster. ``choice`` itself when no checked one is a candidate."""
+    """``choice`` decided by check runs (``check_runs.checked_ranking``: {label: mean PSNR}, a label
+    naming a forecaster and which of its key sets was checked): of the labels whose measured PSNR lies
+    within ``TIE_DB`` of the best, the fastest forecaster's, on the key set its check sampled
+    (``planned`` {label: keys}, at a checked K) or else the forecaster's replay-best key set; the
+    runner-up is the best measured label of another forecaster. ``choice`` itself when no checked
+    forecaster is a candidate."""
     k, means = checked
     planned = planned or {}
-    best_of = {}
-    for c in choice.candidates:
-        if c.name not in means:
-            continue
-        if c.name in planned:
-            if c.keys == planned[c.name]:
-                best_of[c.name] = c
-        elif c.name not in best_of or c.error < best_of[c.name].error:
-            best_of[c.name] = c
-    if not best_of:
+    options = {}
+    for label in means:
+        name = forecaster_of(label)
+        of_name = [c for c in choice.candidates if c.name == name]
+        if label in planned:
+            of_name = [c for c in of_name if c.keys == planned[label]]
+        if of_name:
+            options[label] = min(of_name, key=lambda c: c.error)
+    if not options:
         return choice
-    top = max(means[n] for n in best_of)
-    level = [n for n in best_of if means[n] >= top - TIE_DB]
-    name = min(level, key=lambda n: (SPEED_ORDER.index(n), -means[n]))
-    others = sorted((n for n in best_of if n != name), key=lambda n: -means[n])
-    return replace(choice, best=best_of[name], runner_up=best_of[others[0]] if others else None,
-                   checked=(k, {n: means[n] for n in best_of}))
+    top = max(means[label] for label in options)
+    level = [label for label in options if means[label] >= top - TIE_DB]
+    label = min(level, key=lambda x: (SPEED_ORDER.index(forecaster_of(x)), -means[x]))
+    others = sorted((x for x in options if forecaster_of(x) != forecaster_of(label)), key=lambda x: -means[x])
+    return replace(choice, best=options[label], runner_up=options[others[0]] if others else None,
+                   checked=(k, {x: means[x] for x in options}, label, others[0] if others else None))
 
 
 def refine(keys, score, num_evals: int, fixed, max_hop: int | None = None, rounds: int = 4):
@@ -310,12 +330,13 @@ def replay_choice(acc, meta: dict, num_keys: int, first_full_steps: int = 3, las
     if checked is None:
         return choice
     must = set(mandatory_steps(trajectories.shape[1], first_full_steps, last_full_steps))
-    planned = {name: keys for name, keys in checked_keys(meta, num_keys).items()
-               if name in FORECASTERS and must <= set(keys)}
+    planned = {label: keys for label, keys in checked_keys(meta, num_keys).items()
+               if forecaster_of(label) in FORECASTERS and must <= set(keys)}
     known = {(c.name, c.keys) for c in choice.candidates}
-    extra = tuple(Candidate(name, keys, "the check run's plan", float(replay_errors(
-        trajectories, keys, name, first_full_steps, scheme, weights=weights).mean()))
-        for name, keys in planned.items() if (name, keys) not in known)
+    extra = {(forecaster_of(label), keys): Candidate(forecaster_of(label), keys, f"the check run's plan ({label})", float(
+        replay_errors(trajectories, keys, forecaster_of(label), first_full_steps, scheme, weights=weights).mean()))
+        for label, keys in planned.items() if (forecaster_of(label), keys) not in known}
+    extra = tuple(extra.values())
     return pick_checked(replace(choice, candidates=choice.candidates + extra), checked, planned)
 
 

@@ -44,13 +44,18 @@ def quiet_args(args, kwargs):
     return args, kwargs
 
 
-def planned_checks(acc, meta: dict) -> list[tuple[int, object]]:
-    """(K, candidate) to sample at each K of ``check_ks``, for each forecaster: the key set its earlier
-    check runs sampled (so that every check run of the file measures the same plans), else its
-    replay-best key set on the file as it is now."""
+def planned_checks(acc, meta: dict) -> list[tuple[int, str, object]]:
+    """(K, label, candidate) to sample at each K of ``check_ks``: each forecaster on its replay-best key
+    set (label: the forecaster), and Taylor 2 and spectral on the key set planned on the history-exact
+    cost of the recorded runs where that differs (label: ``check_runs.HISTORY_PLAN`` added). The key
+    sets of the file's earlier check runs are sampled again, so that every check run measures the same plans."""
     plans = []
     for k in check_runs.check_ks(acc.num_evals, FIRST_FULL_STEPS):
         earlier = check_runs.checked_keys(meta, k)
+        if earlier:
+            plans += [(k, label, choose.Candidate(check_runs.forecaster_of(label), keys, "an earlier check run's plan", 0.0))
+                      for label, keys in earlier.items() if check_runs.forecaster_of(label) in choose.FORECASTERS]
+            continue
         try:
             choice = choose.replay_choice(acc, meta, k, FIRST_FULL_STEPS, 0, checks=False)
         except ValueError:  # no finite plan at this K
@@ -59,10 +64,14 @@ def planned_checks(acc, meta: dict) -> list[tuple[int, object]]:
             return []
         for name in choose.SPEED_ORDER:
             of_name = [c for c in choice.candidates if c.name == name]
-            if name in earlier:
-                plans.append((k, choose.Candidate(name, earlier[name], "an earlier check run's plan", 0.0)))
-            elif of_name:
-                plans.append((k, min(of_name, key=lambda c: c.error)))
+            if of_name:
+                plans.append((k, name, min(of_name, key=lambda c: c.error)))
+        history = choose.trajectory_history_plan(acc.trajectories, k, FIRST_FULL_STEPS)
+        for name in ("taylor 2", "spectral"):
+            if history is not None and not any(kk == k and c.name == name and tuple(c.keys) == tuple(history)
+                                               for kk, _, c in plans):
+                plans.append((k, name + check_runs.HISTORY_PLAN, choose.Candidate(
+                    name, tuple(history), "history-exact costs of the trajectories", 0.0)))
     return plans
 
 
@@ -73,10 +82,10 @@ def sample_checks(executor, args, kwargs, conds, reference, family: str, num_eva
     guider = executor.class_obj
     original = guider.model_options
     args, kwargs = quiet_args(args, kwargs)
-    total = sum(k for k, _ in plans)
+    total = sum(k for k, _, _ in plans)
     bar = ui.progress_bar(total, node_id)
     done, results = 0, {}
-    for k, cand in plans:
+    for k, name, cand in plans:
         schedule = Schedule(tuple(cand.keys), num_evals, model_family=family, order=cand.order, source="check",
                             first_full_steps=FIRST_FULL_STEPS, predictor=cand.predictor)
         run = ApplyRun(family, schedule, False, sampler_name(args[2]))
@@ -88,7 +97,7 @@ def sample_checks(executor, args, kwargs, conds, reference, family: str, num_eva
         finally:
             guider.model_options = original
             run.close()
-        results.setdefault(k, {})[cand.name] = check_runs.latent_psnr(out, reference)
+        results.setdefault(k, {})[name] = check_runs.latent_psnr(out, reference)
         done += k
         if bar is not None:
             bar(done, total)
@@ -112,14 +121,14 @@ def run_checks(executor, args, kwargs, conds, reference, path: str, family: str,
     plans = planned_checks(acc, meta)
     if not plans:
         return None
-    ks = sorted({k for k, _ in plans}, reverse=True)
+    ks = sorted({k for k, _, _ in plans}, reverse=True)
     log.info("DPCache Calibrate: check runs: each forecaster sampled with the cache at K = %s of %d",
              ", ".join(map(str, ks)), acc.num_evals)
     results = sample_checks(executor, args, kwargs, conds, reference, family, acc.num_evals, plans, node_id)
 
     keys = {}
-    for k, cand in plans:
-        keys.setdefault(k, {})[cand.name] = list(cand.keys)
+    for k, name, cand in plans:
+        keys.setdefault(k, {})[name] = list(cand.keys)
 
     def add(existing):
         if existing is None:

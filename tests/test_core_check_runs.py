@@ -62,7 +62,7 @@ def test_checks_override_the_replay_and_keep_its_key_set():
     choice = choose.replay_choice(acc, meta, 13)
     spectral = min((c for c in alone.candidates if c.name == "spectral"), key=lambda c: c.error)
     assert choice.best == spectral and choice.runner_up.name == "taylor 2"
-    assert choice.checked == (13, {"taylor 1": 30.0, "taylor 2": 31.0, "spectral": 45.0})
+    assert choice.checked == (13, {"taylor 1": 30.0, "taylor 2": 31.0, "spectral": 45.0}, "spectral", "taylor 2")
     text = choice.describe()
     assert "check runs at K=13: spectral (45.0 dB" in text and "runner-up Taylor 2 (31.0 dB)" in text
 
@@ -85,6 +85,21 @@ def test_at_a_checked_k_the_checked_key_set_runs():
     acc, meta = file_with_checks(results, linear())
     meta["forecaster_checks"] = check_runs.with_check(None, results, {13: {"taylor 2": list(keys)}})
     choice = choose.replay_choice(acc, meta, 13)
-    assert choice.best.name == "taylor 2" and choice.best.keys == keys and choice.best.plan == "the check run's plan"
+    assert choice.best.name == "taylor 2" and choice.best.keys == keys and choice.best.plan == "the check run's plan (taylor 2)"
     assert choose.replay_choice(acc, meta, 12).best.keys != keys  # another K: the replay's keys for it
     assert choose.replay_choice(acc, meta, 13, first_full_steps=5).best.keys != keys  # lacks the mandatory 3 and 4
+
+
+def test_a_history_plan_label_runs_its_own_key_set():
+    history = (0, 1, 2, 5, 8, 12, 17, 22, 28, 34, 40, 45, 49)
+    label = "taylor 2" + check_runs.HISTORY_PLAN
+    results = {13: {"taylor 1": 30.0, "taylor 2": 31.0, label: 40.0, "spectral": 39.9}}
+    acc, meta = file_with_checks(None, linear())
+    meta["forecaster_checks"] = check_runs.with_check(None, results, {13: {label: list(history)}})
+    choice = choose.replay_choice(acc, meta, 13)
+    assert choice.best.name == "taylor 2" and choice.best.keys == history  # level with spectral: the faster
+    assert choice.checked[2] == label and choice.runner_up.name == "spectral"
+    assert "check runs at K=13: Taylor 2 (history-exact plan) (40.0 dB" in choice.describe()
+    assert check_runs.forecaster_of(label) == "taylor 2" and check_runs.forecaster_of("spectral") == "spectral"
+    off_grid = choose.replay_choice(acc, meta, 12)  # another K: the label's forecaster on its replay-best keys
+    assert off_grid.best.name == "taylor 2" and off_grid.best.keys != history

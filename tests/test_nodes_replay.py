@@ -100,8 +100,9 @@ def test_check_runs_follow_the_first_recorded_run_and_decide_the_forecaster(cali
     checks = meta["forecaster_checks"]
     ks = sorted(int(k) for k in checks["ks"])
     assert checks["runs"] == 1 and ks == [5, 7, 10]  # K=4 of 20 has no plan under the hop cap: not checked
-    assert all(set(row) == set(choose.SPEED_ORDER) for row in checks["ks"].values())
-    assert F.block_calls(model)["single_blocks.0"] == 20 + 3 * sum(ks)  # recorded run + each check at its K keys
+    assert all(set(choose.SPEED_ORDER) <= set(row) for row in checks["ks"].values())
+    checked = sum(int(k) * len(row) for k, row in checks["ks"].items())
+    assert F.block_calls(model)["single_blocks.0"] == 20 + checked  # recorded run + each check at its K keys
     assert "check run 1 of 1" in seen[-1] and "K=10: Taylor 1" in seen[-1]
 
     F.reset_calls(model)
@@ -115,14 +116,15 @@ def test_check_runs_follow_the_first_recorded_run_and_decide_the_forecaster(cali
     k, means = core.check_runs.checked_ranking(meta, 6)
     assert k == 7 and "chosen by the calibration's check runs at K=7" in text
     name = next(n for n, (p, o) in choose.FORECASTERS.items() if p == sched.predictor and (p == "spectral" or o == sched.order))
-    assert means[name] >= max(means.values()) - choose.TIE_DB
+    of_name = max(v for label, v in means.items() if core.check_runs.forecaster_of(label) == name)
+    assert of_name >= max(means.values()) - choose.TIE_DB
 
     (again,) = nd.DPCacheCalibrate().calibrate(model, "cal", 1, True, check_runs=1)  # reset: the file and its checks start afresh
     F.reset_calls(model)
     F.sample(again, steps=20, cfg=2.0, seed=9)
     _, meta = core.load_pact(str(folder / "cal.safetensors"))
     assert meta["samples"] == 1 and meta["forecaster_checks"]["runs"] == 1
-    assert F.block_calls(model)["single_blocks.0"] == 20 + 3 * sum(ks)  # checked again
+    assert F.block_calls(model)["single_blocks.0"] == 20 + checked  # checked again
 
 
 def test_a_failed_check_is_reported_and_the_output_returned(calibration, monkeypatch):

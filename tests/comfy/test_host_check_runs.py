@@ -34,11 +34,12 @@ def test_check_runs_follow_the_recorded_run(host, pact_dir, key):
     checks = meta["forecaster_checks"]
     ks = [int(k) for k in checks["ks"]]  # check_ks's, less any the DP cannot plan (K=4 of 20 under the hop cap)
     assert checks["runs"] == 1 and set(ks) <= set(core.check_runs.check_ks(STEPS)) and len(ks) >= 3, checks
-    for row in checks["ks"].values():
-        assert set(row) == {"taylor 1", "taylor 2", "spectral"}
+    for k, row in checks["ks"].items():
+        assert {"taylor 1", "taylor 2", "spectral"} <= set(row) and set(row) == set(checks["keys"][k])
         assert all(len(v) == 1 and 10 < v[0] < core.check_runs.MAX_DB for v in row.values()), row
     per_block = set(counter.counts.values())
-    assert per_block == {STEPS + 3 * sum(ks)}, per_block  # the recorded run, then each check at its K keys
+    checked = sum(int(k) * len(row) for k, row in checks["ks"].items())
+    assert per_block == {STEPS + checked}, per_block  # the recorded run, then each check at its K keys
 
     with BlockCounter(model) as counter:  # the file has its check run: the next run only records
         sample(calib, key, steps=STEPS, cfg=CFG, seed=4)
@@ -58,7 +59,7 @@ def test_a_check_with_every_key_reproduces_the_recorded_run(host, pact_dir, monk
     import nodes
     core = host["core"]
     check_hook = pack_module(host, "nodes.check_hook")
-    every = [(STEPS, core.choose.Candidate(name, tuple(range(STEPS)), "every evaluation", 0.0))
+    every = [(STEPS, name, core.choose.Candidate(name, tuple(range(STEPS)), "every evaluation", 0.0))
              for name in ("taylor 1", "spectral")]  # two check runs: the second sees conditioning reset again
     monkeypatch.setattr(check_hook, "planned_checks", lambda acc, meta: every)
     model = build_model("flux")
