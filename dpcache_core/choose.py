@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from .check_runs import checked_keys, checked_ranking, forecaster_of
+from .check_runs import HISTORY_PLAN, checked_ranking, forecaster_of
 from .history import build_history, history_fits
 from .pact import build_pact, default_max_gap
 from .runtime import CacheRun
@@ -226,9 +226,9 @@ def pick(candidates, tie_db: float = TIE_DB) -> tuple[Candidate, Candidate | Non
 
 def pick_checked(choice: Choice, checked: tuple, planned: dict | None = None) -> Choice:
     """``choice`` decided by check runs (``check_runs.checked_ranking``: {label: mean PSNR}, a label
-    naming a forecaster and which of its key sets was checked): of the labels whose measured PSNR lies
-    within ``TIE_DB`` of the best, the fastest forecaster's, on the key set its check sampled
-    (``planned`` {label: keys}, at a checked K) or else the forecaster's replay-best key set; the
+    naming a forecaster and how its keys are planned): of the labels whose measured PSNR lies within
+    ``TIE_DB`` of the best, the fastest forecaster's, on the key set ``planned`` gives the label
+    ({label: keys}: the history-exact plan) or else the forecaster's replay-best key set; the
     runner-up is the best measured label of another forecaster. ``choice`` itself when no checked
     forecaster is a candidate."""
     k, means = checked
@@ -313,8 +313,8 @@ def replay_choice(acc, meta: dict, num_keys: int, first_full_steps: int = 3, las
                   quantile: float | None = PLAN_QUANTILE, refined: bool = REFINE, checks: bool = True) -> Choice | None:
     """The data's choice for a PACT file (``PactAccumulator``, metadata) at K = ``num_keys``; None
     when the file keeps no replay trajectories or holds windows of partial runs (plan as before).
-    The file's check runs (``check_runs``) at a K near ``num_keys`` decide the forecaster when it
-    has them (``checks``); its key set is still the replay's best for that forecaster."""
+    The file's check runs (``check_runs``) at a K near ``num_keys`` decide when it has them
+    (``checks``): the label they measured best, its keys planned its way on the file as it is now."""
     trajectories = getattr(acc, "trajectories", None)
     if trajectories is None or not len(trajectories) or meta.get("windows"):
         return None
@@ -329,15 +329,17 @@ def replay_choice(acc, meta: dict, num_keys: int, first_full_steps: int = 3, las
     checked = checked_ranking(meta, num_keys) if checks else None
     if checked is None:
         return choice
-    must = set(mandatory_steps(trajectories.shape[1], first_full_steps, last_full_steps))
-    planned = {label: keys for label, keys in checked_keys(meta, num_keys).items()
-               if forecaster_of(label) in FORECASTERS and must <= set(keys)}
+    planned = {}
+    if any(label.endswith(HISTORY_PLAN) for label in checked[1]):
+        keys = trajectory_history_plan(trajectories, num_keys, first_full_steps, last_full_steps)
+        if keys is not None:
+            planned = {label: tuple(keys) for label in checked[1] if label.endswith(HISTORY_PLAN)}
     known = {(c.name, c.keys) for c in choice.candidates}
-    extra = {(forecaster_of(label), keys): Candidate(forecaster_of(label), keys, f"the check run's plan ({label})", float(
-        replay_errors(trajectories, keys, forecaster_of(label), first_full_steps, scheme, weights=weights).mean()))
-        for label, keys in planned.items() if (forecaster_of(label), keys) not in known}
-    extra = tuple(extra.values())
-    return pick_checked(replace(choice, candidates=choice.candidates + extra), checked, planned)
+    extra = {(forecaster_of(label), keys): Candidate(forecaster_of(label), keys, "history-exact costs of the trajectories",
+                                                     float(replay_errors(trajectories, keys, forecaster_of(label),
+                                                                         first_full_steps, scheme, weights=weights).mean()))
+             for label, keys in planned.items() if (forecaster_of(label), keys) not in known}
+    return pick_checked(replace(choice, candidates=choice.candidates + tuple(extra.values())), checked, planned)
 
 
 def replayed_schedule(schedule: Schedule, acc, meta: dict, quantile: float | None = PLAN_QUANTILE):

@@ -45,33 +45,28 @@ def quiet_args(args, kwargs):
 
 
 def planned_checks(acc, meta: dict) -> list[tuple[int, str, object]]:
-    """(K, label, candidate) to sample at each K of ``check_ks``: each forecaster on its replay-best key
-    set (label: the forecaster), and Taylor 2 and spectral on the key set planned on the history-exact
-    cost of the recorded runs where that differs (label: ``check_runs.HISTORY_PLAN`` added). The key
-    sets of the file's earlier check runs are sampled again, so that every check run measures the same plans."""
+    """(K, label, candidate) to sample at each K of ``check_ks``, planned on the file as it is now:
+    each forecaster on its replay-best key set (label: the forecaster), and Taylor 2 and spectral on
+    the key set planned on the history-exact cost of the recorded runs (label:
+    ``check_runs.HISTORY_PLAN`` added; sampled once when it is the same plan as another label's)."""
     plans = []
     for k in check_runs.check_ks(acc.num_evals, FIRST_FULL_STEPS):
-        earlier = check_runs.checked_keys(meta, k)
-        if earlier:
-            plans += [(k, label, choose.Candidate(check_runs.forecaster_of(label), keys, "an earlier check run's plan", 0.0))
-                      for label, keys in earlier.items() if check_runs.forecaster_of(label) in choose.FORECASTERS]
-            continue
         try:
             choice = choose.replay_choice(acc, meta, k, FIRST_FULL_STEPS, 0, checks=False)
         except ValueError:  # no finite plan at this K
             continue
         if choice is None:
             return []
+        here = []
         for name in choose.SPEED_ORDER:
             of_name = [c for c in choice.candidates if c.name == name]
             if of_name:
-                plans.append((k, name, min(of_name, key=lambda c: c.error)))
+                here.append((k, name, min(of_name, key=lambda c: c.error)))
         history = choose.trajectory_history_plan(acc.trajectories, k, FIRST_FULL_STEPS)
-        for name in ("taylor 2", "spectral"):
-            if history is not None and not any(kk == k and c.name == name and tuple(c.keys) == tuple(history)
-                                               for kk, _, c in plans):
-                plans.append((k, name + check_runs.HISTORY_PLAN, choose.Candidate(
-                    name, tuple(history), "history-exact costs of the trajectories", 0.0)))
+        for name in ("taylor 2", "spectral") if history is not None else ():
+            here.append((k, name + check_runs.HISTORY_PLAN, choose.Candidate(
+                name, tuple(history), "history-exact costs of the trajectories", 0.0)))
+        plans += here
     return plans
 
 
@@ -82,10 +77,14 @@ def sample_checks(executor, args, kwargs, conds, reference, family: str, num_eva
     guider = executor.class_obj
     original = guider.model_options
     args, kwargs = quiet_args(args, kwargs)
-    total = sum(k for k, _, _ in plans)
+    total = sum({(c.name, tuple(c.keys)): k for k, _, c in plans}.values())  # distinct plans
     bar = ui.progress_bar(total, node_id)
-    done, results = 0, {}
+    done, results, sampled = 0, {}, {}
     for k, name, cand in plans:
+        plan = (cand.name, tuple(cand.keys))
+        if plan in sampled:  # the same forecaster on the same keys: the same run
+            results.setdefault(k, {})[name] = sampled[plan]
+            continue
         schedule = Schedule(tuple(cand.keys), num_evals, model_family=family, order=cand.order, source="check",
                             first_full_steps=FIRST_FULL_STEPS, predictor=cand.predictor)
         run = ApplyRun(family, schedule, False, sampler_name(args[2]))
@@ -97,7 +96,7 @@ def sample_checks(executor, args, kwargs, conds, reference, family: str, num_eva
         finally:
             guider.model_options = original
             run.close()
-        results.setdefault(k, {})[name] = check_runs.latent_psnr(out, reference)
+        results.setdefault(k, {})[name] = sampled[plan] = check_runs.latent_psnr(out, reference)
         done += k
         if bar is not None:
             bar(done, total)

@@ -31,7 +31,6 @@ def test_results_accumulate_run_by_run():
                                 {13: {"taylor 1": [0, 1, 2, 6]}})
     assert one == {"runs": 1, "ks": {"13": {"taylor 1": [40.0], "spectral": [42.0]}}, "keys": {"13": {"taylor 1": [0, 1, 2, 5]}}}
     assert two["keys"] == {"13": {"taylor 1": [0, 1, 2, 6]}}  # the last run's key sets
-    assert check_runs.checked_keys({"forecaster_checks": two}, 4) == {}  # kept only where K is the key count
     assert two["runs"] == 2 and two["ks"]["13"] == {"taylor 1": [40.0, 44.0], "spectral": [42.0, 41.0]}
     assert check_runs.runs_of({"forecaster_checks": two}) == 2 and check_runs.runs_of({}) == 0
     k, means = check_runs.checked_ranking({"forecaster_checks": two}, 14)
@@ -79,27 +78,19 @@ def test_out_of_reach_or_no_checks_the_replay_decides():
     assert choose.replay_choice(acc, meta, 13).checked is None
 
 
-def test_at_a_checked_k_the_checked_key_set_runs():
-    keys = (0, 1, 2, 4, 7, 11, 16, 22, 30, 38, 44, 47, 49)
-    results = {13: {"taylor 1": 30.0, "taylor 2": 44.0, "spectral": 31.0}}
-    acc, meta = file_with_checks(results, linear())
-    meta["forecaster_checks"] = check_runs.with_check(None, results, {13: {"taylor 2": list(keys)}})
-    choice = choose.replay_choice(acc, meta, 13)
-    assert choice.best.name == "taylor 2" and choice.best.keys == keys and choice.best.plan == "the check run's plan (taylor 2)"
-    assert choose.replay_choice(acc, meta, 12).best.keys != keys  # another K: the replay's keys for it
-    assert choose.replay_choice(acc, meta, 13, first_full_steps=5).best.keys != keys  # lacks the mandatory 3 and 4
-
-
-def test_a_history_plan_label_runs_its_own_key_set():
-    history = (0, 1, 2, 5, 8, 12, 17, 22, 28, 34, 40, 45, 49)
+@pytest.mark.parametrize("k", [13, 12])
+def test_a_history_plan_label_plans_its_keys_on_the_file_now(k):
     label = "taylor 2" + check_runs.HISTORY_PLAN
     results = {13: {"taylor 1": 30.0, "taylor 2": 31.0, label: 40.0, "spectral": 39.9}}
-    acc, meta = file_with_checks(None, linear())
-    meta["forecaster_checks"] = check_runs.with_check(None, results, {13: {label: list(history)}})
-    choice = choose.replay_choice(acc, meta, 13)
+    acc, meta = file_with_checks(results, chebyshev())
+    meta["forecaster_checks"]["keys"] = {"13": {label: [0, 1, 2, 4, 7, 11, 16, 22, 30, 38, 44, 47, 49]}}  # not used
+    history = tuple(choose.trajectory_history_plan(acc.trajectories, k, 3))
+    choice = choose.replay_choice(acc, meta, k)
     assert choice.best.name == "taylor 2" and choice.best.keys == history  # level with spectral: the faster
+    assert choice.best.plan == "history-exact costs of the trajectories"
     assert choice.checked[2] == label and choice.runner_up.name == "spectral"
     assert "check runs at K=13: Taylor 2 (history-exact plan) (40.0 dB" in choice.describe()
     assert check_runs.forecaster_of(label) == "taylor 2" and check_runs.forecaster_of("spectral") == "spectral"
-    off_grid = choose.replay_choice(acc, meta, 12)  # another K: the label's forecaster on its replay-best keys
-    assert off_grid.best.name == "taylor 2" and off_grid.best.keys != history
+    plain = choose.replay_choice(acc, {**meta, "forecaster_checks": check_runs.with_check(None, {13: {"taylor 2": 40.0}})}, k)
+    replayed = min((c for c in plain.candidates if c.name == "taylor 2"), key=lambda c: c.error)
+    assert plain.best == replayed  # the plain label: the forecaster's replay-best keys

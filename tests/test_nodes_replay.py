@@ -101,7 +101,8 @@ def test_check_runs_follow_the_first_recorded_run_and_decide_the_forecaster(cali
     ks = sorted(int(k) for k in checks["ks"])
     assert checks["runs"] == 1 and ks == [5, 7, 10]  # K=4 of 20 has no plan under the hop cap: not checked
     assert all(set(choose.SPEED_ORDER) <= set(row) for row in checks["ks"].values())
-    checked = sum(int(k) * len(row) for k, row in checks["ks"].items())
+    checked = sum(int(k) for k, row in checks["keys"].items()  # each distinct plan is sampled once
+                  for _ in {(core.check_runs.forecaster_of(label), tuple(keys)) for label, keys in row.items()})
     assert F.block_calls(model)["single_blocks.0"] == 20 + checked  # recorded run + each check at its K keys
     assert "check run 1 of 1" in seen[-1] and "K=10: Taylor 1" in seen[-1]
 
@@ -154,16 +155,18 @@ def test_check_runs_is_checked(calibration):
         nd.DPCacheCalibrate().calibrate(F.FakePatcher(F.Flux()), "cal", 1, False, check_runs=-1)
 
 
-def test_later_check_runs_measure_the_same_plans(calibration):
+def test_each_check_run_plans_on_the_file_as_it_is(calibration, monkeypatch):
     import nodes_fakes as F
+    from nodes import check_hook
     folder, seen = calibration
+    samples_seen = []
+    original = check_hook.planned_checks
+    monkeypatch.setattr(check_hook, "planned_checks", lambda acc, meta: samples_seen.append(acc.samples) or original(acc, meta))
     model = F.FakePatcher(F.Flux())
     (calib,) = nd.DPCacheCalibrate().calibrate(model, "cal", 1, False, check_runs=2)
-    F.sample(calib, steps=20, cfg=2.0)
-    first = core.load_pact(str(folder / "cal.safetensors"))[1]["forecaster_checks"]
-    for seed in (3, 4):  # the second run is checked on the first run's key sets; the third is not checked
+    for seed in (2, 3, 4):  # the first two runs are checked, each on the file with its own sample in; the third is not
         F.sample(calib, steps=20, cfg=2.0, seed=seed)
     checks = core.load_pact(str(folder / "cal.safetensors"))[1]["forecaster_checks"]
-    assert checks["runs"] == 2 and checks["keys"] == first["keys"]
+    assert samples_seen == [1, 2] and checks["runs"] == 2
     assert all(len(v) == 2 for row in checks["ks"].values() for v in row.values())
     assert "check run 2 of 2" in " ".join(seen)
