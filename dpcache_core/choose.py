@@ -39,6 +39,7 @@ FORECASTERS = {"taylor 1": ("taylor", 1), "taylor 2": ("taylor", 2), "spectral":
 TIE_DB = 0.3  # replayed errors within this many dB (error ratio 10^(0.3/20)) count as level
 PLAN_QUANTILE = None  # plan and score on the mean over samples (a quantile was tried: BENCHMARKS.md)
 COST_ELEMENTS = 8192  # elements of the trajectories a cost is built on (the build's time grows with them)
+TRAJECTORY_HISTORY = "history-exact costs of the trajectories"  # what planned a check label's history-exact keys
 REFINE = False  # refine each forecaster's best key set by replay (``refine``; tried: BENCHMARKS.md)
 
 
@@ -239,6 +240,8 @@ def pick_checked(choice: Choice, checked: tuple, planned: dict | None = None) ->
         of_name = [c for c in choice.candidates if c.name == name]
         if label in planned:
             of_name = [c for c in of_name if c.keys == planned[label]]
+        else:  # the replay's own plans only: not a history-exact plan added for another label
+            of_name = [c for c in of_name if c.plan != TRAJECTORY_HISTORY]
         if of_name:
             options[label] = min(of_name, key=lambda c: c.error)
     if not options:
@@ -335,7 +338,7 @@ def replay_choice(acc, meta: dict, num_keys: int, first_full_steps: int = 3, las
         if keys is not None:
             planned = {label: tuple(keys) for label in checked[1] if label.endswith(HISTORY_PLAN)}
     known = {(c.name, c.keys) for c in choice.candidates}
-    extra = {(forecaster_of(label), keys): Candidate(forecaster_of(label), keys, "history-exact costs of the trajectories",
+    extra = {(forecaster_of(label), keys): Candidate(forecaster_of(label), keys, TRAJECTORY_HISTORY,
                                                      float(replay_errors(trajectories, keys, forecaster_of(label),
                                                                          first_full_steps, scheme, weights=weights).mean()))
              for label, keys in planned.items() if (forecaster_of(label), keys) not in known}

@@ -65,7 +65,7 @@ def planned_checks(acc, meta: dict) -> list[tuple[int, str, object]]:
         history = choose.trajectory_history_plan(acc.trajectories, k, FIRST_FULL_STEPS)
         for name in ("taylor 2", "spectral") if history is not None else ():
             here.append((k, name + check_runs.HISTORY_PLAN, choose.Candidate(
-                name, tuple(history), "history-exact costs of the trajectories", 0.0)))
+                name, tuple(history), choose.TRAJECTORY_HISTORY, 0.0)))
         plans += here
     return plans
 

@@ -94,3 +94,12 @@ def test_a_history_plan_label_plans_its_keys_on_the_file_now(k):
     plain = choose.replay_choice(acc, {**meta, "forecaster_checks": check_runs.with_check(None, {13: {"taylor 2": 40.0}})}, k)
     replayed = min((c for c in plain.candidates if c.name == "taylor 2"), key=lambda c: c.error)
     assert plain.best == replayed  # the plain label: the forecaster's replay-best keys
+
+
+def test_a_plain_label_never_takes_the_history_plan_added_for_another():
+    label = "taylor 2" + check_runs.HISTORY_PLAN
+    acc, meta = file_with_checks({13: {"taylor 2": 45.0, label: 30.0, "spectral": 20.0}}, chebyshev())
+    choice = choose.replay_choice(acc, meta, 13)
+    alone = choose.replay_choice(acc, meta, 13, checks=False)
+    replayed = min((c for c in alone.candidates if c.name == "taylor 2"), key=lambda c: c.error)
+    assert choice.best == replayed and choice.checked[2] == "taylor 2"
