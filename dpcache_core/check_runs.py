@@ -79,6 +79,19 @@ def with_check(checks: dict | None, results: dict, keys: dict | None = None) -> 
     return {"runs": int(old.get("runs", 0)) + 1, "ks": ks, "keys": planned}
 
 
+def merged(entries: list) -> dict:
+    """Several files' ``forecaster_checks`` as one (``python -m dpcache_core.merge``): every check
+    run's results, the first file's key sets."""
+    entries = [c for c in entries if isinstance(c, dict)]
+    ks = {}
+    for c in entries:
+        for k, row in (c.get("ks") or {}).items():
+            for label, values in row.items():
+                ks.setdefault(k, {}).setdefault(label, []).extend(values)
+    return {"runs": sum(int(c.get("runs", 0)) for c in entries), "ks": ks,
+            "keys": (entries[0].get("keys") or {}) if entries else {}}
+
+
 def checked_ranking(meta: dict, num_keys: int) -> tuple[int, dict[str, float]] | None:
     """(the checked K nearest to ``num_keys``, {forecaster: mean PSNR dB over the check runs}) when one
     lies within ``CHECK_REACH``; None otherwise (the replay decides alone)."""

@@ -15,6 +15,7 @@ import json
 import os
 import sys
 
+from . import check_runs
 from .pact import PactAccumulator
 from .settings import combine_records
 from .store import PactFileError, combine_sampling, load_pact, save_pact
@@ -58,6 +59,9 @@ def merge_pacts(paths: list[str]) -> tuple[PactAccumulator, dict]:
     for key in sorted({k for _, _, m in loaded for k in m} - set(SAMPLING_KEYS) - set(RECORD_KEYS) - {"samples", "pack_version", "merged_from", "convention"}):
         present = [m[key] for _, _, m in loaded if m.get(key) is not None]
         if not present:
+            continue
+        if key == "forecaster_checks":  # every file's check runs count
+            meta[key] = check_runs.merged(present)
             continue
         if key in TRAJECTORY_KEYS or any(isinstance(v, dict) for v in present):
             meta[key] = present[0]  # the first file's, as DPCache Calibrate keeps one run's

@@ -103,3 +103,13 @@ def test_a_plain_label_never_takes_the_history_plan_added_for_another():
     alone = choose.replay_choice(acc, meta, 13, checks=False)
     replayed = min((c for c in alone.candidates if c.name == "taylor 2"), key=lambda c: c.error)
     assert choice.best == replayed and choice.checked[2] == "taylor 2"
+
+
+def test_merged_files_keep_every_check_run(tmp_path):
+    from dpcache_core import merge
+    for i, name in enumerate(("a", "b")):
+        acc, meta = file_with_checks({10: {"taylor 1": 40.0 + i, "spectral": 30.0}}, linear(seed=i))
+        core.save_pact(str(tmp_path / f"{name}.safetensors"), acc, meta)
+    _, meta = merge.merge_pacts([str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")])
+    assert meta["forecaster_checks"]["runs"] == 2
+    assert meta["forecaster_checks"]["ks"] == {"10": {"taylor 1": [40.0, 41.0], "spectral": [30.0, 30.0]}}
