@@ -140,7 +140,8 @@ def run(args) -> dict:
 def write(args, bench, num_evals, held_out, calib, cells) -> str:
     lines = [
         f"Command: `<ComfyUI's python> -m bench.replay_choice --model {args.model} --steps {args.steps} --ks "
-        f"{' '.join(str(c['k']) for c in cells)} --prompts {args.prompts} --calib {args.calib}` at commit {commit()} "
+        f"{' '.join(str(c['k']) for c in cells)} --prompts {args.prompts} --calib {args.calib}"
+        f"{'' if args.check_runs == 4 else f' --check-runs {args.check_runs}'}` at commit {commit()} "
         f"(real ComfyUI). Model: {bench.text}; {args.steps} steps = {num_evals} evaluations. {len(held_out)} held-out "
         f"prompts; PACTs from DPCache Calibrate (order 1 with its replay trajectories, and order 2) on {len(calib)} other "
         "prompts. PSNR against the plain run in dB, mean / worst over the prompts: decoded RGB (latent in brackets).",
