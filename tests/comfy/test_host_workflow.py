@@ -90,11 +90,12 @@ def ksampler(model, seed):
         "positive": ["2", 0], "negative": ["2", 1], "latent_image": ["2", 2], "denoise": 1.0}}
 
 
-def calibrate_prompt(key, name, seed, reset=False):
+def calibrate_prompt(key, name, seed, reset=False, check_runs=0):
     return {
         "1": {"class_type": "DPCacheTestModel", "inputs": {"key": key}},
         "2": {"class_type": "DPCacheTestInputs", "inputs": {"key": key}},
-        "3": {"class_type": "DPCacheCalibrate", "inputs": {"model": ["1", 0], "pact_name": name, "order": 2, "reset": reset}},
+        "3": {"class_type": "DPCacheCalibrate", "inputs": {"model": ["1", 0], "pact_name": name, "order": 2, "reset": reset,
+                                                           "check_runs": check_runs}},
         "4": ksampler(["3", 0], seed),
         "5": {"class_type": "DPCacheTestCapture", "inputs": {"samples": ["4", 0], "label": "calibrated"}},
     }
@@ -122,11 +123,17 @@ def test_calibrate_schedule_apply_workflow(host, executor, pact_dir, key):
     path = os.path.join(pact_dir, name + ".safetensors")
     model = build_model(key)
 
-    # (d) two queued calibration prompts (new seed each, as the UI's seed widget does) -> 2 samples
+    # (d) two queued calibration prompts (new seed each, as the UI's seed widget does) -> 2 samples;
+    #     FLUX with Calibrate's default check runs (each run then samples its checks), Wan without
+    check_runs = 4 if key == "flux" else 0
     with BlockCounter(model) as c:
         for seed in (1, 2):
-            run(executor, calibrate_prompt(key, name, seed))
-    assert set(c.counts.values()) == {2 * STEPS}  # calibration computes every evaluation
+            run(executor, calibrate_prompt(key, name, seed, check_runs=check_runs))
+    if check_runs:
+        checks = core.load_pact(path)[1]["forecaster_checks"]
+        assert checks["runs"] == 2 and len(set(c.counts.values())) == 1 and min(c.counts.values()) > 2 * STEPS
+    else:
+        assert set(c.counts.values()) == {2 * STEPS}  # calibration computes every evaluation
     calibrated_ref = sample(model, key, steps=STEPS, cfg=CFG, seed=2)
     assert (CAPTURED["calibrated"] - calibrated_ref).abs().max().item() <= 1e-6
     acc, meta = core.load_pact(path)
@@ -158,8 +165,9 @@ def test_calibrate_schedule_apply_workflow(host, executor, pact_dir, key):
         out = run(executor, apply_prompt(key, pact, seed=7))
     text = out["6"]["text"][0]
     assert f"{K} of {STEPS} evaluations" in text and f"ideal speed-up {STEPS / K:.2f}x" in text
-    # the file keeps replay trajectories: the forecaster and the cost its keys were planned on are chosen by replay
-    assert "forecaster chosen by replay on" in text and "keys planned on" in text
+    # with check runs (FLUX) they choose the forecaster; else the file's replay trajectories do
+    chosen_by = "by the calibration's check runs at K=" if check_runs else "forecaster chosen by replay on"
+    assert chosen_by in text and "keys planned on" in text
     n_blocks = len(c.counts)
     assert c.total == (STEPS + K) * n_blocks  # plain run: every block 20x; accelerated: 8x
     plain_ref = sample(model, key, steps=STEPS, cfg=CFG, seed=7)
