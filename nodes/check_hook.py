@@ -11,7 +11,7 @@ except ImportError:  # pragma: no cover - depends on how the pack is imported
     from dpcache_core import Schedule, check_runs, choose, load_pact
     from dpcache_core.store import update_pact
 
-from . import ui
+from . import memory, ui
 from .run_state import ApplyRun
 from .sampler_counts import sampler_name
 from .sampling_hooks import options_with_run
@@ -72,8 +72,9 @@ def planned_checks(acc, meta: dict) -> list[tuple[int, str, object]]:
 
 def sample_checks(executor, args, kwargs, conds, reference, family: str, num_evals: int, plans,
                   node_id=None) -> dict:
-    """{K: {forecaster: PSNR dB of the final latent against ``reference``}}: each plan sampled with
-    the cache, the guider's conditioning reset to ``conds`` before each run."""
+    """{K: {label: PSNR dB of the final latent against ``reference``}}: each plan sampled with the
+    cache, the guider's conditioning reset to ``conds`` before each run. A forecaster whose cache
+    would not fit the free GPU memory (``memory.fit_run``) is left out: no result for its labels."""
     guider = executor.class_obj
     original = guider.model_options
     args, kwargs = quiet_args(args, kwargs)
@@ -87,7 +88,11 @@ def sample_checks(executor, args, kwargs, conds, reference, family: str, num_eva
             continue
         schedule = Schedule(tuple(cand.keys), num_evals, model_family=family, order=cand.order, source="check",
                             first_full_steps=FIRST_FULL_STEPS, predictor=cand.predictor)
-        run = ApplyRun(family, schedule, False, sampler_name(args[2]))
+        fitted, fit = memory.fit_run(schedule, guider, args[0].shape)
+        if (fitted.predictor, fitted.order) != (schedule.predictor, schedule.order):
+            done += k
+            continue
+        run = ApplyRun(family, schedule, False, sampler_name(args[2]), memory=fit)
         if conds is not None:
             guider.conds = copy_conds(conds)
         try:
@@ -127,7 +132,8 @@ def run_checks(executor, args, kwargs, conds, reference, path: str, family: str,
 
     keys = {}
     for k, name, cand in plans:
-        keys.setdefault(k, {})[name] = list(cand.keys)
+        if name in results.get(k, {}):
+            keys.setdefault(k, {})[name] = list(cand.keys)
 
     def add(existing):
         if existing is None:
@@ -137,5 +143,9 @@ def run_checks(executor, args, kwargs, conds, reference, path: str, family: str,
         return acc_now, dict(meta_now, forecaster_checks=checks)
 
     written = update_pact(path, add)
-    return (f"check run {check_runs.runs_of(written)} of {wanted_runs} (PSNR of the final latent against this "
+    line = (f"check run {check_runs.runs_of(written)} of {wanted_runs} (PSNR of the final latent against this "
             f"run's, dB): {results_text(results)}")
+    left_out = sorted({name for k, name, _ in plans if name not in results.get(k, {})})
+    if left_out:
+        line += f"; left out, their cache would not fit the free GPU memory: {', '.join(map(choose.label, left_out))}"
+    return line

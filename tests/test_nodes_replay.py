@@ -170,3 +170,28 @@ def test_each_check_run_plans_on_the_file_as_it_is(calibration, monkeypatch):
     assert samples_seen == [1, 2] and checks["runs"] == 2
     assert all(len(v) == 2 for row in checks["ks"].values() for v in row.values())
     assert "check run 2 of 2" in " ".join(seen)
+
+
+def test_a_forecaster_whose_cache_does_not_fit_is_left_out_of_the_checks(calibration, monkeypatch):
+    import dataclasses
+    import nodes_fakes as F
+    from nodes import memory
+    folder, seen = calibration
+
+    def no_room_for_spectral(schedule, guider, shape):  # as memory.fit_run downgrades on a small GPU
+        if schedule.predictor == "spectral":
+            return dataclasses.replace(schedule, predictor="taylor", order=1), None
+        return schedule, None
+
+    monkeypatch.setattr(memory, "fit_run", no_room_for_spectral)
+    model = F.FakePatcher(F.Flux())
+    (calib,) = nd.DPCacheCalibrate().calibrate(model, "cal", 1, False, check_runs=1)
+    F.reset_calls(model)
+    F.sample(calib, steps=20, cfg=2.0)
+    checks = core.load_pact(str(folder / "cal.safetensors"))[1]["forecaster_checks"]
+    assert all(set(row) == {"taylor 1", "taylor 2", "taylor 2 (history-exact plan)"} for row in checks["ks"].values())
+    assert checks["keys"].keys() == checks["ks"].keys() and all(set(checks["keys"][k]) == set(checks["ks"][k]) for k in checks["ks"])
+    assert "left out, their cache would not fit the free GPU memory: spectral, spectral (history-exact plan)" in seen[-1]
+    sampled = sum(int(k) for k, row in checks["keys"].items()
+                  for _ in {(core.check_runs.forecaster_of(label), tuple(keys)) for label, keys in row.items()})
+    assert F.block_calls(model)["single_blocks.0"] == 20 + sampled
