@@ -23,6 +23,7 @@ bench/results/replay_choice_<model>_<steps>.md.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import re
@@ -92,7 +93,7 @@ def run(args) -> dict:
                                  latent_worst=min(pl), keys=list(sched.key_steps))
         return measured[key]
 
-    cells = []
+    cells, labels = [], {}
     with tempfile.TemporaryDirectory() as folder:
         t0 = time.perf_counter()
         pacts = {o: cc.calibrate(model, prompts, calib, o, folder, args.steps, bench,
@@ -125,6 +126,8 @@ def run(args) -> dict:
                 rows[f"chosen: {core.choose.label(choice.best.name)}, {choice.best.plan}"] = chosen
             quantile = measure(schedule_of(core, q_choice.best, num_evals, meta.get("model_family")))
             best_name = max(rows, key=lambda n: rows[n]["mean"])
+            if args.labels_json:  # every checked label's plan, held out, for studying the rule that picks one
+                labels[k] = measure_labels(core, acc, meta, k, num_evals, measure, rows, best_name, chosen)
             cell = dict(k=k, choice=choice, q_choice=q_choice, rows=rows, chosen=chosen, quantile=quantile,
                         r_choice=r_choice, alone=alone,
                         best_name=best_name, best=rows[best_name])
@@ -134,7 +137,27 @@ def run(args) -> dict:
                   f"({quantile['worst']:.2f}), replay alone {r_choice.best.name} {alone['mean']:.2f} ({alone['worst']:.2f}); "
                   f"{time.perf_counter() - t1:.0f}s", flush=True)
             write(args, bench, num_evals, held_out, calib, cells)
+            if args.labels_json:
+                with open(args.labels_json, "w") as f:
+                    json.dump(dict(model=args.model, steps=args.steps, cells=labels), f, indent=1)
     return dict(cells=cells)
+
+
+def measure_labels(core, acc, meta, k, num_evals, measure, rows, best_name, chosen) -> dict:
+    """{label: its check runs' PSNRs and its plan's held-out PSNR} at K, with the cell's best in hindsight."""
+    checked = core.check_runs.checked_ranking(meta, k)
+    if checked is None:
+        return {}
+    near, means = checked
+    out = {}
+    for label in means:
+        only = {**meta, "forecaster_checks": {"runs": 1, "ks": {str(near): {label: [0.0]}}}}
+        plan = core.choose.replay_choice(acc, only, k, 3, 0).best
+        m = measure(schedule_of(core, plan, num_evals, meta.get("model_family")))
+        out[label] = dict(check=meta["forecaster_checks"]["ks"][str(near)][label], mean=m["mean"], worst=m["worst"],
+                          latent=m["latent"], keys=m["keys"])
+    return dict(checked_k=near, labels=out, best=rows[best_name]["mean"], chosen=chosen["mean"],
+                best_latent=max(r["latent"] for r in rows.values()), chosen_latent=chosen["latent"])
 
 
 def write(args, bench, num_evals, held_out, calib, cells) -> str:
@@ -271,6 +294,7 @@ def main() -> None:
     ap.add_argument("--quantile", type=float, default=QUANTILE)
     ap.add_argument("--check-runs", type=int, default=4, help="DPCache Calibrate's check_runs for the order-1 file "
                     "(its default: 4, one per calibration prompt here); 0 = the replay alone decides")
+    ap.add_argument("--labels-json", default=None, help="also measure every checked label's plan; write them here")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out-dir", default=cc.RESULTS)
     ap.add_argument("--summary", action="store_true", help="only gather the per-model files into replay_choice.md")
