@@ -180,8 +180,8 @@ def write(args, bench, num_evals, held_out, calib, cells) -> str:
         lines.append(
             f"| {args.model} | {args.steps} | {c['k']} | {cc_label(c['choice'].best.name)} | {runner} | "
             f"{ch['mean']:.1f} / {ch['worst']:.1f} ({ch['latent']:.1f} / {ch['latent_worst']:.1f}) | {c['best_name']} | "
-            f"{best['mean']:.1f} / {best['worst']:.1f} | {best['mean'] - ch['mean']:.1f} | "
-            f"{max(r['latent'] for r in c['rows'].values()) - ch['latent']:.1f} | "
+            f"{best['mean']:.1f} / {best['worst']:.1f} | {best['mean'] - ch['mean']:.2f} | "
+            f"{max(r['latent'] for r in c['rows'].values()) - ch['latent']:.2f} | "
             f"{cc_label(c['q_choice'].best.name)}, {c['quantile']['mean']:.1f} / {c['quantile']['worst']:.1f} | "
             f"{cc_label(c['r_choice'].best.name)}, {c['alone']['mean']:.1f} / {c['alone']['worst']:.1f} |")
     lines += ["", "Every forecaster row: PSNR mean / worst (latent mean), and for the replay's candidates the replayed "
@@ -284,6 +284,60 @@ def summary(out_dir: str) -> str:
     return text
 
 
+RULES = (("mean", 0.3), ("mean", 0.0), ("mean", 0.5), ("mean", 1.0), ("median", 0.3), ("worst", 0.3))
+
+
+def rule_pick(labels: dict, rule: tuple) -> str:
+    """The label a rule picks from the check runs' PSNRs: the best score (mean, median or worst of the
+    check runs); labels within the rule's dB of it are level and the fastest forecaster's wins."""
+    kind, tie = rule
+    score = {label: {"mean": statistics.fmean, "median": statistics.median, "worst": min}[kind](v["check"])
+             for label, v in labels.items()}
+    top = max(score.values())
+    level = [label for label in score if score[label] >= top - tie]
+    speed = lambda label: SPEED.index(label.replace(" (history-exact plan)", ""))
+    return min(level, key=lambda label: (speed(label), -score[label]))
+
+
+SPEED = ("taylor 1", "taylor 2", "spectral")
+
+
+def rules_report(folder: str) -> str:
+    """bench/results/replay_choice_rules.md from the --labels-json files in ``folder``: how each rule
+    that picks a label from the check runs fares held out, the rule chosen by leave-one-model-out, and
+    the best label in hindsight (the ceiling of any such rule)."""
+    cells = {}
+    for name in sorted(os.listdir(folder)):
+        if re.fullmatch(r"labels_\w+_\d+\.json", name):
+            d = json.load(open(os.path.join(folder, name)))
+            cells.setdefault(d["model"], []).extend(c for c in d["cells"].values() if c)
+
+    def gaps(models, rule):
+        return [c["best"] - c["labels"][rule_pick(c["labels"], rule)]["mean"] for m in models for c in cells[m]]
+
+    def line(what, g):
+        return f"| {what} | {sum(x <= 0.5 for x in g)} of {len(g)} | {statistics.fmean(g):.2f} | {max(g):.1f} |"
+
+    models = sorted(cells)
+    out = ["| rule (score of the check runs, level within) | cells within 0.5 dB | mean gap | largest |", "|---|---|---|---|"]
+    out += [line(f"{kind}, {tie} dB" + (" (DPCache Schedule's)" if (kind, tie) == RULES[0] else ""), gaps(models, (kind, tie)))
+            for kind, tie in RULES]
+    held = []
+    fold_lines = ["", "| model held out | rule chosen on the other three | cells within 0.5 dB | mean gap |", "|---|---|---|---|"]
+    for model in models:
+        others = [m for m in models if m != model]
+        rule = max(RULES, key=lambda r: (sum(x <= 0.5 for x in gaps(others, r)), -statistics.fmean(gaps(others, r))))
+        g = gaps([model], rule)
+        held += g
+        fold_lines.append(f"| {model} | {rule[0]}, {rule[1]} dB | {sum(x <= 0.5 for x in g)} of {len(g)} | {statistics.fmean(g):.2f} |")
+    ceiling = [c["best"] - max(v["mean"] for v in c["labels"].values()) for m in models for c in cells[m]]
+    out += fold_lines + [
+        "", f"Leave-one-model-out, all folds: {sum(x <= 0.5 for x in held)} of {len(held)} cells within 0.5 dB, mean gap "
+        f"{statistics.fmean(held):.2f}. The best label in hindsight (the ceiling of any rule that picks one): "
+        f"{sum(x <= 0.5 for x in ceiling)} of {len(ceiling)} cells within 0.5 dB, mean gap {statistics.fmean(ceiling):.2f}."]
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=sorted(cc.MODELS), default="flux")
@@ -298,9 +352,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out-dir", default=cc.RESULTS)
     ap.add_argument("--summary", action="store_true", help="only gather the per-model files into replay_choice.md")
+    ap.add_argument("--rules", default=None, help="only report the label-picking rules over the --labels-json files in this folder")
     args = ap.parse_args()
     if args.summary:
         print(summary(args.out_dir))
+        return
+    if args.rules:
+        print(rules_report(args.rules))
         return
     t0 = time.perf_counter()
     commit()
