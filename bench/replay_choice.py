@@ -179,11 +179,11 @@ def write(args, bench, num_evals, held_out, calib, cells) -> str:
         runner = f"{cc_label(run.name)} ({run.db:.1f}; chosen {c['choice'].best.db:.1f})" if run else "-"
         lines.append(
             f"| {args.model} | {args.steps} | {c['k']} | {cc_label(c['choice'].best.name)} | {runner} | "
-            f"{ch['mean']:.1f} / {ch['worst']:.1f} ({ch['latent']:.1f} / {ch['latent_worst']:.1f}) | {c['best_name']} | "
-            f"{best['mean']:.1f} / {best['worst']:.1f} | {best['mean'] - ch['mean']:.2f} | "
+            f"{ch['mean']:.2f} / {ch['worst']:.1f} ({ch['latent']:.1f} / {ch['latent_worst']:.1f}) | {c['best_name']} | "
+            f"{best['mean']:.2f} / {best['worst']:.1f} | {best['mean'] - ch['mean']:.2f} | "
             f"{max(r['latent'] for r in c['rows'].values()) - ch['latent']:.2f} | "
             f"{cc_label(c['q_choice'].best.name)}, {c['quantile']['mean']:.1f} / {c['quantile']['worst']:.1f} | "
-            f"{cc_label(c['r_choice'].best.name)}, {c['alone']['mean']:.1f} / {c['alone']['worst']:.1f} |")
+            f"{cc_label(c['r_choice'].best.name)}, {c['alone']['mean']:.2f} / {c['alone']['worst']:.1f} |")
     lines += ["", "Every forecaster row: PSNR mean / worst (latent mean), and for the replay's candidates the replayed "
               "error under each measure of `choose.MEASURES` (integrated and relative L2 in dB, the PACT's summed "
               "mean-abs error) and the cost that planned the keys:", "",
