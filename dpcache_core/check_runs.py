@@ -15,7 +15,7 @@ K (``checked_ranking``) and plans its keys that way on the file as it is when th
 (more samples than at the first check run: on the bench the first run's plans lost up to 3.8 dB
 to the same forecaster planned on four samples).
 
-Stored in the PACT's metadata as ``forecaster_checks``: {"runs": n, "ks": {"<K>": {"<forecaster>":
+Stored in the PACT's metadata as ``forecaster_checks``: {"runs": n, "ks": {"<K>": {"<label>":
 [PSNR dB of each check run]}}, "keys": {"<K>": {"<label>": [the key steps the last check run sampled]}}}.
 """
 from __future__ import annotations
@@ -93,7 +93,7 @@ def merged(entries: list) -> dict:
 
 
 def checked_ranking(meta: dict, num_keys: int) -> tuple[int, dict[str, float]] | None:
-    """(the checked K nearest to ``num_keys``, {forecaster: mean PSNR dB over the check runs}) when one
+    """(the checked K nearest to ``num_keys``, {label: mean PSNR dB over the check runs}) when one
     lies within ``CHECK_REACH``; None otherwise (the replay decides alone)."""
     checks = meta.get("forecaster_checks") if meta else None
     if not isinstance(checks, dict) or not isinstance(checks.get("ks"), dict):

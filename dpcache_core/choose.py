@@ -153,16 +153,23 @@ def replay_errors(trajectories, keys, name: str, first_full_steps: int = 3, sche
     return (total / max(skipped, 1)).numpy()
 
 
-def trajectory_cost(trajectories, order: int, quantile: float | None = None,
-                    elements: int = COST_ELEMENTS) -> np.ndarray:
-    """The reference-convention PACT of Taylor ``order`` built from the trajectories, on at most
-    ``elements`` of their elements in all (the leading ones of each: a random pick, ``replay``): the
-    mean over them (one PACT of them side by side), or their ``quantile`` entry by entry."""
+def side_by_side(trajectories, elements: int = COST_ELEMENTS) -> tuple[np.ndarray, int]:
+    """((T, n x per) float array: the n trajectories side by side, ``per`` leading elements of each,
+    at most ``elements`` in all (a random pick, ``replay``), per): a cost built on it is the mean of
+    the n trajectories' costs."""
     traj = np.asarray(trajectories)
     per = max(1, min(traj.shape[2], elements // len(traj)))
+    return np.concatenate(list(traj[:, :, :per]), axis=1), per
+
+
+def trajectory_cost(trajectories, order: int, quantile: float | None = None,
+                    elements: int = COST_ELEMENTS) -> np.ndarray:
+    """The reference-convention PACT of Taylor ``order`` built from the trajectories (``side_by_side``):
+    the mean over them, or their ``quantile`` entry by entry."""
+    joined, per = side_by_side(trajectories, elements)
     if quantile is None:
-        side_by_side = np.concatenate(list(traj[:, :, :per]), axis=1)  # (T, n x per): the mean of the n PACTs
-        return build_pact(torch.as_tensor(side_by_side), order=order, scheme="reference")
+        return build_pact(torch.as_tensor(joined), order=order, scheme="reference")
+    traj = np.asarray(trajectories)
     costs = np.stack([build_pact(torch.as_tensor(t[:, :per]), order=order, scheme="reference") for t in traj])
     out = np.full(costs.shape[1:], np.inf)
     finite = np.isfinite(costs).all(axis=0)
@@ -172,16 +179,13 @@ def trajectory_cost(trajectories, order: int, quantile: float | None = None,
 
 def trajectory_history_plan(trajectories, num_keys: int, first_full_steps: int, last_full_steps: int = 0,
                             elements: int = COST_ELEMENTS) -> list[int] | None:
-    """The K key steps of least order-2 history-exact cost built from the trajectories (side by side,
-    at most ``elements`` of them; a few seconds at T = 50); None when its tensor would not fit or
-    no plan is finite."""
-    traj = np.asarray(trajectories)
-    if not history_fits(traj.shape[1], 2):
+    """The K key steps of least order-2 history-exact cost built from the trajectories
+    (``side_by_side``; a few seconds at T = 50); None when its tensor would not fit or no plan is finite."""
+    joined, _ = side_by_side(trajectories, elements)
+    if not history_fits(joined.shape[0], 2):
         return None
-    per = max(1, min(traj.shape[2], elements // len(traj)))
-    side_by_side = torch.as_tensor(np.concatenate(list(traj[:, :, :per]), axis=1))
     try:
-        return solve_schedule_history(build_history(side_by_side, order=2, scheme="reference"), num_keys,
+        return solve_schedule_history(build_history(torch.as_tensor(joined), order=2, scheme="reference"), num_keys,
                                       first_full_steps, last_full_steps)
     except ValueError:
         return None

@@ -294,7 +294,7 @@ class CalibrateHook:
                     f"PACT '{name}' holds windows of partial sampling runs (e.g. two Wan2.2 experts); this run samples "
                     "the whole trajectory. Pick a new pact_name on DPCache Calibrate, or set reset"
                 )
-            if old_meta.get("forecaster_checks") and existing is not None:
+            if old_meta.get("forecaster_checks"):
                 meta["forecaster_checks"] = old_meta["forecaster_checks"]  # the check runs stay with the file
             acc.add(sample, history=history, trajectories=None if window is not None else replay_sample(run.recorder))
             if window is not None:
