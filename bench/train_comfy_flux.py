@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from bench.comfy_env import import_comfy
-from bench.train_toy import draw_shapes
+from bench.train_toy import draw_shapes, ema_training
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WEIGHTS = os.path.join(HERE, "weights", "comfy_flux_shapes.safetensors")
@@ -123,10 +123,7 @@ def train(steps: int, batch: int, lr: float, seed: int, out: str, threads: int, 
     torch.manual_seed(seed)
     torch.set_flush_denormal(True)
     prompts = make_prompts()
-    model = build_flux().train()
-    ema = build_flux()
-    ema.load_state_dict(model.state_dict())
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
+    model, ema, opt = ema_training(build_flux, lr)
     warmup = min(100, steps // 10 + 1)
     t0, running = time.time(), None
     for step in range(steps):

@@ -44,7 +44,7 @@ from safetensors.torch import load_file, save_file
 from bench.comfy_env import import_comfy
 from bench.train_comfy_flux import optimizer_step
 from bench.train_comfy_wan import shift_sigma
-from bench.train_toy import COLOURS, RGB, shape_alpha
+from bench.train_toy import COLOURS, RGB, ema_training, shape_alpha
 from dpcache_core.picture import render_image_rows, write_png
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -212,10 +212,7 @@ def train(kind: str, steps: int, batch: int, lr: float, seed: int, out: str, thr
     torch.set_flush_denormal(True)
     spec = SPECS[kind]
     prompts = make_prompts(kind)
-    model = _build(kind).train()
-    ema = _build(kind)
-    ema.load_state_dict(model.state_dict())
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
+    model, ema, opt = ema_training(lambda: _build(kind), lr)
     warmup = min(100, steps // 10 + 1)
     t0, running = time.time(), None
     for step in range(steps):

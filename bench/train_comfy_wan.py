@@ -41,7 +41,7 @@ from safetensors.torch import load_file, save_file
 
 from bench.comfy_env import import_comfy
 from bench.train_comfy_flux import optimizer_step
-from bench.train_toy import CLASS_NAMES, COLOURS, RGB, shape_alpha
+from bench.train_toy import CLASS_NAMES, COLOURS, RGB, ema_training, shape_alpha
 from dpcache_core.picture import render_image_rows, write_png
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -218,12 +218,8 @@ def train(steps: int, batch: int, lr: float, seed: int, out: str, threads: int, 
     torch.manual_seed(seed)
     torch.set_flush_denormal(True)
     prompts = make_prompts()
-    model = build_wan().train()
-    if init:  # continue from saved (EMA) weights: a second stage
-        model.load_state_dict({k: v.float() for k, v in load_file(init).items()})
-    ema = build_wan()
-    ema.load_state_dict(model.state_dict())
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
+    init_state = {k: v.float() for k, v in load_file(init).items()} if init else None  # a second stage: from saved (EMA) weights
+    model, ema, opt = ema_training(build_wan, lr, init_state)
     warmup = min(100, steps // 10 + 1)
     t0, running, curve = time.time(), None, []
     for step in range(steps):

@@ -63,6 +63,17 @@ def draw_shapes(rng: np.random.Generator, n: int, size: int = 32):
     return torch.from_numpy(np.clip(img, 0, 1) * 2 - 1).float(), torch.from_numpy(labels)
 
 
+def ema_training(build, lr: float, init_state: dict | None = None):
+    """(the model ``build()`` makes, in train mode, an EMA copy of it, its AdamW): how every bench
+    trainer starts. ``init_state``: weights to start from (a second stage)."""
+    model = build().train()
+    if init_state is not None:
+        model.load_state_dict(init_state)
+    ema = build()
+    ema.load_state_dict(model.state_dict())
+    return model, ema, torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
+
+
 def train(steps: int, batch: int, lr: float, seed: int, out: str, grid_path: str | None,
           threads: int = 2, log_every: int = 25, sigma_mean: float = 0.0) -> None:
     torch.set_num_threads(threads)
@@ -70,10 +81,7 @@ def train(steps: int, batch: int, lr: float, seed: int, out: str, grid_path: str
     torch.use_deterministic_algorithms(True)
     torch.set_flush_denormal(True)  # denormal floats can slow CPU training down many times
     cfg = dict(TOY_FLUX)
-    model = build_model(cfg).train()
-    ema = build_model(cfg)
-    ema.load_state_dict(model.state_dict())
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
+    model, ema, opt = ema_training(lambda: build_model(cfg), lr)
     warmup = min(100, steps // 10 + 1)
     nc = cfg["num_classes"]
     t0, running = time.time(), None
