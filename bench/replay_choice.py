@@ -90,20 +90,32 @@ def run(args) -> dict:
             ps = [cc.psnr(rgb[i], plain_rgb[i]) for i in range(len(held_out))]
             pl = [latent_psnr(lat[i], plain[i]) for i in range(len(held_out))]
             measured[key] = dict(mean=statistics.fmean(ps), worst=min(ps), latent=statistics.fmean(pl),
-                                 latent_worst=min(pl), keys=list(sched.key_steps))
+                                 latent_worst=min(pl), keys=list(sched.key_steps),
+                                 psnrs=[round(x, 3) for x in ps], latents=[round(x, 3) for x in pl])
         return measured[key]
 
     cells, labels = [], {}
     with tempfile.TemporaryDirectory() as folder:
         t0 = time.perf_counter()
+        orders = (1,) if args.labels_only else (1, 2)
         pacts = {o: cc.calibrate(model, prompts, calib, o, folder, args.steps, bench,
-                                 check_runs=args.check_runs if o == 1 else 0) for o in (1, 2)}
-        print(f"calibrated orders 1 and 2 on {len(calib)} prompts in {time.perf_counter() - t0:.0f}s", flush=True)
+                                 check_runs=args.check_runs if o == 1 else 0) for o in orders}
+        print(f"calibrated order(s) {orders} on {len(calib)} prompts in {time.perf_counter() - t0:.0f}s", flush=True)
         acc, meta = core.load_pact(os.path.join(folder, pacts[1]))
         print(f"check runs (PSNR of the final latent, dB): {meta.get('forecaster_checks')}", flush=True)
         for k in ks:
             t1 = time.perf_counter()
             choice = core.choose.replay_choice(acc, meta, k, 3, 0)
+            if args.labels_only:  # only the checked labels' plans and the chosen one, per prompt
+                chosen = measure(schedule_of(core, choice.best, num_evals, meta.get("model_family")))
+                labels[k] = measure_labels(core, acc, meta, k, num_evals, measure, {"chosen": chosen}, "chosen", chosen)
+                print(f"K={k}: chosen {choice.best.name} {chosen['mean']:.2f}, labels "
+                      f"{ {n: round(v['mean'], 2) for n, v in labels[k].get('labels', {}).items()} }; "
+                      f"{time.perf_counter() - t1:.0f}s", flush=True)
+                with open(args.labels_json, "w") as f:
+                    json.dump(dict(model=args.model, steps=args.steps, calib=args.calib, check_runs=args.check_runs,
+                                   prompts=args.prompts, commit=commit(), cells=labels), f, indent=1)
+                continue
             q_choice = core.choose.replay_choice(acc, meta, k, 3, 0, quantile=args.quantile)
             r_choice = core.choose.replay_choice(acc, meta, k, 3, 0, checks=False)  # the replay alone
             alone = measure(schedule_of(core, r_choice.best, num_evals, meta.get("model_family")))
@@ -155,9 +167,11 @@ def measure_labels(core, acc, meta, k, num_evals, measure, rows, best_name, chos
         plan = core.choose.replay_choice(acc, only, k, 3, 0).best
         m = measure(schedule_of(core, plan, num_evals, meta.get("model_family")))
         out[label] = dict(check=meta["forecaster_checks"]["ks"][str(near)][label], mean=m["mean"], worst=m["worst"],
-                          latent=m["latent"], keys=m["keys"])
-    return dict(checked_k=near, labels=out, best=rows[best_name]["mean"], chosen=chosen["mean"],
-                best_latent=max(r["latent"] for r in rows.values()), chosen_latent=chosen["latent"])
+                          latent=m["latent"], keys=m["keys"], psnrs=m["psnrs"], latents=m["latents"])
+    every = [*rows.values(), *out.values()]
+    return dict(checked_k=near, labels=out, best=max(r["mean"] for r in every), chosen=chosen["mean"],
+                best_latent=max(r["latent"] for r in every), chosen_latent=chosen["latent"],
+                chosen_psnrs=chosen["psnrs"], chosen_latents=chosen["latents"])
 
 
 def write(args, bench, num_evals, held_out, calib, cells) -> str:
@@ -338,6 +352,68 @@ def rules_report(folder: str) -> str:
     return "\n".join(out)
 
 
+def draws_report(folder: str, sizes=(2, 4, 8), draws: int = 2000, seed: int = 0) -> str:
+    """How well any choice made on n prompts can do: from the --labels-only files in ``folder`` (every
+    label's plan measured on the same held-out prompts), draw n of the prompts many times, pick the label
+    with the best mean latent PSNR on them (DPCache Schedule's rule: level within 0.3 dB, the fastest
+    wins) and score it on other prompts (all but the largest n, for every n) against the best label
+    there. Also the pack's own choice
+    (by its check runs) on all prompts, with the paired standard error of its gap."""
+    import random
+    rng = random.Random(seed)
+    cells = []
+    for name in sorted(os.listdir(folder)):
+        if re.fullmatch(r"labels_\w+_\d+\.json", name):
+            d = json.load(open(os.path.join(folder, name)))
+            cells += [(d, int(k), c) for k, c in d["cells"].items() if c and "psnrs" in next(iter(c["labels"].values()))]
+    if not cells:
+        return "no --labels-only files with per-prompt PSNRs in " + folder
+    head = cells[0][0]
+    out = [f"Made by `<ComfyUI's python> -m bench.replay_choice --labels-only --model <m> --steps <s> --ks <K...> "
+           f"--prompts {head['prompts']} --calib {head['calib']} --check-runs {head['check_runs']} --labels-json <f>` at "
+           f"{head['commit']}, then `--draws <folder>` ({draws} draws, seed {seed}). Decoded PSNR, dB; the choice on "
+           f"the drawn prompts uses the latent PSNR, as the check runs do, and is scored on {head['prompts'] - max(sizes)} "
+           "other prompts against the best label on those.", "",
+           "| model | steps | K | pack's choice (check runs) | gap on all prompts | paired SE of the gap | best label | "
+           + " | ".join(f"choice on {n} prompts: within 0.5 dB / mean gap" for n in sizes) + " |",
+           "|---|---|---|---|---|---|---|" + "---|" * len(sizes)]
+    totals = {n: [] for n in sizes}
+    pack = []
+    for d, k, c in cells:
+        labels = c["labels"]
+        names = list(labels)
+        count = len(c["chosen_psnrs"])
+        best = max(names, key=lambda n: statistics.fmean(labels[n]["psnrs"]))
+        diff = [b - a for a, b in zip(c["chosen_psnrs"], labels[best]["psnrs"])]
+        gap = statistics.fmean(diff)
+        se = statistics.stdev(diff) / math.sqrt(count) if count > 1 else float("nan")
+        pack.append((gap, se))
+        picked = next((n for n in names if labels[n]["psnrs"] == c["chosen_psnrs"]), "replay's plan")
+        row = [d["model"], str(d["steps"]), str(k), picked, f"{gap:.2f}", f"{se:.2f}", best]
+        for n in sizes:
+            gaps = []
+            for _ in range(draws):
+                order = rng.sample(range(count), count)
+                pick, rest = order[:n], order[max(sizes):]  # the same number of scoring prompts for every n
+                fake = {m: dict(check=[labels[m]["latents"][i] for i in pick]) for m in names}
+                m = rule_pick(fake, RULES[0])
+                score = lambda x: statistics.fmean(labels[x]["psnrs"][i] for i in rest)
+                gaps.append(max(score(x) for x in names) - score(m))
+            totals[n].append(gaps)
+            row.append(f"{sum(g <= 0.5 for g in gaps) / draws:.0%} / {statistics.fmean(gaps):.2f}")
+        out.append("| " + " | ".join(row) + " |")
+    out += ["", f"{len(cells)} cells. The pack's choice within 0.5 dB of the best label on all prompts in "
+            f"{sum(g <= 0.5 for g, _ in pack)}; its gap more than two standard errors above 0.5 dB in "
+            f"{sum(g - 2 * se > 0.5 for g, se in pack)}."]
+    for n in sizes:
+        every = [g for gaps in totals[n] for g in gaps]
+        sure = sum(statistics.fmean([g <= 0.5 for g in gaps]) >= 0.9 for gaps in totals[n])
+        out.append(f"Choice on {n} prompts (held-out prompts standing in for check runs): within 0.5 dB in "
+                   f"{statistics.fmean([g <= 0.5 for g in every]):.0%} of draws, mean gap {statistics.fmean(every):.2f} dB; "
+                   f"cells within 0.5 dB in at least 90% of draws: {sure} of {len(cells)}.")
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=sorted(cc.MODELS), default="flux")
@@ -349,9 +425,12 @@ def main() -> None:
     ap.add_argument("--check-runs", type=int, default=4, help="DPCache Calibrate's check_runs for the order-1 file "
                     "(its default: 4, one per calibration prompt here); 0 = the replay alone decides")
     ap.add_argument("--labels-json", default=None, help="also measure every checked label's plan; write them here")
+    ap.add_argument("--labels-only", action="store_true", help="calibrate order 1 only and measure only the checked "
+                    "labels' plans and the chosen one, each prompt kept (needs --labels-json); for --draws")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out-dir", default=cc.RESULTS)
     ap.add_argument("--summary", action="store_true", help="only gather the per-model files into replay_choice.md")
+    ap.add_argument("--draws", default=None, help="only report choices made on n drawn prompts over the --labels-only files in this folder")
     ap.add_argument("--rules", default=None, help="only report the label-picking rules over the --labels-json files in this folder")
     args = ap.parse_args()
     if args.summary:
@@ -360,6 +439,11 @@ def main() -> None:
     if args.rules:
         print(rules_report(args.rules))
         return
+    if args.draws:
+        print(draws_report(args.draws))
+        return
+    if args.labels_only and not args.labels_json:
+        ap.error("--labels-only needs --labels-json FILE (where the per-prompt measurements go)")
     t0 = time.perf_counter()
     commit()
     run(args)

@@ -1,0 +1,34 @@
+"""bench.replay_choice's --draws report (choices made on n drawn prompts), on made-up per-prompt files."""
+import json
+
+from bench import replay_choice as rc
+
+
+def write_cell(folder, name, labels, chosen):
+    cell = {"checked_k": 13, "labels": {n: {"check": [0.0], "psnrs": p, "latents": p, "mean": sum(p) / len(p)}
+                                        for n, p in labels.items()},
+            "chosen_psnrs": labels[chosen], "chosen_latents": labels[chosen]}
+    data = {"model": name, "steps": 50, "calib": 4, "check_runs": 4, "prompts": 6, "commit": "abc", "cells": {"13": cell}}
+    (folder / f"labels_{name}_50.json").write_text(json.dumps(data))
+
+
+def test_a_label_better_on_every_prompt_is_always_chosen(tmp_path):
+    write_cell(tmp_path, "flux", {"taylor 1": [30, 31, 32, 33, 34, 35], "spectral": [33, 34, 35, 36, 37, 38]}, "taylor 1")
+    text = rc.draws_report(str(tmp_path), sizes=(2,), draws=50)
+    assert "| flux | 50 | 13 | taylor 1 | 3.00 | 0.00 | spectral | 100% / 0.00 |" in text
+    assert "best label on all prompts in 0; its gap more than two standard errors above 0.5 dB in 1." in text
+
+
+def test_noisy_labels_are_chosen_well_only_sometimes(tmp_path):
+    write_cell(tmp_path, "qwen", {"taylor 1": [30, 40, 30, 40, 30, 40], "spectral": [40, 30, 40, 30, 40, 31]}, "spectral")
+    text = rc.draws_report(str(tmp_path), sizes=(2,), draws=400)
+    row = next(line for line in text.splitlines() if line.startswith("| qwen"))
+    share = int(row.split("|")[8].split("%")[0])
+    assert 20 < share < 90  # right only when the two drawn prompts happen to favour the better label
+    assert "gap more than two standard errors above 0.5 dB in 0." in text
+
+
+def test_files_without_per_prompt_values_are_said(tmp_path):
+    (tmp_path / "labels_flux_50.json").write_text(json.dumps({"model": "flux", "steps": 50, "cells": {
+        "13": {"labels": {"spectral": {"check": [1.0], "mean": 1.0}}}}}))
+    assert rc.draws_report(str(tmp_path)).startswith("no --labels-only files")
