@@ -31,7 +31,10 @@ from .block_patches import RUN_KEY
 log = logging.getLogger("dpcache")
 
 WRAPPER_KEY = "dpcache_memory"
-WIDTH_ATTRIBUTES = ("hidden_size", "inner_dim", "dim")  # FLUX, Chroma, HunyuanVideo / Qwen-Image / Wan
+# the token width: FLUX, Chroma, HunyuanVideo / Qwen-Image / Wan, Lumina 2, Z-Image / Kandinsky 5
+WIDTH_ATTRIBUTES = ("hidden_size", "inner_dim", "dim", "model_dim")
+WIDTH_LAYERS = ("first",)  # a model that states no width: its input projection's out_features (Krea2)
+PATCH_ATTRIBUTES = ("patch_size", "patch")  # the patch size: most families / Krea2
 
 
 def feature_layout(model) -> tuple[int, tuple[int, ...], torch.dtype] | None:
@@ -39,7 +42,10 @@ def feature_layout(model) -> tuple[int, tuple[int, ...], torch.dtype] | None:
     MODEL's diffusion model; None when it does not say (then nothing is declared)."""
     dm = model.get_model_object("diffusion_model")
     width = next((getattr(dm, a) for a in WIDTH_ATTRIBUTES if isinstance(getattr(dm, a, None), int)), None)
-    patch = getattr(dm, "patch_size", None)
+    if width is None:
+        width = next((getattr(dm, a).out_features for a in WIDTH_LAYERS
+                      if isinstance(getattr(getattr(dm, a, None), "out_features", None), int)), None)
+    patch = next((getattr(dm, a) for a in PATCH_ATTRIBUTES if getattr(dm, a, None) is not None), None)
     if isinstance(patch, int):
         patch = (patch, patch)
     if width is None or not patch or not all(isinstance(p, int) and p > 0 for p in patch):

@@ -45,6 +45,12 @@ def test_expected_bytes_follow_the_cache_point_of_each_family():
     odd = memory.cache_bytes(Model(types.SimpleNamespace(inner_dim=64, patch_size=2), torch.float32), order=1)
     assert odd((2, 16, 1, 9, 7), both) == 2 * peak_bytes(2 * 5 * 4 * 64, 1, torch.float32)  # padded to the patch
     assert memory.cache_bytes(Model(types.SimpleNamespace()), order=1) is None
+    kandinsky = memory.cache_bytes(Model(types.SimpleNamespace(model_dim=1792, patch_size=(1, 2, 2))), order=1)
+    assert kandinsky((1, 16, 5, 64, 64), both) == 2 * peak_bytes(5 * 32 * 32 * 1792, 1, torch.bfloat16)
+    krea2 = memory.cache_bytes(Model(types.SimpleNamespace(patch=2, first=torch.nn.Linear(64, 96))), order=1)
+    assert krea2((1, 16, 64, 64), conds) == peak_bytes(32 * 32 * 96, 1, torch.bfloat16)  # width of the input projection
+    ltx2 = memory.cache_bytes(Model(types.SimpleNamespace(inner_dim=4096)), order=1)
+    assert ltx2 is None  # no patch size: nothing declared
 
 
 def test_the_reservation_lasts_exactly_the_load(fake_mm):
