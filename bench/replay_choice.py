@@ -352,6 +352,60 @@ def rules_report(folder: str) -> str:
     return "\n".join(out)
 
 
+def per_prompt_cells(folder: str) -> list:
+    """(file, K, cell) of every cell of the --labels-only files in ``folder`` (each prompt's PSNR kept)."""
+    cells = []
+    for name in sorted(os.listdir(folder)):
+        if re.fullmatch(r"labels_\w+_\d+\.json", name):
+            d = json.load(open(os.path.join(folder, name)))
+            cells += [(d, int(k), c) for k, c in d["cells"].items() if c and "psnrs" in next(iter(c["labels"].values()))]
+    return cells
+
+
+def pack_gap(cell: dict) -> tuple[str, str, float, float]:
+    """(the label the check runs chose, the best label over the held-out prompts, the gap between their
+    mean decoded PSNRs, the paired standard error of that gap)."""
+    labels = cell["labels"]
+    best = max(labels, key=lambda n: statistics.fmean(labels[n]["psnrs"]))
+    diff = [b - a for a, b in zip(cell["chosen_psnrs"], labels[best]["psnrs"])]
+    se = statistics.stdev(diff) / math.sqrt(len(diff)) if len(diff) > 1 else float("nan")
+    picked = next((n for n in labels if labels[n]["psnrs"] == cell["chosen_psnrs"]), "replay's plan")
+    return picked, best, statistics.fmean(diff), se
+
+
+def check_runs_report(folders: list[str]) -> str:
+    """The pack's choice with each number of check runs (one --labels-only folder per number, the same
+    held-out prompts), per model: cells within 0.5 dB of the best label, mean gap, cells whose gap lies
+    more than two standard errors above 0.5 dB; and the number chosen by leave-one-model-out."""
+    runs = {}
+    for folder in folders:
+        cells = per_prompt_cells(folder)
+        if cells:
+            runs[cells[0][0]["check_runs"]] = {(d["model"], d["steps"], k): pack_gap(c)[2:] for d, k, c in cells}
+    counts = sorted(runs)
+    shared = sorted(set.intersection(*(set(r) for r in runs.values())))
+    models = sorted({m for m, _, _ in shared})
+
+    def score(count, among):
+        gaps = [runs[count][c] for c in shared if c[0] in among]
+        return (sum(g <= 0.5 for g, _ in gaps), -statistics.fmean(g for g, _ in gaps), len(gaps),
+                sum(g - 2 * se > 0.5 for g, se in gaps))
+
+    out = ["| model | " + " | ".join(f"{n} check runs: within 0.5 dB / mean gap / clear misses" for n in counts) + " |",
+           "|---|" + "---|" * len(counts)]
+    for model in models + ["all"]:
+        among = models if model == "all" else [model]
+        out.append(f"| {model} | " + " | ".join(
+            f"{s[0]} of {s[2]} / {-s[1]:.2f} / {s[3]}" for s in (score(n, among) for n in counts)) + " |")
+    out += ["", "| model held out | check runs chosen on the others | held out: within 0.5 dB / mean gap |", "|---|---|---|"]
+    for model in models:
+        others = [m for m in models if m != model]
+        pick = max(counts, key=lambda n: score(n, others)[:2])
+        s_ = score(pick, [model])
+        out.append(f"| {model} | {pick} | {s_[0]} of {s_[2]} / {-s_[1]:.2f} |")
+    return "\n".join(out)
+
+
 def draws_report(folder: str, sizes=(2, 4, 8), draws: int = 2000, seed: int = 0) -> str:
     """How well any choice made on n prompts can do: from the --labels-only files in ``folder`` (every
     label's plan measured on the same held-out prompts), draw n of the prompts many times, pick the label
@@ -361,11 +415,7 @@ def draws_report(folder: str, sizes=(2, 4, 8), draws: int = 2000, seed: int = 0)
     (by its check runs) on all prompts, with the paired standard error of its gap."""
     import random
     rng = random.Random(seed)
-    cells = []
-    for name in sorted(os.listdir(folder)):
-        if re.fullmatch(r"labels_\w+_\d+\.json", name):
-            d = json.load(open(os.path.join(folder, name)))
-            cells += [(d, int(k), c) for k, c in d["cells"].items() if c and "psnrs" in next(iter(c["labels"].values()))]
+    cells = per_prompt_cells(folder)
     if not cells:
         return "no --labels-only files with per-prompt PSNRs in " + folder
     head = cells[0][0]
@@ -383,12 +433,8 @@ def draws_report(folder: str, sizes=(2, 4, 8), draws: int = 2000, seed: int = 0)
         labels = c["labels"]
         names = list(labels)
         count = len(c["chosen_psnrs"])
-        best = max(names, key=lambda n: statistics.fmean(labels[n]["psnrs"]))
-        diff = [b - a for a, b in zip(c["chosen_psnrs"], labels[best]["psnrs"])]
-        gap = statistics.fmean(diff)
-        se = statistics.stdev(diff) / math.sqrt(count) if count > 1 else float("nan")
+        picked, best, gap, se = pack_gap(c)
         pack.append((gap, se))
-        picked = next((n for n in names if labels[n]["psnrs"] == c["chosen_psnrs"]), "replay's plan")
         row = [d["model"], str(d["steps"]), str(k), picked, f"{gap:.2f}", f"{se:.2f}", best]
         for n in sizes:
             gaps = []
@@ -430,6 +476,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out-dir", default=cc.RESULTS)
     ap.add_argument("--summary", action="store_true", help="only gather the per-model files into replay_choice.md")
+    ap.add_argument("--check-runs-of", nargs="+", default=None, help="only compare the pack's choice over --labels-only "
+                    "folders made with different --check-runs (the same held-out prompts)")
     ap.add_argument("--draws", default=None, help="only report choices made on n drawn prompts over the --labels-only files in this folder")
     ap.add_argument("--rules", default=None, help="only report the label-picking rules over the --labels-json files in this folder")
     args = ap.parse_args()
@@ -441,6 +489,9 @@ def main() -> None:
         return
     if args.draws:
         print(draws_report(args.draws))
+        return
+    if args.check_runs_of:
+        print(check_runs_report(args.check_runs_of))
         return
     if args.labels_only and not args.labels_json:
         ap.error("--labels-only needs --labels-json FILE (where the per-prompt measurements go)")

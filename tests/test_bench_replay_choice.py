@@ -32,3 +32,17 @@ def test_files_without_per_prompt_values_are_said(tmp_path):
     (tmp_path / "labels_flux_50.json").write_text(json.dumps({"model": "flux", "steps": 50, "cells": {
         "13": {"labels": {"spectral": {"check": [1.0], "mean": 1.0}}}}}))
     assert rc.draws_report(str(tmp_path)).startswith("no --labels-only files")
+
+
+def test_the_number_of_check_runs_is_chosen_on_the_other_models(tmp_path):
+    better, worse = {"taylor 1": [30, 31, 32, 33], "spectral": [33, 34, 35, 36]}, "taylor 1"
+    for runs in (4, 8):
+        folder = tmp_path / str(runs)
+        folder.mkdir()
+        for model in ("flux", "wan"):
+            write_cell(folder, model, better, worse if runs == 4 else "spectral")
+            data = json.loads((folder / f"labels_{model}_50.json").read_text())
+            (folder / f"labels_{model}_50.json").write_text(json.dumps({**data, "check_runs": runs}))
+    text = rc.check_runs_report([str(tmp_path / "4"), str(tmp_path / "8")])
+    assert "| all | 0 of 2 / 3.00 / 2 | 2 of 2 / 0.00 / 0 |" in text
+    assert "| flux | 8 | 1 of 1 / 0.00 |" in text and "| wan | 8 | 1 of 1 / 0.00 |" in text
