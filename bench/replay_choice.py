@@ -469,7 +469,7 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=4, help="calibration prompts")
     ap.add_argument("--quantile", type=float, default=QUANTILE)
     ap.add_argument("--check-runs", type=int, default=4, help="DPCache Calibrate's check_runs for the order-1 file "
-                    "(its default: 4, one per calibration prompt here); 0 = the replay alone decides")
+                    "(4: one per calibration prompt at --calib 4; the node's default is 8); 0 = the replay alone decides")
     ap.add_argument("--labels-json", default=None, help="also measure every checked label's plan; write them here")
     ap.add_argument("--labels-only", action="store_true", help="calibrate order 1 only and measure only the checked "
                     "labels' plans and the chosen one, each prompt kept (needs --labels-json); for --draws")

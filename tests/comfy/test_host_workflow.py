@@ -125,7 +125,9 @@ def test_calibrate_schedule_apply_workflow(host, executor, pact_dir, key):
 
     # (d) two queued calibration prompts (new seed each, as the UI's seed widget does) -> 2 samples;
     #     FLUX with Calibrate's default check runs (each run then samples its checks), Wan without
-    check_runs = 4 if key == "flux" else 0
+    import nodes
+    default = nodes.NODE_CLASS_MAPPINGS["DPCacheCalibrate"].INPUT_TYPES()["optional"]["check_runs"][1]["default"]
+    check_runs = default if key == "flux" else 0
     with BlockCounter(model) as c:
         for seed in (1, 2):
             run(executor, calibrate_prompt(key, name, seed, check_runs=check_runs))
