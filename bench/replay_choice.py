@@ -377,11 +377,13 @@ def check_runs_report(folders: list[str]) -> str:
     """The pack's choice with each number of check runs (one --labels-only folder per number, the same
     held-out prompts), per model: cells within 0.5 dB of the best label, mean gap, cells whose gap lies
     more than two standard errors above 0.5 dB; and the number chosen by leave-one-model-out."""
-    runs = {}
+    runs, commits, prompts = {}, set(), set()
     for folder in folders:
         cells = per_prompt_cells(folder)
         if cells:
             runs[cells[0][0]["check_runs"]] = {(d["model"], d["steps"], k): pack_gap(c)[2:] for d, k, c in cells}
+            commits |= {d["commit"] for d, _, _ in cells}
+            prompts |= {d["prompts"] for d, _, _ in cells}
     counts = sorted(runs)
     shared = sorted(set.intersection(*(set(r) for r in runs.values())))
     models = sorted({m for m, _, _ in shared})
@@ -391,7 +393,12 @@ def check_runs_report(folders: list[str]) -> str:
         return (sum(g <= 0.5 for g, _ in gaps), -statistics.fmean(g for g, _ in gaps), len(gaps),
                 sum(g - 2 * se > 0.5 for g, se in gaps))
 
-    out = ["| model | " + " | ".join(f"{n} check runs: within 0.5 dB / mean gap / clear misses" for n in counts) + " |",
+    out = [f"Made by `<ComfyUI's python> -m bench.replay_choice --labels-only --model <m> --steps <s> --ks <K...> --prompts "
+           f"{'/'.join(map(str, sorted(prompts)))} --calib <n> --check-runs <n> --labels-json <folder>/labels_<m>_<s>.json` "
+           f"for n = {', '.join(map(str, counts))} at {', '.join(sorted(commits))}, then `--check-runs-of <folders>`. "
+           "Gap: the best checked label's mean decoded PSNR over the held-out prompts minus the chosen plan's; a clear "
+           "miss: a gap more than two paired standard errors above 0.5 dB.", "",
+           "| model | " + " | ".join(f"{n} check runs: within 0.5 dB / mean gap / clear misses" for n in counts) + " |",
            "|---|" + "---|" * len(counts)]
     for model in models + ["all"]:
         among = models if model == "all" else [model]
@@ -421,7 +428,7 @@ def draws_report(folder: str, sizes=(2, 4, 8), draws: int = 2000, seed: int = 0)
     head = cells[0][0]
     out = [f"Made by `<ComfyUI's python> -m bench.replay_choice --labels-only --model <m> --steps <s> --ks <K...> "
            f"--prompts {head['prompts']} --calib {head['calib']} --check-runs {head['check_runs']} --labels-json <f>` at "
-           f"{head['commit']}, then `--draws <folder>` ({draws} draws, seed {seed}). Decoded PSNR, dB; the choice on "
+           f"{', '.join(sorted({d['commit'] for d, _, _ in cells}))}, then `--draws <folder>` ({draws} draws, seed {seed}). Decoded PSNR, dB; the choice on "
            f"the drawn prompts uses the latent PSNR, as the check runs do, and is scored on {head['prompts'] - max(sizes)} "
            "other prompts against the best label on those.", "",
            "| model | steps | K | pack's choice (check runs) | gap on all prompts | paired SE of the gap | best label | "
