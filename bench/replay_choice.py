@@ -408,8 +408,8 @@ def check_runs_report(folders: list[str]) -> str:
     for model in models:
         others = [m for m in models if m != model]
         pick = max(counts, key=lambda n: score(n, others)[:2])
-        s_ = score(pick, [model])
-        out.append(f"| {model} | {pick} | {s_[0]} of {s_[2]} / {-s_[1]:.2f} |")
+        held = score(pick, [model])
+        out.append(f"| {model} | {pick} | {held[0]} of {held[2]} / {-held[1]:.2f} |")
     return "\n".join(out)
 
 
@@ -418,8 +418,8 @@ def draws_report(folder: str, sizes=(2, 4, 8), draws: int = 2000, seed: int = 0)
     label's plan measured on the same held-out prompts), draw n of the prompts many times, pick the label
     with the best mean latent PSNR on them (DPCache Schedule's rule: level within 0.3 dB, the fastest
     wins) and score it on other prompts (all but the largest n, for every n) against the best label
-    there. Also the pack's own choice
-    (by its check runs) on all prompts, with the paired standard error of its gap."""
+    there. Also the pack's own choice (by its check runs) on all prompts, with the paired standard
+    error of its gap."""
     import random
     rng = random.Random(seed)
     cells = per_prompt_cells(folder)
@@ -428,8 +428,9 @@ def draws_report(folder: str, sizes=(2, 4, 8), draws: int = 2000, seed: int = 0)
     head = cells[0][0]
     out = [f"Made by `<ComfyUI's python> -m bench.replay_choice --labels-only --model <m> --steps <s> --ks <K...> "
            f"--prompts {head['prompts']} --calib {head['calib']} --check-runs {head['check_runs']} --labels-json <f>` at "
-           f"{', '.join(sorted({d['commit'] for d, _, _ in cells}))}, then `--draws <folder>` ({draws} draws, seed {seed}). Decoded PSNR, dB; the choice on "
-           f"the drawn prompts uses the latent PSNR, as the check runs do, and is scored on {head['prompts'] - max(sizes)} "
+           f"{', '.join(sorted({d['commit'] for d, _, _ in cells}))}, then `--draws <folder>` ({draws} draws, seed {seed}). "
+           "Decoded PSNR, dB; the choice on the drawn prompts uses the latent PSNR, as the check runs do, "
+           f"and is scored on {head['prompts'] - max(sizes)} "
            "other prompts against the best label on those.", "",
            "| model | steps | K | pack's choice (check runs) | gap on all prompts | paired SE of the gap | best label | "
            + " | ".join(f"choice on {n} prompts: within 0.5 dB / mean gap" for n in sizes) + " |",
