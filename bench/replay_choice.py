@@ -36,6 +36,7 @@ import torch
 
 from bench import comfy_compare as cc
 from bench import comfy_env
+from dpcache_core.choose import CHECK_TIE_DB
 
 QUANTILE = 0.9
 COMMIT: dict = {}
@@ -298,7 +299,9 @@ def summary(out_dir: str) -> str:
     return text
 
 
-RULES = (("mean", 0.3), ("mean", 0.0), ("mean", 0.5), ("mean", 1.0), ("median", 0.3), ("worst", 0.3))
+# the rules tried for picking a label from the check runs; DPCache Schedule's first
+RULES = (("mean", CHECK_TIE_DB),) + tuple(rule for rule in (("mean", 0.0), ("mean", 0.3), ("mean", 0.5), ("mean", 1.0), (
+    "median", 0.3), ("worst", 0.3)) if rule != ("mean", CHECK_TIE_DB))
 
 
 def rule_pick(labels: dict, rule: tuple) -> str:
@@ -416,8 +419,7 @@ def check_runs_report(folders: list[str]) -> str:
 def draws_report(folder: str, sizes=(2, 4, 8), draws: int = 2000, seed: int = 0) -> str:
     """How well any choice made on n prompts can do: from the --labels-only files in ``folder`` (every
     label's plan measured on the same held-out prompts), draw n of the prompts many times, pick the label
-    with the best mean latent PSNR on them (DPCache Schedule's rule: level within 0.3 dB, the fastest
-    wins) and score it on other prompts (all but the largest n, for every n) against the best label
+    with the best mean latent PSNR on them (DPCache Schedule's rule, ``RULES[0]``) and score it on other prompts (all but the largest n, for every n) against the best label
     there. Also the pack's own choice (by its check runs) on all prompts, with the paired standard
     error of its gap."""
     import random

@@ -37,6 +37,9 @@ from .schedule import Schedule, mandatory_steps, path_cost, solve_schedule, solv
 SPEED_ORDER = ("taylor 1", "taylor 2", "spectral")
 FORECASTERS = {"taylor 1": ("taylor", 1), "taylor 2": ("taylor", 2), "spectral": ("spectral", 1)}
 TIE_DB = 0.3  # replayed errors within this many dB (error ratio 10^(0.3/20)) count as level
+# check runs' mean PSNRs within this many dB count as level (the rule chosen by leave-one-model-out
+# at 8 check runs over 0, 0.3 and 1 dB and the median or worst run: BENCHMARKS.md section 14)
+CHECK_TIE_DB = 0.5
 PLAN_QUANTILE = None  # plan and score on the mean over samples (a quantile was tried: BENCHMARKS.md)
 COST_ELEMENTS = 8192  # elements of the trajectories a cost is built on (the build's time grows with them)
 TRAJECTORY_HISTORY = "history-exact costs of the trajectories"  # what planned a check label's history-exact keys
@@ -232,7 +235,7 @@ def pick(candidates, tie_db: float = TIE_DB) -> tuple[Candidate, Candidate | Non
 def pick_checked(choice: Choice, checked: tuple, planned: dict | None = None) -> Choice:
     """``choice`` decided by check runs (``check_runs.checked_ranking``: {label: mean PSNR}, a label
     naming a forecaster and how its keys are planned): of the labels whose measured PSNR lies within
-    ``TIE_DB`` of the best, the fastest forecaster's, on the key set ``planned`` gives the label
+    ``CHECK_TIE_DB`` of the best, the fastest forecaster's, on the key set ``planned`` gives the label
     ({label: keys}: the history-exact plan) or else the forecaster's replay-best key set; the
     runner-up is the best measured label of another forecaster. ``choice`` itself when no checked
     forecaster is a candidate."""
@@ -251,7 +254,7 @@ def pick_checked(choice: Choice, checked: tuple, planned: dict | None = None) ->
     if not options:
         return choice
     top = max(means[label] for label in options)
-    level = [label for label in options if means[label] >= top - TIE_DB]
+    level = [label for label in options if means[label] >= top - CHECK_TIE_DB]
     label = min(level, key=lambda x: (SPEED_ORDER.index(forecaster_of(x)), -means[x]))
     others = sorted((x for x in options if forecaster_of(x) != forecaster_of(label)), key=lambda x: -means[x])
     return replace(choice, best=options[label], runner_up=options[others[0]] if others else None,

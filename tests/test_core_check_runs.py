@@ -67,8 +67,10 @@ def test_checks_override_the_replay_and_keep_its_key_set():
 
 
 def test_level_checks_go_to_the_faster_forecaster():
-    acc, meta = file_with_checks({13: {"taylor 1": 40.0, "taylor 2": 40.2, "spectral": 40.25}}, chebyshev())
-    assert choose.replay_choice(acc, meta, 13).best.name == "taylor 1"  # within TIE_DB of the best
+    acc, meta = file_with_checks({13: {"taylor 1": 40.0, "taylor 2": 40.2, "spectral": 40.45}}, chebyshev())
+    assert choose.replay_choice(acc, meta, 13).best.name == "taylor 1"  # within CHECK_TIE_DB of the best
+    acc, meta = file_with_checks({13: {"taylor 1": 40.0, "taylor 2": 40.2, "spectral": 40.65}}, chebyshev())
+    assert choose.replay_choice(acc, meta, 13).best.name == "taylor 2"  # Taylor 1 is not level any more
 
 
 def test_out_of_reach_or_no_checks_the_replay_decides():

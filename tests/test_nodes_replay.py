@@ -118,7 +118,7 @@ def test_check_runs_follow_the_first_recorded_run_and_decide_the_forecaster(cali
     assert k == 7 and "chosen by the calibration's check runs at K=7" in text
     name = next(n for n, (p, o) in choose.FORECASTERS.items() if p == sched.predictor and (p == "spectral" or o == sched.order))
     of_name = max(v for label, v in means.items() if core.check_runs.forecaster_of(label) == name)
-    assert of_name >= max(means.values()) - choose.TIE_DB
+    assert of_name >= max(means.values()) - choose.CHECK_TIE_DB
 
     (again,) = nd.DPCacheCalibrate().calibrate(model, "cal", 1, True, check_runs=1)  # reset: the file and its checks start afresh
     F.reset_calls(model)
