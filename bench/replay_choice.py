@@ -491,18 +491,12 @@ def main() -> None:
     ap.add_argument("--draws", default=None, help="only report choices made on n drawn prompts over the --labels-only files in this folder")
     ap.add_argument("--rules", default=None, help="only report the label-picking rules over the --labels-json files in this folder")
     args = ap.parse_args()
-    if args.summary:
-        print(summary(args.out_dir))
-        return
-    if args.rules:
-        print(rules_report(args.rules))
-        return
-    if args.draws:
-        print(draws_report(args.draws))
-        return
-    if args.check_runs_of:
-        print(check_runs_report(args.check_runs_of))
-        return
+    reports = ((args.summary and args.out_dir, summary), (args.rules, rules_report), (args.draws, draws_report),
+               (args.check_runs_of, check_runs_report))
+    for given, report in reports:  # the reports over result files: nothing is sampled
+        if given:
+            print(report(given))
+            return
     if args.labels_only and not args.labels_json:
         ap.error("--labels-only needs --labels-json FILE (where the per-prompt measurements go)")
     t0 = time.perf_counter()
