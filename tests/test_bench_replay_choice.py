@@ -1,7 +1,7 @@
-"""bench.replay_choice's --draws report (choices made on n drawn prompts), on made-up per-prompt files."""
+"""bench.choice_reports (bench.replay_choice --draws, --check-runs-of), on made-up per-prompt files."""
 import json
 
-from bench import replay_choice as rc
+from bench import choice_reports as rc
 
 
 def write_cell(folder, name, labels, chosen):
