@@ -11,7 +11,8 @@ import os
 import re
 import statistics
 
-from dpcache_core.choose import CHECK_TIE_DB
+from dpcache_core.check_runs import forecaster_of
+from dpcache_core.choose import CHECK_TIE_DB, SPEED_ORDER
 
 
 # the rules tried for picking a label from the check runs; DPCache Schedule's first
@@ -27,11 +28,8 @@ def rule_pick(labels: dict, rule: tuple) -> str:
              for label, v in labels.items()}
     top = max(score.values())
     level = [label for label in score if score[label] >= top - tie]
-    speed = lambda label: SPEED.index(label.replace(" (history-exact plan)", ""))
+    speed = lambda label: SPEED_ORDER.index(forecaster_of(label))
     return min(level, key=lambda label: (speed(label), -score[label]))
-
-
-SPEED = ("taylor 1", "taylor 2", "spectral")
 
 
 def rules_report(folder: str) -> str:
