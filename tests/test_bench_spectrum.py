@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from bench.spectrum import build_spectral_history, spectrum_key_steps
-from dpcache_core import CacheRun, Schedule, SpectralPredictor
+from dpcache_core import Schedule, SpectralPredictor
+from replayed_runs import run_cost, smooth_trajectory
 
 
 @pytest.mark.parametrize("num_keys, keys", [
@@ -28,35 +29,19 @@ def test_spectrum_key_steps_give_k_keys_for_every_k(num_evals):
         spectrum_key_steps(50, 0)
 
 
-def smooth_trajectory(num_evals, width=40, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    t = torch.linspace(0, 1, num_evals)[:, None]
-    a, b, c = (torch.randn(3, width, generator=g)).unbind(0)
-    return torch.sin(3 * t * a) + t**2 * b + 0.05 * torch.randn(num_evals, width, generator=g) + c
-
-
 def spectral_run_cost(trajectory, keys, max_history):
-    """What a run with the spectral forecaster pays on ``trajectory`` (its features at the keys):
-    err(t) = mean|pred - F_t| / 2 at every skipped t, plus the sentinel term at T."""
+    """What a run with the spectral forecaster holding ``max_history`` keys pays, the sentinel term included."""
     from dpcache_core.pact import sentinel_target
-    num_evals = trajectory.shape[0]
-    run = CacheRun(Schedule(tuple(keys), num_evals, predictor="spectral", first_full_steps=1))
-    run.new_predictor = lambda: SpectralPredictor(max_history=max_history)
-    total = 0.0
-    for t in range(num_evals):
-        if run.start_evaluation():
-            run.update("s", trajectory[t])
-        else:
-            total += float((run.predict("s") - trajectory[t]).abs().mean()) / 2
-    target = sentinel_target(trajectory, 1, "reference")
-    return total + float((run.predictors["s"].predict(1.0) - target).abs().mean()) / 2
+    schedule = Schedule(tuple(keys), trajectory.shape[0], predictor="spectral", first_full_steps=1)
+    return run_cost(trajectory, schedule, sentinel_target(trajectory, 1, "reference"), 1.0,
+                    new_predictor=lambda: SpectralPredictor(max_history=max_history))
 
 
 @pytest.mark.parametrize("memory", [1, 2, 3])
 def test_spectral_history_cost_is_what_a_run_holding_memory_plus_one_keys_pays(memory):
     from dpcache_core.schedule import path_cost_history, solve_schedule_history
     num_evals, cap = 16, 5
-    trajectory = smooth_trajectory(num_evals, seed=memory)
+    trajectory = smooth_trajectory(num_evals, width=40, seed=memory)
     history = build_spectral_history(trajectory, memory, max_gap=cap, chunk_elements=4096)
     rng = np.random.default_rng(memory)
     for _ in range(20):

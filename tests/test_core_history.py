@@ -9,30 +9,14 @@ import torch
 from dpcache_core import PactAccumulator, PactFileError, Schedule, build_pact, load_pact, mandatory_steps, path_cost, save_pact, solve_schedule
 from dpcache_core.history import build_history, check_history, history_fits, history_shape
 from dpcache_core.pact import sentinel_target
-from dpcache_core.runtime import CacheRun
 from dpcache_core.schedule import path_cost_history, skip_only_cost, solve_schedule_history
+from replayed_runs import run_cost, smooth_trajectory
 
 
-def smooth_trajectory(num_evals, width=48, seed=0):
-    """A curved, noisy trajectory so that every order of prediction makes a different error."""
-    g = torch.Generator().manual_seed(seed)
-    t = torch.linspace(0, 1, num_evals)[:, None]
-    a, b, c = (torch.randn(3, width, generator=g)).unbind(0)
-    return torch.sin(3 * t * a) + t**2 * b + 0.05 * torch.randn(num_evals, width, generator=g) + c
-
-
-def run_cost(trajectory, keys, order, scheme, first_full_steps):
-    """What the run pays: err(t) = mean|pred - F_t| / 2 at every skipped t, plus the sentinel term."""
-    num_evals = trajectory.shape[0]
-    run = CacheRun(Schedule(tuple(keys), num_evals, order=order, scheme=scheme, first_full_steps=first_full_steps))
-    total = 0.0
-    for t in range(num_evals):
-        if run.start_evaluation():
-            run.update("s", trajectory[t])
-        else:
-            total += float((run.predict("s") - trajectory[t]).abs().mean()) / 2
-    target = sentinel_target(trajectory, order, scheme)
-    return total + float((run.predictors["s"].predict(num_evals) - target).abs().mean()) / 2
+def history_run_cost(trajectory, keys, order, scheme, first_full_steps):
+    """What the run pays with the Taylor forecaster of ``order``, the sentinel term included."""
+    schedule = Schedule(tuple(keys), trajectory.shape[0], order=order, scheme=scheme, first_full_steps=first_full_steps)
+    return run_cost(trajectory, schedule, sentinel_target(trajectory, order, scheme), trajectory.shape[0])
 
 
 def key_sets(num_evals, first_full_steps, cap, count, rng):
@@ -56,7 +40,7 @@ def test_history_cost_is_what_the_run_pays(order, scheme, first_full_steps):
     assert history.shape == history_shape(num_evals, order, cap)
     rng = np.random.default_rng(order)
     for keys in key_sets(num_evals, first_full_steps, cap, 25, rng):
-        expected = run_cost(trajectory, keys, order, scheme, first_full_steps)
+        expected = history_run_cost(trajectory, keys, order, scheme, first_full_steps)
         assert path_cost_history(history, keys, first_full_steps, scheme) == pytest.approx(expected, rel=1e-4, abs=1e-6)
 
 
@@ -67,7 +51,7 @@ def test_skip_convention_is_what_the_order_1_run_pays_and_reference_is_not():
     rng = np.random.default_rng(0)
     differs = 0
     for keys in key_sets(num_evals, 3, 6, 25, rng):
-        expected = run_cost(trajectory, keys, 1, "reference", 3)
+        expected = history_run_cost(trajectory, keys, 1, "reference", 3)
         assert path_cost(cost, keys, "skip") == pytest.approx(expected, rel=1e-4, abs=1e-6)
         differs += abs(path_cost(cost, keys) - expected) > 1e-3
     assert differs == 25  # the reference convention also counts every next key step
