@@ -51,18 +51,25 @@ def batch_inputs(model, prompts) -> tuple[torch.Tensor, torch.Tensor]:
     return noise, torch.tensor([c for c, _ in prompts])
 
 
+def recorded_run(model, cls: int, seed: int, num_steps: int, shift: float = SHIFT):
+    """One full-compute run of the prompt (cls, seed): (its output, the ``TrajectoryRecorder`` of its
+    cache point; the caller closes it)."""
+    rec = TrajectoryRecorder()
+
+    def record(i, feature, velocity):
+        rec.start_evaluation()
+        rec.record("cond", feature)
+
+    out = toy_model.sample(model, toy_model.make_noise(model.config, seed), cls, num_steps, shift, on_evaluation=record)
+    return out, rec
+
+
 def full_runs(model, prompts, num_steps: int, shift: float = SHIFT, orders=(2,)):
     """Full-compute runs of ``prompts`` one by one: (outputs [N,...], {order: [PACT sample per prompt]})."""
     outs, samples = [], {o: [] for o in orders}
     for cls, seed in prompts:
-        rec = TrajectoryRecorder()
-
-        def record(i, feature, velocity):
-            rec.start_evaluation()
-            rec.record("cond", feature)
-
-        noise = toy_model.make_noise(model.config, seed)
-        outs.append(toy_model.sample(model, noise, cls, num_steps, shift, on_evaluation=record))
+        out, rec = recorded_run(model, cls, seed, num_steps, shift)
+        outs.append(out)
         for o in orders:
             samples[o].append(rec.build_sample(order=o))
         rec.close()

@@ -23,12 +23,12 @@ import time
 import numpy as np
 import torch
 
-from dpcache_core import PactAccumulator, TrajectoryRecorder, path_cost, solve_schedule, uniform_key_steps
+from dpcache_core import PactAccumulator, path_cost, solve_schedule, uniform_key_steps
 from dpcache_core.schedule import path_cost_history, solve_schedule_history
 from dpcache_demo import toy_model
 
 from .common import (RESULTS, SHIFT, batch_inputs, cached_sample, calibration_prompts, held_out_prompts, machine,
-                     md_table, psnr, pyplot, setup, write_result)
+                     md_table, psnr, pyplot, recorded_run, setup, write_result)
 
 T = 50
 FIRST_FULL = 3
@@ -51,13 +51,7 @@ def calibrate(model, prompts):
     pacts = {1: PactAccumulator(T), 2: PactAccumulator(T)}
     seconds = {"PACT order 1": 0.0, "PACT order 2": 0.0, "history order 2": 0.0}
     for cls, seed in prompts:
-        rec = TrajectoryRecorder()
-
-        def record(i, feature, velocity):
-            rec.start_evaluation()
-            rec.record("cond", feature)
-
-        toy_model.sample(model, toy_model.make_noise(model.config, seed), cls, T, SHIFT, on_evaluation=record)
+        _, rec = recorded_run(model, cls, seed, T)
         start = time.perf_counter()
         pact1 = rec.build_sample(order=1)
         seconds["PACT order 1"] += time.perf_counter() - start

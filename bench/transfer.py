@@ -23,13 +23,13 @@ import time
 
 import numpy as np
 
-from dpcache_core import PactAccumulator, TrajectoryRecorder, solve_schedule, solve_schedule_history, transfer_pact, uniform_key_steps
+from dpcache_core import PactAccumulator, solve_schedule, solve_schedule_history, transfer_pact, uniform_key_steps
 from dpcache_core.pact import default_max_gap
 from dpcache_core.transfer import index_positions
 from dpcache_demo import toy_model
 
 from .common import (SHIFT, batch_inputs, cached_sample, calibration_prompts, held_out_prompts, machine, md_table,
-                     psnr, setup, write_result)
+                     psnr, recorded_run, setup, write_result)
 
 SOURCE_T = 50
 FIRST_FULL = 3
@@ -64,13 +64,7 @@ def calibrate(model, prompts, num_steps: int):
     """Full runs of ``prompts``: ({order: mean PACT} for orders 1 and 2, the order-2 history cost tensor)."""
     accs = {1: PactAccumulator(num_steps), 2: PactAccumulator(num_steps)}
     for cls, seed in prompts:
-        rec = TrajectoryRecorder()
-
-        def record(i, feature, velocity):
-            rec.start_evaluation()
-            rec.record("cond", feature)
-
-        toy_model.sample(model, toy_model.make_noise(model.config, seed), cls, num_steps, SHIFT, on_evaluation=record)
+        _, rec = recorded_run(model, cls, seed, num_steps)
         accs[1].add(rec.build_sample(order=1))
         accs[2].add(rec.build_sample(order=2), history=rec.build_history_sample(order=2))
         rec.close()
