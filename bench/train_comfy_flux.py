@@ -102,7 +102,6 @@ def forward(model, x, sigma, labels, prompts):
     return model(x, sigma, prompts["context"][labels], y=prompts["pooled"][labels])
 
 
-
 def optimizer_step(model, ema, opt, loss, step: int, steps: int, warmup: int, lr: float) -> None:
     """One training step: warm-up then cosine learning rate, gradient clipping, and the EMA update."""
     progress = max(0.0, (step - warmup) / max(1, steps - warmup))
@@ -116,6 +115,14 @@ def optimizer_step(model, ema, opt, loss, step: int, steps: int, warmup: int, lr
     with torch.no_grad():
         for pe, pm in zip(ema.parameters(), model.parameters()):
             pe.lerp_(pm, 1 - decay)
+
+def logged_loss(running, loss, step: int, steps: int, t0: float) -> float:
+    """The running loss (an exponential mean) with ``loss`` added, printed every 25 steps and at the last."""
+    running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+    if step % 25 == 0 or step == steps - 1:
+        print(f"step {step:5d}  loss {running:.4f}  {time.time() - t0:6.1f}s", flush=True)
+    return running
+
 
 def train(steps: int, batch: int, lr: float, seed: int, out: str, threads: int, sigma_mean: float) -> None:
     import_comfy(cpu=True)
@@ -137,9 +144,7 @@ def train(steps: int, batch: int, lr: float, seed: int, out: str, threads: int, 
         with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
             loss = F.mse_loss(forward(model, xt, sig, labels, prompts), noise - x0)
         optimizer_step(model, ema, opt, loss, step, steps, warmup, lr)
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-        if step % 25 == 0 or step == steps - 1:
-            print(f"step {step:5d}  loss {running:.4f}  {time.time() - t0:6.1f}s", flush=True)
+        running = logged_loss(running, loss, step, steps, t0)
     elapsed = time.time() - t0
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     state = {k: v.detach().half().contiguous() for k, v in ema.state_dict().items()}

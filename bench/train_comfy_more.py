@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from bench.comfy_env import import_comfy
-from bench.train_comfy_flux import optimizer_step
+from bench.train_comfy_flux import logged_loss, optimizer_step
 from bench.train_comfy_wan import shift_sigma
 from bench.train_toy import COLOURS, RGB, ema_training, shape_alpha
 from dpcache_core.picture import render_image_rows, write_png
@@ -229,9 +229,7 @@ def train(kind: str, steps: int, batch: int, lr: float, seed: int, out: str, thr
         with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
             loss = F.mse_loss(_forward(kind, model, xt, sig, context, pooled), noise - x0)
         optimizer_step(model, ema, opt, loss, step, steps, warmup, lr)
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-        if step % 25 == 0 or step == steps - 1:
-            print(f"step {step:5d}  loss {running:.4f}  {time.time() - t0:6.1f}s", flush=True)
+        running = logged_loss(running, loss, step, steps, t0)
     elapsed = time.time() - t0
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     config = QWEN_CONFIG if kind == "qwen" else HUNYUAN_CONFIG

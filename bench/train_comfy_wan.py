@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from bench.comfy_env import import_comfy
-from bench.train_comfy_flux import optimizer_step
+from bench.train_comfy_flux import logged_loss, optimizer_step
 from bench.train_toy import CLASS_NAMES, COLOURS, RGB, ema_training, shape_alpha
 from dpcache_core.picture import render_image_rows, write_png
 
@@ -235,10 +235,9 @@ def train(steps: int, batch: int, lr: float, seed: int, out: str, threads: int, 
         with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
             loss = F.mse_loss(forward(model, xt, sig, context), noise - x0)
         optimizer_step(model, ema, opt, loss, step, steps, warmup, lr)
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        running = logged_loss(running, loss, step, steps, t0)
         if step % 25 == 0 or step == steps - 1:
             curve.append((step, round(running, 4)))
-            print(f"step {step:5d}  loss {running:.4f}  {time.time() - t0:6.1f}s", flush=True)
     elapsed = time.time() - t0
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     state = {k: v.detach().half().contiguous() for k, v in ema.state_dict().items()}
