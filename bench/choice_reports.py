@@ -90,17 +90,22 @@ def pack_gap(cell: dict) -> tuple[str, str, float, float]:
 
 
 def check_runs_report(folders: list[str]) -> str:
-    """The pack's choice with each number of check runs (one --labels-only folder per number, the same
-    held-out prompts), per model: cells within 0.5 dB of the best label, mean gap, cells whose gap lies
-    more than two standard errors above 0.5 dB; and the number chosen by leave-one-model-out."""
+    """The pack's choice in each --labels-only folder (one per number of check runs, or per version of
+    the checks; the same held-out prompts), per model: cells within 0.5 dB of the best label, mean gap,
+    cells whose gap lies more than two standard errors above 0.5 dB; and the folder chosen by
+    leave-one-model-out (the first of equals). A folder named by its number of check runs shows as
+    "<n> check runs", another by its name."""
     runs, commits, prompts = {}, set(), set()
     for folder in folders:
         cells = per_prompt_cells(folder)
         if cells:
-            runs[cells[0][0]["check_runs"]] = {(d["model"], d["steps"], k): pack_gap(c)[2:] for d, k, c in cells}
+            name = os.path.basename(os.path.normpath(folder))
+            n = cells[0][0]["check_runs"]
+            runs[f"{n} check runs" if name == str(n) else name] = {
+                (d["model"], d["steps"], k): pack_gap(c)[2:] for d, k, c in cells}
             commits |= {d["commit"] for d, _, _ in cells}
             prompts |= {d["prompts"] for d, _, _ in cells}
-    counts = sorted(runs)
+    counts = list(runs)
     shared = sorted(set.intersection(*(set(r) for r in runs.values())))
     models = sorted({m for m, _, _ in shared})
 
@@ -111,16 +116,18 @@ def check_runs_report(folders: list[str]) -> str:
 
     out = [f"Made by `<ComfyUI's python> -m bench.replay_choice --labels-only --model <m> --steps <s> --ks <K...> --prompts "
            f"{'/'.join(map(str, sorted(prompts)))} --calib <n> --check-runs <n> --labels-json <folder>/labels_<m>_<s>.json` "
-           f"for n = {', '.join(map(str, counts))} at {', '.join(sorted(commits))}, then `--check-runs-of <folders>`. "
+           f"in each folder at {', '.join(sorted(commits))}, then `--check-runs-of <folders>`. "
            "Gap: the best checked label's mean decoded PSNR over the held-out prompts minus the chosen plan's; a clear "
            "miss: a gap more than two paired standard errors above 0.5 dB.", "",
-           "| model | " + " | ".join(f"{n} check runs: within 0.5 dB / mean gap / clear misses" for n in counts) + " |",
+           "| model | " + " | ".join(f"{n}: within 0.5 dB / mean gap / clear misses" for n in counts) + " |",
            "|---|" + "---|" * len(counts)]
     for model in models + ["all"]:
         among = models if model == "all" else [model]
         out.append(f"| {model} | " + " | ".join(
             f"{s[0]} of {s[2]} / {-s[1]:.2f} / {s[3]}" for s in (score(n, among) for n in counts)) + " |")
-    out += ["", "| model held out | check runs chosen on the others | held out: within 0.5 dB / mean gap |", "|---|---|---|"]
+    if len(models) < 2:
+        return "\n".join(out)
+    out += ["", "| model held out | chosen on the others | held out: within 0.5 dB / mean gap |", "|---|---|---|"]
     for model in models:
         others = [m for m in models if m != model]
         pick = max(counts, key=lambda n: score(n, others)[:2])

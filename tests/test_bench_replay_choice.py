@@ -45,4 +45,18 @@ def test_the_number_of_check_runs_is_chosen_on_the_other_models(tmp_path):
             (folder / f"labels_{model}_50.json").write_text(json.dumps({**data, "check_runs": runs}))
     text = rc.check_runs_report([str(tmp_path / "4"), str(tmp_path / "8")])
     assert "| all | 0 of 2 / 3.00 / 2 | 2 of 2 / 0.00 / 0 |" in text
-    assert "| flux | 8 | 1 of 1 / 0.00 |" in text and "| wan | 8 | 1 of 1 / 0.00 |" in text
+    assert "| flux | 8 check runs | 1 of 1 / 0.00 |" in text and "| wan | 8 check runs | 1 of 1 / 0.00 |" in text
+    assert "| model | 4 check runs: within 0.5 dB" in text
+
+
+def test_a_folder_of_another_version_of_the_checks_shows_by_its_name(tmp_path):
+    labels = {"taylor 1": [30, 31, 32, 33], "spectral": [33, 34, 35, 36]}
+    for name, chosen in (("8", "spectral"), ("8-before", "taylor 1")):
+        folder = tmp_path / name
+        folder.mkdir()
+        write_cell(folder, "flux", labels, chosen)
+        data = json.loads((folder / "labels_flux_50.json").read_text())
+        (folder / "labels_flux_50.json").write_text(json.dumps({**data, "check_runs": 8}))
+    text = rc.check_runs_report([str(tmp_path / "8-before"), str(tmp_path / "8")])
+    assert "| model | 8-before: within 0.5 dB / mean gap / clear misses | 8 check runs: within 0.5 dB" in text
+    assert "| flux | 0 of 1 / 3.00 / 1 | 1 of 1 / 0.00 / 0 |" in text
