@@ -110,10 +110,11 @@ def test_readme_links_resolve():
     assert not missing, missing
 
 
-FAMILIES = ("FLUX.1", "Chroma", "HunyuanVideo", "Qwen-Image", "Wan2.1", "Wan2.2")
+FAMILIES = ("FLUX.1", "FLUX.2", "Chroma", "HunyuanVideo (1.5)", "Qwen-Image", "Z-Image", "Lumina 2", "Krea2", "LTX-2",
+            "Kandinsky 5", "Wan2.1", "Wan2.2")
 
 
-def test_metadata_names_the_six_families():
+def test_metadata_and_model_inputs_name_every_family():
     import json
 
     with open(os.path.join(ROOT, "pyproject.toml"), encoding="utf-8") as f:
@@ -121,8 +122,15 @@ def test_metadata_names_the_six_families():
     with open(os.path.join(ROOT, "node_list.json"), encoding="utf-8") as f:
         node_list = json.load(f)
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
-        first = next(line for line in f if line.strip() and not line.startswith("#"))
-    for text in (description, node_list["DPCacheCalibrate"], node_list["DPCacheApply"], first):
+        intro = f.read().split("\n\n")[1].replace("\n", " ")
+    docs = []
+    for page in ("DPCacheCalibrate", "DPCacheApply"):
+        with open(os.path.join(ROOT, "web", "docs", page + ".md"), encoding="utf-8") as f:
+            docs.append(" ".join(f.read().split()))
+    with open(os.path.join(ROOT, "nodes", "dpcache_nodes.py"), encoding="utf-8") as f:
+        tooltips = re.findall(r'"model": \("MODEL", \{"tooltip": "([^"]*)"', f.read())
+    assert len(tooltips) == 2
+    for text in (description, node_list["DPCacheCalibrate"], node_list["DPCacheApply"], intro, *docs, *tooltips):
         assert all(name in text for name in FAMILIES), text
 
 
