@@ -11,9 +11,9 @@ from test_core_choose import T, chebyshev, linear
 
 
 def test_checked_ks_are_the_speedups_of_the_schedule_node():
-    assert check_runs.check_ks(50) == [25, 17, 13, 10, 9]
-    assert check_runs.check_ks(30) == [15, 10, 8, 6, 5]
-    assert check_runs.check_ks(8) == [4]  # 8/3, 8/5 and 8/5.5 round to 3, 2 and 1: not above the 3 first full steps
+    assert check_runs.check_ks(50) == [25, 17, 13, 10]
+    assert check_runs.check_ks(30) == [15, 10, 8, 6]
+    assert check_runs.check_ks(8) == [4]  # 8/3 and 8/5 round to 3 and 2: not above the 3 first full steps
     assert check_runs.check_ks(4) == []
 
 
