@@ -90,7 +90,7 @@ def spectral_plan(history, k: int):
 
 
 def methods_for(k: int, pacts: dict, which: set, spectral_costs: dict | None = None) -> dict:
-    core = comfy_env.boot()["core"]
+    comfy_env.boot()
     spectrum = spectrum_key_steps(cc.STEPS, k)
     out = {}
 

@@ -21,7 +21,6 @@ import os
 import time
 
 import numpy as np
-import torch
 
 from dpcache_core import PactAccumulator, path_cost, solve_schedule, uniform_key_steps
 from dpcache_core.schedule import path_cost_history, solve_schedule_history

@@ -63,7 +63,7 @@ def main(argv=None) -> dict:
         return dict(psnr=float(p.mean()), psnr_min=float(p.min()), l1=float(l.mean()))
 
     pact = {o: mean_pact(samples[o]) for o in (1, 2)}
-    main_rows, keys_used, results, images = {}, {}, {}, {}
+    keys_used, results, images = {}, {}, {}
     for k in a.keys:
         print(f"K = {k}...", flush=True)
         res = {}
@@ -84,7 +84,7 @@ def main(argv=None) -> dict:
             res[name] = dict(score(out), full=float(np.mean(fulls)), cost=None)
             images[(k, name)] = out
         out = toy_model.sample(model, noise, cond, k, SHIFT)
-        res[f"fewer steps (K-step Euler)"] = dict(score(out), full=float(k), cost=None)
+        res["fewer steps (K-step Euler)"] = dict(score(out), full=float(k), cost=None)
         images[(k, "fewer steps (K-step Euler)")] = out
         # calibration-size curve and Taylor order
         for n in a.calibration:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 if __package__ in (None, ""):  # `python bench/train_toy.py`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from dpcache_demo.toy_model import (CLASS_NAMES, COLOURS, SHAPES, TOY_FLUX, WEIGHTS_PATH, build_model,
+from dpcache_demo.toy_model import (CLASS_NAMES, COLOURS, TOY_FLUX, WEIGHTS_PATH, build_model,
                                     load_model, make_noise, sample, save_model, to_uint8)
 from dpcache_core.picture import render_image_rows, write_png
 

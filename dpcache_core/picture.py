@@ -284,7 +284,7 @@ def render_pact_path(cost, key_steps, title: str | None = None, width: int = 512
 
     rgb = _colormap(t)
     rgb[~finite] = UNDEFINED
-    ex, ey = _edges(x0, size, n), _edges(y0, size, n)
+    ex = _edges(x0, size, n)  # the rows' edges are the same, shifted by y0 - x0
     counts = np.diff(ex)
     cells = np.repeat(np.repeat(rgb, counts, axis=0), counts, axis=1)
     cv.image.paste(Image.fromarray(cells, "RGB"), (x0, y0))

@@ -142,8 +142,8 @@ def speedup_note(measured: float, ideal: float) -> str:
     """A caveat when the measured speed-up is above the ideal T/K, which only timing noise can explain."""
     if measured <= ideal:
         return ""
-    return (f"\n                 (above the ideal: timing on a shared CPU is noisy, each pair is a few seconds; "
-            f"python -m bench.speed repeats it for careful figures)")
+    return ("\n                 (above the ideal: timing on a shared CPU is noisy, each pair is a few seconds; "
+            "python -m bench.speed repeats it for careful figures)")
 
 
 def time_one_evaluation(model) -> float:

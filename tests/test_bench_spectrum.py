@@ -1,7 +1,6 @@
 """Bench helpers (bench/spectrum.py): Spectrum's key-step schedule and the spectral history cost."""
 import numpy as np
 import pytest
-import torch
 
 from bench.spectrum import build_spectral_history, spectrum_key_steps
 from dpcache_core import Schedule, SpectralPredictor

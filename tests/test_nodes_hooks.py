@@ -326,7 +326,7 @@ def test_apply_with_a_schedule_reports_its_run_in_the_automatic_modes_words(monk
 def test_calibrate_keeps_an_older_files_convention(tmp_path, monkeypatch):
     """Samples added to a PACT written before issue 11 (no convention recorded) keep it planned as before."""
     import nodes.dpcache_nodes as nd
-    from dpcache_core import PactAccumulator, save_pact
+    from dpcache_core import save_pact
     monkeypatch.setattr(nd, "calibration_folder", lambda: str(tmp_path))
     path = os.path.join(tmp_path, "old.safetensors")
     (calib,) = DPCacheCalibrate().calibrate(flux(), "old", 1, False)

@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 
 import pytest
 import torch
 
 import nodes_fakes as F
 from nodes_fakes import block_calls, reset_calls
-from dpcache_core import load_pact, transfer_pact, solve_schedule, uniform_key_steps
+from dpcache_core import load_pact, transfer_pact, solve_schedule
 from nodes import dpcache_nodes as nd
 from nodes.dpcache_nodes import DPCacheApply, DPCacheCalibrate, DPCacheSchedule
 

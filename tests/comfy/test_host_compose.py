@@ -368,7 +368,6 @@ class RecompileLog:
         return self
 
     def __exit__(self, *exc):
-        import logging
         import torch._logging
         torch._logging.set_logs()
         self.logger.removeHandler(self.handler)

@@ -115,7 +115,6 @@ def test_partial_runs_plan_one_joint_trajectory(host, pact_dir, caplog, steps):
     expert): each computes only its keys of a joint plan, the budget's share of its own evaluations,
     and each call's first evaluations are keys. At 30 the PACT is transferred."""
     import comfy.sample
-    core = host["core"]
     model = calibrate(host, "wan_t2v", "wan_euler_20")
     sched, _ = schedule_node("wan_euler_20.safetensors")
     fast = apply(model, sched)
