@@ -1,4 +1,4 @@
-"""Apply DPCache's automatic mode in a real ComfyUI, on the trained comparison model of bench/comfy_compare.py.
+"""Apply DPCache's automatic mode in a real ComfyUI, on the trained FLUX bench model of bench/comfy_bench.py.
 
     COMFYUI_PATH=<ComfyUI> <its python> -m bench.auto                 # N = 8 prompts, ~2 min on 2 CPU cores
     COMFYUI_PATH=<ComfyUI> <its python> -m bench.auto setting         # does resolution / a LoRA move the plan?
@@ -28,8 +28,9 @@ import time
 import torch
 
 from bench import comfy_env
-from bench.comfy_compare import (BlockCounter, calibrate, decode, dpcache, flux_detect_fix_dir, load_model,
-                                 machine_name, prompt_list, psnr)
+from bench.comfy_bench import (BlockCounter, calibrate, conditioning, decode, flux_detect_fix_dir, load_model,
+                               machine_name, prompt_list, psnr)
+from bench.comfy_compare import dpcache
 from bench.train_comfy_flux import LATENT_SIZE, WEIGHTS, load_prompts
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -37,9 +38,8 @@ STEPS, K = 50, 13
 
 
 def sample(model, prompts: dict, cls: int, seed: int, size: int = LATENT_SIZE) -> torch.Tensor:
-    """comfy_compare.sample at any latent size (KSampler's path, euler 50 steps, cfg 1)."""
+    """comfy_bench.sample at any latent size (KSampler's path, euler 50 steps, cfg 1)."""
     import comfy.sample
-    from bench.comfy_compare import conditioning
     latent = torch.zeros(1, 16, size, size)
     noise = comfy.sample.prepare_noise(latent, seed)
     cond = conditioning(prompts, cls)
@@ -107,7 +107,7 @@ def run(args) -> str:
             print(f"prompt {p + 1}/{len(held_out)} done", flush=True)
     plain_s = statistics.fmean(rows["plain"]["seconds"][1:]) if len(held_out) > 1 else rows["plain"]["seconds"][0]
     lines = [
-        f"Model: bench/comfy_compare.py's trained FLUX-architecture model (hidden 128, 2 double + 3 single blocks), latent "
+        f"Model: bench/comfy_bench.py's trained FLUX-architecture model (hidden 128, 2 double + 3 single blocks), latent "
         f"16x16, euler {STEPS} steps, scheduler simple, cfg 1; {len(held_out)} held-out prompts (comfy_compare's), one "
         f"Apply DPCache with nothing connected sampling them in a row. PSNR: decoded 16x16 RGB image against the plain "
         f"run of the same prompt (as comfy_compare). Wall time: mean seconds per run, ratio to plain's mean over prompts "

@@ -4,7 +4,7 @@
     ... -m bench.few_steps --steps 8 --prompts 2 --ks 4 6 --out-dir out/few_smoke   # smoke run
 
 When T is small (distilled or few-step sampling), skipping blocks competes with the plainest speed-up of
-all: sample fewer steps. For each T this runs the trained FLUX-architecture bench model (bench/comfy_compare.py:
+all: sample fewer steps. For each T this runs the trained FLUX-architecture bench model (bench/comfy_bench.py:
 euler, scheduler simple, cfg 1) on held-out prompts and compares, at each K < T, against the plain T-step run
 (PSNR of the decoded image, mean and worst over the prompts):
 
@@ -32,8 +32,9 @@ import time
 import torch
 
 from bench import comfy_env
-from bench.comfy_compare import (FLUX, RESULTS, BlockCounter, calibrate, decode, flux_detect_fix_dir, load_model,
-                                 machine_name, node_schedule, prompt_list, psnr, sample)
+from bench.comfy_bench import (FLUX, RESULTS, BlockCounter, calibrate, decode, flux_detect_fix_dir, load_model,
+                               machine_name, prompt_list, psnr, sample)
+from bench.comfy_compare import node_schedule
 
 FEWER, CAL3, CAL1, PRIOR, AUTO = ("fewer steps", "DPCache calibrated (first 3)", "DPCache calibrated (first 1)",
                                   "DPCache (prior)", "DPCache automatic mode")

@@ -17,10 +17,11 @@ import tempfile
 
 import torch
 
-from bench import comfy_compare as cc
+from bench import comfy_bench as cb
 from bench import comfy_env
 from bench import forecasters as fc
 from bench.spectrum import spectrum_key_steps
+from bench.train_comfy_flux import WEIGHTS, load_prompts
 
 SETTINGS = ({}, {"blend": 0.25}, {"blend": 0.75}, {"blend": 1.0}, {"degree": 3}, {"degree": 6},
             {"ridge": 0.01}, {"ridge": 1.0}, {"max_history": 6}, {"max_history": 10}, {"max_history": 16},
@@ -33,21 +34,21 @@ def main(argv=None) -> None:
     ap.add_argument("--plan", choices=("prior", "calibrated", "spectrum"), default="prior")
     ap.add_argument("--prompts", type=int, default=8)
     args = ap.parse_args(argv)
-    boot = comfy_env.boot(cpu=True, extra_nodes=(cc.flux_detect_fix_dir(),))
+    boot = comfy_env.boot(cpu=True, extra_nodes=(cb.flux_detect_fix_dir(),))
     core = boot["core"]
     torch.set_num_threads(1)
-    prompts = cc.load_prompts(cc.WEIGHTS)
-    model = cc.load_model(cc.WEIGHTS)
-    held = cc.prompt_list(args.prompts, 9000)
-    ref = cc.decode(model, torch.cat([cc.sample(model, prompts, c, s) for c, s in held]), prompts)
+    prompts = load_prompts(WEIGHTS)
+    model = cb.load_model(WEIGHTS)
+    held = cb.prompt_list(args.prompts, 9000)
+    ref = cb.decode(model, torch.cat([cb.sample(model, prompts, c, s) for c, s in held]), prompts)
     apply = boot["nodes"]["DPCacheApply"]()
     own = core.runtime.SpectralPredictor
     print(f"| K | key steps ({args.plan}) | setting | PSNR mean (worst) |\n|---|---|---|---|")
     with tempfile.TemporaryDirectory() as folder:
-        pact = cc.calibrate(model, prompts, cc.prompt_list(4, 1000, offset=2), 1, folder) if args.plan == "calibrated" else None
+        pact = cb.calibrate(model, prompts, cb.prompt_list(4, 1000, offset=2), 1, folder) if args.plan == "calibrated" else None
         for k in args.keys:
             if args.plan == "spectrum":
-                sched = fc.keyed(spectrum_key_steps(cc.STEPS, k), predictor="spectral")
+                sched = fc.keyed(spectrum_key_steps(cb.STEPS, k), predictor="spectral")
             else:
                 entry = pact or next(p for p in boot["nodes"]["DPCacheSchedule"].INPUT_TYPES()["required"]["pact"][0]
                                      if p.startswith("(prior"))
@@ -56,7 +57,7 @@ def main(argv=None) -> None:
             for setting in SETTINGS:
                 core.runtime.SpectralPredictor = functools.partial(own, **setting)
                 try:
-                    db = [cc.psnr(cc.decode(model, cc.sample(patched, prompts, c, s), prompts)[0], ref[i])
+                    db = [cb.psnr(cb.decode(model, cb.sample(patched, prompts, c, s), prompts)[0], ref[i])
                           for i, (c, s) in enumerate(held)]
                 finally:
                     core.runtime.SpectralPredictor = own

@@ -4,7 +4,7 @@
     COMFYUI_PATH=<ComfyUI> <its python> -m bench.forecasters --keys 10 13 --prompts 2   # quick look
 
 Every method runs through ComfyUI's own sampler on the trained FLUX-architecture comparison model
-of bench/comfy_compare.py (euler, 50 steps, simple, cfg 1; its helpers, prompts and weights), with
+of bench/comfy_bench.py (euler, 50 steps, simple, cfg 1; its helpers, prompts and weights), with
 DPCache Apply doing the skipping. PSNR of the decoded image against the plain run (as
 comfy_compare), mean and worst over the held-out prompts, and PSNR of the final latent (peak = the
 plain latent's range). Methods, each at K full evaluations of 50:
@@ -32,28 +32,29 @@ import time
 
 import torch
 
-from bench import comfy_compare as cc
+from bench import comfy_bench as cb
 from bench import comfy_env
 from bench.spectrum import build_spectral_history, spectrum_key_steps
+from bench.train_comfy_flux import WEIGHTS, load_prompts
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 KS = (7, 9, 10, 13, 17, 20, 25)
 # Spectrum's own forecaster fits all the features computed so far (the paper; the ComfyUI ports keep
 # up to 128); this pack's spectral forecaster keeps the last 8 (dpcache_core.spectral).
-SPECTRUM_FORECASTER = {"max_history": cc.STEPS, "centred": False}  # the paper's fit: ridge on every coefficient
+SPECTRUM_FORECASTER = {"max_history": cb.STEPS, "centred": False}  # the paper's fit: ridge on every coefficient
 
 
 def node_schedule(pact: str, k: int, order: int = 2, forecaster: str | None = None):
     """DPCache Schedule's own output for a pact entry (a file, (uniform), (prior) ...)."""
     nodes = comfy_env.boot()["nodes"]
     extra = {} if forecaster is None else {"forecaster": forecaster}
-    sched = nodes["DPCacheSchedule"]().schedule(pact, k, 3, 0, cc.STEPS, taylor_order=order, **extra)["result"][0]
+    sched = nodes["DPCacheSchedule"]().schedule(pact, k, 3, 0, cb.STEPS, taylor_order=order, **extra)["result"][0]
     return sched
 
 
 def keyed(keys, order: int = 2, predictor: str = "taylor"):
     core = comfy_env.boot()["core"]
-    return core.Schedule(tuple(keys), cc.STEPS, order=order, scheme="reference", source="manual",
+    return core.Schedule(tuple(keys), cb.STEPS, order=order, scheme="reference", source="manual",
                          first_full_steps=min(3, len(keys)), predictor=predictor)
 
 
@@ -62,7 +63,7 @@ def record_trajectories(model, prompts, calib) -> list:
     (T, S) tensor per prompt: Apply DPCache with every evaluation a key, CacheRun.update observed."""
     boot = comfy_env.boot()
     core = boot["core"]
-    full = core.Schedule(tuple(range(cc.STEPS)), cc.STEPS, first_full_steps=3)
+    full = core.Schedule(tuple(range(cb.STEPS)), cb.STEPS, first_full_steps=3)
     patched = boot["nodes"]["DPCacheApply"]().apply(model, full)["result"][0]
     seen, original = [], core.runtime.CacheRun.update
 
@@ -75,7 +76,7 @@ def record_trajectories(model, prompts, calib) -> list:
     try:
         for c, s in calib:
             seen.clear()
-            cc.sample(patched, prompts, c, s)
+            cb.sample(patched, prompts, c, s)
             out.append(torch.stack(seen))
     finally:
         core.runtime.CacheRun.update = original
@@ -91,7 +92,7 @@ def spectral_plan(history, k: int):
 
 def methods_for(k: int, pacts: dict, which: set, spectral_costs: dict | None = None) -> dict:
     comfy_env.boot()
-    spectrum = spectrum_key_steps(cc.STEPS, k)
+    spectrum = spectrum_key_steps(cb.STEPS, k)
     out = {}
 
     def add(name, make):
@@ -131,18 +132,18 @@ def latent_psnr(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def run(args) -> tuple[list[dict], list]:
-    boot = comfy_env.boot(cpu=True, extra_nodes=(cc.flux_detect_fix_dir(),))
+    boot = comfy_env.boot(cpu=True, extra_nodes=(cb.flux_detect_fix_dir(),))
     global PRIOR_ENTRIES
     PRIOR_ENTRIES = tuple(p for p in boot["nodes"]["DPCacheSchedule"].INPUT_TYPES()["required"]["pact"][0]
                           if p.startswith("(prior"))
     torch.set_num_threads(args.threads)
-    prompts = cc.load_prompts(args.weights)
-    model = cc.load_model(args.weights)
-    held_out = cc.prompt_list(args.prompts, 9000, offset=0)
-    calib = cc.prompt_list(args.calib, 1000, offset=2)
+    prompts = load_prompts(args.weights)
+    model = cb.load_model(args.weights)
+    held_out = cb.prompt_list(args.prompts, 9000, offset=0)
+    calib = cb.prompt_list(args.calib, 1000, offset=2)
     rows = []
     with tempfile.TemporaryDirectory() as folder:
-        pacts = {o: cc.calibrate(model, prompts, calib, o, folder) for o in (1, 2)}
+        pacts = {o: cb.calibrate(model, prompts, calib, o, folder) for o in (1, 2)}
         spectral_costs = {}
         if not args.only or any(w.startswith("calibrated sp") for w in args.only):
             trajectories = record_trajectories(model, prompts, calib)
@@ -151,8 +152,8 @@ def run(args) -> tuple[list[dict], list]:
                 spectral_costs[memory] = sum(build_spectral_history(t, memory)
                                              for t in trajectories) / len(trajectories)
                 print(f"spectral history cost m={memory}: {time.perf_counter() - t0:.0f} s", flush=True)
-        plain = [cc.sample(model, prompts, c, s) for c, s in held_out]
-        ref_img = cc.decode(model, torch.cat(plain), prompts)
+        plain = [cb.sample(model, prompts, c, s) for c, s in held_out]
+        ref_img = cb.decode(model, torch.cat(plain), prompts)
         apply = boot["nodes"]["DPCacheApply"]()
         for k in args.keys:
             t0 = time.perf_counter()
@@ -163,10 +164,10 @@ def run(args) -> tuple[list[dict], list]:
                     boot["core"].runtime.SpectralPredictor = functools.partial(own, **SPECTRUM_FORECASTER)
                 img_db, lat_db, calls = [], [], []
                 for i, (c, s) in enumerate(held_out):
-                    with cc.BlockCounter(model) as counter:
-                        out = cc.sample(patched, prompts, c, s)
+                    with cb.BlockCounter(model) as counter:
+                        out = cb.sample(patched, prompts, c, s)
                     calls.append(counter.calls)
-                    img_db.append(cc.psnr(cc.decode(model, out, prompts)[0], ref_img[i]))
+                    img_db.append(cb.psnr(cb.decode(model, out, prompts)[0], ref_img[i]))
                     lat_db.append(latent_psnr(out, plain[i]))
                 boot["core"].runtime.SpectralPredictor = own
                 full = statistics.fmean(calls) / (len(counter.blocks))
@@ -198,18 +199,18 @@ def check_costs(args) -> str:
     """How well planning costs predict what the spectral forecaster pays (teacher-forced on the
     calibration trajectories): Spearman rank correlation over random key sets, per K."""
     import numpy as np
-    boot = comfy_env.boot(cpu=True, extra_nodes=(cc.flux_detect_fix_dir(),))
+    boot = comfy_env.boot(cpu=True, extra_nodes=(cb.flux_detect_fix_dir(),))
     core = boot["core"]
     torch.set_num_threads(args.threads)
-    prompts = cc.load_prompts(args.weights)
-    model = cc.load_model(args.weights)
-    trajectories = record_trajectories(model, prompts, cc.prompt_list(args.calib, 1000, offset=2))
+    prompts = load_prompts(args.weights)
+    model = cb.load_model(args.weights)
+    trajectories = record_trajectories(model, prompts, cb.prompt_list(args.calib, 1000, offset=2))
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     o1 = mean([core.build_pact(list(t), order=1) for t in trajectories])
     sp = {m: mean([build_spectral_history(t, m) for t in trajectories]) for m in args.memory}
-    prior = core.prior_cost(cc.STEPS)
+    prior = core.prior_cost(cb.STEPS)
     rng = np.random.default_rng(0)
-    cap = core.default_max_gap(cc.STEPS)
+    cap = core.default_max_gap(cb.STEPS)
     lines = ["| K | key sets | o1 skip-only PACT | (prior) | " + " | ".join(f"spectral history m={m}" for m in sp)
              + " | paid / o1 cost (median) |", "|---|---|---|---|" + "---|" * len(sp) + "---|"]
 
@@ -219,8 +220,8 @@ def check_costs(args) -> str:
     for k in args.keys:
         sets = []
         while len(sets) < args.key_sets:
-            keys = sorted({0, 1, 2} | set(rng.choice(np.arange(3, cc.STEPS), k - 3, replace=False).tolist()))
-            if all(b - a <= cap for a, b in zip(keys, keys[1:] + [cc.STEPS])):
+            keys = sorted({0, 1, 2} | set(rng.choice(np.arange(3, cb.STEPS), k - 3, replace=False).tolist()))
+            if all(b - a <= cap for a, b in zip(keys, keys[1:] + [cb.STEPS])):
                 sets.append(keys)
         paid = [mean([paid_cost(core, t, set(keys)) for t in trajectories]) for keys in sets]
         cols = [spearman([core.path_cost(o1, keys, "skip") for keys in sets], paid),
@@ -245,21 +246,21 @@ def run_toy(args) -> tuple[list[dict], list]:
     common.setup(args.threads)
     model = toy_model.load_builtin_model()
     held_out = common.held_out_prompts(args.prompts)
-    _, samples = common.full_runs(model, common.calibration_prompts(args.calib), cc.STEPS, orders=(1,))
+    _, samples = common.full_runs(model, common.calibration_prompts(args.calib), cb.STEPS, orders=(1,))
     pact = common.mean_pact(samples[1])
     noise, cond = common.batch_inputs(model, held_out)
-    reference = toy_model.sample(model, noise, cond, cc.STEPS, common.SHIFT)
-    prior = core.prior_cost(cc.STEPS)
+    reference = toy_model.sample(model, noise, cond, cb.STEPS, common.SHIFT)
+    prior = core.prior_cost(cb.STEPS)
     rows = []
     for k in args.keys:
         def sched(keys, order=2, predictor="taylor"):
-            return core.Schedule(tuple(keys), cc.STEPS, order=order, predictor=predictor, first_full_steps=3)
+            return core.Schedule(tuple(keys), cb.STEPS, order=order, predictor=predictor, first_full_steps=3)
         cal = core.solve_schedule(pact, k, 3, convention="skip")
         pri = core.solve_schedule(prior, k, 3, convention="skip")
-        auto = "spectral" if cc.STEPS / k >= 2.9 else "taylor"
+        auto = "spectral" if cb.STEPS / k >= 2.9 else "taylor"
         methods = {
-            "Spectrum": sched(spectrum_key_steps(cc.STEPS, k), predictor="spectral"),
-            "(uniform) o2": sched(core.uniform_key_steps(cc.STEPS, k, 3)),
+            "Spectrum": sched(spectrum_key_steps(cb.STEPS, k), predictor="spectral"),
+            "(uniform) o2": sched(core.uniform_key_steps(cb.STEPS, k, 3)),
             "calibrated o1": sched(cal, 1),
             "calibrated o1 keys + spectral": sched(cal, predictor="spectral"),
             "(prior) auto = the default": sched(pri, 1, auto),
@@ -290,11 +291,11 @@ def report(rows, held_out, args) -> str:
     def fmt(r):
         return "" if r is None else f"{r['psnr']:.1f} ({r['worst']:.1f})"
     if args.toy:
-        intro = (f"Built-in toy model (dpcache_demo, trained), {cc.STEPS} Euler evaluations, shift 3, {len(held_out)} "
+        intro = (f"Built-in toy model (dpcache_demo, trained), {cb.STEPS} Euler evaluations, shift 3, {len(held_out)} "
                  f"held-out (class, seed) pairs, order-1 PACT from {args.calib} calibration prompts. Mean (worst) PSNR in "
                  "dB of the output against the full run, at K full evaluations of 50:")
     else:
-        intro = (f"Trained FLUX-architecture model of bench/comfy_compare.py in real ComfyUI 0.3.64 (euler, {cc.STEPS} "
+        intro = (f"Trained FLUX-architecture model of bench/comfy_bench.py in real ComfyUI 0.3.64 (euler, {cb.STEPS} "
                  f"steps, simple, cfg 1), {len(held_out)} held-out prompts, PACTs from DPCache Calibrate on {args.calib} "
                  "other prompts. Mean (worst) PSNR in dB of the decoded image against the plain run, at K full "
                  "evaluations of 50:")
@@ -323,7 +324,7 @@ def main(argv=None) -> None:
     ap.add_argument("--only", nargs="*", default=[], help="method name prefixes to run (default: all)")
     ap.add_argument("--memory", type=int, nargs="*", default=[2], help="spectral history costs: gaps remembered")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--weights", default=cc.WEIGHTS)
+    ap.add_argument("--weights", default=WEIGHTS)
     ap.add_argument("--out", default=os.path.join(RESULTS, "forecasters.md"))
     ap.add_argument("--toy", action="store_true", help="the built-in toy model instead (no ComfyUI; quick)")
     ap.add_argument("--check-costs", action="store_true",
@@ -336,7 +337,7 @@ def main(argv=None) -> None:
         print(text + f"\n\nWall time: {time.perf_counter() - t0:.0f} s")
         return
     rows, held_out = run_toy(args) if args.toy else run(args)
-    text = report(rows, held_out, args) + f"\n\nWall time: {time.perf_counter() - t0:.0f} s, machine: {cc.machine_name()}."
+    text = report(rows, held_out, args) + f"\n\nWall time: {time.perf_counter() - t0:.0f} s, machine: {cb.machine_name()}."
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         f.write(text + "\n")

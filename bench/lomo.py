@@ -33,10 +33,11 @@ import time
 
 import torch
 
+from bench import comfy_bench as cb
 from bench import comfy_compare as cc
 from bench import comfy_env
 
-RESULTS = cc.RESULTS
+RESULTS = cb.RESULTS
 TABLE = os.path.join(RESULTS, "lomo_runs_{model}_{steps}.json")
 KS = {50: (9, 13, 17, 25), 30: (6, 8, 10, 15)}
 KEY_RULES = ("last 1", "last 2", "last 3", "Spectrum")
@@ -102,21 +103,21 @@ def run_key(model: str, steps: int, prompts: int, keys, predictor: str, order: i
 
 
 def run(args) -> None:
-    bench = cc.MODELS[args.model]
-    comfy_env.boot(cpu=True, extra_nodes=(cc.flux_detect_fix_dir(),) if bench.detect_fix else ())
+    bench = cb.MODELS[args.model]
+    comfy_env.boot(cpu=True, extra_nodes=(cb.flux_detect_fix_dir(),) if bench.detect_fix else ())
     torch.set_num_threads(args.threads)
     prompts = bench.trainer.load_prompts(bench.weights)
-    model = cc.load_model(bench.weights, bench)
-    held_out = cc.prompt_list(args.prompts, 9000, offset=0)
-    num_evals = cc.count_evaluations(model, prompts, bench, args.steps)
+    model = cb.load_model(bench.weights, bench)
+    held_out = cb.prompt_list(args.prompts, 9000, offset=0)
+    num_evals = cb.count_evaluations(model, prompts, bench, args.steps)
     apply = comfy_env.boot()["nodes"]["DPCacheApply"]()
     path = TABLE.format(model=bench.name, steps=args.steps)
     table = load_table(path)
     runs = table["runs"]
     rev = commit()
     t0 = time.perf_counter()
-    plain = [cc.sample(model, prompts, cls, seed, args.steps, bench) for cls, seed in held_out]
-    ref = cc.decode(model, torch.cat(plain), prompts, bench)
+    plain = [cb.sample(model, prompts, cls, seed, args.steps, bench) for cls, seed in held_out]
+    ref = cb.decode(model, torch.cat(plain), prompts, bench)
     print(f"{bench.name} {args.steps} steps = {num_evals} evaluations, plain in {time.perf_counter() - t0:.0f}s", flush=True)
     for k in KS.get(args.steps) or args.ks:
         for key_rule, fc in itertools.product(KEY_RULES, FORECASTERS):
@@ -133,9 +134,9 @@ def run(args) -> None:
             if name not in runs:
                 t1 = time.perf_counter()
                 patched = apply.apply(model, sched)["result"][0]
-                out = [cc.sample(patched, prompts, cls, seed, args.steps, bench) for cls, seed in held_out]
-                img = cc.decode(model, torch.cat(out), prompts, bench)
-                runs[name] = {"psnr": [cc.psnr(img[i], ref[i]) for i in range(len(held_out))], "commit": rev,
+                out = [cb.sample(patched, prompts, cls, seed, args.steps, bench) for cls, seed in held_out]
+                img = cb.decode(model, torch.cat(out), prompts, bench)
+                runs[name] = {"psnr": [cb.psnr(img[i], ref[i]) for i in range(len(held_out))], "commit": rev,
                               "keys": list(sched.key_steps), "seconds": round(time.perf_counter() - t1, 1)}
                 save_table(table, path)
             ps = runs[name]["psnr"]
@@ -280,7 +281,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", action="store_true", help="measure the candidates on --model at --steps")
     ap.add_argument("--report", action="store_true", help="the leave-one-model-out folds over the stored table")
-    ap.add_argument("--model", choices=sorted(cc.MODELS), default="flux")
+    ap.add_argument("--model", choices=sorted(cb.MODELS), default="flux")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--ks", type=int, nargs="*", default=None, help="K values at a step count other than 50 and 30")
     ap.add_argument("--prompts", type=int, default=5, help="held-out prompts")

@@ -34,6 +34,7 @@ import time
 
 import torch
 
+from bench import comfy_bench as cb
 from bench import comfy_compare as cc
 from bench import comfy_env
 from bench.choice_reports import check_runs_report, draws_report, rules_report
@@ -66,29 +67,29 @@ def commit() -> str:
 
 
 def run(args) -> dict:
-    bench = cc.MODELS[args.model]
-    extra = (cc.flux_detect_fix_dir(),) if bench.detect_fix else ()
+    bench = cb.MODELS[args.model]
+    extra = (cb.flux_detect_fix_dir(),) if bench.detect_fix else ()
     env = comfy_env.boot(cpu=True, extra_nodes=extra)
     core = env["core"]
     torch.set_num_threads(args.threads)
     prompts = bench.trainer.load_prompts(bench.weights)
-    model = cc.load_model(bench.weights, bench)
-    held_out = cc.prompt_list(args.prompts, 9000, offset=0)
-    calib = cc.prompt_list(args.calib, 1000, offset=2)
-    num_evals = cc.count_evaluations(model, prompts, bench, args.steps)
+    model = cb.load_model(bench.weights, bench)
+    held_out = cb.prompt_list(args.prompts, 9000, offset=0)
+    calib = cb.prompt_list(args.calib, 1000, offset=2)
+    num_evals = cb.count_evaluations(model, prompts, bench, args.steps)
     ks = tuple(args.ks) if args.ks else cc.compare_ks(args.steps)
     apply = env["nodes"]["DPCacheApply"]()
-    plain = [cc.sample(model, prompts, c, s, args.steps, bench) for c, s in held_out]
-    plain_rgb = cc.decode(model, torch.cat(plain), prompts, bench)
+    plain = [cb.sample(model, prompts, c, s, args.steps, bench) for c, s in held_out]
+    plain_rgb = cb.decode(model, torch.cat(plain), prompts, bench)
     measured: dict = {}
 
     def measure(sched):
         key = (tuple(sched.key_steps), sched.predictor, sched.order if sched.predictor == "taylor" else 0)
         if key not in measured:
             patched = apply.apply(model, sched)["result"][0]
-            lat = [cc.sample(patched, prompts, c, s, args.steps, bench) for c, s in held_out]
-            rgb = cc.decode(model, torch.cat(lat), prompts, bench)
-            ps = [cc.psnr(rgb[i], plain_rgb[i]) for i in range(len(held_out))]
+            lat = [cb.sample(patched, prompts, c, s, args.steps, bench) for c, s in held_out]
+            rgb = cb.decode(model, torch.cat(lat), prompts, bench)
+            ps = [cb.psnr(rgb[i], plain_rgb[i]) for i in range(len(held_out))]
             pl = [latent_psnr(lat[i], plain[i]) for i in range(len(held_out))]
             measured[key] = dict(mean=statistics.fmean(ps), worst=min(ps), latent=statistics.fmean(pl),
                                  latent_worst=min(pl), keys=list(sched.key_steps),
@@ -99,7 +100,7 @@ def run(args) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         t0 = time.perf_counter()
         orders = (1,) if args.labels_only else (1, 2)
-        pacts = {o: cc.calibrate(model, prompts, calib, o, folder, args.steps, bench,
+        pacts = {o: cb.calibrate(model, prompts, calib, o, folder, args.steps, bench,
                                  check_runs=args.check_runs if o == 1 else 0) for o in orders}
         print(f"calibrated order(s) {orders} on {len(calib)} prompts in {time.perf_counter() - t0:.0f}s", flush=True)
         acc, meta = core.load_pact(os.path.join(folder, pacts[1]))
@@ -211,7 +212,7 @@ def write(args, bench, num_evals, held_out, calib, cells) -> str:
                      else " | | | ")
             lines.append(f"| {c['k']} | {name} | {r['mean']:.1f} / {r['worst']:.1f} | {r['latent']:.1f} | {extra} | "
                          f"{r['keys']} |")
-    lines += ["", f"Machine: {cc.machine_name()}."]
+    lines += ["", f"Machine: {cb.machine_name()}."]
     text = "\n".join(lines)
     os.makedirs(args.out_dir, exist_ok=True)
     with open(os.path.join(args.out_dir, f"replay_choice_{args.model}_{args.steps}.md"), "w") as f:
@@ -301,7 +302,7 @@ def summary(out_dir: str) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", choices=sorted(cc.MODELS), default="flux")
+    ap.add_argument("--model", choices=sorted(cb.MODELS), default="flux")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--ks", type=int, nargs="*", default=None, help="default: the K sweep's (7..25 of 50, scaled)")
     ap.add_argument("--prompts", type=int, default=6, help="held-out prompts")
@@ -313,7 +314,7 @@ def main() -> None:
     ap.add_argument("--labels-only", action="store_true", help="calibrate order 1 only and measure only the checked "
                     "labels' plans and the chosen one, each prompt kept (needs --labels-json); for --draws")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out-dir", default=cc.RESULTS)
+    ap.add_argument("--out-dir", default=cb.RESULTS)
     ap.add_argument("--summary", action="store_true", help="only gather the per-model files into replay_choice.md")
     ap.add_argument("--check-runs-of", nargs="+", default=None, help="only compare the pack's choice over --labels-only "
                     "folders made with different --check-runs (the same held-out prompts)")

@@ -8,7 +8,7 @@ copied): hidden 128, 2 heads of 64, MLP ratio 2, 2 double + 3 single blocks, pat
 channels, no guidance embedding (loaded as FLUX "schnell"-style: FluxSchnell model sampling).
 It is saved as a diffusion-model safetensors for the stock UNETLoader (float16, ~3.6 MB). Stock
 ComfyUI 0.3.64 hard-codes FLUX.1's width when it detects a Flux file, so loading this narrow one needs
-the shape-detection fix of the test harness (see bench/comfy_compare.py).
+the shape-detection fix of the test harness (see bench/comfy_bench.py).
 
 Data (nothing downloaded): 16x16 RGB shapes from bench.train_toy.draw_shapes (circle, square,
 triangle, cross in red, green, blue, yellow: 16 classes), mapped into a 16-channel "latent" by a fixed

@@ -1,27 +1,29 @@
-"""bench.comfy_compare's helpers that need no ComfyUI: metrics, prompt sets, the Pareto plot."""
+"""bench.comfy_bench's and bench.comfy_compare's helpers that need no ComfyUI: metrics, prompt sets, the Pareto plot."""
 import math
 
 import numpy as np
 import torch
 from PIL import Image
 
+from bench import comfy_bench as cb
 from bench import comfy_compare as cc
+from bench import train_comfy_wan
 
 
 def test_ssim_and_psnr():
     g = torch.Generator().manual_seed(0)
     ref = torch.rand(1, 3, 16, 16, generator=g)
-    assert abs(cc.ssim(ref, ref) - 1.0) < 1e-12
-    assert math.isinf(cc.psnr(ref, ref))
+    assert abs(cb.ssim(ref, ref) - 1.0) < 1e-12
+    assert math.isinf(cb.psnr(ref, ref))
     small = (ref + 0.01 * torch.randn(ref.shape, generator=g)).clamp(0, 1)
     large = (ref + 0.2 * torch.randn(ref.shape, generator=g)).clamp(0, 1)
-    assert 1.0 > cc.ssim(small, ref) > cc.ssim(large, ref)
-    assert cc.psnr(small, ref) > cc.psnr(large, ref)
-    assert abs(cc.psnr(ref + 0.1, ref) - 20.0) < 1e-4  # mse 0.01 at data range 1
+    assert 1.0 > cb.ssim(small, ref) > cb.ssim(large, ref)
+    assert cb.psnr(small, ref) > cb.psnr(large, ref)
+    assert abs(cb.psnr(ref + 0.1, ref) - 20.0) < 1e-4  # mse 0.01 at data range 1
 
 
 def test_held_out_prompts_are_not_calibration_prompts():
-    held, calib = cc.prompt_list(8, 9000), cc.prompt_list(4, 1000, offset=2)
+    held, calib = cb.prompt_list(8, 9000), cb.prompt_list(4, 1000, offset=2)
     assert not set(held) & set(calib)
     assert len({c for c, _ in held}) == 8
 
@@ -47,22 +49,22 @@ def test_compare_k_sweeps():
 
 def test_frames_side_by_side():
     img = torch.rand(2, 3, 4, 5)
-    assert cc.frames_side_by_side(img) is img
+    assert cb.frames_side_by_side(img) is img
     clip = torch.rand(2, 3, 3, 4, 5)
-    wide = cc.frames_side_by_side(clip)
+    wide = cb.frames_side_by_side(clip)
     assert wide.shape == (2, 3, 4, 15)
     assert torch.equal(wide[..., 5:10], clip[:, :, 1])
 
 
 def test_models_are_sampled_as_their_workflows():
-    assert (cc.FLUX.sampler, cc.FLUX.cfg, cc.FLUX.shift, cc.FLUX.negative) == ("euler", 1.0, None, None)
-    assert (cc.WAN.sampler, cc.WAN.scheduler, cc.WAN.cfg, cc.WAN.shift) == ("uni_pc", "simple", 5.0, 8.0)
-    assert cc.WAN.latent_shape[2] == cc.train_comfy_wan.FRAMES and len(cc.WAN.latent_shape) == 5
-    prompts = cc.train_comfy_wan.make_prompts()
-    cond = cc.conditioning(prompts, 3)
+    assert (cb.FLUX.sampler, cb.FLUX.cfg, cb.FLUX.shift, cb.FLUX.negative) == ("euler", 1.0, None, None)
+    assert (cb.WAN.sampler, cb.WAN.scheduler, cb.WAN.cfg, cb.WAN.shift) == ("uni_pc", "simple", 5.0, 8.0)
+    assert cb.WAN.latent_shape[2] == train_comfy_wan.FRAMES and len(cb.WAN.latent_shape) == 5
+    prompts = train_comfy_wan.make_prompts()
+    cond = cb.conditioning(prompts, 3)
     assert cond[0][1] == {} and torch.equal(cond[0][0][0], prompts["context"][3])
     flux = {"context": torch.zeros(2, 8, 64), "pooled": torch.ones(2, 32)}
-    assert cc.conditioning(flux, 1)[0][1]["pooled_output"].shape == (1, 32)
+    assert cb.conditioning(flux, 1)[0][1]["pooled_output"].shape == (1, 32)
 
 
 def test_easycache_per_half_fix_adds_each_halfs_own_difference():

@@ -8,14 +8,14 @@ import os
 import pytest
 import torch
 
-from bench import comfy_compare as cc
+from bench import comfy_bench as cb
 from bench import train_comfy_more as more
 
 
 def detection_fix():
     """Install the harness's narrow-model detection fix (skip when this ComfyUI has none)."""
     try:
-        path = os.path.join(cc.flux_detect_fix_dir(), "flux_detect_patch.py")
+        path = os.path.join(cb.flux_detect_fix_dir(), "flux_detect_patch.py")
     except SystemExit as exc:
         pytest.skip(str(exc))
     spec = importlib.util.spec_from_file_location("bench_detect_patch", path)
@@ -25,15 +25,15 @@ def detection_fix():
 
 
 @pytest.mark.parametrize("bench, model_class, config_class", [
-    (cc.HUNYUAN, "HunyuanVideo", "HunyuanVideo"), (cc.QWEN, "QwenImage", "QwenImage")])
+    (cb.HUNYUAN, "HunyuanVideo", "HunyuanVideo"), (cb.QWEN, "QwenImage", "QwenImage")])
 def test_stock_unet_loader_loads_the_bench_model(host, bench, model_class, config_class):
     if bench.detect_fix:
         detection_fix()
-    model = cc.load_model(bench.weights, bench)
+    model = cb.load_model(bench.weights, bench)
     base = model.model
     assert type(base).__name__ == model_class and type(base.model_config).__name__ == config_class
     prompts = bench.trainer.load_prompts(bench.weights)
-    latent = cc.sample(model, prompts, 0, 7, 8, bench)
+    latent = cb.sample(model, prompts, 0, 7, 8, bench)
     import comfy.sample
     noise = comfy.sample.prepare_noise(torch.zeros(bench.latent_shape), 7)
     assert torch.isfinite(latent).all() and (latent - noise).abs().mean() > 0.3
@@ -42,8 +42,8 @@ def test_stock_unet_loader_loads_the_bench_model(host, bench, model_class, confi
     schedule = nodes.NODE_CLASS_MAPPINGS["DPCacheSchedule"]
     sched = schedule().schedule(schedule.INPUT_TYPES()["required"]["pact"][1]["default"], k, 3, 0, steps)["result"][0]
     patched = nodes.NODE_CLASS_MAPPINGS["DPCacheApply"]().apply(model, sched)["result"][0]
-    with cc.BlockCounter(model) as counter:
-        out = cc.sample(patched, prompts, 0, 7, steps, bench)
+    with cb.BlockCounter(model) as counter:
+        out = cb.sample(patched, prompts, 0, 7, steps, bench)
     assert counter.calls in (k * len(counter.blocks), 2 * k * len(counter.blocks))  # cond/uncond in one batch or two
     assert torch.isfinite(out).all()
 

@@ -6,7 +6,9 @@ import os
 import pytest
 import torch
 
+from bench import comfy_bench as cb
 from bench import comfy_compare as cc
+from bench import comfy_env
 from bench import train_comfy_wan as wan
 
 
@@ -41,30 +43,30 @@ def test_trained_wan_denoises_to_the_prompted_class(wan_model):
     """uni_pc, 8 steps, shift 8, cfg 5 against the negative prompt: finite, far from the starting
     noise, and each clip's shape has its prompt's colour (4 classes; random weights would not)."""
     prompts = wan.load_prompts()
-    model = cc.load_model(wan.WEIGHTS, cc.WAN)
+    model = cb.load_model(wan.WEIGHTS, cb.WAN)
     import comfy.sample
     for cls in range(4):  # circles in red, green, blue, yellow
-        latent = cc.sample(model, prompts, cls, 100 + cls, 8, cc.WAN)
+        latent = cb.sample(model, prompts, cls, 100 + cls, 8, cb.WAN)
         assert torch.isfinite(latent).all()
-        noise = comfy.sample.prepare_noise(torch.zeros(cc.WAN.latent_shape), 100 + cls)
+        noise = comfy.sample.prepare_noise(torch.zeros(cb.WAN.latent_shape), 100 + cls)
         assert (latent - noise).abs().mean() > 0.3
-        clip = cc.decode(wan_model, latent, prompts, cc.WAN)[0] * 2 - 1
+        clip = cb.decode(wan_model, latent, prompts, cb.WAN)[0] * 2 - 1
         assert foreground_colour(clip) == wan.COLOURS[cls % len(wan.COLOURS)]
 
 
 def test_spectrum_glue_runs_k_of_t(wan_model):
     """Spectrum's key steps with the spectral forecaster, through Apply DPCache: K x blocks block calls."""
     prompts = wan.load_prompts()
-    model = cc.load_model(wan.WEIGHTS, cc.WAN)
+    model = cb.load_model(wan.WEIGHTS, cb.WAN)
     steps, k = 20, 7
-    num_evals = cc.count_evaluations(model, prompts, cc.WAN, steps)
+    num_evals = cb.count_evaluations(model, prompts, cb.WAN, steps)
     assert num_evals == steps  # uni_pc: one evaluation per step (cond and uncond in one batch)
     sched = cc.spectrum_schedule(num_evals, k)
     assert sched.predictor == "spectral" and sched.num_keys == k and sched.key_steps[0] == 0
-    patched = cc.comfy_env.boot()["nodes"]["DPCacheApply"]().apply(model, sched)["result"][0]
-    with cc.BlockCounter(model) as counter:
-        out = cc.sample(patched, prompts, 1, 7, steps, cc.WAN)
+    patched = comfy_env.boot()["nodes"]["DPCacheApply"]().apply(model, sched)["result"][0]
+    with cb.BlockCounter(model) as counter:
+        out = cb.sample(patched, prompts, 1, 7, steps, cb.WAN)
     assert counter.calls == k * len(counter.blocks)
-    full = cc.sample(model, prompts, 1, 7, steps, cc.WAN)
+    full = cb.sample(model, prompts, 1, 7, steps, cb.WAN)
     assert torch.isfinite(out).all() and not torch.equal(out, full)
     assert ((out - full).norm() / full.norm()).item() < 0.5  # an unrelated clip would be about 1.4
