@@ -11,8 +11,7 @@ import os
 import re
 import statistics
 
-from dpcache_core.check_runs import forecaster_of
-from dpcache_core.choose import CHECK_TIE_DB, SPEED_ORDER
+from dpcache_core.choose import CHECK_TIE_DB, fastest_level
 
 
 # the rules tried for picking a label from the check runs; DPCache Schedule's first
@@ -26,10 +25,7 @@ def rule_pick(labels: dict, rule: tuple) -> str:
     kind, tie = rule
     score = {label: {"mean": statistics.fmean, "median": statistics.median, "worst": min}[kind](v["check"])
              for label, v in labels.items()}
-    top = max(score.values())
-    level = [label for label in score if score[label] >= top - tie]
-    speed = lambda label: SPEED_ORDER.index(forecaster_of(label))
-    return min(level, key=lambda label: (speed(label), -score[label]))
+    return fastest_level(score, tie)
 
 
 def rules_report(folder: str) -> str:

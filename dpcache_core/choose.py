@@ -232,6 +232,14 @@ def pick(candidates, tie_db: float = TIE_DB) -> tuple[Candidate, Candidate | Non
     return best, min(others, key=lambda c: c.error) if others else None
 
 
+def fastest_level(scores: dict, tie_db: float = CHECK_TIE_DB) -> str:
+    """Of the labels ({label: score, higher is better}) within ``tie_db`` of the best score, the
+    fastest forecaster's (``SPEED_ORDER``), the better scored among equally fast ones."""
+    top = max(scores.values())
+    level = [label for label in scores if scores[label] >= top - tie_db]
+    return min(level, key=lambda x: (SPEED_ORDER.index(forecaster_of(x)), -scores[x]))
+
+
 def pick_checked(choice: Choice, checked: tuple, planned: dict | None = None) -> Choice:
     """``choice`` decided by check runs (``check_runs.checked_ranking``: {label: mean PSNR}, a label
     naming a forecaster and how its keys are planned): of the labels whose measured PSNR lies within
@@ -253,9 +261,7 @@ def pick_checked(choice: Choice, checked: tuple, planned: dict | None = None) ->
             options[label] = min(of_name, key=lambda c: c.error)
     if not options:
         return choice
-    top = max(means[label] for label in options)
-    level = [label for label in options if means[label] >= top - CHECK_TIE_DB]
-    label = min(level, key=lambda x: (SPEED_ORDER.index(forecaster_of(x)), -means[x]))
+    label = fastest_level({x: means[x] for x in options})
     others = sorted((x for x in options if forecaster_of(x) != forecaster_of(label)), key=lambda x: -means[x])
     return replace(choice, best=options[label], runner_up=options[others[0]] if others else None,
                    checked=(k, {x: means[x] for x in options}, label, others[0] if others else None))
