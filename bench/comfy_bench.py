@@ -10,6 +10,7 @@ bench.forecasters, bench.few_steps and the real-ComfyUI tier's bench tests.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import time
@@ -70,6 +71,15 @@ MODELS = {m.name: m for m in (FLUX, WAN, QWEN, HUNYUAN)}
 
 
 # ----------------------------------------------------------------------------------- setup
+
+def write_json(path: str, data, **options) -> None:
+    """``data`` as JSON at ``path``, atomically (a file beside it, then renamed): an interrupted run
+    leaves the previous file whole."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1, **options)
+    os.replace(tmp, path)
+
 
 def flux_detect_fix_dir() -> str:
     path = os.environ.get("DPCACHE_FLUX_DETECT_FIX") or os.path.join(comfy_env.comfy_path(), "custom_nodes", "harness_nodes")

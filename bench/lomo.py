@@ -82,10 +82,7 @@ def load_tables() -> dict:
 
 
 def save_table(table: dict, path: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(table, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    cb.write_json(path, table, sort_keys=True)
 
 
 def plan(key_rule: str, fc, k: int, num_evals: int):

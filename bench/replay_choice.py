@@ -23,7 +23,6 @@ bench/results/replay_choice_<model>_<steps>.md.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import re
@@ -114,9 +113,9 @@ def run(args) -> dict:
                 print(f"K={k}: chosen {choice.best.name} {chosen['mean']:.2f}, labels "
                       f"{ {n: round(v['mean'], 2) for n, v in labels[k].get('labels', {}).items()} }; "
                       f"{time.perf_counter() - t1:.0f}s", flush=True)
-                with open(args.labels_json, "w") as f:
-                    json.dump(dict(model=args.model, steps=args.steps, calib=args.calib, check_runs=args.check_runs,
-                                   prompts=args.prompts, commit=commit(), cells=labels), f, indent=1)
+                cb.write_json(args.labels_json, dict(model=args.model, steps=args.steps, calib=args.calib,
+                                                     check_runs=args.check_runs, prompts=args.prompts, commit=commit(),
+                                                     cells=labels))
                 continue
             q_choice = core.choose.replay_choice(acc, meta, k, 3, 0, quantile=args.quantile)
             r_choice = core.choose.replay_choice(acc, meta, k, 3, 0, checks=False)  # the replay alone
@@ -152,8 +151,7 @@ def run(args) -> dict:
                   f"{time.perf_counter() - t1:.0f}s", flush=True)
             write(args, bench, num_evals, held_out, calib, cells)
             if args.labels_json:
-                with open(args.labels_json, "w") as f:
-                    json.dump(dict(model=args.model, steps=args.steps, cells=labels), f, indent=1)
+                cb.write_json(args.labels_json, dict(model=args.model, steps=args.steps, cells=labels))
     return dict(cells=cells)
 
 
