@@ -21,11 +21,13 @@ RULES = (("mean", CHECK_TIE_DB),) + tuple(rule for rule in (("mean", 0.0), ("mea
 
 def rule_pick(labels: dict, rule: tuple) -> str:
     """The label a rule picks from the check runs' PSNRs: the best score (mean, median or worst of the
-    check runs); labels within the rule's dB of it are level and the fastest forecaster's wins."""
+    check runs); labels within the rule's dB of it are level and the fastest forecaster's wins (two of
+    it level: the better at the next check in reach, when the file kept it)."""
     kind, tie = rule
-    score = {label: {"mean": statistics.fmean, "median": statistics.median, "worst": min}[kind](v["check"])
-             for label, v in labels.items()}
-    return fastest_level(score, tie)
+    statistic = {"mean": statistics.fmean, "median": statistics.median, "worst": min}[kind]
+    score = {label: statistic(v["check"]) for label, v in labels.items()}
+    after = {label: statistic(v["next_check"]) for label, v in labels.items() if v.get("next_check")}
+    return fastest_level(score, tie, after or None)
 
 
 def rules_report(folder: str) -> str:

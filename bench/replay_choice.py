@@ -157,10 +157,11 @@ def run(args) -> dict:
 
 def measure_labels(core, acc, meta, k, num_evals, measure, rows, best_name, chosen) -> dict:
     """{label: its check runs' PSNRs and its plan's held-out PSNR} at K, with the cell's best in hindsight."""
-    checked = core.check_runs.checked_ranking(meta, k)
-    if checked is None:
+    in_reach = core.check_runs.checks_in_reach(meta, k)
+    if not in_reach:
         return {}
-    near, means = checked
+    near, means = in_reach[0]
+    after = in_reach[1][0] if len(in_reach) > 1 else None  # the next check in reach: it breaks level pairs
     out = {}
     for label in means:
         only = {**meta, "forecaster_checks": {"runs": 1, "ks": {str(near): {label: [0.0]}}}}
@@ -168,8 +169,10 @@ def measure_labels(core, acc, meta, k, num_evals, measure, rows, best_name, chos
         m = measure(schedule_of(core, plan, num_evals, meta.get("model_family")))
         out[label] = dict(check=meta["forecaster_checks"]["ks"][str(near)][label], mean=m["mean"], worst=m["worst"],
                           latent=m["latent"], keys=m["keys"], psnrs=m["psnrs"], latents=m["latents"])
+        if after is not None and label in meta["forecaster_checks"]["ks"][str(after)]:
+            out[label]["next_check"] = meta["forecaster_checks"]["ks"][str(after)][label]
     every = [*rows.values(), *out.values()]
-    return dict(checked_k=near, labels=out, best=max(r["mean"] for r in every), chosen=chosen["mean"],
+    return dict(checked_k=near, next_k=after, labels=out, best=max(r["mean"] for r in every), chosen=chosen["mean"],
                 best_latent=max(r["latent"] for r in every), chosen_latent=chosen["latent"],
                 chosen_psnrs=chosen["psnrs"], chosen_latents=chosen["latents"])
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from .check_runs import HISTORY_PLAN, checked_ranking, forecaster_of
+from .check_runs import HISTORY_PLAN, checks_in_reach, forecaster_of
 from .history import build_history, history_fits
 from .pact import build_pact, default_max_gap
 from .runtime import CacheRun
@@ -232,18 +232,21 @@ def pick(candidates, tie_db: float = TIE_DB) -> tuple[Candidate, Candidate | Non
     return best, min(others, key=lambda c: c.error) if others else None
 
 
-def fastest_level(scores: dict, tie_db: float = CHECK_TIE_DB) -> str:
+def fastest_level(scores: dict, tie_db: float = CHECK_TIE_DB, next_check: dict | None = None) -> str:
     """Of the labels ({label: score, higher is better}) within ``tie_db`` of the best score, the
-    fastest forecaster's (``SPEED_ORDER``), the better scored among equally fast ones."""
+    fastest forecaster's (``SPEED_ORDER``); among equally fast ones, the one the next check in reach
+    ``next_check`` ({label: score}) measured better, else the better scored."""
     top = max(scores.values())
     level = [label for label in scores if scores[label] >= top - tie_db]
-    return min(level, key=lambda x: (SPEED_ORDER.index(forecaster_of(x)), -scores[x]))
+    after = next_check or {}
+    return min(level, key=lambda x: (SPEED_ORDER.index(forecaster_of(x)), -after.get(x, -math.inf), -scores[x]))
 
 
-def pick_checked(choice: Choice, checked: tuple, planned: dict | None = None) -> Choice:
+def pick_checked(choice: Choice, checked: tuple, planned: dict | None = None, next_check: dict | None = None) -> Choice:
     """``choice`` decided by check runs (``check_runs.checked_ranking``: {label: mean PSNR}, a label
     naming a forecaster and how its keys are planned): of the labels whose measured PSNR lies within
-    ``CHECK_TIE_DB`` of the best, the fastest forecaster's, on the key set ``planned`` gives the label
+    ``CHECK_TIE_DB`` of the best, the fastest forecaster's (two of it level: the one the next checked K
+    in reach, ``next_check``, measured better), on the key set ``planned`` gives the label
     ({label: keys}: the history-exact plan) or else the forecaster's replay-best key set; the
     runner-up is the best measured label of another forecaster. ``choice`` itself when no checked
     forecaster is a candidate."""
@@ -261,7 +264,7 @@ def pick_checked(choice: Choice, checked: tuple, planned: dict | None = None) ->
             options[label] = min(of_name, key=lambda c: c.error)
     if not options:
         return choice
-    label = fastest_level({x: means[x] for x in options})
+    label = fastest_level({x: means[x] for x in options}, next_check=next_check)
     others = sorted((x for x in options if forecaster_of(x) != forecaster_of(label)), key=lambda x: -means[x])
     return replace(choice, best=options[label], runner_up=options[others[0]] if others else None,
                    checked=(k, {x: means[x] for x in options}, label, others[0] if others else None))
@@ -342,9 +345,11 @@ def replay_choice(acc, meta: dict, num_keys: int, first_full_steps: int = 3, las
     fixed = mandatory_steps(trajectories.shape[1], first_full_steps, last_full_steps) if refined else None
     weights = step_weights(meta, trajectories.shape[1])
     choice = choose(trajectories, plans, first_full_steps, scheme, quantile, weights=weights, fixed=fixed)
-    checked = checked_ranking(meta, num_keys) if checks else None
-    if checked is None:
+    in_reach = checks_in_reach(meta, num_keys) if checks else []
+    if not in_reach:
         return choice
+    checked = in_reach[0]
+    next_check = in_reach[1][1] if len(in_reach) > 1 else None
     planned = {}
     if any(label.endswith(HISTORY_PLAN) for label in checked[1]):
         keys = trajectory_history_plan(trajectories, num_keys, first_full_steps, last_full_steps)
@@ -355,7 +360,8 @@ def replay_choice(acc, meta: dict, num_keys: int, first_full_steps: int = 3, las
                                                      float(replay_errors(trajectories, keys, forecaster_of(label),
                                                                          first_full_steps, scheme, weights=weights).mean()))
              for label, keys in planned.items() if (forecaster_of(label), keys) not in known}
-    return pick_checked(replace(choice, candidates=choice.candidates + tuple(extra.values())), checked, planned)
+    return pick_checked(replace(choice, candidates=choice.candidates + tuple(extra.values())), checked, planned,
+                        next_check)
 
 
 def replayed_schedule(schedule: Schedule, acc, meta: dict, quantile: float | None = PLAN_QUANTILE):

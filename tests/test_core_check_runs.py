@@ -11,9 +11,9 @@ from test_core_choose import T, chebyshev, linear
 
 
 def test_checked_ks_are_the_speedups_of_the_schedule_node():
-    assert check_runs.check_ks(50) == [25, 17, 13, 10]
-    assert check_runs.check_ks(30) == [15, 10, 8, 6]
-    assert check_runs.check_ks(8) == [4]  # 8/3 and 8/5 round to 3 and 2: not above the 3 first full steps
+    assert check_runs.check_ks(50) == [25, 17, 13, 10, 9]
+    assert check_runs.check_ks(30) == [15, 10, 8, 6, 5]
+    assert check_runs.check_ks(8) == [4]  # 8/3, 8/5 and 8/5.5 round to 3, 2 and 1: not above the 3 first full steps
     assert check_runs.check_ks(4) == []
 
 
@@ -42,6 +42,23 @@ def test_the_nearest_checked_k_decides_within_reach(asked, checked):
     meta = {"forecaster_checks": check_runs.with_check(None, {k: {"taylor 1": 1.0} for k in (25, 17, 13, 10)})}
     found = check_runs.checked_ranking(meta, asked)
     assert (found[0] if found else None) == checked
+
+
+def test_checks_in_reach_nearest_first():
+    meta = {"forecaster_checks": check_runs.with_check(None, {k: {"taylor 1": float(k)} for k in (25, 17, 13, 10, 9)})}
+    assert [k for k, _ in check_runs.checks_in_reach(meta, 9)] == [9, 10]  # 13 is beyond the reach
+    assert [k for k, _ in check_runs.checks_in_reach(meta, 8)] == [9, 10]  # 10 / 8 is the reach itself
+    assert [k for k, _ in check_runs.checks_in_reach(meta, 15)] == [17, 13]  # 17 / 15 < 15 / 13
+    assert check_runs.checks_in_reach(meta, 40) == [] and check_runs.checks_in_reach({}, 9) == []
+
+
+def test_a_level_pair_of_one_forecaster_goes_to_the_next_check():
+    level = {"spectral": 40.50, "spectral (history-exact plan)": 40.56, "taylor 1": 36.7}
+    assert choose.fastest_level(level) == "spectral (history-exact plan)"  # no other check: the better scored
+    assert choose.fastest_level(level, next_check={"spectral": 42.3, "spectral (history-exact plan)": 41.4}) == "spectral"
+    # the next check never overrides the band or the speed order: Taylor 1 within 0.5 dB wins over both
+    near = dict(level, **{"taylor 1": 40.1})
+    assert choose.fastest_level(near, next_check={"spectral": 99.0, "taylor 1": 0.0}) == "taylor 1"
 
 
 def file_with_checks(results, trajectories):
@@ -96,6 +113,19 @@ def test_a_history_plan_label_plans_its_keys_on_the_file_now(k):
     plain = choose.replay_choice(acc, {**meta, "forecaster_checks": check_runs.with_check(None, {13: {"taylor 2": 40.0}})}, k)
     replayed = min((c for c in plain.candidates if c.name == "taylor 2"), key=lambda c: c.error)
     assert plain.best == replayed  # the plain label: the forecaster's replay-best keys
+
+
+def test_the_next_check_in_reach_decides_between_level_plans_of_one_forecaster():
+    label = "taylor 2" + check_runs.HISTORY_PLAN
+    level = {"taylor 2": 40.0, label: 40.1, "spectral": 30.0}
+    history = tuple(choose.trajectory_history_plan(file_with_checks(None, chebyshev())[0].trajectories, 12, 3))
+    acc, meta = file_with_checks({13: level}, chebyshev())
+    assert choose.replay_choice(acc, meta, 12).best.keys == history  # one check in reach: the better measured
+    for after, wins_history in (({"taylor 2": 45.0, label: 41.0}, False), ({"taylor 2": 41.0, label: 45.0}, True)):
+        acc, meta = file_with_checks({13: level, 10: after}, chebyshev())
+        choice = choose.replay_choice(acc, meta, 12)  # 13 is nearest, 10 the next in reach
+        assert choice.checked[0] == 13 and choice.checked[2] == (label if wins_history else "taylor 2")
+        assert (choice.best.keys == history) == wins_history
 
 
 def test_a_plain_label_never_takes_the_history_plan_added_for_another():
