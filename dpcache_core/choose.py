@@ -78,6 +78,7 @@ class Choice:
     candidates: tuple
     samples: int
     checked: tuple | None = None  # (K checked, {label: mean PSNR dB}, chosen label, runner-up label) when check runs decided
+    next_check: tuple | None = None  # (the next K checked, the level label it put second) when it broke a tie
 
     def describe(self) -> str:
         best = self.best
@@ -85,6 +86,9 @@ class Choice:
             k, means, chosen, runner = self.checked
             text = (f"forecaster chosen by the calibration's check runs at K={k}: {label(chosen)} "
                     f"({means[chosen]:.1f} dB PSNR of the final latent; keys planned on {best.plan})")
+            if self.next_check is not None:
+                after, level = self.next_check
+                text += f"; level with {label(level)} ({means[level]:.1f} dB), the check at K={after} measured it better"
             if runner is not None:
                 text += f"; runner-up {label(runner)} ({means[runner]:.1f} dB)"
             return text
@@ -242,11 +246,11 @@ def fastest_level(scores: dict, tie_db: float = CHECK_TIE_DB, next_check: dict |
     return min(level, key=lambda x: (SPEED_ORDER.index(forecaster_of(x)), -after.get(x, -math.inf), -scores[x]))
 
 
-def pick_checked(choice: Choice, checked: tuple, planned: dict | None = None, next_check: dict | None = None) -> Choice:
+def pick_checked(choice: Choice, checked: tuple, planned: dict | None = None, next_check: tuple | None = None) -> Choice:
     """``choice`` decided by check runs (``check_runs.checked_ranking``: {label: mean PSNR}, a label
     naming a forecaster and how its keys are planned): of the labels whose measured PSNR lies within
     ``CHECK_TIE_DB`` of the best, the fastest forecaster's (two of it level: the one the next checked K
-    in reach, ``next_check``, measured better), on the key set ``planned`` gives the label
+    in reach, ``next_check`` = (K, {label: mean PSNR}), measured better), on the key set ``planned`` gives the label
     ({label: keys}: the history-exact plan) or else the forecaster's replay-best key set; the
     runner-up is the best measured label of another forecaster. ``choice`` itself when no checked
     forecaster is a candidate."""
@@ -264,10 +268,13 @@ def pick_checked(choice: Choice, checked: tuple, planned: dict | None = None, ne
             options[label] = min(of_name, key=lambda c: c.error)
     if not options:
         return choice
-    label = fastest_level({x: means[x] for x in options}, next_check=next_check)
+    scores = {x: means[x] for x in options}
+    by_score = fastest_level(scores)
+    label = fastest_level(scores, next_check=next_check[1]) if next_check else by_score
     others = sorted((x for x in options if forecaster_of(x) != forecaster_of(label)), key=lambda x: -means[x])
     return replace(choice, best=options[label], runner_up=options[others[0]] if others else None,
-                   checked=(k, {x: means[x] for x in options}, label, others[0] if others else None))
+                   checked=(k, scores, label, others[0] if others else None),
+                   next_check=(next_check[0], by_score) if label != by_score else None)
 
 
 def refine(keys, score, num_evals: int, fixed, max_hop: int | None = None, rounds: int = 4):
@@ -349,7 +356,7 @@ def replay_choice(acc, meta: dict, num_keys: int, first_full_steps: int = 3, las
     if not in_reach:
         return choice
     checked = in_reach[0]
-    next_check = in_reach[1][1] if len(in_reach) > 1 else None
+    next_check = in_reach[1] if len(in_reach) > 1 else None
     planned = {}
     if any(label.endswith(HISTORY_PLAN) for label in checked[1]):
         keys = trajectory_history_plan(trajectories, num_keys, first_full_steps, last_full_steps)

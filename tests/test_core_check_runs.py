@@ -126,6 +126,11 @@ def test_the_next_check_in_reach_decides_between_level_plans_of_one_forecaster()
         choice = choose.replay_choice(acc, meta, 12)  # 13 is nearest, 10 the next in reach
         assert choice.checked[0] == 13 and choice.checked[2] == (label if wins_history else "taylor 2")
         assert (choice.best.keys == history) == wins_history
+        assert choice.next_check == (None if wins_history else (10, label))  # by score alone: the history plan
+        text = choice.describe()
+        assert ("the check at K=10 measured it better" in text) != wins_history, text
+        if not wins_history:
+            assert "K=13: Taylor 2 (40.0 dB" in text and "level with Taylor 2 (history-exact plan) (40.1 dB)" in text
 
 
 def test_a_plain_label_never_takes_the_history_plan_added_for_another():

@@ -82,7 +82,7 @@ const FLUX_CAL = {
       "- order: Taylor order of the predictor the PACT is built for. 1 (default) lets the DP plan exactly what runs later and won in our benchmarks; 2 is the paper's choice.\n" +
       "- reset: start the file afresh on the next finished run.\n" +
       "- sample_size: how many cache-point elements (a fixed random pick) estimate the PACT; 65536 keeps about 13 MB per stream at any resolution, 0 records every element (exact, gigabytes at 1024x1024).\n" +
-      "- check_runs: after each of the file's first 8 runs (default), the same prompt is sampled again with the cache by each forecaster (Taylor 1, Taylor 2, spectral) at 4 speed-ups; DPCache Schedule's forecaster auto then takes the one measured best. About 6 more runs' time after each of those runs; 0 turns it off.\n" +
+      "- check_runs: after each of the file's first 8 runs (default), the same prompt is sampled again with the cache by each forecaster (Taylor 1, Taylor 2, spectral) at 5 speed-ups; DPCache Schedule's forecaster auto then takes the one measured best. About 7 more runs' time after each of those runs; 0 turns it off.\n" +
       "Calibration itself has no speed-up; it costs one normal run per sample." }],
   },
   links: [
