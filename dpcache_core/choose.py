@@ -239,11 +239,15 @@ def pick(candidates, tie_db: float = TIE_DB) -> tuple[Candidate, Candidate | Non
 def fastest_level(scores: dict, tie_db: float = CHECK_TIE_DB, next_check: dict | None = None) -> str:
     """Of the labels ({label: score, higher is better}) within ``tie_db`` of the best score, the
     fastest forecaster's (``SPEED_ORDER``); among equally fast ones, the one the next check in reach
-    ``next_check`` ({label: score}) measured better, else the better scored."""
+    ``next_check`` ({label: score}) measured better when it measured them all, else the better scored."""
     top = max(scores.values())
     level = [label for label in scores if scores[label] >= top - tie_db]
+    fastest = min(SPEED_ORDER.index(forecaster_of(x)) for x in level)
+    tied = [x for x in level if SPEED_ORDER.index(forecaster_of(x)) == fastest]
     after = next_check or {}
-    return min(level, key=lambda x: (SPEED_ORDER.index(forecaster_of(x)), -after.get(x, -math.inf), -scores[x]))
+    if len(tied) > 1 and all(x in after for x in tied):
+        return max(tied, key=lambda x: (after[x], scores[x]))
+    return max(tied, key=lambda x: scores[x])
 
 
 def pick_checked(choice: Choice, checked: tuple, planned: dict | None = None, next_check: tuple | None = None) -> Choice:

@@ -56,6 +56,8 @@ def test_a_level_pair_of_one_forecaster_goes_to_the_next_check():
     level = {"spectral": 40.50, "spectral (history-exact plan)": 40.56, "taylor 1": 36.7}
     assert choose.fastest_level(level) == "spectral (history-exact plan)"  # no other check: the better scored
     assert choose.fastest_level(level, next_check={"spectral": 42.3, "spectral (history-exact plan)": 41.4}) == "spectral"
+    # a next check that measured only one of them does not decide: the better scored here
+    assert choose.fastest_level(level, next_check={"spectral": 42.3}) == "spectral (history-exact plan)"
     # the next check never overrides the band or the speed order: Taylor 1 within 0.5 dB wins over both
     near = dict(level, **{"taylor 1": 40.1})
     assert choose.fastest_level(near, next_check={"spectral": 99.0, "taylor 1": 0.0}) == "taylor 1"
