@@ -44,6 +44,8 @@ FORECASTERS = ("auto", "spectral", "taylor")
 DEFAULT_FORECASTER = "auto"
 PRIOR_TAYLOR_ORDER = 1  # auto's Taylor order with (prior): order 1 beat order 2 there at K = 20 and 25 of 50
 BUDGET_RULES = core.BUDGET_RULES
+MODEL_TOOLTIP = ("A FLUX.1, FLUX.2, Chroma, HunyuanVideo (1.5), Qwen-Image, Z-Image, Lumina 2, Krea2, LTX-2, Kandinsky 5, Wan2.1 or Wan2.2 model "
+                 "(for Wan2.2 A14B: each expert; README, Supported models). It is cloned; the input stays untouched.")
 DEFAULT_ORDER = 2  # Taylor order of (uniform) / (manual) schedules: the better one for evenly spaced keys (BENCHMARKS.md)
 
 
@@ -145,7 +147,7 @@ class DPCacheCalibrate:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "A FLUX.1, FLUX.2, Chroma, HunyuanVideo (1.5), Qwen-Image, Z-Image, Lumina 2, Krea2, LTX-2, Kandinsky 5, Wan2.1 or Wan2.2 model (for Wan2.2 A14B: each expert; README, Supported models). It is cloned; the input stays untouched."}),
+                "model": ("MODEL", {"tooltip": MODEL_TOOLTIP}),
                 "pact_name": ("STRING", {"default": "", "tooltip": "File name in models/dpcache/ (letters, digits, . _ -). Samples accumulate there across queued prompts. Empty: named after the model family, sampler, scheduler and step count when sampling starts (e.g. wan_uni_pc_simple_30). A run with other sigmas than the file's (scheduler, shift, denoise) is refused, not mixed in."}),
                 "order": ("INT", {"default": 1, "min": 1, "max": 3, "tooltip": "Taylor order of the predictor the PACT is built for. 1 (default): planned on the exact cost of the skipped evaluations; the best or near-best schedule at most K in our benchmarks. 2 is the paper's choice: the file also stores the cost given the last three key steps the run really uses (history-exact), which DPCache Schedule then plans on. Must match the file's order. It does not limit the forecaster: the file keeps recorded trajectories on which DPCache Schedule's forecaster auto replays Taylor 1, Taylor 2 and spectral."}),
                 "reset": ("BOOLEAN", {"default": False, "tooltip": "Start the file afresh on the next finished run (its old samples are dropped); later runs accumulate again."}),
@@ -436,7 +438,7 @@ class DPCacheApply:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "A FLUX.1, FLUX.2, Chroma, HunyuanVideo (1.5), Qwen-Image, Z-Image, Lumina 2, Krea2, LTX-2, Kandinsky 5, Wan2.1 or Wan2.2 model (for Wan2.2 A14B: each expert; README, Supported models). It is cloned; the input stays untouched."}),
+                "model": ("MODEL", {"tooltip": MODEL_TOOLTIP}),
             },
             "optional": {
                 "schedule": ("DPCACHE_SCHEDULE", {"tooltip": "From DPCache Schedule. Not connected (or Schedule's (auto)): automatic mode, the first run at a new setting calibrates and later runs are planned (docs/auto.md). A run with another number of model evaluations (steps, sampler, a KSamplerAdvanced slice) is re-planned from it when sampling starts; a (manual) schedule needs exactly its T."}),

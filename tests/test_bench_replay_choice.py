@@ -60,3 +60,12 @@ def test_a_folder_of_another_version_of_the_checks_shows_by_its_name(tmp_path):
     text = rc.check_runs_report([str(tmp_path / "8-before"), str(tmp_path / "8")])
     assert "| model | 8-before: within 0.5 dB / mean gap / clear misses | 8 check runs: within 0.5 dB" in text
     assert "| flux | 0 of 1 / 3.00 / 1 | 1 of 1 / 0.00 / 0 |" in text
+
+
+def test_the_rules_break_a_level_pair_by_the_next_check_when_the_file_kept_it():
+    labels = {"spectral": {"check": [40.5]}, "spectral (history-exact plan)": {"check": [40.56]},
+              "taylor 1": {"check": [36.0]}}
+    assert rc.rule_pick(labels, rc.RULES[0]) == "spectral (history-exact plan)"  # no next check kept
+    labels["spectral"]["next_check"] = [42.3]
+    labels["spectral (history-exact plan)"]["next_check"] = [41.4]
+    assert rc.rule_pick(labels, rc.RULES[0]) == "spectral"

@@ -128,7 +128,9 @@ def test_metadata_and_model_inputs_name_every_family():
         with open(os.path.join(ROOT, "web", "docs", page + ".md"), encoding="utf-8") as f:
             docs.append(" ".join(f.read().split()))
     with open(os.path.join(ROOT, "nodes", "dpcache_nodes.py"), encoding="utf-8") as f:
-        tooltips = re.findall(r'"model": \("MODEL", \{"tooltip": "([^"]*)"', f.read())
+        source = f.read()
+    shared = "".join(re.findall(r'"([^"]*)"', re.search(r"^MODEL_TOOLTIP = \((.*?)\)$", source, re.S | re.M).group(1)))
+    tooltips = [shared] * source.count('"model": ("MODEL", {"tooltip": MODEL_TOOLTIP})')  # Calibrate's and Apply's
     assert len(tooltips) == 2
     for text in (description, node_list["DPCacheCalibrate"], node_list["DPCacheApply"], intro, *docs, *tooltips):
         assert all(name in text for name in FAMILIES), text
